@@ -1,0 +1,104 @@
+"""Shared fixtures: a real OpenBao dev server, a generator token, and a kubelet stand-in that execs
+the driver (from source, and the PyInstaller build) with real tmpfs mounts under a temp root."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from .kubelet import Kubelet
+from .vaultserver import REPO, VaultServer
+
+BUILD_EXE = Path(os.environ.get("VAULTTMPFS_BUILD_EXE", REPO / "dist" / "vaulttmpfs" / "vaulttmpfs"))
+# Every token value a test sees; test_zz_leaks checks none of them reached a log file.
+SEEN_SECRETS: set[str] = set()
+
+
+def pytest_configure(config):
+    if os.geteuid() != 0:
+        raise pytest.UsageError(
+            "the suite mounts real tmpfs: run as root, or inside `unshare --user --map-root-user --mount`"
+        )
+
+
+@pytest.fixture(scope="session")
+def bao():
+    with VaultServer() as server:
+        server.setup_driver()
+        SEEN_SECRETS.add(server.root_token)
+        yield server
+
+
+@pytest.fixture(scope="session")
+def log_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("driver-logs")
+
+
+@pytest.fixture(scope="session")
+def generator(bao, tmp_path_factory) -> dict:
+    """A generator token (policy token_generator only) in a 0600 file."""
+    auth = bao.generator_token(ttl="2h")
+    SEEN_SECRETS.add(auth["client_token"])
+    path = tmp_path_factory.mktemp("generator") / "vaulttoken"
+    path.write_text(auth["client_token"] + "\n")
+    path.chmod(0o600)
+    yield {"token": auth["client_token"], "accessor": auth["accessor"], "path": str(path)}
+    bao.revoke_token(auth["client_token"])
+
+
+def source_cmd() -> list[str]:
+    return [sys.executable, "-m", "vaulttmpfs"]
+
+
+@pytest.fixture(scope="session", params=["source", "build"])
+def driver_cmd(request) -> list[str]:
+    if request.param == "source":
+        return source_cmd()
+    if not os.access(BUILD_EXE, os.X_OK):
+        pytest.fail(f"no PyInstaller build at {BUILD_EXE}: run `make build` first (make test does)")
+    return [str(BUILD_EXE)]
+
+
+def driver_env(bao: VaultServer, generator: dict, root: Path, log_dir: Path, **extra: str) -> dict[str, str]:
+    """The kubelet's environment plus our settings; nothing inherited from the test runner's Vault vars."""
+    state = root / "state"
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
+        "PYTHONPATH": str(REPO),
+        "VAULT_ADDR": bao.addr,
+        "VAULTTMPFS_GENERATOR_TOKEN_PATH": generator["path"],
+        "VAULTTMPFS_STATE_DIR": str(state),
+        "VAULTTMPFS_LOG_FILE": str(log_dir / f"{root.name}.log"),
+        "VAULT_MAX_RETRIES": "1",
+        "VAULT_CLIENT_TIMEOUT": "3s",
+    }
+    env.update(extra)
+    return env
+
+
+@pytest.fixture
+def kubelet(bao, generator, driver_cmd, tmp_path, log_dir):
+    root = tmp_path / "node"
+    root.mkdir()
+    node = Kubelet(driver_cmd, driver_env(bao, generator, root, log_dir), root)
+    node.root = root
+    yield node
+    unmount_everything_under(root)
+
+
+def unmount_everything_under(root: Path) -> None:
+    """A failed test must not leave tmpfs mounts behind on the machine."""
+    prefix = os.path.realpath(root) + "/"
+    targets = [line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines()
+               if line.split()[4].startswith(prefix)]
+    for target in sorted(targets, key=len, reverse=True):
+        subprocess.run(["umount", "-l", target], check=False)
+
+
+def remember_secret(value: str) -> str:
+    SEEN_SECRETS.add(value)
+    return value

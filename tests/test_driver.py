@@ -1,0 +1,268 @@
+"""The driver end to end, called the way the kubelet calls it, against real OpenBao and real tmpfs.
+
+Every test runs twice: against the source tree and against the PyInstaller build.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from .conftest import remember_secret
+from .kubelet import is_mount_point, mount_entry
+
+NGINX = {"vault/policies": "nginx"}
+
+
+def read_volume(path: Path) -> tuple[str, dict]:
+    token = remember_secret((path / "vault-token").read_text())
+    return token, json.loads((path / "vault-token.json").read_text())
+
+
+def state_files(kubelet) -> list[Path]:
+    volumes = kubelet.root / "state" / "volumes"
+    return sorted(volumes.glob("*.json")) if volumes.exists() else []
+
+
+def test_init_answers_capabilities_quickly(kubelet):
+    reply = kubelet.init()
+    assert reply.body == {"status": "Success", "capabilities": {"attach": False, "fsGroup": False}}
+    assert reply.exit_code == 0
+
+
+@pytest.mark.parametrize("verb", ["attach", "detach", "waitforattach", "isattached", "mountdevice",
+                                  "unmountdevice", "getvolumename", "expandvolume", "frobnicate"])
+def test_other_verbs_are_not_supported(kubelet, verb):
+    reply = kubelet.call(verb, "{}")
+    assert reply.status == "Not supported"
+    assert reply.exit_code == 0
+
+
+def test_mount_writes_a_wrapped_token_for_the_pod(kubelet, bao):
+    pod = kubelet.new_pod("nginx-1", namespace="shop", service_account="web")
+    reply, path = kubelet.mount(pod, NGINX, fs_group=2000)
+    assert reply.ok and reply.exit_code == 0, reply.body
+
+    entry = mount_entry(path)
+    assert entry["fstype"] == "tmpfs" and entry["source"] == "vaulttmpfs"
+    assert {"nosuid", "nodev", "noexec"} <= set(entry["options"])
+    assert "size=1024k" in entry["super_options"] and "mode=750" in entry["super_options"]
+    assert sorted(os.listdir(path)) == ["vault-token", "vault-token.json"]
+    for name in ("vault-token", "vault-token.json"):
+        info = (path / name).stat()
+        assert stat.S_IMODE(info.st_mode) == 0o440 and info.st_uid == 0 and info.st_gid == 2000
+
+    token, wrap_info = read_volume(path)
+    assert wrap_info["token"] == token
+    assert set(wrap_info) >= {"token", "accessor", "ttl", "creation_time", "creation_path", "wrapped_accessor"}
+    assert wrap_info["creation_path"] == "auth/token/create/applications"
+    assert wrap_info["ttl"] == 300  # VAULT_WRAP_TTL default 5m, really applied
+
+    auth = bao.unwrap(token)["auth"]
+    remember_secret(auth["client_token"])
+    assert sorted(auth["policies"]) == ["default", "nginx"]
+    assert auth["accessor"] == wrap_info["wrapped_accessor"]
+    meta = auth["metadata"]
+    assert meta["namespace"] == "shop" and meta["pod"] == "nginx-1" and meta["pod_uid"] == pod.uid
+    assert meta["service_account"] == "web" and meta["node"] == os.uname().nodename
+
+    assert kubelet.teardown(path).ok
+    assert bao.lookup_accessor(auth["accessor"]) is None
+
+
+def test_without_fsgroup_files_are_root_only(kubelet):
+    reply, path = kubelet.mount(kubelet.new_pod(), NGINX)
+    assert reply.ok, reply.body
+    assert "mode=700" in mount_entry(path)["super_options"]
+    for name in ("vault-token", "vault-token.json"):
+        info = (path / name).stat()
+        assert stat.S_IMODE(info.st_mode) == 0o400 and info.st_gid == 0
+    assert kubelet.teardown(path).ok
+
+
+def test_wrap_ttl_setting_is_applied(kubelet):
+    kubelet.env["VAULT_WRAP_TTL"] = "90s"
+    reply, path = kubelet.mount(kubelet.new_pod(), NGINX)
+    assert reply.ok, reply.body
+    assert read_volume(path)[1]["ttl"] == 90
+    assert kubelet.teardown(path).ok
+
+
+def test_volume_may_name_its_role(kubelet, bao):
+    bao.write_role("batch", allowed_policies=["other"], orphan=True, token_period="1h")
+    bao.write_policy("token_generator", (Path(__file__).parent.parent / "policies" /
+                                         "token_generator_policy.hcl").read_text()
+                     + '\npath "auth/token/create/batch" { capabilities = ["update"] }\n')
+    reply, path = kubelet.mount(kubelet.new_pod(), {"vault/policies": "other", "vault/role": "batch"})
+    assert reply.ok, reply.body
+    token, wrap_info = read_volume(path)
+    assert wrap_info["creation_path"] == "auth/token/create/batch"
+    assert kubelet.teardown(path).ok
+
+
+def test_old_three_argument_mount_form(kubelet):
+    pod = kubelet.new_pod()
+    path = kubelet.volume_dir(pod)
+    reply = kubelet.call("mount", str(path), "/dev/unused", json.dumps(kubelet.options(pod, "token", NGINX)))
+    assert reply.ok, reply.body
+    assert is_mount_point(path)
+    assert kubelet.teardown(path).ok
+
+
+def test_read_only_volume_is_mounted_read_only(kubelet):
+    reply, path = kubelet.mount(kubelet.new_pod(), NGINX, read_only=True)
+    assert reply.ok, reply.body
+    assert "ro" in mount_entry(path)["options"]
+    assert (path / "vault-token").read_text()
+    assert kubelet.teardown(path).ok
+
+
+def test_ca_cert_is_copied_into_the_volume(kubelet, tmp_path):
+    ca = tmp_path / "ca.pem"
+    ca.write_text("-----BEGIN CERTIFICATE-----\nnot used over plain http\n-----END CERTIFICATE-----\n")
+    kubelet.env["VAULT_CACERT"] = str(ca)
+    reply, path = kubelet.mount(kubelet.new_pod(), NGINX)
+    assert reply.ok, reply.body
+    assert (path / "ca.crt").read_text() == ca.read_text()
+    assert kubelet.teardown(path).ok
+
+
+def test_remount_is_idempotent_and_mints_nothing(kubelet, bao):
+    pod = kubelet.new_pod()
+    first, path = kubelet.mount(pod, NGINX)
+    assert first.ok
+    token, _ = read_volume(path)
+    before = len(bao.accessors())
+    again, _ = kubelet.mount(pod, NGINX)  # e.g. after a kubelet restart reconstructs the volume
+    assert again.ok and again.exit_code == 0, again.body
+    assert len(bao.accessors()) == before
+    assert read_volume(path)[0] == token
+    assert kubelet.teardown(path).ok
+
+
+def test_unmount_revokes_pod_and_wrapping_tokens(kubelet, bao):
+    reply, path = kubelet.mount(kubelet.new_pod(), NGINX)
+    assert reply.ok
+    token, wrap_info = read_volume(path)
+    assert bao.lookup_accessor(wrap_info["wrapped_accessor"]) is not None
+    reply = kubelet.unmount(path)
+    assert reply.ok and reply.exit_code == 0, reply.body
+    assert "revoked" in reply.message
+    assert not is_mount_point(path) and path.is_dir()  # the kubelet rmdirs, not us
+    assert bao.lookup_accessor(wrap_info["wrapped_accessor"]) is None
+    assert bao.lookup_accessor(wrap_info["accessor"]) is None
+    assert state_files(kubelet) == []
+
+
+def test_double_unmount_and_unmount_of_nothing_succeed(kubelet):
+    reply, path = kubelet.mount(kubelet.new_pod(), NGINX)
+    assert reply.ok
+    assert kubelet.unmount(path).ok
+    second = kubelet.unmount(path)
+    assert second.ok and second.exit_code == 0, second.body
+    missing = kubelet.unmount(kubelet.root / "var/lib/kubelet/pods/nope/volumes/cloudwatt~vaulttmpfs/x")
+    assert missing.ok, missing.body
+
+
+def test_unmount_with_vault_down_still_unmounts_and_queues(kubelet, bao):
+    reply, path = kubelet.mount(kubelet.new_pod(), NGINX)
+    assert reply.ok
+    _, wrap_info = read_volume(path)
+    kubelet.env["VAULT_ADDR"] = f"http://127.0.0.1:{_closed_port()}"
+    reply = kubelet.unmount(path)
+    assert reply.ok, reply.body
+    assert "queued" in reply.message and wrap_info["wrapped_accessor"] in reply.message
+    assert not is_mount_point(path)
+    pending = kubelet.root / "state" / "pending"
+    queued = {json.loads(p.read_text())["accessor"] for p in pending.glob("*.json")}
+    assert wrap_info["wrapped_accessor"] in queued
+    assert bao.lookup_accessor(wrap_info["wrapped_accessor"]) is not None  # still alive...
+
+    kubelet.env["VAULT_ADDR"] = bao.addr  # ...until Vault is back and the retry runs
+    retry = kubelet.call_cli("retry-revocations")
+    assert retry.returncode == 0, retry.stdout
+    assert bao.lookup_accessor(wrap_info["wrapped_accessor"]) is None
+    assert list(pending.glob("*.json")) == []
+
+
+@pytest.mark.parametrize("argv_options, expected", [
+    ("{not json", "not valid JSON"),
+    ('["vault/policies"]', "must be a JSON object"),
+    ('{"vault/policies": 3}', "must be a string"),
+    ("{}", "'vault/policies' is required"),
+    ('{"vault/policies": " , "}', "is empty"),
+    ('{"vault/policies": "nginx,../root"}', "invalid policy name"),
+    ('{"vault/policies": "nginx", "vault/role": "../sys"}', "invalid role name"),
+])
+def test_bad_options_fail_cleanly(kubelet, bao, argv_options, expected):
+    pod = kubelet.new_pod()
+    path = kubelet.volume_dir(pod)
+    before = len(bao.accessors())
+    reply = kubelet.call("mount", str(path), argv_options)
+    assert reply.status == "Failure" and reply.exit_code == 1
+    assert expected in reply.message
+    assert not is_mount_point(path)
+    assert len(bao.accessors()) == before
+
+
+def test_disallowed_policy_fails_without_mount_or_token(kubelet, bao):
+    before = len(bao.accessors())
+    reply, path = kubelet.mount(kubelet.new_pod(), {"vault/policies": "nginx,root"})
+    assert reply.status == "Failure" and reply.exit_code == 1
+    assert "400" in reply.message and "allowed policies" in reply.message
+    assert not is_mount_point(path)
+    assert len(bao.accessors()) == before
+    assert state_files(kubelet) == []
+
+
+def test_missing_generator_token_fails_with_the_fix(kubelet, tmp_path):
+    kubelet.env["VAULTTMPFS_GENERATOR_TOKEN_PATH"] = str(tmp_path / "absent")
+    reply, path = kubelet.mount(kubelet.new_pod(), NGINX)
+    assert reply.status == "Failure"
+    assert str(tmp_path / "absent") in reply.message and "vaulttmpfs bootstrap" in reply.message
+    assert not is_mount_point(path)
+
+
+def test_vault_unreachable_fails_in_bounded_time(kubelet):
+    kubelet.env["VAULT_ADDR"] = f"http://127.0.0.1:{_closed_port()}"
+    reply, path = kubelet.mount(kubelet.new_pod(), NGINX)
+    assert reply.status == "Failure" and reply.exit_code == 1
+    assert "cannot reach Vault" in reply.message
+    assert reply.seconds < 10
+    assert not is_mount_point(path)
+    assert state_files(kubelet) == []
+
+
+def test_concurrent_mounts_on_different_dirs(kubelet, bao):
+    pods = [kubelet.new_pod(f"burst-{i}") for i in range(20)]
+    with ThreadPoolExecutor(20) as pool:
+        mounted = list(pool.map(lambda pod: kubelet.mount(pod, NGINX), pods))
+    assert all(reply.ok for reply, _ in mounted), [r.body for r, _ in mounted if not r.ok]
+    accessors = {read_volume(path)[1]["wrapped_accessor"] for _, path in mounted}
+    assert len(accessors) == 20
+    with ThreadPoolExecutor(20) as pool:
+        unmounted = list(pool.map(lambda item: kubelet.teardown(item[1]), mounted))
+    assert all(reply.ok for reply in unmounted)
+    assert all(bao.lookup_accessor(a) is None for a in accessors)
+    assert state_files(kubelet) == []
+
+
+def test_output_is_json_even_when_the_state_dir_is_unusable(kubelet, tmp_path):
+    blocker = tmp_path / "file-not-dir"
+    blocker.write_text("x")
+    kubelet.env["VAULTTMPFS_STATE_DIR"] = str(blocker / "state")
+    reply, path = kubelet.mount(kubelet.new_pod(), NGINX)
+    assert reply.status == "Failure" and reply.exit_code == 1
+    assert not is_mount_point(path)
+
+
+def _closed_port() -> int:
+    from .vaultserver import free_port
+
+    return free_port()
+

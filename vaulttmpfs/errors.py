@@ -1,0 +1,13 @@
+"""The one exception every layer raises for a failure an operator can act on."""
+
+
+class DriverError(Exception):
+    """A failure whose message is shown to the cluster operator as-is."""
+
+
+class VaultUnavailable(DriverError):
+    """Vault could not be reached or kept failing (network, TLS, 5xx, sealed)."""
+
+
+class VaultDenied(DriverError):
+    """Vault answered and refused (4xx): retrying the same request will not help."""

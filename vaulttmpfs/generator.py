@@ -1,0 +1,52 @@
+"""The node's generator token file: read it like ssh reads a private key, write it atomically."""
+
+from __future__ import annotations
+
+import os
+import stat
+
+from .errors import DriverError
+
+
+def read_token(path: str) -> str:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        raise DriverError(
+            f"generator token file {path} does not exist; run `vaulttmpfs bootstrap` on this node "
+            "(or set VAULTTMPFS_GENERATOR_TOKEN_PATH)"
+        ) from None
+    except OSError as exc:
+        raise DriverError(f"cannot open generator token file {path}: {exc.strerror}") from None
+    with os.fdopen(fd, "rb") as handle:
+        info = os.fstat(handle.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise DriverError(f"generator token file {path} is not a regular file")
+        if info.st_mode & 0o077:
+            raise DriverError(
+                f"generator token file {path} is readable by others (mode {stat.S_IMODE(info.st_mode):04o}); "
+                f"fix it with: chmod 600 {path}"
+            )
+        token = handle.read(4096).decode("utf-8", errors="replace").strip()
+    if not token:
+        raise DriverError(f"generator token file {path} is empty; run `vaulttmpfs bootstrap` on this node")
+    return token
+
+
+def write_token(path: str, token: str) -> None:
+    """0600 file in a 0700 dir, replaced atomically so the driver never reads half a token."""
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        os.makedirs(parent, mode=0o700)
+    temp = os.path.join(parent, f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(token + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        if os.path.exists(temp):
+            os.unlink(temp)
+        raise

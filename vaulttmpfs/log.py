@@ -1,0 +1,81 @@
+"""structlog JSON lines to a file, never to the terminal streams the kubelet parses.
+
+If the log file cannot be opened, logging degrades to nothing rather than failing a mount.
+Token values registered with `secret()` are masked wherever they appear in an event.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+_secrets: set[str] = set()
+_logger = None
+REDACTED = "<redacted>"
+
+
+def secret(value: str | None) -> None:
+    """Register a value that must never reach the log."""
+    if value:
+        _secrets.add(value)
+
+
+def _redact(value: Any) -> Any:
+    if isinstance(value, str):
+        for token in _secrets:
+            if token in value:
+                value = value.replace(token, REDACTED)
+        return value
+    if isinstance(value, dict):
+        return {k: _redact(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_redact(v) for v in value]
+    return value
+
+
+def _redact_processor(_logger, _name, event_dict):
+    return _redact(event_dict)
+
+
+class _NullLogger:
+    def __getattr__(self, _name):
+        return lambda *args, **kwargs: None
+
+    def bind(self, **_kwargs):
+        return self
+
+
+def _open(path: str):
+    try:
+        parent = os.path.dirname(path)
+        if parent:
+            os.makedirs(parent, mode=0o755, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        return os.fdopen(fd, "a", buffering=1, encoding="utf-8")
+    except OSError:
+        return None
+
+
+def get(log_file: str | None = None, **context: Any):
+    """The process-wide logger (configured on first use), bound to `context`."""
+    global _logger
+    if _logger is None:
+        handle = _open(log_file) if log_file else None
+        if handle is None:
+            _logger = _NullLogger()
+        else:
+            import structlog
+
+            _logger = structlog.wrap_logger(
+                structlog.WriteLogger(handle),
+                processors=[
+                    structlog.processors.add_log_level,
+                    structlog.processors.TimeStamper(fmt="iso", utc=True),
+                    structlog.processors.format_exc_info,
+                    _redact_processor,
+                    structlog.processors.JSONRenderer(sort_keys=False),
+                ],
+                context_class=dict,
+                cache_logger_on_first_use=True,
+            ).bind(pid=os.getpid())
+    return _logger.bind(**context) if context else _logger

@@ -1,0 +1,173 @@
+"""The FlexVolume wire protocol: kubelet argv in, exactly one JSON object out.
+
+The kubelet reads stdout and stderr as one buffer that must be a single JSON object, so
+both descriptors are pointed at /dev/null for the whole call (a stray warning from any
+library cannot corrupt the answer) and the answer is written to a saved copy of stdout.
+Nothing here raises.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from .config import SAFE_NAME
+
+SUCCESS, FAILURE, NOT_SUPPORTED = "Success", "Failure", "Not supported"
+MAX_OPTIONS_BYTES = 64 * 1024
+MAX_POLICIES = 32
+
+OPT_POLICIES = "vault/policies"
+OPT_ROLE = "vault/role"
+K8S = "kubernetes.io/"
+
+
+class BadCall(Exception):
+    """The kubelet call itself is malformed: the message names the argument or option."""
+
+
+def answer(status: str, message: str | None = None, **extra) -> dict:
+    reply = {"status": status}
+    if message:
+        reply["message"] = message
+    reply.update(extra)
+    return reply
+
+
+def parse_options(text: str) -> dict[str, str]:
+    if len(text.encode("utf-8", errors="replace")) > MAX_OPTIONS_BYTES:
+        raise BadCall(f"options JSON is larger than {MAX_OPTIONS_BYTES} bytes")
+    try:
+        options = json.loads(text)
+    except ValueError as exc:
+        raise BadCall(f"options are not valid JSON: {exc}") from None
+    if not isinstance(options, dict):
+        raise BadCall(f"options must be a JSON object, got {type(options).__name__}")
+    for key, value in options.items():
+        if not isinstance(value, str):
+            raise BadCall(f"option {key!r} must be a string, got {type(value).__name__}")
+    return options
+
+
+def parse_policies(text: str | None) -> list[str]:
+    if text is None:
+        raise BadCall(f"option {OPT_POLICIES!r} is required (comma-separated Vault policy names)")
+    policies = [p.strip() for p in text.split(",")]
+    if not any(policies):
+        raise BadCall(f"option {OPT_POLICIES!r} is empty")
+    for policy in policies:
+        if not policy or not SAFE_NAME.fullmatch(policy):
+            raise BadCall(f"option {OPT_POLICIES!r} has an invalid policy name {policy!r}")
+    if len(policies) > MAX_POLICIES:
+        raise BadCall(f"option {OPT_POLICIES!r} names more than {MAX_POLICIES} policies")
+    return list(dict.fromkeys(policies))
+
+
+def parse_fs_group(text: str | None) -> int | None:
+    if text is None or text == "":
+        return None
+    if not text.isdigit() or int(text) > 2**31 - 1:
+        raise BadCall(f"option '{K8S}mounterArgs.FsGroup' must be a group id, got {text!r}")
+    return int(text)
+
+
+def mount_request(mount_dir: str, options: dict[str, str], default_role: str):
+    from .driver import MountRequest
+
+    role = options.get(OPT_ROLE) or default_role
+    if not SAFE_NAME.fullmatch(role):
+        raise BadCall(f"option {OPT_ROLE!r} has an invalid role name {role!r}")
+    return MountRequest(
+        mount_dir=mount_dir,
+        policies=parse_policies(options.get(OPT_POLICIES)),
+        role=role,
+        pod_namespace=options.get(K8S + "pod.namespace", ""),
+        pod_name=options.get(K8S + "pod.name", ""),
+        pod_uid=options.get(K8S + "pod.uid", ""),
+        service_account=options.get(K8S + "serviceAccount.name", ""),
+        volume_name=options.get(K8S + "pvOrVolumeName", ""),
+        fs_group=parse_fs_group(options.get(K8S + "mounterArgs.FsGroup")),
+        read_only=options.get(K8S + "readwrite") == "ro",
+    )
+
+
+def init(_args: list[str]) -> dict:
+    # fsGroup: false -- we chgrp the files ourselves (0440 root:fsGroup); the kubelet's own pass
+    # would make the token file group-writable.
+    return answer(SUCCESS, capabilities={"attach": False, "fsGroup": False})
+
+
+def mount(args: list[str]) -> dict:
+    # The kubelet sends `mount <dir> <json>`; very old ones sent `mount <dir> <device> <json>`.
+    if len(args) not in (2, 3):
+        raise BadCall(f"mount takes <mount dir> <json options>, got {len(args)} arguments")
+    mount_dir, options = args[0], parse_options(args[-1])
+    from . import driver
+    from .config import Config
+
+    config = Config.from_env()
+    return answer(SUCCESS, driver.mount(config, mount_request(mount_dir, options, config.role_name)))
+
+
+def unmount(args: list[str]) -> dict:
+    if len(args) != 1:
+        raise BadCall(f"unmount takes <mount dir>, got {len(args)} arguments")
+    from . import driver
+    from .config import Config
+
+    return answer(SUCCESS, driver.unmount(Config.from_env(), args[0]))
+
+
+VERBS = {"init": init, "mount": mount, "unmount": unmount}
+
+
+def handle(argv: list[str]) -> dict:
+    """One call to one answer. Every exception becomes a Failure; nothing propagates."""
+    verb = VERBS.get(argv[0]) if argv else None
+    if verb is None:
+        return answer(NOT_SUPPORTED, f"verb {argv[0]!r} is not supported" if argv else "no verb given")
+    try:
+        return verb(argv[1:])
+    except BaseException as exc:  # noqa: BLE001 -- the answer must always be JSON
+        return answer(FAILURE, _describe(exc))
+
+
+def _describe(exc: BaseException) -> str:
+    from .errors import DriverError
+
+    if isinstance(exc, (BadCall, DriverError)):
+        return str(exc)
+    if isinstance(exc, OSError):
+        return f"{exc.strerror or exc} ({exc.filename})" if exc.filename else str(exc)
+    # A bug: say what it is; the traceback goes to the log.
+    try:
+        from . import log
+        from .config import Config
+
+        log.get(Config.log_file if "VAULTTMPFS_LOG_FILE" not in os.environ else os.environ["VAULTTMPFS_LOG_FILE"]
+                ).error("unexpected error", exc_info=exc)
+    except BaseException:  # noqa: BLE001
+        pass
+    return f"internal error: {type(exc).__name__}: {exc}"
+
+
+def main(argv: list[str]) -> int:
+    reply_fd = _silence_std_streams()
+    reply = handle(argv)
+    try:
+        payload = json.dumps(reply)
+    except (TypeError, ValueError):
+        payload = json.dumps(answer(FAILURE, "internal error: unserialisable answer"))
+    os.write(reply_fd, payload.encode("utf-8") + b"\n")
+    return 1 if reply["status"] == FAILURE else 0
+
+
+def _silence_std_streams() -> int:
+    reply_fd = os.dup(1)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1)
+    os.dup2(devnull, 2)
+    os.close(devnull)
+    sys.stdout = sys.stderr = open(os.devnull, "w")
+    return reply_fd

@@ -1,0 +1,172 @@
+"""Vault (or OpenBao) through hvac: create wrapped tokens, revoke them, look up and renew.
+
+hvac (and requests under it) costs ~200 ms to import, so nothing here is imported until a
+verb really talks to Vault.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterator
+
+from .config import Config
+from .errors import DriverError, VaultDenied, VaultUnavailable
+
+RETRY_STATUSES = (500, 502, 503, 504)
+# hvac raises one class per status and keeps no status code on the exception.
+_STATUS = {"InvalidRequest": 400, "Unauthorized": 401, "Forbidden": 403, "InvalidPath": 404,
+           "PreconditionFailed": 412, "RateLimitExceeded": 429, "InternalServerError": 500,
+           "VaultNotInitialized": 501, "BadGateway": 502, "VaultDown": 503}
+
+
+def _session(config: Config):
+    import requests
+    from requests.adapters import HTTPAdapter
+    from urllib3.util.retry import Retry
+
+    class _Adapter(HTTPAdapter):
+        # VAULT_TLS_SERVER_NAME: the name sent in SNI and checked in Vault's certificate.
+        def init_poolmanager(self, *args, **kwargs):
+            if config.tls_server_name:
+                kwargs["server_hostname"] = config.tls_server_name
+                kwargs["assert_hostname"] = config.tls_server_name
+            super().init_poolmanager(*args, **kwargs)
+
+    retry = Retry(
+        total=config.max_retries,
+        connect=config.max_retries,
+        # A request Vault may already have acted on is not sent twice (it would mint twice).
+        read=0,
+        status=config.max_retries,
+        status_forcelist=RETRY_STATUSES,
+        allowed_methods=None,
+        backoff_factor=0.1,
+        raise_on_status=False,
+        respect_retry_after_header=False,
+    )
+    session = requests.Session()
+    session.trust_env = False  # no proxies or netrc from the kubelet's environment
+    session.mount("https://", _Adapter(max_retries=retry))
+    session.mount("http://", _Adapter(max_retries=retry))
+    return session
+
+
+def _verify(config: Config) -> bool | str:
+    if config.skip_verify:
+        return False
+    # VAULT_CACERT wins over VAULT_CAPATH, as in Vault's own client.
+    return config.cacert or config.capath or True
+
+
+def _vault_errors(exc: Exception) -> str:
+    errors = getattr(exc, "errors", None)
+    if errors:
+        return "; ".join(str(e) for e in errors)
+    return str(exc) or type(exc).__name__
+
+
+@contextlib.contextmanager
+def translate_errors(action: str, addr: str) -> Iterator[None]:
+    """hvac/requests exceptions -> DriverError with what Vault said, for operators."""
+    import hvac.exceptions as hexc
+    import requests
+
+    try:
+        yield
+    except hexc.VaultError as exc:
+        status = _STATUS.get(type(exc).__name__, 0)
+        if isinstance(exc, (hexc.VaultDown, hexc.VaultNotInitialized)):
+            raise VaultUnavailable(f"{action}: Vault at {addr} is sealed or down: {_vault_errors(exc)}") from None
+        cls = VaultDenied if 400 <= status < 500 and status != 429 else VaultUnavailable
+        raise cls(f"{action}: Vault answered {status or 'an error'}: {_vault_errors(exc)}") from None
+    except requests.exceptions.SSLError as exc:
+        raise VaultUnavailable(
+            f"{action}: TLS to {addr} failed ({_reason(exc)}); check VAULT_CACERT/VAULT_CAPATH/VAULT_TLS_SERVER_NAME"
+        ) from None
+    except requests.exceptions.Timeout:
+        raise VaultUnavailable(f"{action}: Vault at {addr} did not answer in time") from None
+    except requests.exceptions.RetryError as exc:
+        raise VaultUnavailable(f"{action}: Vault at {addr} kept failing: {_reason(exc)}") from None
+    except requests.exceptions.RequestException as exc:
+        raise VaultUnavailable(f"{action}: cannot reach Vault at {addr}: {_reason(exc)}") from None
+
+
+def _reason(exc: Exception) -> str:
+    # requests nests urllib3's reason a few levels deep; the innermost is the readable one.
+    inner: Any = exc
+    for _ in range(4):
+        nxt = getattr(inner, "reason", None) or (inner.args[0] if getattr(inner, "args", None) else None)
+        if not isinstance(nxt, Exception):
+            break
+        inner = nxt
+    return str(inner)
+
+
+class Vault:
+    """One authenticated client; plain dicts in and out."""
+
+    def __init__(self, config: Config, token: str | None):
+        import hvac
+
+        self.config = config
+        cert = (config.client_cert, config.client_key) if config.client_cert else None
+        self.client = hvac.Client(
+            url=config.vault_addr,
+            token=token,
+            cert=cert,
+            verify=_verify(config),
+            timeout=config.timeout,
+            namespace=config.namespace,
+            session=_session(config),
+        )
+
+    def _call(self, action: str):
+        return translate_errors(action, self.config.vault_addr)
+
+    def create_wrapped_token(
+        self, role: str, policies: list[str], metadata: dict[str, str], display_name: str
+    ) -> dict[str, Any]:
+        """Create a token against `role`; only the response-wrapping token comes back."""
+        with self._call(f"creating a token with role {role!r} for policies {','.join(policies)}"):
+            response = self.client.auth.token.create(
+                role_name=role,
+                policies=policies,
+                meta=metadata,
+                display_name=display_name,
+                wrap_ttl=self.config.wrap_ttl,
+            )
+        wrap_info = (response or {}).get("wrap_info") if isinstance(response, dict) else None
+        if not wrap_info or not wrap_info.get("token") or not wrap_info.get("wrapped_accessor"):
+            raise VaultUnavailable(
+                f"creating a token with role {role!r}: Vault did not return a wrapped token "
+                "(is a proxy stripping the X-Vault-Wrap-TTL header?)"
+            )
+        return wrap_info
+
+    def revoke_accessor(self, accessor: str) -> bool:
+        """Revoke by accessor; False when the token is already gone (that is fine)."""
+        try:
+            with self._call("revoking the pod token"):
+                response = self.client.auth.token.revoke_accessor(accessor)
+        except VaultDenied as exc:
+            # HashiCorp Vault answers 400 "invalid accessor" for a token that expired or was revoked.
+            if "invalid accessor" in str(exc).lower():
+                return False
+            raise
+        # OpenBao answers 200 with a warning instead; a 204 comes back as a Response object.
+        warnings = response.get("warnings") or [] if isinstance(response, dict) else []
+        return not any("no token found" in str(w).lower() for w in warnings)
+
+    def lookup_self(self) -> dict[str, Any]:
+        with self._call("looking up the generator token"):
+            return self.client.auth.token.lookup_self()["data"]
+
+    def renew_self(self, increment: str | None = None) -> dict[str, Any]:
+        with self._call("renewing the generator token"):
+            return self.client.auth.token.renew_self(increment=increment)["auth"]
+
+
+def require_token(token: str | None, where: str) -> str:
+    if not token:
+        raise DriverError(f"no Vault token in {where}")
+    return token
