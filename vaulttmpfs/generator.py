@@ -50,3 +50,17 @@ def write_token(path: str, token: str) -> None:
         if os.path.exists(temp):
             os.unlink(temp)
         raise
+
+
+def lookup(config) -> dict:
+    """What Vault knows of the node's generator token (ttl, policies, period, ...)."""
+    from .vault import Vault
+
+    return Vault(config, read_token(config.generator_token_path)).lookup_self()
+
+
+def renew(config, increment: str | None = None) -> dict:
+    """Renew the node's generator token; its auth block (lease_duration, policies, ...) comes back."""
+    from .vault import Vault
+
+    return Vault(config, read_token(config.generator_token_path)).renew_self(increment)
