@@ -15,6 +15,7 @@ import pytest
 
 from .conftest import remember_secret
 from .kubelet import is_mount_point, mount_entry
+from .vaultserver import VaultHTTPError, free_port
 
 NGINX = {"vault/policies": "nginx"}
 
@@ -173,7 +174,7 @@ def test_unmount_with_vault_down_still_unmounts_and_queues(kubelet, bao):
     reply, path = kubelet.mount(kubelet.new_pod(), NGINX)
     assert reply.ok
     _, wrap_info = read_volume(path)
-    kubelet.env["VAULT_ADDR"] = f"http://127.0.0.1:{_closed_port()}"
+    kubelet.env["VAULT_ADDR"] = f"http://127.0.0.1:{free_port()}"
     reply = kubelet.unmount(path)
     assert reply.ok, reply.body
     assert "queued" in reply.message and wrap_info["wrapped_accessor"] in reply.message
@@ -229,7 +230,7 @@ def test_missing_generator_token_fails_with_the_fix(kubelet, tmp_path):
 
 
 def test_vault_unreachable_fails_in_bounded_time(kubelet):
-    kubelet.env["VAULT_ADDR"] = f"http://127.0.0.1:{_closed_port()}"
+    kubelet.env["VAULT_ADDR"] = f"http://127.0.0.1:{free_port()}"
     reply, path = kubelet.mount(kubelet.new_pod(), NGINX)
     assert reply.status == "Failure" and reply.exit_code == 1
     assert "cannot reach Vault" in reply.message
@@ -261,8 +262,33 @@ def test_output_is_json_even_when_the_state_dir_is_unusable(kubelet, tmp_path):
     assert not is_mount_point(path)
 
 
-def _closed_port() -> int:
-    from .vaultserver import free_port
 
-    return free_port()
+def test_vault_namespace_is_honoured(kubelet, bao, tmp_path):
+    ns = {"X-Vault-Namespace": "team-a"}
+    try:
+        bao.request("POST", "sys/namespaces/team-a", {})
+    except VaultHTTPError as exc:  # created by the other driver_cmd param's run
+        assert "already exists" in exc.body
+    policy = (Path(__file__).parent.parent / "policies" / "token_generator_policy.hcl").read_text()
+    bao.request("PUT", "sys/policies/acl/token_generator", {"policy": policy}, headers=ns)
+    bao.request("PUT", "sys/policies/acl/nginx", {"policy": 'path "x/*" { capabilities = ["read"] }'}, headers=ns)
+    bao.request("POST", "auth/token/roles/applications", {"allowed_policies": ["nginx"], "orphan": True},
+                headers=ns)
+    generator = bao.request("POST", "auth/token/create", {"policies": ["token_generator"], "ttl": "10m"},
+                            headers=ns)["auth"]
+    token_file = tmp_path / "ns-generator"
+    token_file.write_text(remember_secret(generator["client_token"]))
+    token_file.chmod(0o600)
+    kubelet.env.update(VAULT_NAMESPACE="team-a", VAULTTMPFS_GENERATOR_TOKEN_PATH=str(token_file))
 
+    reply, path = kubelet.mount(kubelet.new_pod(), NGINX)
+    assert reply.ok, reply.body
+    _, wrap_info = read_volume(path)
+    assert "." in wrap_info["wrapped_accessor"]  # namespaced accessors carry the namespace id
+    lookup = bao.request("POST", "auth/token/lookup-accessor", {"accessor": wrap_info["wrapped_accessor"]},
+                         headers=ns)["data"]
+    assert lookup["namespace_path"] == "team-a/" and "nginx" in lookup["policies"]
+    assert kubelet.teardown(path).ok
+    with pytest.raises(VaultHTTPError):
+        bao.request("POST", "auth/token/lookup-accessor", {"accessor": wrap_info["wrapped_accessor"]}, headers=ns)
+    bao.request("POST", "auth/token/revoke", {"token": generator["client_token"]}, headers=ns)
