@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -292,3 +293,16 @@ def test_vault_namespace_is_honoured(kubelet, bao, tmp_path):
     with pytest.raises(VaultHTTPError):
         bao.request("POST", "auth/token/lookup-accessor", {"accessor": wrap_info["wrapped_accessor"]}, headers=ns)
     bao.request("POST", "auth/token/revoke", {"token": generator["client_token"]}, headers=ns)
+
+
+def test_mount_over_our_own_half_made_tmpfs_recovers(kubelet, bao):
+    # What a driver killed between mount(2) and writing the files leaves behind.
+    pod = kubelet.new_pod()
+    path = kubelet.volume_dir(pod)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "vaulttmpfs", str(path)], check=True)
+    reply, _ = kubelet.mount(pod, NGINX)
+    assert reply.ok, reply.body
+    token, wrap_info = read_volume(path)
+    assert bao.lookup_accessor(wrap_info["wrapped_accessor"]) is not None
+    assert kubelet.teardown(path).ok
+    assert not path.exists()

@@ -64,12 +64,14 @@ def mount(config: Config, request: MountRequest) -> str:
     with store.locked(mount_dir):
         record = store.read_volume(mount_dir)
         if volume.is_mount_point(mount_dir):
-            if record and is_our_mount(mount_dir) and volume.holds_files(mount_dir, [config.token_filename]):
+            if not is_our_mount(mount_dir):
+                raise DriverError(
+                    f"{mount_dir} is already a mount point that vaulttmpfs does not own; leaving it untouched"
+                )
+            if record and volume.holds_files(mount_dir, [config.token_filename]):
                 logger.info("already mounted", accessor=record.get("accessor"))
                 return "already mounted"
-            raise DriverError(
-                f"{mount_dir} is already a mount point that vaulttmpfs does not own; leaving it untouched"
-            )
+            volume.unmount(mount_dir)  # ours but half-made (the driver was killed mid-mount)
         if record:
             # A mount that died half-way, or a tmpfs lost with a reboot: its token is orphaned.
             _revoke_or_queue(config, store, record, logger, why="stale volume record")

@@ -10,7 +10,7 @@ from .errors import DriverError
 
 def read_token(path: str) -> str:
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        fd = os.open(path, os.O_RDONLY)
     except FileNotFoundError:
         raise DriverError(
             f"generator token file {path} does not exist; run `vaulttmpfs bootstrap` on this node "
@@ -22,6 +22,11 @@ def read_token(path: str) -> str:
         info = os.fstat(handle.fileno())
         if not stat.S_ISREG(info.st_mode):
             raise DriverError(f"generator token file {path} is not a regular file")
+        if info.st_uid != os.geteuid():
+            raise DriverError(
+                f"generator token file {path} is owned by uid {info.st_uid}, not {os.geteuid()}; "
+                f"fix it with: chown {os.geteuid()} {path}"
+            )
         if info.st_mode & 0o077:
             raise DriverError(
                 f"generator token file {path} is readable by others (mode {stat.S_IMODE(info.st_mode):04o}); "

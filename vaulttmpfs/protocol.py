@@ -145,8 +145,7 @@ def _describe(exc: BaseException) -> str:
         from . import log
         from .config import Config
 
-        log.get(Config.log_file if "VAULTTMPFS_LOG_FILE" not in os.environ else os.environ["VAULTTMPFS_LOG_FILE"]
-                ).error("unexpected error", exc_info=exc)
+        log.get(os.environ.get("VAULTTMPFS_LOG_FILE", Config.log_file)).error("unexpected error", exc_info=exc)
     except BaseException:  # noqa: BLE001
         pass
     return f"internal error: {type(exc).__name__}: {exc}"
