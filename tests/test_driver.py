@@ -306,3 +306,13 @@ def test_mount_over_our_own_half_made_tmpfs_recovers(kubelet, bao):
     assert bao.lookup_accessor(wrap_info["wrapped_accessor"]) is not None
     assert kubelet.teardown(path).ok
     assert not path.exists()
+
+
+def test_unwritable_log_file_does_not_break_mounts(kubelet, tmp_path):
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    kubelet.env["VAULTTMPFS_LOG_FILE"] = str(blocker / "vaulttmpfs.log")
+    reply, path = kubelet.mount(kubelet.new_pod(), NGINX)
+    assert reply.ok, reply.body
+    assert kubelet.teardown(path).ok
+    assert blocker.read_text() == ""
