@@ -46,6 +46,9 @@ def _session(config: Config):
     )
     session = requests.Session()
     session.trust_env = False  # no proxies or netrc from the kubelet's environment
+    # hvac lets a given session's verify/cert override its own arguments: set them here.
+    session.verify = _verify(config)
+    session.cert = _client_cert(config)
     session.mount("https://", _Adapter(max_retries=retry))
     session.mount("http://", _Adapter(max_retries=retry))
     return session
@@ -56,6 +59,12 @@ def _verify(config: Config) -> bool | str:
         return False
     # VAULT_CACERT wins over VAULT_CAPATH, as in Vault's own client.
     return config.cacert or config.capath or True
+
+
+def _client_cert(config: Config) -> tuple[str, str] | str | None:
+    if not config.client_cert:
+        return None
+    return (config.client_cert, config.client_key) if config.client_key else config.client_cert
 
 
 def _vault_errors(exc: Exception) -> str:
@@ -109,11 +118,10 @@ class Vault:
         import hvac
 
         self.config = config
-        cert = (config.client_cert, config.client_key) if config.client_cert else None
         self.client = hvac.Client(
             url=config.vault_addr,
             token=token,
-            cert=cert,
+            cert=_client_cert(config),
             verify=_verify(config),
             timeout=config.timeout,
             namespace=config.namespace,

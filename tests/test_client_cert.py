@@ -1,0 +1,91 @@
+"""VAULT_CLIENT_CERT / VAULT_CLIENT_KEY: Vault behind a TLS listener that requires client certificates.
+
+A real OpenBao with an extra listener (`tls_require_and_verify_client_cert`), certificates made
+by the openssl CLI.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from .conftest import driver_env, remember_secret
+from .kubelet import Kubelet, is_mount_point
+from .vaultserver import VaultServer, free_port
+
+NGINX = {"vault/policies": "nginx"}
+
+
+def openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
+
+
+def make_pki(directory: Path) -> None:
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem",
+            "-days", "2", "-subj", "/CN=vaulttmpfs-test-ca", cwd=directory)
+    (directory / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
+    for name, subject in (("server", "/CN=vault.test"), ("client", "/CN=node-1")):
+        openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
+                "-subj", subject, cwd=directory)
+        extra = ["-extfile", "san.ext"] if name == "server" else []
+        openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+                "-out", f"{name}.pem", "-days", "2", *extra, cwd=directory)
+
+
+@pytest.fixture(scope="module")
+def mtls_bao(tmp_path_factory):
+    pki = tmp_path_factory.mktemp("pki")
+    make_pki(pki)
+    port = free_port()
+    (pki / "listener.hcl").write_text(f'''
+listener "tcp" {{
+  address = "127.0.0.1:{port}"
+  tls_cert_file = "{pki}/server.pem"
+  tls_key_file = "{pki}/server.key"
+  tls_client_ca_file = "{pki}/ca.pem"
+  tls_require_and_verify_client_cert = true
+}}
+''')
+    with VaultServer(extra_args=[f"-config={pki / 'listener.hcl'}"]) as server:
+        server.setup_driver()
+        auth = server.generator_token()
+        token_file = pki / "generator"
+        token_file.write_text(remember_secret(auth["client_token"]))
+        token_file.chmod(0o600)
+        yield {"server": server, "pki": pki, "addr": f"https://127.0.0.1:{port}",
+               "generator": {"path": str(token_file)}}
+
+
+@pytest.fixture
+def mtls_kubelet(mtls_bao, driver_cmd, tmp_path, log_dir):
+    root = tmp_path / "node"
+    root.mkdir()
+    pki = mtls_bao["pki"]
+    env = driver_env(mtls_bao["server"], mtls_bao["generator"], root, log_dir,
+                     VAULT_ADDR=mtls_bao["addr"], VAULT_CACERT=str(pki / "ca.pem"))
+    node = Kubelet(driver_cmd, env, root)
+    yield node
+    from .conftest import unmount_everything_under
+
+    unmount_everything_under(root)
+
+
+def test_client_certificate_is_presented(mtls_kubelet, mtls_bao):
+    pki = mtls_bao["pki"]
+    mtls_kubelet.env.update(VAULT_CLIENT_CERT=str(pki / "client.pem"), VAULT_CLIENT_KEY=str(pki / "client.key"))
+    reply, path = mtls_kubelet.mount(mtls_kubelet.new_pod(), NGINX)
+    assert reply.ok, reply.body
+    assert (path / "ca.crt").read_bytes() == (pki / "ca.pem").read_bytes()
+    accessor = __import__("json").loads((path / "vault-token.json").read_text())["wrapped_accessor"]
+    reply = mtls_kubelet.unmount(path)
+    assert reply.ok and "revoked" in reply.message, reply.body
+    assert mtls_bao["server"].lookup_accessor(accessor) is None
+
+
+def test_without_client_certificate_the_handshake_fails_cleanly(mtls_kubelet):
+    reply, path = mtls_kubelet.mount(mtls_kubelet.new_pod(), NGINX)
+    assert reply.status == "Failure" and reply.exit_code == 1
+    assert mtls_kubelet.env["VAULT_ADDR"] in reply.message
+    assert not is_mount_point(path)
