@@ -48,6 +48,16 @@ class VaultServer:
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout: float = 30.0) -> "VaultServer":
+        # The dev server also listens on port+1 (cluster); a taken one is retried on new ports.
+        for _ in range(3):
+            try:
+                return self._start(timeout)
+            except PortTaken:
+                self.port = free_port()
+                self.addr = f"http://127.0.0.1:{self.port}"
+        return self._start(timeout)
+
+    def _start(self, timeout: float) -> "VaultServer":
         log = open(self.log_path, "wb")
         env = {**os.environ, "HOME": self.workdir}
         for name in ("VAULT_ADDR", "VAULT_TOKEN", "BAO_ADDR", "BAO_TOKEN"):
@@ -62,7 +72,10 @@ class VaultServer:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"bao exited early: {Path(self.log_path).read_text()[-2000:]}")
+                output = Path(self.log_path).read_text()[-2000:]
+                if "address already in use" in output:
+                    raise PortTaken(output)
+                raise RuntimeError(f"bao exited early: {output}")
             try:
                 health = self.request("GET", "sys/health", token=None)
                 if health.get("initialized") and not health.get("sealed"):
@@ -144,6 +157,10 @@ class VaultServer:
     def generator_token(self, ttl: str = "1h", **params) -> dict:
         return self.create_token(policies=["token_generator"], no_default_policy=True, ttl=ttl,
                                  display_name="vaulttmpfs-test-generator", **params)
+
+
+class PortTaken(RuntimeError):
+    pass
 
 
 class VaultHTTPError(Exception):
