@@ -33,6 +33,64 @@ def retry_revocations() -> None:
         raise SystemExit(1)
 
 
+class _Duration(click.ParamType):
+    name = "duration"
+
+    def convert(self, value, param, ctx):
+        from .config import parse_duration
+        from .errors import DriverError
+
+        if isinstance(value, (int, float)):
+            return float(value)
+        try:
+            seconds = parse_duration(value, param.opts[0] if param else "duration")
+        except DriverError as exc:
+            self.fail(str(exc), param, ctx)
+        if seconds <= 0:
+            self.fail(f"{value!r} must be positive", param, ctx)
+        return seconds
+
+
+@cli.command()
+@click.option("--plugin-dir", envvar="VAULTTMPFS_PLUGIN_DIR", show_default=True,
+              default="/usr/libexec/kubernetes/kubelet-plugins/volume/exec",
+              help="The kubelet's --volume-plugin-dir (env VAULTTMPFS_PLUGIN_DIR).")
+@click.option("--source", type=click.Path(exists=True, file_okay=False),
+              help="Bundle dir to install [default: the running bundle, or dist/vaulttmpfs].")
+def install(plugin_dir: str, source: str | None) -> None:
+    """Install the driver into the kubelet's plugin dir, atomically; a no-op if already installed."""
+    from . import install as installer
+
+    try:
+        result = installer.install(plugin_dir, source or installer.default_source())
+    except OSError as exc:
+        raise click.ClickException(f"install into {plugin_dir} failed: {exc}") from None
+    pruned = f", pruned {', '.join(result['pruned'])}" if result["pruned"] else ""
+    click.echo(f"{result['action']}: {result['path']} -> {result['bundle']}{pruned}")
+
+
+@cli.command()
+@click.option("--renew-interval", type=_Duration(), envvar="VAULTTMPFS_RENEW_INTERVAL",
+              help="Renew the generator token this often [default: half its period/TTL].")
+@click.option("--retry-interval", type=_Duration(), envvar="VAULTTMPFS_RETRY_INTERVAL", default="60s",
+              show_default=True, help="Retry queued revocations this often.")
+@click.option("--health-addr", envvar="VAULTTMPFS_HEALTH_ADDR", default="127.0.0.1:9808", show_default=True,
+              help="host:port for GET /healthz and /livez; empty to disable.")
+def agent(renew_interval: float | None, retry_interval: float, health_addr: str) -> None:
+    """Run the node agent: renew the generator token, retry revocations, serve health. Stop with SIGTERM."""
+    from . import agent as node_agent
+    from . import log
+    from .config import Config
+
+    config = Config.from_env()
+    log.get(config.log_file, component="agent").info(
+        "agent starting", renew_interval=renew_interval, retry_interval=retry_interval, health_addr=health_addr,
+        vault_addr=config.vault_addr, generator_token_path=config.generator_token_path)
+    services = node_agent.services(config, renew_interval, retry_interval)
+    node_agent.Agent(services, health_addr or None).run()
+    log.get().info("agent stopped")
+
+
 def main(argv: list[str]) -> int:
     from .errors import DriverError
 

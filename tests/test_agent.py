@@ -1,0 +1,222 @@
+"""The node agent (`vaulttmpfs agent`) against real OpenBao: generator token renewal, revocation
+retries, health, and a clean stop that leaves mounted volumes alone.
+
+Runs from the source tree and from the PyInstaller build (the DaemonSet runs the build).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from .conftest import driver_env, remember_secret
+from .kubelet import is_mount_point
+from .vaultserver import free_port
+
+NGINX = {"vault/policies": "nginx"}
+
+
+class AgentProcess:
+    """`vaulttmpfs agent` as a child process, with its health endpoint on a free loopback port."""
+
+    def __init__(self, driver_cmd: list[str], env: dict[str, str], *args: str):
+        self.port = free_port()
+        self.proc = subprocess.Popen(
+            [*driver_cmd, "agent", "--health-addr", f"127.0.0.1:{self.port}", *args],
+            env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        )
+
+    def __enter__(self) -> "AgentProcess":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def get(self, path: str = "/healthz") -> tuple[int, dict, bytes]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=5) as resp:
+                raw = resp.read()
+                status = resp.status
+        except urllib.error.HTTPError as exc:
+            raw, status = exc.read(), exc.code
+        return status, json.loads(raw), raw
+
+    def wait_for(self, predicate, what: str, timeout: float = 40.0) -> dict:
+        """Poll /healthz until predicate(status, body) holds (bounded: a generous limit, not a speed test)."""
+        deadline = time.monotonic() + timeout
+        last = None
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"agent exited {self.proc.returncode}: {self.proc.stdout.read()!r}")
+            try:
+                status, body, _ = self.get()
+                last = (status, body)
+                if predicate(status, body):
+                    return body
+            except OSError:
+                pass
+            time.sleep(0.2)
+        raise AssertionError(f"timed out waiting for {what}; last health answer: {last}")
+
+    def terminate(self, timeout: float = 30.0) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+
+def generator_file(bao, path: Path, **params) -> dict:
+    auth = bao.generator_token(**params)
+    remember_secret(auth["client_token"])
+    path.write_text(auth["client_token"] + "\n")
+    path.chmod(0o600)
+    return auth
+
+
+def closed_addr() -> str:
+    return f"http://127.0.0.1:{free_port()}"
+
+
+def test_renews_a_periodic_generator_token_past_its_period(bao, driver_cmd, tmp_path, log_dir):
+    period = 4
+    token_path = tmp_path / "vaulttoken"
+    auth = generator_file(bao, token_path, ttl="", period=f"{period}s")
+    env = driver_env(bao, {"path": str(token_path)}, tmp_path, log_dir)
+    ttls = []
+    with AgentProcess(driver_cmd, env, "--retry-interval", "1h") as agent:
+        body = agent.wait_for(lambda s, b: s == 200, "a first renewal")
+        generator = body["services"]["generator"]
+        assert generator["lease_duration"] == period
+        assert generator["renew_interval"] == period / 2  # default: half the token's period
+        started = time.monotonic()
+        while time.monotonic() - started < 2.5 * period:  # without renewals it would be gone by now
+            info = bao.lookup_accessor(auth["accessor"])
+            assert info is not None, f"generator token expired; ttls seen: {ttls}"
+            ttls.append(info["ttl"])
+            time.sleep(0.5)
+        status, body, raw = agent.get()
+        assert status == 200
+        assert body["services"]["generator"]["renewals"] >= 3
+        assert auth["client_token"].encode() not in raw
+        assert agent.terminate() == 0
+    assert any(later > earlier for earlier, later in zip(ttls, ttls[1:])), ttls  # the TTL went back up
+
+
+def test_explicit_renew_interval(bao, driver_cmd, tmp_path, log_dir):
+    token_path = tmp_path / "vaulttoken"
+    auth = generator_file(bao, token_path, ttl="", period="1h")
+    env = driver_env(bao, {"path": str(token_path)}, tmp_path, log_dir, VAULTTMPFS_RENEW_INTERVAL="1s")
+    with AgentProcess(driver_cmd, env) as agent:
+        body = agent.wait_for(lambda s, b: s == 200 and b["services"]["generator"]["renewals"] >= 3,
+                              "three renewals a second apart")
+        assert body["services"]["generator"]["renew_interval"] == 1
+        assert body["services"]["generator"]["lease_duration"] == 3600
+        assert agent.terminate() == 0
+    assert bao.lookup_accessor(auth["accessor"])["ttl"] > 3500
+
+
+def test_health_is_503_with_a_revoked_token_and_recovers_after_a_new_one(bao, driver_cmd, tmp_path, log_dir):
+    token_path = tmp_path / "vaulttoken"
+    dead = generator_file(bao, token_path, ttl="1h")
+    bao.revoke_token(dead["client_token"])
+    env = driver_env(bao, {"path": str(token_path)}, tmp_path, log_dir, VAULTTMPFS_RENEW_INTERVAL="1s")
+    with AgentProcess(driver_cmd, env) as agent:
+        body = agent.wait_for(lambda s, b: s == 503 and b["services"]["generator"]["last_error"], "a failed renewal")
+        assert body["status"] == "failing"
+        assert "permission denied" in body["services"]["generator"]["last_error"]
+        assert body["services"]["generator"]["valid"] is False
+        status, live, raw = agent.get("/livez")
+        assert status == 200 and live["status"] == "ok"  # alive: restarting would not fix the token
+        assert dead["client_token"].encode() not in raw
+
+        fresh = generator_file(bao, tmp_path / "new-token", ttl="1h")  # a re-bootstrap replaces the file
+        os.replace(tmp_path / "new-token", token_path)
+        body = agent.wait_for(lambda s, b: s == 200, "the new token to be renewed")
+        assert body["services"]["generator"]["last_error"] is None
+        _, _, raw = agent.get()
+        assert fresh["client_token"].encode() not in raw
+        assert agent.get("/nope")[0] == 404
+        assert agent.terminate() == 0
+
+
+def test_missing_generator_token_is_reported_not_fatal(bao, driver_cmd, tmp_path, log_dir):
+    env = driver_env(bao, {"path": str(tmp_path / "absent")}, tmp_path, log_dir)
+    with AgentProcess(driver_cmd, env) as agent:
+        body = agent.wait_for(lambda s, b: s == 503 and b["services"]["generator"]["last_error"], "an error")
+        assert "vaulttmpfs bootstrap" in body["services"]["generator"]["last_error"]
+        assert agent.terminate() == 0
+
+
+def test_retries_revocations_queued_while_vault_was_down(kubelet, bao, driver_cmd, log_dir):
+    reply, path = kubelet.mount(kubelet.new_pod(), NGINX)
+    assert reply.ok, reply.body
+    wrap_info = json.loads((path / "vault-token.json").read_text())
+    accessor = wrap_info["wrapped_accessor"]
+    remember_secret((path / "vault-token").read_text())
+    down = {**kubelet.env, "VAULT_ADDR": closed_addr()}
+    reply = kubelet.call("unmount", str(path), env=down)
+    assert reply.ok and "queued" in reply.message, reply.body
+    pending = kubelet.root / "state" / "pending"
+    assert len(list(pending.glob("*.json"))) == 2  # the pod token and its wrapping token
+
+    # While Vault is still unreachable the agent retries and keeps the queue.
+    with AgentProcess(driver_cmd, down, "--retry-interval", "1s") as agent:
+        body = agent.wait_for(lambda s, b: (b["services"]["revocations"]["pending"] or 0) >= 2,
+                              "a failed retry round")
+        assert body["services"]["revocations"]["revoked"] == 0
+        assert agent.terminate() == 0
+    assert len(list(pending.glob("*.json"))) == 2
+    assert bao.lookup_accessor(accessor) is not None
+
+    # Vault is back: the next agent round revokes them.
+    with AgentProcess(driver_cmd, kubelet.env, "--retry-interval", "1s") as agent:
+        body = agent.wait_for(lambda s, b: b["services"]["revocations"]["revoked"] >= 2, "the revocations")
+        assert body["services"]["revocations"]["pending"] == 0
+        assert agent.terminate() == 0
+    assert bao.lookup_accessor(accessor) is None
+    assert bao.lookup_accessor(wrap_info["accessor"]) is None
+    assert list(pending.glob("*.json")) == []
+
+
+def test_stopping_the_agent_leaves_mounted_volumes_working(kubelet, bao, driver_cmd):
+    reply, path = kubelet.mount(kubelet.new_pod(), NGINX)
+    assert reply.ok, reply.body
+    files = {name: (path / name).read_bytes() for name in os.listdir(path)}
+    remember_secret(files["vault-token"].decode())
+    accessor = json.loads(files["vault-token.json"])["wrapped_accessor"]
+
+    with AgentProcess(driver_cmd, kubelet.env, "--retry-interval", "1s") as agent:
+        agent.wait_for(lambda s, b: s == 200, "the agent to be healthy")
+        assert agent.terminate() == 0
+        with pytest.raises(OSError):
+            agent.get()  # the health server is gone with it
+
+    assert is_mount_point(path)
+    assert {name: (path / name).read_bytes() for name in os.listdir(path)} == files
+    assert bao.lookup_accessor(accessor) is not None
+    reply = kubelet.unmount(path)  # no agent running
+    assert reply.ok and "revoked" in reply.message, reply.body
+    assert not is_mount_point(path)
+    assert bao.lookup_accessor(accessor) is None
+
+
+def test_health_port_in_use_fails_fast_with_a_clear_error(bao, driver_cmd, tmp_path, log_dir):
+    import socket
+
+    env = driver_env(bao, {"path": str(tmp_path / "absent")}, tmp_path, log_dir)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        proc = subprocess.run([*driver_cmd, "agent", "--health-addr", f"127.0.0.1:{port}"], env=env,
+                              capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1
+    assert f"127.0.0.1:{port}" in proc.stderr and "health server cannot listen" in proc.stderr

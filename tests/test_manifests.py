@@ -1,0 +1,217 @@
+"""The installer's Kubernetes manifests and examples: valid offline against the Kubernetes schemas
+(kubernetes-validate, strict: unknown fields fail), consistent with each other and with the code,
+and the example pod + Vault setup work for real (OpenBao, tmpfs, the kubelet's calls)."""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+import stat
+import subprocess
+from pathlib import Path
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from vaulttmpfs import install as installer
+
+from .conftest import driver_env, remember_secret, source_cmd, unmount_everything_under
+from .kubelet import Kubelet, mount_entry
+from .vaultserver import REPO, VaultServer, bao_binary
+
+INSTALLER = REPO / "installer"
+K8S = INSTALLER / "k8s"
+VERSIONS = ["1.25.0", kubernetes_validate.utils.latest_version()]  # oldest supported, newest known
+MANIFESTS = sorted(p for p in [*K8S.glob("*.yaml"), *(INSTALLER / "examples").glob("*.yaml")]
+                   if p.name != "kustomization.yaml")
+VARIANTS = {"gke": "/home/kubernetes/flexvolume", "volumeplugins": "/var/lib/kubelet/volumeplugins"}
+
+
+def documents(path: Path) -> list[dict]:
+    return [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
+
+
+def resource(kind: str) -> dict:
+    found = [doc for path in MANIFESTS for doc in documents(path) if doc["kind"] == kind]
+    assert len(found) == 1, f"expected one {kind}, found {len(found)}"
+    return found[0]
+
+
+def validate(doc: dict) -> None:
+    for version in VERSIONS:
+        kubernetes_validate.validate(doc, version, strict=True)
+
+
+@pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: str(p.relative_to(INSTALLER)))
+def test_manifest_validates_against_the_kubernetes_schemas(path):
+    docs = documents(path)
+    assert docs, f"{path} holds no resource"
+    for doc in docs:
+        validate(doc)
+
+
+def test_validation_is_strict_enough_to_catch_mistakes():
+    daemonset = resource("DaemonSet")
+    typo = copy.deepcopy(daemonset)
+    typo["spec"]["template"]["spec"]["containers"][0]["volumeMount"] = []  # not a field
+    with pytest.raises(kubernetes_validate.ValidationError):
+        validate(typo)
+    wrong_type = copy.deepcopy(daemonset)
+    wrong_type["spec"]["template"]["spec"]["volumes"][0]["hostPath"]["path"] = 42
+    with pytest.raises(kubernetes_validate.ValidationError):
+        validate(wrong_type)
+
+
+def test_kustomization_lists_every_manifest():
+    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    listed = kustomization["resources"]
+    assert sorted(listed) == sorted(p.name for p in K8S.glob("*.yaml") if p.name != "kustomization.yaml")
+    names = {doc["metadata"]["namespace"] for p in listed for doc in documents(K8S / p) if doc["kind"] != "Namespace"}
+    assert names == {kustomization["namespace"]} == {resource("Namespace")["metadata"]["name"]}
+
+
+def apply_json_patch(doc: dict, operations: list[dict]) -> dict:
+    """The subset of RFC 6902 the variants use (test, replace), as kustomize applies it."""
+    doc = copy.deepcopy(doc)
+    for op in operations:
+        *parents, last = [int(p) if p.isdigit() else p for p in op["path"].strip("/").split("/")]
+        target = doc
+        for part in parents:
+            target = target[part]
+        if op["op"] == "test":
+            assert target[last] == op["value"], f"patch test failed at {op['path']}"
+        elif op["op"] == "replace":
+            assert last in target if isinstance(target, dict) else last < len(target), op["path"]
+            target[last] = op["value"]
+        else:
+            raise AssertionError(f"unexpected patch op {op['op']}")
+    return doc
+
+
+@pytest.mark.parametrize("name, plugin_dir", VARIANTS.items())
+def test_plugin_dir_variant_patches_the_plugin_dir_volume(name, plugin_dir):
+    kustomization = yaml.safe_load((K8S / "variants" / name / "kustomization.yaml").read_text())
+    assert (K8S / "variants" / name / kustomization["resources"][0]).resolve() == K8S.resolve()
+    daemonset = resource("DaemonSet")
+    for patch in kustomization["patches"]:
+        assert patch["target"] == {"kind": "DaemonSet", "name": daemonset["metadata"]["name"]}
+        daemonset = apply_json_patch(daemonset, yaml.safe_load(patch["patch"]))
+    validate(daemonset)
+    volume = daemonset["spec"]["template"]["spec"]["volumes"][0]
+    assert volume["name"] == "plugin-dir" and volume["hostPath"]["path"] == plugin_dir
+
+
+def test_daemonset_is_consistent_with_the_agent_and_the_driver():
+    daemonset = resource("DaemonSet")
+    pod = daemonset["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    settings = {**resource("ConfigMap")["data"], **{k: v for k, v in env.items() if v is not None}}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mounts = {m["name"]: m for m in container["volumeMounts"]}
+    assert set(mounts) == set(volumes)
+
+    # The plugin dir: mounted where VAULTTMPFS_PLUGIN_DIR says, default host path as in the code.
+    assert mounts["plugin-dir"]["mountPath"] == settings["VAULTTMPFS_PLUGIN_DIR"]
+    assert volumes["plugin-dir"]["hostPath"]["path"] == installer.DEFAULT_PLUGIN_DIR
+    assert not mounts["plugin-dir"].get("readOnly")
+    # Paths the driver (on the host) and the agent (in the pod) share are mounted at the same path.
+    for setting, volume in (("VAULTTMPFS_GENERATOR_TOKEN_PATH", "generator-token"), ("VAULTTMPFS_STATE_DIR", "state")):
+        host = volumes[volume]["hostPath"]["path"]
+        assert mounts[volume]["mountPath"] == host
+        assert settings[setting] == host or settings[setting].startswith(host + "/")
+    assert not mounts["state"].get("readOnly")
+    # Probes reach the agent's health server.
+    port = int(settings["VAULTTMPFS_HEALTH_ADDR"].rsplit(":", 1)[1])
+    assert container["readinessProbe"]["httpGet"]["path"] == "/healthz"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/livez"
+    for probe in (container["readinessProbe"], container["livenessProbe"]):
+        assert probe["httpGet"]["port"] == port and probe["httpGet"]["host"] == "127.0.0.1"
+    assert pod["hostNetwork"] is True  # 127.0.0.1 is the node's loopback only with hostNetwork
+    # No API access is needed, so none is granted.
+    assert pod["automountServiceAccountToken"] is False
+    assert pod["serviceAccountName"] == resource("ServiceAccount")["metadata"]["name"]
+
+
+def test_dockerfile_copies_files_that_exist_and_runs_the_entrypoint():
+    dockerfile = (INSTALLER / "Dockerfile").read_text()
+    copies = re.findall(r"^COPY (?!--from)(.+)$", dockerfile, re.M)
+    assert copies
+    for line in copies:
+        *sources, _dest = line.split()
+        for source in sources:
+            assert (REPO / source).exists(), f"Dockerfile copies {source}, which is not in the repo"
+    assert "installer/entrypoint.sh" in dockerfile
+    assert os.access(INSTALLER / "entrypoint.sh", os.X_OK)
+    assert re.search(r"^ENTRYPOINT \[\"/usr/local/bin/vaulttmpfs-entrypoint\"\]$", dockerfile, re.M)
+
+
+def test_example_pod_names_the_installed_driver():
+    pod = resource("Pod")
+    flex = pod["spec"]["volumes"][0]["flexVolume"]
+    assert flex["driver"].replace("/", "~") == installer.DRIVER_DIR
+    assert flex["fsType"] == "tmpfs" and flex["options"]["vault/policies"]
+
+
+def test_example_vault_setup_and_pod_work_for_real(tmp_path, log_dir):
+    """vault-setup.sh on a fresh OpenBao, then the example pod's volume mounted the kubelet's way."""
+    pod = resource("Pod")
+    flex = pod["spec"]["volumes"][0]["flexVolume"]
+    fs_group = pod["spec"]["securityContext"]["fsGroup"]
+    with VaultServer() as server:
+        env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "VAULT_CLI": bao_binary(),
+               "VAULT_ADDR": server.addr, "VAULT_TOKEN": server.root_token,
+               "BAO_ADDR": server.addr, "BAO_TOKEN": server.root_token}
+        setup = subprocess.run([str(INSTALLER / "examples" / "vault-setup.sh")], env=env, capture_output=True,
+                               text=True, timeout=120)
+        assert setup.returncode == 0, setup.stderr
+
+        auth = server.generator_token(ttl="10m")  # what `vaulttmpfs bootstrap` would leave on the node
+        remember_secret(auth["client_token"])
+        token_file = tmp_path / "vaulttoken"
+        token_file.write_text(auth["client_token"])
+        token_file.chmod(0o600)
+        root = tmp_path / "node"
+        root.mkdir()
+        node = Kubelet(source_cmd(), driver_env(server, {"path": str(token_file)}, root, log_dir), root)
+        try:
+            example = node.new_pod(pod["metadata"]["name"], pod["metadata"]["namespace"])
+            reply, path = node.mount(example, flex["options"], volume=pod["spec"]["volumes"][0]["name"],
+                                     fs_group=fs_group)
+            assert reply.ok, reply.body
+            assert mount_entry(path)["fstype"] == "tmpfs"
+            info = (path / "vault-token").stat()
+            assert info.st_gid == fs_group and stat.S_IMODE(info.st_mode) == 0o440  # readable by uid 101
+            unwrapped = server.unwrap(remember_secret((path / "vault-token").read_text()))["auth"]
+            remember_secret(unwrapped["client_token"])
+            assert sorted(unwrapped["policies"]) == ["default", "nginx"]
+            # The nginx policy from the example: read on secret/data/nginx/*, nothing else.
+            caps = server.request("POST", "sys/capabilities-self", {"paths": ["secret/data/nginx/app", "secret/data/x"]},
+                                  token=unwrapped["client_token"])
+            assert caps["secret/data/nginx/app"] == ["read"] and caps["secret/data/x"] == ["deny"]
+            # And the role refuses what it does not allow.
+            refused, _ = node.mount(node.new_pod("greedy"), {"vault/policies": "token_generator"})
+            assert refused.status == "Failure"
+            assert node.teardown(path).ok
+        finally:
+            unmount_everything_under(root)
+
+
+def test_agent_docs_match_the_cli_flags():
+    """The DaemonSet/ConfigMap settings are real agent/install options (a typo would be ignored silently)."""
+    from click.testing import CliRunner
+
+    from vaulttmpfs.cli import cli
+
+    envvars = set()
+    for name in ("agent", "install"):
+        command = cli.commands[name]
+        envvars |= {p.envvar for p in command.params if p.envvar}
+        assert CliRunner().invoke(cli, [name, "--help"]).exit_code == 0
+    configmap = resource("ConfigMap")["data"]
+    daemonset_env = {e["name"] for e in resource("DaemonSet")["spec"]["template"]["spec"]["containers"][0]["env"]}
+    config_source = (REPO / "vaulttmpfs" / "config.py").read_text()
+    for setting in set(configmap) | daemonset_env:
+        assert setting in envvars or f'"{setting}"' in config_source, f"{setting} is read by nothing"
