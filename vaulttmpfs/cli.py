@@ -91,6 +91,80 @@ def agent(renew_interval: float | None, retry_interval: float, health_addr: str)
     log.get().info("agent stopped")
 
 
+@cli.command()
+@click.option("--token-path", help="Write the token here [default: $VAULTTMPFS_GENERATOR_TOKEN_PATH, "
+              "else /etc/kubernetes/vaulttoken].")
+@click.option("--policy", default="token_generator", show_default=True, help="The generator token's only policy.")
+@click.option("--period", help="Renewal period of generator tokens; --setup-vault writes it into the generator "
+              "role [default: the role's, 24h as shipped].")
+@click.option("--username", help="LDAP username [default: asked on the terminal].")
+@click.option("--password-file", type=click.Path(dir_okay=False),
+              help="Read the LDAP password from this file [default: asked on the terminal, else read from stdin].")
+@click.option("--ldap-mount", default="ldap", show_default=True, help="Path of Vault's LDAP auth method (auth/<mount>).")
+@click.option("--force", is_flag=True, help="Replace a token that is still live (the old one is revoked).")
+@click.option("--setup-vault", is_flag=True,
+              help="First write the generator policy and the token roles from policies/ (idempotent).")
+@click.option("--policies-dir", type=click.Path(file_okay=False),
+              help="Where --setup-vault reads policies/ from [default: the one shipped with vaulttmpfs].")
+def bootstrap(token_path, policy, period, username, password_file, ldap_mount, force, setup_vault, policies_dir):
+    """Give this node its generator token, logging in with VAULT_TOKEN if set, else with LDAP.
+
+    The token is an orphan, periodic, with only the generator policy, written 0600. It is never
+    printed; root tokens are refused.
+    """
+    import os
+
+    from . import bootstrap as node_bootstrap
+    from .config import Config
+
+    config = Config.from_env()
+    options = node_bootstrap.Options(
+        token_path=token_path or config.generator_token_path, policy=policy, period=period, force=force,
+        setup_vault=setup_vault, policies_dir=policies_dir, ldap_mount=ldap_mount)
+    result = node_bootstrap.bootstrap(config, options, os.environ.get("VAULT_TOKEN"),
+                                      _ldap_credentials(username, password_file))
+    for line in node_bootstrap.summary(result):
+        click.echo(line)
+
+
+def _ldap_credentials(username: str | None, password_file: str | None):
+    """Asked only if bootstrap gets to the LDAP login: prompts on a terminal (password hidden);
+    for automation, --username plus the password from --password-file or stdin."""
+
+    def ask() -> tuple[str, str]:
+        import sys
+
+        on_terminal = sys.stdin.isatty()
+        if not username and not on_terminal:
+            raise click.UsageError("no terminal to ask on: pass --username, and the LDAP password on stdin "
+                                   "or with --password-file (or set VAULT_TOKEN)")
+        if password_file:
+            try:
+                with open(password_file, encoding="utf-8") as handle:
+                    password = handle.readline().rstrip("\r\n")
+            except OSError as exc:
+                raise click.ClickException(f"cannot read --password-file {password_file}: {exc.strerror}") from None
+        elif not on_terminal:
+            password = sys.stdin.readline().rstrip("\r\n")
+        else:
+            password = None
+        name = username or click.prompt("LDAP username")
+        if password is None:
+            password = click.prompt("LDAP password", hide_input=True)
+        return name, password
+
+    return ask
+
+
+@cli.command("renew-generator")
+def renew_generator() -> None:
+    """Renew this node's generator token (cron); fails, saying what to do, when it is expired or revoked."""
+    from . import bootstrap as node_bootstrap
+    from .config import Config
+
+    click.echo(node_bootstrap.renew_summary(node_bootstrap.renew_generator(Config.from_env())))
+
+
 def main(argv: list[str]) -> int:
     from .errors import DriverError
 

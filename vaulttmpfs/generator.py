@@ -51,10 +51,30 @@ def write_token(path: str, token: str) -> None:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temp, path)
+        _fsync_dir(parent)  # the rename itself must survive a crash, or the node boots with no token
     except BaseException:
         if os.path.exists(temp):
             os.unlink(temp)
         raise
+
+
+def existing_token(path: str) -> str | None:
+    """Whatever token the file holds, even with a bad mode (bootstrap checks if it is live); None if none."""
+    try:
+        with open(path, "rb") as handle:
+            return handle.read(4096).decode("utf-8", errors="replace").strip() or None
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise DriverError(f"cannot read {path}: {exc.strerror or exc}") from None
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def lookup(config) -> dict:

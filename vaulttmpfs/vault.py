@@ -165,13 +165,80 @@ class Vault:
         warnings = response.get("warnings") or [] if isinstance(response, dict) else []
         return not any("no token found" in str(w).lower() for w in warnings)
 
-    def lookup_self(self) -> dict[str, Any]:
-        with self._call("looking up the generator token"):
+    def lookup_self(self, what: str = "the generator token") -> dict[str, Any]:
+        with self._call(f"looking up {what}"):
             return self.client.auth.token.lookup_self()["data"]
 
     def renew_self(self, increment: str | None = None) -> dict[str, Any]:
         with self._call("renewing the generator token"):
             return self.client.auth.token.renew_self(increment=increment)["auth"]
+
+    # --- for `vaulttmpfs bootstrap` ---
+    def ldap_login(self, username: str, password: str, mount: str = "ldap") -> dict[str, Any]:
+        """Log in with Vault's LDAP auth method; this client then carries the login token."""
+        action = f"logging in as LDAP user {username!r} (auth/{mount})"
+        try:
+            with self._call(action):
+                return self.client.auth.ldap.login(username=username, password=password, mount_point=mount)["auth"]
+        except VaultDenied as exc:
+            raise VaultDenied(_ldap_problem(str(exc), action, mount, self.config.vault_addr)) from None
+
+    def create_token(self, role: str, policies: list[str], metadata: dict[str, str],
+                     display_name: str) -> dict[str, Any]:
+        """Create a token against `role` and return its auth block (client_token, accessor, ...)."""
+        with self._call(f"creating a token with role {role!r} for policies {','.join(policies)}"):
+            return self.client.auth.token.create(
+                role_name=role, policies=policies, meta=metadata, display_name=display_name
+            )["auth"]
+
+    def revoke_self(self) -> None:
+        with self._call("revoking the login token"):
+            self.client.auth.token.revoke_self()
+
+    def read_policy(self, name: str) -> str | None:
+        """An ACL policy's text, None when there is no such policy."""
+        import hvac.exceptions as hexc
+
+        with self._call(f"reading policy {name!r}"):
+            try:
+                return self.client.sys.read_acl_policy(name)["data"]["policy"]
+            except hexc.InvalidPath:
+                return None
+
+    def write_policy(self, name: str, text: str) -> None:
+        with self._call(f"writing policy {name!r}"):
+            self.client.sys.create_or_update_acl_policy(name, text)
+
+    def read_token_role(self, name: str) -> dict[str, Any] | None:
+        import hvac.exceptions as hexc
+
+        with self._call(f"reading token role {name!r}"):
+            try:
+                return self.client.auth.token.read_role(name)["data"]
+            except hexc.InvalidPath:
+                return None
+
+    def write_token_role(self, name: str, params: dict[str, Any]) -> None:
+        # hvac's create_or_update_role knows only some of the role's fields: post them as they are.
+        from hvac import utils
+
+        with self._call(f"writing token role {name!r}"):
+            self.client.adapter.post(utils.format_url("/v1/auth/token/roles/{name}", name=name), json=params)
+
+
+def _ldap_problem(error: str, action: str, mount: str, addr: str) -> str:
+    """Vault's LDAP login errors, said so an operator knows what to fix."""
+    text = error.lower()
+    if "failed to bind as user" in text or "invalid credentials" in text or "user bind dn" in text:
+        return f"{action}: wrong username or password"
+    if "zero length" in text:
+        return f"{action}: the password is empty"
+    # Login paths need no token, so "permission denied" there means nothing is mounted.
+    if "permission denied" in text or "no handler for route" in text or "404" in text:
+        return (f"{action}: LDAP auth is not enabled at auth/{mount} on {addr} "
+                f"(enable it with `bao auth enable -path={mount} ldap`, or name the mount with --ldap-mount)")
+    return error
+
 
 
 def require_token(token: str | None, where: str) -> str:

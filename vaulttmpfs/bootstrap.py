@@ -1,0 +1,369 @@
+"""`vaulttmpfs bootstrap` and `vaulttmpfs renew-generator`: the node's generator token, from login to file.
+
+bootstrap: log in (VAULT_TOKEN, else LDAP), refuse root, optionally set Vault up from policies/,
+mint an orphan periodic token through the generator role, write it 0600. No click here: the CLI
+passes in how to ask for LDAP credentials, and prints the summary.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from . import generator, log
+from .config import Config, parse_duration, safe_name
+from .errors import DriverError, VaultDenied
+
+# Generator tokens are minted through this role, not auth/token/create-orphan: a non-root caller
+# needs sudo there to grant a policy it lacks or to make a token periodic (sudo would let it mint
+# nearly anything), while the role fixes policy, orphan and period and needs only `update` on it.
+GENERATOR_ROLE = "vaulttmpfs-generator"
+DEFAULT_POLICY = "token_generator"
+ADMIN_POLICY = "vaulttmpfs-admin"
+POLICY_FILE = "token_generator_policy.hcl"
+APPLICATIONS_ROLE_FILE = "applications_role.json"
+GENERATOR_ROLE_FILE = "generator_role.json"
+ADMIN_POLICY_FILE = "vaulttmpfs_admin_policy.hcl"
+# The shipped policy names the default pod-token role; another VAULTTMPFS_ROLE_NAME is put in its place.
+SHIPPED_CREATE_PATH = '"auth/token/create/applications"'
+_MOUNT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)*")
+_DURATION_FIELDS = {"token_period", "token_explicit_max_ttl", "token_ttl", "token_max_ttl"}
+
+Credentials = Callable[[], "tuple[str, str]"]
+
+
+@dataclass(frozen=True)
+class Options:
+    token_path: str
+    policy: str = DEFAULT_POLICY
+    period: str | None = None  # None: the generator role's own period (24h as shipped)
+    force: bool = False
+    setup_vault: bool = False
+    policies_dir: str | None = None
+    ldap_mount: str = "ldap"
+
+
+@dataclass(frozen=True)
+class Login:
+    vault: Any  # a vault.Vault carrying the login token
+    method: str  # "ldap" or "token"
+    who: str
+    policies: list[str]
+
+
+def root_refusal(what: str) -> str:
+    return (
+        f"{what} carries the root policy. vaulttmpfs bootstrap does not work with root tokens, so that a root "
+        "token is never typed on, or handed to, a node. Use a token or an LDAP group with the "
+        f"{ADMIN_POLICY} policy instead; as root, once: `bao policy write {ADMIN_POLICY} "
+        f"policies/{ADMIN_POLICY_FILE}`, then `bao write auth/ldap/groups/<group> policies={ADMIN_POLICY}` "
+        f"or `VAULT_TOKEN=$(bao token create -policy={ADMIN_POLICY} -ttl=1h -field=token) vaulttmpfs bootstrap`"
+    )
+
+
+def bootstrap(config: Config, options: Options, vault_token: str | None, credentials: Credentials) -> dict[str, Any]:
+    """Provision the node's generator token; returns what was done (never the token)."""
+    logger = log.get(config.log_file, command="bootstrap", node=config.node_name, path=options.token_path)
+    try:
+        _check(options)
+        files = PolicyFiles.find(options.policies_dir) if options.setup_vault else None
+        old = _live_token(config, options)
+        login = _login(config, options, vault_token, credentials)
+        logger.info("logged in", method=login.method, who=login.who, policies=login.policies)
+        try:
+            result = _provision(config, options, login, files, old)
+        finally:
+            if login.method == "ldap":
+                _drop_login(login, logger)
+    except DriverError as exc:
+        logger.error("bootstrap failed", error=str(exc))
+        raise
+    logger.info("generator token written", **{k: v for k, v in result.items() if k != "setup"}, setup=result["setup"])
+    return result
+
+
+def _provision(config: Config, options: Options, login: Login, files, old: dict | None) -> dict[str, Any]:
+    if "root" in login.policies:
+        raise DriverError(root_refusal("VAULT_TOKEN" if login.method == "token" else "The LDAP login token"))
+    setup = setup_vault(login.vault, config, options, files) if files else []
+    auth = _mint(config, options, login)
+    try:
+        generator.write_token(options.token_path, auth["client_token"])
+    except OSError as exc:
+        _discard(config, auth)
+        raise DriverError(f"cannot write the generator token to {options.token_path}: {exc.strerror or exc}") from None
+    replaced = None
+    if old:
+        replaced = {"accessor": old["accessor"], "revoked": _discard(config, old)}
+    return {
+        "path": options.token_path,
+        "accessor": auth["accessor"],
+        "policies": auth.get("policies") or [],
+        "ttl": auth.get("lease_duration"),
+        "orphan": auth.get("orphan"),
+        "method": login.method,
+        "who": login.who,
+        "replaced": replaced,
+        "setup": setup,
+    }
+
+
+def _check(options: Options) -> None:
+    safe_name(options.policy, "--policy")
+    if options.policy == "root":
+        raise DriverError(root_refusal("--policy root"))
+    if options.period is not None and parse_duration(options.period, "--period") <= 0:
+        raise DriverError(f"--period={options.period!r} must be positive")
+    if not _MOUNT.fullmatch(options.ldap_mount) or ".." in options.ldap_mount.split("/"):
+        raise DriverError(f"--ldap-mount={options.ldap_mount!r} is not a Vault mount path (example: ldap)")
+
+
+def _live_token(config: Config, options: Options) -> dict[str, str] | None:
+    """The token already in the file, if Vault still honours it; refuse to replace it without --force."""
+    from .vault import Vault
+
+    token = generator.existing_token(options.token_path)
+    if not token:
+        return None
+    log.secret(token)
+    try:
+        info = Vault(config, token).lookup_self(f"the token already in {options.token_path}")
+    except VaultDenied:
+        return None  # expired or revoked: nothing to protect
+    if not options.force:
+        raise DriverError(
+            f"{options.token_path} already holds a live generator token (accessor {info.get('accessor')}, "
+            f"valid for {human_duration(info.get('ttl'))}); pass --force to replace it (the old token is revoked)"
+        )
+    return {"token": token, "accessor": info.get("accessor", "")}
+
+
+def _login(config: Config, options: Options, vault_token: str | None, credentials: Credentials) -> Login:
+    from .vault import Vault
+
+    if vault_token:
+        log.secret(vault_token)
+        vault = Vault(config, vault_token)
+        try:
+            info = vault.lookup_self("VAULT_TOKEN")
+        except VaultDenied as exc:
+            raise VaultDenied(f"{exc} -- VAULT_TOKEN is expired, revoked or not from this Vault; "
+                              "unset it to log in with LDAP instead") from None
+        return Login(vault, "token", info.get("display_name") or "token", info.get("policies") or [])
+    username, password = credentials()
+    if not username or "/" in username or username in {".", ".."} or not username.isprintable():
+        raise DriverError(f"{username!r} is not an LDAP username")
+    if not password:
+        raise DriverError("the LDAP password is empty")
+    log.secret(password)
+    vault = Vault(config, None)
+    auth = vault.ldap_login(username, password, options.ldap_mount)
+    log.secret(auth.get("client_token"))
+    return Login(vault, "ldap", username, auth.get("policies") or [])
+
+
+def _mint(config: Config, options: Options, login: Login) -> dict[str, Any]:
+    metadata = {"node": config.node_name, "bootstrap": login.method, "bootstrapped_by": login.who}
+    try:
+        auth = login.vault.create_token(GENERATOR_ROLE, [options.policy], metadata,
+                                        f"vaulttmpfs-{config.node_name}"[:100])
+    except VaultDenied as exc:
+        raise VaultDenied(f"{exc} -- {_mint_hint(str(exc), login)}") from None
+    log.secret(auth.get("client_token"))
+    if "root" in (auth.get("policies") or []):
+        _discard(config, auth)
+        raise DriverError(root_refusal("The token Vault minted"))
+    if options.period is not None:
+        wanted = parse_duration(options.period, "--period")
+        if abs((auth.get("lease_duration") or 0) - wanted) > 1:
+            _discard(config, auth)
+            raise DriverError(
+                f"the token role {GENERATOR_ROLE} gives generator tokens a period of "
+                f"{human_duration(auth.get('lease_duration'))}, not {options.period}; change the role with "
+                f"`vaulttmpfs bootstrap --setup-vault --period {options.period}` (needs the {ADMIN_POLICY} policy)"
+            )
+    return auth
+
+
+def _mint_hint(error: str, login: Login) -> str:
+    who = f"LDAP user {login.who}" if login.method == "ldap" else "VAULT_TOKEN"
+    if "permission denied" in error.lower():
+        return (f"{who} may not mint generator tokens: it needs the {ADMIN_POLICY} policy "
+                f"(policies/{ADMIN_POLICY_FILE})")
+    if "role" in error.lower():
+        return "is Vault set up for vaulttmpfs? run `vaulttmpfs bootstrap --setup-vault` once"
+    return "see Vault's answer above"
+
+
+def _discard(config: Config, auth: dict) -> bool:
+    """Revoke a token with itself (generator tokens may revoke by accessor); best effort."""
+    from .vault import Vault
+
+    token = auth.get("client_token") or auth.get("token")
+    try:
+        return Vault(config, token).revoke_accessor(auth["accessor"])
+    except (DriverError, KeyError):
+        return False
+
+
+def _drop_login(login: Login, logger) -> None:
+    # The LDAP login token carries the admin's rights and is of no more use; the generator token
+    # is an orphan, so revoking its creator leaves it alive.
+    try:
+        login.vault.revoke_self()
+    except DriverError as exc:
+        logger.warning("could not revoke the LDAP login token", error=str(exc))
+
+
+# --- `--setup-vault` ---
+@dataclass(frozen=True)
+class PolicyFiles:
+    """policies/: the one copy of what vaulttmpfs writes into Vault."""
+
+    root: Path
+
+    @classmethod
+    def find(cls, explicit: str | None) -> "PolicyFiles":
+        root = Path(explicit) if explicit else default_policies_dir()
+        missing = [name for name in (POLICY_FILE, APPLICATIONS_ROLE_FILE, GENERATOR_ROLE_FILE)
+                   if not (root / name).is_file()]
+        if missing:
+            raise DriverError(f"no {', '.join(missing)} in {root}; point --policies-dir at vaulttmpfs' policies/ dir")
+        return cls(root)
+
+    def text(self, name: str) -> str:
+        return (self.root / name).read_text(encoding="utf-8")
+
+    def json(self, name: str) -> dict[str, Any]:
+        try:
+            return json.loads(self.text(name))
+        except ValueError as exc:
+            raise DriverError(f"{self.root / name} is not valid JSON: {exc}") from None
+
+    def generator_policy(self, role: str) -> str:
+        text = self.text(POLICY_FILE)
+        if role == "applications":
+            return text
+        if SHIPPED_CREATE_PATH not in text:
+            raise DriverError(f"{self.root / POLICY_FILE} has no {SHIPPED_CREATE_PATH} to point at role {role!r}")
+        return text.replace(SHIPPED_CREATE_PATH, f'"auth/token/create/{role}"')
+
+
+def default_policies_dir() -> Path:
+    if getattr(sys, "frozen", False):
+        # The PyInstaller build carries policies/ in its bundle dir (build.spec `datas`).
+        return Path(getattr(sys, "_MEIPASS")) / "policies"
+    return Path(__file__).resolve().parent.parent / "policies"
+
+
+def setup_vault(vault, config: Config, options: Options, files: PolicyFiles) -> list[str]:
+    """Write what a new cluster lacks; what an operator has already tuned is reported, not overwritten."""
+    return [
+        _ensure_policy(vault, options.policy, files.generator_policy(config.role_name), files.root / POLICY_FILE),
+        _ensure_role(vault, config.role_name, files.json(APPLICATIONS_ROLE_FILE)),
+        _converge_generator_role(vault, options, files.json(GENERATOR_ROLE_FILE)),
+    ]
+
+
+def _ensure_policy(vault, name: str, text: str, source: Path) -> str:
+    current = vault.read_policy(name)
+    if current is None:
+        vault.write_policy(name, text)
+        return f"policy {name}: created from {source}"
+    if current.strip() == text.strip():
+        return f"policy {name}: unchanged"
+    return f"policy {name}: exists and differs from {source}; left as it is"
+
+
+def _ensure_role(vault, name: str, params: dict[str, Any]) -> str:
+    # Its allowed_policies are the operator's list of what pods may get: never reset them.
+    if vault.read_token_role(name) is not None:
+        return f"token role {name}: exists; left as it is"
+    vault.write_token_role(name, params)
+    return f"token role {name}: created"
+
+
+def _converge_generator_role(vault, options: Options, params: dict[str, Any]) -> str:
+    # vaulttmpfs owns this role: it is made to match the file, --policy and --period.
+    existing = vault.read_token_role(GENERATOR_ROLE)
+    params = {**params, "allowed_policies": [options.policy]}
+    if options.period is not None:
+        params["token_period"] = options.period
+    elif existing and existing.get("token_period"):
+        params["token_period"] = f"{existing['token_period']}s"  # keep a period chosen earlier
+    if existing is not None and _same_role(existing, params):
+        return f"token role {GENERATOR_ROLE}: unchanged"
+    vault.write_token_role(GENERATOR_ROLE, params)
+    return f"token role {GENERATOR_ROLE}: {'updated' if existing else 'created'} (period {params['token_period']})"
+
+
+def _same_role(existing: dict[str, Any], params: dict[str, Any]) -> bool:
+    for key, want in params.items():
+        have = existing.get(key)
+        if key in _DURATION_FIELDS:
+            if parse_duration(str(want), key) != float(have or 0):
+                return False
+        elif isinstance(want, list):
+            if sorted(want) != sorted(have or []):
+                return False
+        elif want != have:
+            return False
+    return True
+
+
+# --- `renew-generator` ---
+def renew_generator(config: Config) -> dict[str, Any]:
+    path = config.generator_token_path
+    logger = log.get(config.log_file, command="renew-generator", path=path)
+    try:
+        auth = generator.renew(config)
+    except VaultDenied as exc:
+        logger.error("renewal failed", error=str(exc))
+        if "permission denied" in str(exc).lower() or "invalid token" in str(exc).lower():
+            raise DriverError(
+                f"the generator token in {path} is expired or revoked ({exc}); "
+                "get a new one with `vaulttmpfs bootstrap` on this node"
+            ) from None
+        raise
+    except DriverError as exc:
+        logger.error("renewal failed", error=str(exc))
+        raise
+    result = {"path": path, "accessor": auth.get("accessor"), "ttl": auth.get("lease_duration"),
+              "policies": auth.get("policies") or [], "renewable": auth.get("renewable")}
+    logger.info("generator token renewed", **result)
+    return result
+
+
+# --- what the CLI prints ---
+def human_duration(seconds: Any) -> str:
+    try:
+        total = int(seconds)
+    except (TypeError, ValueError):
+        return "an unknown time"
+    hours, rest = divmod(total, 3600)
+    minutes, secs = divmod(rest, 60)
+    return "".join(f"{n}{unit}" for n, unit in ((hours, "h"), (minutes, "m"), (secs, "s")) if n) or "0s"
+
+
+def summary(result: dict[str, Any]) -> list[str]:
+    lines = list(result["setup"])
+    who = f"LDAP user {result['who']}" if result["method"] == "ldap" else f"VAULT_TOKEN ({result['who']})"
+    lines.append(
+        f"generator token written to {result['path']} (mode 0600): accessor {result['accessor']}, "
+        f"policies {','.join(result['policies'])}, valid for {human_duration(result['ttl'])} unless renewed, "
+        f"created by {who}"
+    )
+    if result["replaced"]:
+        state = "revoked" if result["replaced"]["revoked"] else "could not be revoked: revoke it yourself"
+        lines.append(f"the token it replaced (accessor {result['replaced']['accessor']}) {state}")
+    lines.append("keep it alive with `vaulttmpfs renew-generator` (cron) or `vaulttmpfs agent`")
+    return lines
+
+
+def renew_summary(result: dict[str, Any]) -> str:
+    return (f"generator token in {result['path']} renewed (accessor {result['accessor']}): "
+            f"valid for {human_duration(result['ttl'])}, policies {','.join(result['policies'])}")
