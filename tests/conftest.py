@@ -73,6 +73,7 @@ def driver_env(bao: VaultServer, generator: dict, root: Path, log_dir: Path, **e
         "VAULTTMPFS_GENERATOR_TOKEN_PATH": generator["path"],
         "VAULTTMPFS_STATE_DIR": str(state),
         "VAULTTMPFS_LOG_FILE": str(log_dir / f"{root.name}.log"),
+        "VAULTTMPFS_PODS_DIR": str(root / "var/lib/kubelet/pods"),  # the Kubelet harness's layout
         "VAULT_MAX_RETRIES": "1",
         "VAULT_CLIENT_TIMEOUT": "3s",
     }

@@ -62,7 +62,8 @@ def main() -> int:
         env = {"PATH": os.environ["PATH"], "VAULT_ADDR": bao.addr,
                "VAULTTMPFS_GENERATOR_TOKEN_PATH": str(token_path),
                "VAULTTMPFS_STATE_DIR": str(work / "var/lib/vaulttmpfs"),
-               "VAULTTMPFS_LOG_FILE": str(work / "var/log/vaulttmpfs.log")}
+               "VAULTTMPFS_LOG_FILE": str(work / "var/log/vaulttmpfs.log"),
+               "VAULTTMPFS_PODS_DIR": str(work / "var/lib/kubelet/pods")}
         pod_uid = str(uuid.uuid4())
         volume = work / f"var/lib/kubelet/pods/{pod_uid}/volumes/cloudwatt~vaulttmpfs/vault"
         volume.mkdir(parents=True, mode=0o750)

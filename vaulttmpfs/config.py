@@ -72,6 +72,9 @@ class Config:
     tmpfs_size: str = "1m"
     agent_socket: str = "/run/vaulttmpfs/agent.sock"
     node_name: str = ""
+    allow_insecure: bool = False  # VAULT_SKIP_VERIFY is refused unless this is set
+    pods_dir: str = "/var/lib/kubelet/pods"  # the kubelet's (--root-dir)/pods: mount dirs must be below it
+    policy_bindings: str | None = None  # which namespaces/service accounts may ask for which policies
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> "Config":
@@ -109,4 +112,7 @@ class Config:
             tmpfs_size=get("VAULTTMPFS_TMPFS_SIZE", cls.tmpfs_size),
             agent_socket=get("VAULTTMPFS_AGENT_SOCKET", cls.agent_socket),
             node_name=get("VAULTTMPFS_NODE_NAME", get("NODE_NAME", os.uname().nodename)),
+            allow_insecure=parse_bool(get("VAULTTMPFS_ALLOW_INSECURE", ""), "VAULTTMPFS_ALLOW_INSECURE"),
+            pods_dir=get("VAULTTMPFS_PODS_DIR", cls.pods_dir),
+            policy_bindings=get("VAULTTMPFS_POLICY_BINDINGS"),
         )

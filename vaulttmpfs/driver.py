@@ -2,14 +2,18 @@
 
 The kubelet's wire format lives in `protocol`, disk work in `volume`/`state`, Vault in `vault`.
 Order in mount is chosen so a failure at any step undoes the steps before it:
-tmpfs (cheap to undo) -> token (revoked on failure) -> state record -> files.
+admission (path, bindings; nothing to undo) -> token (revoked on failure) -> state record ->
+tmpfs -> files. The tmpfs comes after the token because the kubelet never calls mount again on
+a dir that is already a mount point: a driver killed while Vault answers must leave none.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
-from dataclasses import dataclass, field
+import time
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from . import generator, log, volume
@@ -18,6 +22,8 @@ from .errors import DriverError, VaultDenied
 from .state import StateStore
 
 MOUNT_SOURCE = "vaulttmpfs"  # the tmpfs "device" name: how we recognise our own mounts
+PLUGIN_DIR = "cloudwatt~vaulttmpfs"  # <pods dir>/<pod uid>/volumes/<this>/<volume name>
+GENERATOR_CHECK_SECONDS = 3600  # how long "the generator token is not root" is trusted
 
 
 @dataclass(frozen=True)
@@ -61,6 +67,7 @@ def mount(config: Config, request: MountRequest) -> str:
     volume.check_target(mount_dir)
     store = StateStore(config.state_dir)
     logger = log.get(config.log_file, verb="mount", dir=mount_dir, pod_uid=request.pod_uid)
+    request = _admit(config, request, logger)
     with store.locked(mount_dir):
         record = store.read_volume(mount_dir)
         if volume.is_mount_point(mount_dir):
@@ -78,12 +85,13 @@ def mount(config: Config, request: MountRequest) -> str:
             store.forget_volume(mount_dir)
         token = generator.read_token(config.generator_token_path)
         log.secret(token)
-        volume.mount_tmpfs(mount_dir, config.tmpfs_size, request.fs_group)
+        _refuse_root_generator(config, store, token)
         try:
             accessor = _mint_and_write(config, store, request, token, logger)
         except BaseException:
-            with contextlib.suppress(Exception):
-                volume.unmount(mount_dir)
+            if is_our_mount(mount_dir):
+                with contextlib.suppress(Exception):
+                    volume.unmount(mount_dir)
             raise
     logger.info("mounted", accessor=accessor, policies=request.policies, role=request.role)
     return f"token for policies {','.join(request.policies)} mounted"
@@ -117,6 +125,7 @@ def _mint_and_write(config: Config, store: StateStore, request: MountRequest, to
     }
     try:
         store.write_volume(request.mount_dir, record)
+        volume.mount_tmpfs(request.mount_dir, config.tmpfs_size, request.fs_group)
         _write_files(config, request, wrap_info)
         if request.read_only:
             volume.remount_readonly(request.mount_dir)
@@ -141,7 +150,11 @@ def _write_files(config: Config, request: MountRequest, wrap_info: dict[str, Any
         except OSError as exc:
             raise DriverError(f"cannot read VAULT_CACERT {config.cacert}: {exc.strerror}") from None
     for filename, data in files.items():
-        volume.write_file(request.mount_dir, filename, data, mode, request.fs_group)
+        try:
+            volume.write_file(request.mount_dir, filename, data, mode, request.fs_group)
+        except OSError as exc:
+            raise DriverError(f"cannot write {filename} ({len(data)} bytes) into {request.mount_dir}: "
+                              f"{exc.strerror}; is VAULTTMPFS_TMPFS_SIZE={config.tmpfs_size} too small?") from None
 
 
 def unmount(config: Config, mount_dir: str) -> str:
@@ -211,3 +224,58 @@ def retry_pending(config: Config) -> dict[str, int]:
         else:
             done += 1
     return {"revoked": done, "pending": failed}
+
+
+def _admit(config: Config, request: MountRequest, logger) -> MountRequest:
+    """Who is asking, and may they? Decided before anything is read, mounted or minted."""
+    parts = volume.parts_below(request.mount_dir, config.pods_dir)
+    if not parts or len(parts) != 4 or parts[1:3] != ["volumes", PLUGIN_DIR]:
+        raise DriverError(
+            f"mount dir {request.mount_dir} is not a pod volume dir <pods dir>/<pod uid>/volumes/{PLUGIN_DIR}/<name> "
+            f"below VAULTTMPFS_PODS_DIR={config.pods_dir} (symlinks below it are refused); set "
+            "VAULTTMPFS_PODS_DIR when the kubelet runs with another --root-dir"
+        )
+    # The uid in the kubelet's path cannot be chosen by the pod; the pod's options can override any key.
+    if request.pod_uid and request.pod_uid != parts[0]:
+        raise DriverError(f"option kubernetes.io/pod.uid={request.pod_uid!r} does not match the pod uid "
+                          f"{parts[0]!r} in the mount dir: refusing a spoofed identity")
+    if config.policy_bindings:
+        from . import bindings
+
+        rule = bindings.check(bindings.load(config.policy_bindings), request.pod_namespace,
+                              request.service_account, request.policies)
+        logger.info("policy binding allows it", rule=rule, namespace=request.pod_namespace,
+                    service_account=request.service_account)
+    else:
+        logger.warning("no VAULTTMPFS_POLICY_BINDINGS: any pod may ask for any policy the token role allows")
+    return replace(request, pod_uid=parts[0])
+
+
+def _refuse_root_generator(config: Config, store: StateStore, token: str) -> None:
+    """A root generator token could mint anything and revoke everything: refuse to use it.
+
+    Checking costs a lookup-self round trip, so its answer is kept in the state dir for
+    GENERATOR_CHECK_SECONDS, keyed by a hash of the token (a token's policies never change;
+    a new token in the file is checked at once). The mount hot path stays one Vault call.
+    """
+    from .vault import Vault
+
+    key = hashlib.sha256(token.encode()).hexdigest()
+    known = store.read_note("generator-check")
+    if not known or known.get("key") != key or not 0 <= time.time() - known.get("at", 0) < GENERATOR_CHECK_SECONDS:
+        try:
+            policies = Vault(config, token).lookup_self().get("policies") or []
+        except VaultDenied as exc:
+            raise DriverError(
+                f"{exc} -- the generator token in {config.generator_token_path} may be expired or revoked, or its "
+                "policy lacks `auth/token/lookup-self` (read), which vaulttmpfs needs to check it is not a root "
+                "token; check it with `vaulttmpfs renew-generator` and re-run `vaulttmpfs bootstrap` if needed"
+            ) from None
+        known = {"key": key, "at": time.time(), "policies": sorted(policies)}
+        store.write_note("generator-check", known)
+    if "root" in known["policies"]:
+        raise DriverError(
+            f"the generator token in {config.generator_token_path} carries the root policy: vaulttmpfs refuses "
+            "to mint pod tokens with it (a copy of that file would own all of Vault); run `vaulttmpfs bootstrap` "
+            "for a token with the token_generator policy only"
+        )

@@ -4,6 +4,7 @@ Layout under the state dir (0700, never the kubelet's plugin dir):
   volumes/<key>.json   one per mounted volume: its dir, the pod token's accessor, the pod
   volumes/<key>.lock   flock held while a verb works on that volume
   pending/<accessor>.json  revocations that failed (Vault down) and are to be retried
+  <name>.json          small cached facts (generator-check: is the generator token root?)
 """
 
 from __future__ import annotations
@@ -90,6 +91,14 @@ class StateStore:
             return []
         records = (_read_json(os.path.join(self.volumes, n)) for n in names if n.endswith(".json"))
         return [r for r in records if r]
+
+    def read_note(self, name: str) -> dict[str, Any] | None:
+        """A small cached fact (e.g. the generator check) in the root-only state dir."""
+        return _read_json(os.path.join(self.root, _safe(name) + ".json"))
+
+    def write_note(self, name: str, value: dict[str, Any]) -> None:
+        self._ensure(self.root)
+        _write_json(os.path.join(self.root, _safe(name) + ".json"), value)
 
 
 def _safe(accessor: str) -> str:

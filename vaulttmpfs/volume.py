@@ -71,6 +71,19 @@ def check_target(path: str) -> None:
         raise DriverError(f"mount dir {path} is not a directory")
 
 
+def parts_below(path: str, root: str) -> list[str] | None:
+    """`path`'s components below `root` once symlinks are resolved; None if it is not below it.
+
+    `root` itself may be a symlink (a kubelet root moved to another disk); nothing below it may
+    be: the components must read the same before and after resolving.
+    """
+    rel = os.path.relpath(os.path.realpath(path), os.path.realpath(root))
+    if rel == "." or rel == os.pardir or rel.startswith(os.pardir + os.sep):
+        return None
+    parts = rel.split(os.sep)
+    return parts if os.path.normpath(path).split(os.sep)[-len(parts):] == parts else None
+
+
 def mount_tmpfs(path: str, size: str, gid: int | None) -> None:
     """A private, non-executable tmpfs: root-only, or group-readable by the pod's fsGroup."""
     mode = "0750" if gid is not None else "0700"
@@ -105,7 +118,9 @@ def write_file(directory: str, name: str, data: bytes, mode: int, gid: int | Non
     temp = os.path.join(directory, f".{name}.tmp")
     fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
     try:
-        os.write(fd, data)
+        view = memoryview(data)
+        while view:  # a nearly full tmpfs takes part of a write: finish it, or get ENOSPC
+            view = view[os.write(fd, view):]
         os.fchown(fd, 0, gid if gid is not None else 0)
         os.fchmod(fd, mode)
     finally:

@@ -1,0 +1,145 @@
+"""A real HTTP server on loopback in front of a real OpenBao, for the faults a real server will not
+produce on demand: a 500, a hang, an answer held back after Vault acted.
+
+Everything not matched by a rule is forwarded to the real server unchanged, so the driver talks
+to real Vault semantics except exactly where a test injects a fault. Stdlib only.
+"""
+
+from __future__ import annotations
+
+import http.client
+import threading
+import time
+import urllib.parse
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+CREATE = "/v1/auth/token/create/"
+LOOKUP_SELF = "/v1/auth/token/lookup-self"
+
+
+@dataclass
+class Rule:
+    path: str  # a request path prefix
+    action: str  # "error" | "hang" | "hold-answer" | "drip"
+    times: int | None = None  # None: every time
+    status: int = 500
+
+
+class FaultServer:
+    def __init__(self, upstream: str):
+        self.upstream = urllib.parse.urlsplit(upstream)
+        self.rules: list[Rule] = []
+        self.seen: list[tuple[str, str]] = []
+        self.arrived = threading.Event()  # a hang / hold-answer rule has caught a request
+        self.release = threading.Event()  # let held requests go (closed without an answer)
+        self.lock = threading.Lock()
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
+        self.httpd.daemon_threads = True
+        self.addr = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def __enter__(self) -> "FaultServer":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release.set()
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+    def add(self, path: str, action: str, times: int | None = None, status: int = 500) -> None:
+        with self.lock:
+            self.rules.append(Rule(path, action, times, status))
+
+    def clear(self) -> None:
+        with self.lock:
+            self.rules.clear()
+
+    def count(self, path: str, method: str | None = None) -> int:
+        with self.lock:
+            return sum(1 for m, p in self.seen if p.startswith(path) and method in (None, m))
+
+    def _take(self, method: str, path: str) -> Rule | None:
+        with self.lock:
+            self.seen.append((method, path))
+            for rule in self.rules:
+                if path.startswith(rule.path):
+                    if rule.times is not None:
+                        rule.times -= 1
+                        if rule.times <= 0:
+                            self.rules.remove(rule)
+                    return rule
+        return None
+
+    def forward(self, method: str, path: str, headers, body: bytes) -> tuple[int, str, bytes]:
+        conn = http.client.HTTPConnection(self.upstream.hostname, self.upstream.port, timeout=30)
+        try:
+            keep = {k: v for k, v in headers.items() if k.lower() not in {"host", "connection", "content-length"}}
+            conn.request(method, path, body=body or None, headers=keep)
+            response = conn.getresponse()
+            return response.status, response.getheader("Content-Type", "application/json"), response.read()
+        finally:
+            conn.close()
+
+
+def _handler(server: FaultServer):
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args) -> None:  # quiet
+            pass
+
+        def _handle(self) -> None:
+            length = int(self.headers.get("Content-Length") or 0)
+            body = self.rfile.read(length) if length else b""
+            rule = server._take(self.command, self.path)
+            action = rule.action if rule else "forward"
+            if action == "error":
+                return self._answer(rule.status, "application/json", b'{"errors":["injected fault"]}')
+            if action == "hang":  # never answer; the connection closes when released
+                server.arrived.set()
+                server.release.wait(120)
+                self.close_connection = True
+                return None
+            answer = server.forward(self.command, self.path, self.headers, body)
+            if action == "hold-answer":  # Vault has acted; its answer is held back
+                server.arrived.set()
+                server.release.wait(120)
+                self.close_connection = True
+                return None
+            if action == "drip":  # headers now, then the body one byte a second
+                return self._drip(*answer)
+            return self._answer(*answer)
+
+        def _answer(self, status: int, content_type: str, data: bytes) -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def _drip(self, status: int, content_type: str, data: bytes) -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            for i in range(len(data)):
+                if server.release.wait(1.0):
+                    return
+                try:
+                    self.wfile.write(data[i:i + 1])
+                    self.wfile.flush()
+                except OSError:
+                    return
+
+        do_GET = do_POST = do_PUT = do_DELETE = do_LIST = _handle
+
+    return Handler
+
+
+def wait_for(predicate, timeout: float = 30.0, interval: float = 0.02) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()
