@@ -74,14 +74,44 @@ def _vault_errors(exc: Exception) -> str:
     return str(exc) or type(exc).__name__
 
 
+class _DeadlinePassed(BaseException):
+    """Raised by SIGALRM inside whatever socket call is running; BaseException so no library swallows it."""
+
+
 @contextlib.contextmanager
-def translate_errors(action: str, addr: str) -> Iterator[None]:
+def _deadline(seconds: float | None) -> Iterator[None]:
+    """Bound the whole call: a read timeout is per recv(), and a server dripping a byte at a time
+    never trips it. Only in a process's main thread (a kubelet call); the agent bounds its own."""
+    import signal
+    import threading
+
+    if not seconds or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def expire(*_args):
+        raise _DeadlinePassed()
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+@contextlib.contextmanager
+def translate_errors(action: str, addr: str, deadline: float | None = None) -> Iterator[None]:
     """hvac/requests exceptions -> DriverError with what Vault said, for operators."""
     import hvac.exceptions as hexc
     import requests
 
     try:
-        yield
+        with _deadline(deadline):
+            yield
+    except _DeadlinePassed:
+        raise VaultUnavailable(f"{action}: Vault at {addr} did not finish answering within {deadline:g}s") from None
     except hexc.VaultError as exc:
         status = _STATUS.get(type(exc).__name__, 0)
         if isinstance(exc, (hexc.VaultDown, hexc.VaultNotInitialized)):
@@ -115,6 +145,13 @@ class Vault:
     """One authenticated client; plain dicts in and out."""
 
     def __init__(self, config: Config, token: str | None):
+        if config.skip_verify and not config.allow_insecure:
+            # Unverified TLS hands the generator token to whoever sits on the path.
+            raise DriverError(
+                "VAULT_SKIP_VERIFY is set: vaulttmpfs will not send tokens over TLS it cannot verify; "
+                "give it Vault's CA with VAULT_CACERT or VAULT_CAPATH, or set VAULTTMPFS_ALLOW_INSECURE=true "
+                "to accept the risk"
+            )
         import hvac
 
         self.config = config
@@ -129,7 +166,9 @@ class Vault:
         )
 
     def _call(self, action: str):
-        return translate_errors(action, self.config.vault_addr)
+        # Every attempt may take the full timeout; one more for connects and backoff.
+        deadline = self.config.timeout * (self.config.max_retries + 2)
+        return translate_errors(action, self.config.vault_addr, deadline)
 
     def create_wrapped_token(
         self, role: str, policies: list[str], metadata: dict[str, str], display_name: str
@@ -238,7 +277,6 @@ def _ldap_problem(error: str, action: str, mount: str, addr: str) -> str:
         return (f"{action}: LDAP auth is not enabled at auth/{mount} on {addr} "
                 f"(enable it with `bao auth enable -path={mount} ldap`, or name the mount with --ldap-mount)")
     return error
-
 
 
 def require_token(token: str | None, where: str) -> str:
