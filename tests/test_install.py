@@ -427,7 +427,7 @@ def test_container_entrypoint_installs_then_becomes_the_agent(bundle, tmp_path):
     proc = subprocess.Popen([str(REPO / "installer" / "entrypoint.sh")], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     try:
-        status, body = _wait_for_health(port, proc)
+        status, body = _wait_for_health(port, proc, lambda b: "last_failure" in b["services"]["generator"])
         # Not bootstrapped yet: the driver is installed, the agent runs and says what is missing.
         assert status == 503 and "vaulttmpfs bootstrap" in body["services"]["generator"]["last_error"]
         assert kubelet_init(plugin_dir / DRIVER / EXE) == EXPECTED_INIT
@@ -440,18 +440,21 @@ def test_container_entrypoint_installs_then_becomes_the_agent(bundle, tmp_path):
             proc.wait()
 
 
-def _wait_for_health(port: int, proc: subprocess.Popen, timeout: float = 60) -> tuple[int, dict]:
+def _wait_for_health(port: int, proc: subprocess.Popen, predicate, timeout: float = 60) -> tuple[int, dict]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         assert proc.poll() is None, proc.stdout.read()
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as resp:
-                return resp.status, json.loads(resp.read())
+                status, body = resp.status, json.loads(resp.read())
         except urllib.error.HTTPError as exc:
-            return exc.code, json.loads(exc.read())
+            status, body = exc.code, json.loads(exc.read())
         except OSError:
-            time.sleep(0.2)
-    raise AssertionError("the agent's health server never answered")
+            status, body = None, None
+        if body is not None and predicate(body):
+            return status, body
+        time.sleep(0.2)
+    raise AssertionError("the agent's health server never gave the expected answer")
 
 
 def test_the_watcher_catches_a_non_atomic_copy(bundle, tmp_path):
