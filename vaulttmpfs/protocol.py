@@ -8,11 +8,8 @@ Nothing here raises.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
-
-from .config import SAFE_NAME
 
 SUCCESS, FAILURE, NOT_SUPPORTED = "Success", "Failure", "Not supported"
 MAX_OPTIONS_BYTES = 64 * 1024
@@ -36,6 +33,8 @@ def answer(status: str, message: str | None = None, **extra) -> dict:
 
 
 def parse_options(text: str) -> dict[str, str]:
+    import json  # here, not at the top: json imports re (~8 ms), which `init` does not need
+
     if len(text.encode("utf-8", errors="replace")) > MAX_OPTIONS_BYTES:
         raise BadCall(f"options JSON is larger than {MAX_OPTIONS_BYTES} bytes")
     try:
@@ -53,6 +52,8 @@ def parse_options(text: str) -> dict[str, str]:
 def parse_policies(text: str | None) -> list[str]:
     if text is None:
         raise BadCall(f"option {OPT_POLICIES!r} is required (comma-separated Vault policy names)")
+    from .config import SAFE_NAME  # here, not at the top: `init` must not pay for config's imports
+
     policies = [p.strip() for p in text.split(",")]
     if not any(policies):
         raise BadCall(f"option {OPT_POLICIES!r} is empty")
@@ -73,6 +74,7 @@ def parse_fs_group(text: str | None) -> int | None:
 
 
 def mount_request(mount_dir: str, options: dict[str, str], default_role: str):
+    from .config import SAFE_NAME
     from .driver import MountRequest
 
     role = options.get(OPT_ROLE) or default_role
@@ -92,13 +94,18 @@ def mount_request(mount_dir: str, options: dict[str, str], default_role: str):
     )
 
 
-def init(_args: list[str]) -> dict:
-    # fsGroup: false -- we chgrp the files ourselves (0440 root:fsGroup); the kubelet's own pass
-    # would make the token file group-writable.
-    return answer(SUCCESS, capabilities={"attach": False, "fsGroup": False})
+# fsGroup: false -- we chgrp the files ourselves (0440 root:fsGroup); the kubelet's own pass
+# would make the token file group-writable.
+INIT_ANSWER = answer(SUCCESS, capabilities={"attach": False, "fsGroup": False})
+# init runs on every plugin probe: its fixed answer is pre-encoded so the call never imports json.
+INIT_PAYLOAD = b'{"status": "Success", "capabilities": {"attach": false, "fsGroup": false}}\n'
 
 
-def mount(args: list[str]) -> dict:
+def init(_args: list[str], _env=None) -> dict:
+    return INIT_ANSWER
+
+
+def mount(args: list[str], env=None) -> dict:
     # The kubelet sends `mount <dir> <json>`; very old ones sent `mount <dir> <device> <json>`.
     if len(args) not in (2, 3):
         raise BadCall(f"mount takes <mount dir> <json options>, got {len(args)} arguments")
@@ -106,29 +113,32 @@ def mount(args: list[str]) -> dict:
     from . import driver
     from .config import Config
 
-    config = Config.from_env()
+    config = Config.from_env(env)
     return answer(SUCCESS, driver.mount(config, mount_request(mount_dir, options, config.role_name)))
 
 
-def unmount(args: list[str]) -> dict:
+def unmount(args: list[str], env=None) -> dict:
     if len(args) != 1:
         raise BadCall(f"unmount takes <mount dir>, got {len(args)} arguments")
     from . import driver
     from .config import Config
 
-    return answer(SUCCESS, driver.unmount(Config.from_env(), args[0]))
+    return answer(SUCCESS, driver.unmount(Config.from_env(env), args[0]))
 
 
 VERBS = {"init": init, "mount": mount, "unmount": unmount}
 
 
-def handle(argv: list[str]) -> dict:
-    """One call to one answer. Every exception becomes a Failure; nothing propagates."""
+def handle(argv: list[str], env: dict[str, str] | None = None) -> dict:
+    """One call to one answer. Every exception becomes a Failure; nothing propagates.
+
+    `env`: the settings to use instead of this process's environment (the node agent's relay).
+    """
     verb = VERBS.get(argv[0]) if argv else None
     if verb is None:
         return answer(NOT_SUPPORTED, f"verb {argv[0]!r} is not supported" if argv else "no verb given")
     try:
-        return verb(argv[1:])
+        return verb(argv[1:], env)
     except BaseException as exc:  # noqa: BLE001 -- the answer must always be JSON
         return answer(FAILURE, _describe(exc))
 
@@ -151,15 +161,37 @@ def _describe(exc: BaseException) -> str:
     return f"internal error: {type(exc).__name__}: {exc}"
 
 
-def main(argv: list[str]) -> int:
-    reply_fd = _silence_std_streams()
-    reply = handle(argv)
+def encode(reply: dict) -> tuple[bytes, int]:
+    """The bytes the kubelet reads for `reply`, and the exit code to go with them."""
+    if reply == INIT_ANSWER:
+        return INIT_PAYLOAD, 0
+    import json
+
     try:
         payload = json.dumps(reply)
     except (TypeError, ValueError):
-        payload = json.dumps(answer(FAILURE, "internal error: unserialisable answer"))
-    os.write(reply_fd, payload.encode("utf-8") + b"\n")
-    return 1 if reply["status"] == FAILURE else 0
+        reply = answer(FAILURE, "internal error: unserialisable answer")
+        payload = json.dumps(reply)
+    return payload.encode("utf-8") + b"\n", 1 if reply["status"] == FAILURE else 0
+
+
+def main(argv: list[str]) -> int:
+    reply_fd = _silence_std_streams()
+    relayed = _relay(argv)
+    payload, code = relayed if relayed is not None else encode(handle(argv))
+    os.write(reply_fd, payload)
+    return code
+
+
+def _relay(argv: list[str]) -> tuple[bytes, int] | None:
+    """mount/unmount go to the warm node agent when one takes them (see relay); None: do it here."""
+    if not argv or argv[0] not in ("mount", "unmount"):
+        return None
+    try:
+        from . import relay
+    except ImportError:
+        return None
+    return relay.forward(argv)
 
 
 def _silence_std_streams() -> int:
