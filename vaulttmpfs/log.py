@@ -9,20 +9,25 @@ from __future__ import annotations
 import os
 from typing import Any
 
-_secrets: set[str] = set()
+_secrets: dict[str, None] = {}  # insertion-ordered: the oldest go first when the cap is reached
 _logger = None
 REDACTED = "<redacted>"
+# The node agent lives for months and registers a token per mount it relays: keep the newest.
+MAX_SECRETS = 4096
 
 
 def secret(value: str | None) -> None:
     """Register a value that must never reach the log."""
     if value:
-        _secrets.add(value)
+        _secrets.pop(value, None)  # re-registered (the generator token): now among the newest
+        _secrets[value] = None
+        while len(_secrets) > MAX_SECRETS:
+            _secrets.pop(next(iter(_secrets)), None)
 
 
 def _redact(value: Any) -> Any:
     if isinstance(value, str):
-        for token in _secrets:
+        for token in tuple(_secrets):  # a snapshot: agent threads register secrets concurrently
             if token in value:
                 value = value.replace(token, REDACTED)
         return value
