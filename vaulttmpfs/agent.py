@@ -2,7 +2,8 @@
 
 It keeps the node's generator token alive, retries revocations that unmount had to queue while
 Vault was down, and answers health checks. It never touches mounts, so stopping it (or a crash)
-leaves every mounted volume as it is; unmount works without it.
+leaves every mounted volume as it is; unmount works without it. The exception is opt-in: with
+`--relay` it also serves the driver's fast path (see relay), mounting for the kubelet's calls.
 
 Everything it runs is a `Service` (start/stop/status); `services()` lists them, so another one
 (e.g. a local socket server) is one more entry there.
@@ -244,9 +245,15 @@ def parse_addr(addr: str) -> tuple[str, int]:
 
 
 def services(config: Config, renew_interval: float | None = None,
-             retry_interval: float = DEFAULT_RETRY_INTERVAL) -> list[Service]:
+             retry_interval: float = DEFAULT_RETRY_INTERVAL, relay: bool = False) -> list[Service]:
     """What the agent runs besides its health server."""
-    return [GeneratorRenewal(config, renew_interval), RevocationRetry(config, retry_interval)]
+    found = [GeneratorRenewal(config, renew_interval), RevocationRetry(config, retry_interval)]
+    if relay:
+        # Opt-in: the agent then mounts for the kubelet, so it needs privileges and mount propagation.
+        from .relay import RelayServer
+
+        found.append(RelayServer(config))
+    return found
 
 
 class Agent:

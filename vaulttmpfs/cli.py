@@ -76,7 +76,10 @@ def install(plugin_dir: str, source: str | None) -> None:
               show_default=True, help="Retry queued revocations this often.")
 @click.option("--health-addr", envvar="VAULTTMPFS_HEALTH_ADDR", default="127.0.0.1:9808", show_default=True,
               help="host:port for GET /healthz and /livez; empty to disable.")
-def agent(renew_interval: float | None, retry_interval: float, health_addr: str) -> None:
+@click.option("--relay/--no-relay", envvar="VAULTTMPFS_RELAY", default=False, show_default=True,
+              help="Also do the driver's mount/unmount for it over VAULTTMPFS_AGENT_SOCKET (fast path; needs "
+                   "a privileged agent with the kubelet's pods dir mounted with Bidirectional propagation).")
+def agent(renew_interval: float | None, retry_interval: float, health_addr: str, relay: bool) -> None:
     """Run the node agent: renew the generator token, retry revocations, serve health. Stop with SIGTERM."""
     from . import agent as node_agent
     from . import log
@@ -85,8 +88,9 @@ def agent(renew_interval: float | None, retry_interval: float, health_addr: str)
     config = Config.from_env()
     log.get(config.log_file, component="agent").info(
         "agent starting", renew_interval=renew_interval, retry_interval=retry_interval, health_addr=health_addr,
-        vault_addr=config.vault_addr, generator_token_path=config.generator_token_path)
-    services = node_agent.services(config, renew_interval, retry_interval)
+        vault_addr=config.vault_addr, generator_token_path=config.generator_token_path,
+        relay=config.agent_socket if relay else None)
+    services = node_agent.services(config, renew_interval, retry_interval, relay)
     node_agent.Agent(services, health_addr or None).run()
     log.get().info("agent stopped")
 
