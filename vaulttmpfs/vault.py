@@ -127,10 +127,18 @@ def translate_errors(action: str, addr: str, deadline: float | None = None) -> I
     except requests.exceptions.RetryError as exc:
         raise VaultUnavailable(f"{action}: Vault at {addr} kept failing: {_reason(exc)}") from None
     except requests.exceptions.RequestException as exc:
+        # A read timeout that is not retried (read=0) reaches us dressed as a connection error.
+        if type(_innermost(exc)).__name__ == "ReadTimeoutError":
+            raise VaultUnavailable(f"{action}: Vault at {addr} did not answer in time (not resent: "
+                                   "Vault may have acted on it)") from None
         raise VaultUnavailable(f"{action}: cannot reach Vault at {addr}: {_reason(exc)}") from None
 
 
 def _reason(exc: Exception) -> str:
+    return str(_innermost(exc))
+
+
+def _innermost(exc: Exception) -> Exception:
     # requests nests urllib3's reason a few levels deep; the innermost is the readable one.
     inner: Any = exc
     for _ in range(4):
@@ -138,7 +146,7 @@ def _reason(exc: Exception) -> str:
         if not isinstance(nxt, Exception):
             break
         inner = nxt
-    return str(inner)
+    return inner
 
 
 class Vault:
