@@ -304,7 +304,8 @@ def tls_bao(tmp_path_factory):
     openssl("rehash", str(hashed), cwd=pki)
     port = free_port()
     (pki / "listener.hcl").write_text(f'listener "tcp" {{\n  address = "127.0.0.1:{port}"\n'
-                                      f'  tls_cert_file = "{pki}/server.pem"\n  tls_key_file = "{pki}/server.key"\n}}\n')
+                                      f'  tls_cert_file = "{pki}/server.pem"\n'
+                                      f'  tls_key_file = "{pki}/server.key"\n}}\n')
     with VaultServer(extra_args=[f"-config={pki / 'listener.hcl'}"]) as server:
         server.setup_driver()
         remember_secret(server.root_token)

@@ -337,7 +337,7 @@ def test_hostile_options_fail_cleanly(kubelet, bao, options):
 
 @FUZZ
 @given(data=st.data())
-def test_hostile_argv_and_settings_fail_cleanly(kubelet, bao, tmp_path, data):
+def test_hostile_argv_and_settings_fail_cleanly(kubelet, bao, data):
     before = len(bao.accessors())
     pod = kubelet.new_pod()
     path = kubelet.volume_dir(pod)

@@ -40,7 +40,8 @@ def test_requests_inside_a_binding_are_allowed(namespace, account, policies, rul
 
 @pytest.mark.parametrize("namespace, account, policies, expected", [
     # another namespace's policies: the namespace-hopping escalation this closes
-    ("shop", "web", ["payments-api"], "policy 'payments-api' is not bound to service account 'web' in namespace 'shop'"),
+    ("shop", "web", ["payments-api"],
+     "policy 'payments-api' is not bound to service account 'web' in namespace 'shop'"),
     ("team-a", "web", ["shop-db"], "binding #1 'shop apps'"),
     ("payments", "web", ["payments-web"], "no policy binding in /etc/vaulttmpfs/bindings.json covers"),
     ("payments", "api", ["payments-api", "common"], "policy 'common' is not bound"),
