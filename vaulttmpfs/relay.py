@@ -27,7 +27,7 @@ BANNER = b"vaulttmpfs-relay/1\n"
 DEFAULT_SOCKET = "/run/vaulttmpfs/agent.sock"  # Config.agent_socket; not imported: config costs ~10 ms
 SOCKET_ENV = "VAULTTMPFS_AGENT_SOCKET"
 ACCEPT_TIMEOUT = 2.0  # connect + banner; past it the agent is wedged or overloaded: do the work here
-REPLY_TIMEOUT = 300.0  # bounds a wedged agent (the kubelet has no timeout); well above Vault's own bounds
+REPLY_TIMEOUT = 120.0  # bounds a wedged agent (the kubelet has no timeout); above Vault's own bounds
 MAX_FRAME = 1 << 20
 # The driver's settings travel with the call, so the agent acts as the kubelet configured the driver.
 FORWARDED_PREFIXES = ("VAULT_", "VAULTTMPFS_")
@@ -277,8 +277,8 @@ class RelayServer:
             logger.warning("relay refused a caller that is not root", peer_pid=pid, peer_uid=uid)
             return
         conn.settimeout(self.REQUEST_TIMEOUT)
-        conn.sendall(BANNER)
         try:
+            conn.sendall(BANNER)
             argv, env, node = decode_request(_read_frame(conn))
         except (OSError, ValueError) as exc:
             # The caller went away before its commit point, or spoke garbage: nothing was done.
