@@ -1,0 +1,573 @@
+#!/usr/bin/env python3
+"""`make bench`: the built driver, called exactly as the kubelet calls it, against the physical floor.
+
+Starts a throwaway OpenBao (tests/vaultserver.py), then, over --runs interleaved rounds (so drift
+hits every column alike), times:
+
+  floor       in this process: one raw HTTP token-create round trip (role, wrap header, a NEW TCP
+              connection each time, as a fresh driver process has) + a bare tmpfs mount(2) at the
+              pod's volume dir; for unmount, one revoke-accessor round trip (new connection) + umount2
+  init        `<exe> init`
+  mount       `<exe> mount <dir> <json>` and `<exe> unmount <dir>`, two ways:
+  unmount       standalone  no agent socket: the call does the work itself (imports hvac, ...)
+                agent       `<exe> agent --relay` runs: the call hands the work to it (relay.py)
+
+Calls are exec'd as the kubelet does: no shell, stdin /dev/null, stdout+stderr as one buffer that
+must be one JSON object saying Success (anything else aborts the bench). Then a burst: --burst
+concurrent mounts, then unmounts, per mode, against as many concurrent floor operations (threads).
+
+Measures: wall (fork to reap), CPU = the child's user+sys from wait4(), peak RSS = GNU time's %M in a
+separate pass (Linux charges the forking parent's peak RSS to a child's ru_maxrss, so a child of
+this ~20 MiB Python process would never show less than that; `/usr/bin/time` is a ~1 MiB parent).
+For the agent mode, the agent's own CPU per call (from /proc) and its resident size are reported too.
+Everything is cleaned up: volumes unmounted, tokens revoked, agent and OpenBao stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import http.client
+import json
+import math
+import os
+import platform
+import shlex
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from tests.kubelet import Kubelet  # noqa: E402  -- the kubelet's layout and option keys
+from tests.vaultserver import VaultServer  # noqa: E402
+
+ROLE = "applications"
+POD_OPTIONS = {"vault/policies": "nginx"}
+WRAP_TTL = "5m"
+MS_NOSUID, MS_NODEV, MS_NOEXEC = 2, 4, 8
+GNU_TIME = "/usr/bin/time"
+# The issue's targets (medians, same machine, same run).
+INIT_MAX_MS = 20.0
+MOUNT_FLOOR_FACTOR, MOUNT_SLACK_MS = 2.0, 20.0
+RSS_MAX_MIB = 40.0
+BURST_FLOOR_FACTOR = 3.0
+# Not targets: what merely starting a process costs, for reading the burst numbers.
+REFERENCES = {"ref: /bin/true": ["/bin/true"], "ref: python3 -S -c pass": [sys.executable, "-S", "-E", "-c", "pass"]}
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+class BenchError(Exception):
+    pass
+
+
+@dataclass
+class Sample:
+    wall_ms: float
+    cpu_ms: float
+    rss_kib: int = 0
+
+
+@dataclass
+class Series:
+    samples: list[Sample] = field(default_factory=list)
+    agent_cpu_ms: list[float] = field(default_factory=list)  # the agent's CPU during each relayed call
+
+    def add(self, sample: Sample) -> None:
+        self.samples.append(sample)
+
+    def summary(self) -> dict:
+        walls = [s.wall_ms for s in self.samples]
+        cpus = [s.cpu_ms for s in self.samples]
+        out = {"n": len(walls), "wall_p50_ms": p50(walls), "wall_p95_ms": p95(walls),
+               "cpu_p50_ms": p50(cpus), "cpu_p95_ms": p95(cpus)}
+        if self.agent_cpu_ms:
+            out["agent_cpu_mean_ms"] = round(statistics.fmean(self.agent_cpu_ms), 2)
+        return out
+
+
+def p50(values: list[float]) -> float | None:
+    return round(statistics.median(values), 2) if values else None
+
+
+def p95(values: list[float]) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return round(ordered[max(0, math.ceil(0.95 * len(ordered)) - 1)], 2)
+
+
+# ---------------------------------------------------------------- the floor (in this process)
+
+def tmpfs_mount(path: Path) -> None:
+    flags = MS_NOSUID | MS_NODEV | MS_NOEXEC
+    if _libc.mount(b"vaulttmpfs-floor", os.fsencode(path), b"tmpfs", flags, b"size=1m,mode=0700") != 0:
+        err = ctypes.get_errno()
+        raise BenchError(f"floor mount at {path}: {os.strerror(err)}")
+
+
+def tmpfs_umount(path: Path) -> None:
+    if _libc.umount2(os.fsencode(path), 0) != 0:
+        err = ctypes.get_errno()
+        raise BenchError(f"floor umount at {path}: {os.strerror(err)}")
+
+
+class Floor:
+    """What any driver must do at least: one Vault round trip and one mount syscall."""
+
+    def __init__(self, addr: str, token: str):
+        parts = urlsplit(addr)
+        self.host, self.port = parts.hostname, parts.port
+        self.token = token
+        self.wrapping_accessors: list[str] = []
+        self._lock = threading.Lock()
+
+    def _post(self, path: str, body: dict, extra: dict | None = None) -> dict:
+        conn = http.client.HTTPConnection(self.host, self.port, timeout=30)  # new connection, like a new process
+        try:
+            conn.request("POST", f"/v1/{path}", body=json.dumps(body),
+                         headers={"X-Vault-Token": self.token, "Content-Type": "application/json", **(extra or {})})
+            resp = conn.getresponse()
+            data = resp.read()
+        finally:
+            conn.close()
+        if resp.status not in (200, 204):
+            raise BenchError(f"floor POST {path}: HTTP {resp.status}: {data[:200]!r}")
+        return json.loads(data) if data else {}
+
+    def mount(self, path: Path) -> tuple[Sample, str]:
+        started, cpu = time.perf_counter(), time.thread_time()
+        reply = self._post(f"auth/token/create/{ROLE}",
+                           {"policies": ["nginx"], "display_name": "vaulttmpfs-bench-floor",
+                            "meta": {"created_by": "vaulttmpfs-bench"}},
+                           {"X-Vault-Wrap-TTL": WRAP_TTL})
+        wrap = reply["wrap_info"]
+        tmpfs_mount(path)
+        sample = Sample((time.perf_counter() - started) * 1000, (time.thread_time() - cpu) * 1000)
+        with self._lock:
+            self.wrapping_accessors.append(wrap["accessor"])
+        return sample, wrap["wrapped_accessor"]
+
+    def unmount(self, path: Path, accessor: str) -> Sample:
+        started, cpu = time.perf_counter(), time.thread_time()
+        self._post("auth/token/revoke-accessor", {"accessor": accessor})
+        tmpfs_umount(path)
+        return Sample((time.perf_counter() - started) * 1000, (time.thread_time() - cpu) * 1000)
+
+    def revoke_wrapping_tokens(self, bao: VaultServer) -> None:
+        """Cleanup, not timed: the wrapping tokens the floor never unwrapped."""
+        for accessor in self.wrapping_accessors:
+            with contextlib.suppress(Exception):
+                bao.request("POST", "auth/token/revoke-accessor", {"accessor": accessor})
+        self.wrapping_accessors.clear()
+
+
+# ---------------------------------------------------------------- the driver, exec'd like the kubelet
+
+def exec_call(cmd: list[str], env: dict[str, str], rss_file: Path | None = None) -> tuple[Sample, dict]:
+    """One call: fork to reap. With rss_file the call runs under GNU time for its peak RSS."""
+    argv = [GNU_TIME, "-f", "%M", "-o", str(rss_file), *cmd] if rss_file else cmd
+    started = time.perf_counter()
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            env=env)
+    output = proc.stdout.read()
+    proc.stdout.close()
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = (time.perf_counter() - started) * 1000
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    try:
+        reply = json.loads(output)  # the kubelet's CombinedOutput + json.Unmarshal
+    except ValueError:
+        raise BenchError(f"{shlex.join(cmd[-3:])}: output is not one JSON object: {output[:300]!r}") from None
+    if not isinstance(reply, dict) or reply.get("status") != "Success" or proc.returncode != 0:
+        raise BenchError(f"{shlex.join(cmd[-3:])}: exit {proc.returncode}: {output[:300]!r}")
+    rss = int(rss_file.read_text().split()[-1]) if rss_file else usage.ru_maxrss
+    return Sample(wall, (usage.ru_utime + usage.ru_stime) * 1000, rss), reply
+
+
+def exec_only(cmd: list[str]) -> Sample:
+    started = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return Sample((time.perf_counter() - started) * 1000, (usage.ru_utime + usage.ru_stime) * 1000, usage.ru_maxrss)
+
+
+class Agent:
+    """`<exe> agent --relay` for the run; its CPU is read from /proc around each relayed call."""
+
+    def __init__(self, cmd: list[str], env: dict[str, str], socket_path: str):
+        self.socket_path = socket_path
+        self.proc = subprocess.Popen([*cmd, "agent", "--relay", "--health-addr", "", "--retry-interval", "1h"],
+                                     env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+        self.tick_ms = 1000 / os.sysconf("SC_CLK_TCK")
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise BenchError(f"the agent exited {self.proc.returncode}; see its log")
+            with contextlib.suppress(OSError):
+                with socket.socket(socket.AF_UNIX) as sock:
+                    sock.settimeout(1)
+                    sock.connect(self.socket_path)
+                    if sock.recv(64).startswith(b"vaulttmpfs-relay/"):
+                        return
+            time.sleep(0.1)
+        raise BenchError("the agent's relay socket did not come up")
+
+    def cpu_ms(self) -> float:
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) * self.tick_ms  # utime + stime
+
+    def memory(self) -> dict:
+        status = Path(f"/proc/{self.proc.pid}/status").read_text()
+        values = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+        return {k: round(int(values[k].split()[0]) / 1024, 1) for k in ("VmRSS", "VmHWM") if k in values}
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+class Node:
+    """The kubelet's side: pod dirs, the driver's environment, one call per verb."""
+
+    def __init__(self, cmd: list[str], bao: VaultServer, work: Path, generator_path: Path):
+        self.cmd = cmd
+        root = work / "node"
+        self.kubelet = Kubelet(cmd, {}, root)
+        self.agent_socket = str(root / "run" / "agent.sock")
+        self.env = {
+            "PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
+            "VAULT_ADDR": bao.addr,
+            "VAULTTMPFS_GENERATOR_TOKEN_PATH": str(generator_path),
+            "VAULTTMPFS_STATE_DIR": str(root / "state"),
+            "VAULTTMPFS_LOG_FILE": str(work / "driver.log"),
+            "VAULTTMPFS_PODS_DIR": str(self.kubelet.pods_dir),
+        }
+        if not is_frozen(cmd):
+            self.env["PYTHONPATH"] = str(REPO)
+        self.mode_env = {
+            "agent": {**self.env, "VAULTTMPFS_AGENT_SOCKET": self.agent_socket},
+            "standalone": {**self.env, "VAULTTMPFS_AGENT_SOCKET": str(root / "run" / "no-agent.sock")},
+        }
+        self.rss_file = work / "rss.txt"
+
+    def new_volume(self) -> tuple[Path, str]:
+        pod = self.kubelet.new_pod("bench")
+        path = self.kubelet.volume_dir(pod)
+        options = json.dumps(self.kubelet.options(pod, "token", POD_OPTIONS), separators=(",", ":"))
+        return path, options
+
+    def call(self, mode: str, *args: str, rss: bool = False) -> Sample:
+        sample, _ = exec_call([*self.cmd, *args], self.mode_env[mode], self.rss_file if rss else None)
+        return sample
+
+    def mount(self, mode: str, path: Path, options: str, rss: bool = False) -> Sample:
+        sample = self.call(mode, "mount", str(path), options, rss=rss)
+        if not (path / "vault-token").is_file():
+            raise BenchError(f"mount said Success but {path}/vault-token is missing")
+        return sample
+
+    def unmount(self, mode: str, path: Path, rss: bool = False) -> Sample:
+        sample = self.call(mode, "unmount", str(path), rss=rss)
+        if os.path.ismount(path):
+            raise BenchError(f"unmount said Success but {path} is still mounted")
+        path.rmdir()  # as the kubelet does after a successful unmount
+        return sample
+
+
+def is_frozen(cmd: list[str]) -> bool:
+    return len(cmd) == 1 and not os.path.basename(cmd[0]).startswith("python")
+
+
+# ---------------------------------------------------------------- the runs
+
+class Bench:
+    def __init__(self, args, bao: VaultServer, work: Path, generator: dict, generator_path: Path):
+        self.args = args
+        self.bao = bao
+        self.node = Node(args.cmd, bao, work, generator_path)
+        self.floor = Floor(bao.addr, generator["client_token"])
+        self.modes = args.modes
+        self.agent: Agent | None = None
+        self.series: dict[str, Series] = {}
+        self.rss: dict[str, list[int]] = {}
+        self.bursts: dict[str, dict[str, list[float]]] = {}
+        self.work = work
+
+    def s(self, name: str) -> Series:
+        return self.series.setdefault(name, Series())
+
+    def start_agent(self) -> None:
+        env = {**self.node.mode_env["agent"], "VAULTTMPFS_LOG_FILE": str(self.work / "agent.log")}
+        self.agent = Agent(self.args.cmd, env, self.node.agent_socket)
+        self.agent.wait_ready()
+
+    def round(self, record: bool) -> None:
+        path, options = self.node.new_volume()
+        mounted, accessor = self.floor.mount(path)
+        unmounted = self.floor.unmount(path, accessor)
+        path.rmdir()
+        init = self.node.call("standalone", "init")
+        if record:
+            self.s("floor mount").add(mounted)
+            self.s("floor unmount").add(unmounted)
+            self.s("init").add(init)
+        for mode in self.modes:
+            path, options = self.node.new_volume()
+            before = self.agent.cpu_ms() if mode == "agent" else 0.0
+            mounted = self.node.mount(mode, path, options)
+            between = self.agent.cpu_ms() if mode == "agent" else 0.0
+            unmounted = self.node.unmount(mode, path)
+            after = self.agent.cpu_ms() if mode == "agent" else 0.0
+            if record:
+                self.s(f"mount {mode}").add(mounted)
+                self.s(f"unmount {mode}").add(unmounted)
+                if mode == "agent":
+                    self.s("mount agent").agent_cpu_ms.append(between - before)
+                    self.s("unmount agent").agent_cpu_ms.append(after - between)
+
+    def rss_pass(self, runs: int) -> None:
+        if not os.access(GNU_TIME, os.X_OK):
+            print(f"note: no {GNU_TIME}: peak RSS not measured", file=sys.stderr)
+            return
+        for _ in range(runs):
+            self.rss.setdefault("init", []).append(self.node.call("standalone", "init", rss=True).rss_kib)
+            for mode in self.modes:
+                path, options = self.node.new_volume()
+                self.rss.setdefault(f"mount {mode}", []).append(self.node.mount(mode, path, options, rss=True).rss_kib)
+                self.rss.setdefault(f"unmount {mode}", []).append(self.node.unmount(mode, path, rss=True).rss_kib)
+
+    def burst(self, size: int) -> None:
+        for who in ("floor", *self.modes):
+            volumes = [self.node.new_volume() for _ in range(size)]
+            if who == "floor":
+                mounted = concurrently([lambda v=v: self.floor.mount(v[0]) for v in volumes])
+                accessors = [result[1] for result in mounted["results"]]
+                unmounted = concurrently([lambda v=v, a=a: self.floor.unmount(v[0], a)
+                                          for v, a in zip(volumes, accessors)])
+                for path, _ in volumes:
+                    path.rmdir()
+            else:
+                mounted = concurrently([lambda v=v, m=who: self.node.mount(m, *v) for v in volumes])
+                unmounted = concurrently([lambda v=v, m=who: self.node.unmount(m, v[0]) for v in volumes])
+            self._record(who, mounted, unmounted)
+        for name, cmd in REFERENCES.items():
+            self._record(name, concurrently([lambda c=cmd: exec_only(c) for _ in range(size)]), None)
+
+    def _record(self, who: str, mounted: dict, unmounted: dict | None) -> None:
+        record = self.bursts.setdefault(who, {"mount_wall_ms": [], "unmount_wall_ms": [],
+                                              "mount_cpu_ms": [], "unmount_cpu_ms": []})
+        record["mount_wall_ms"].append(round(mounted["wall_ms"], 2))
+        record["mount_cpu_ms"].append(round(mounted["cpu_ms"], 2))
+        if unmounted:
+            record["unmount_wall_ms"].append(round(unmounted["wall_ms"], 2))
+            record["unmount_cpu_ms"].append(round(unmounted["cpu_ms"], 2))
+
+
+def concurrently(tasks: list) -> dict:
+    """Run every task at once (one thread each, released together); wall = first start to last end."""
+    gate = threading.Barrier(len(tasks))
+    results: list = [None] * len(tasks)
+    errors: list[BaseException] = []
+    spans: list[tuple[float, float]] = []
+
+    def run(index: int) -> None:
+        gate.wait()
+        started = time.perf_counter()
+        try:
+            results[index] = tasks[index]()
+        except BaseException as exc:  # noqa: BLE001 -- reported below, after every thread ended
+            errors.append(exc)
+        spans.append((started, time.perf_counter()))
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(tasks))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise BenchError(f"{len(errors)} of {len(tasks)} concurrent calls failed; first: {errors[0]}")
+    samples = [r[0] if isinstance(r, tuple) else r for r in results]
+    return {"wall_ms": (max(e for _, e in spans) - min(s for s, _ in spans)) * 1000,
+            "cpu_ms": sum(s.cpu_ms for s in samples), "results": results}
+
+
+# ---------------------------------------------------------------- verdicts and output
+
+def verdicts(summary: dict, rss: dict, bursts: dict, modes: list[str]) -> list[dict]:
+    floor_mount = summary["floor mount"]["wall_p50_ms"]
+    out = [verdict("init p50 wall", None, summary["init"]["wall_p50_ms"], INIT_MAX_MS, f"<= {INIT_MAX_MS:.0f} ms")]
+    mount_limit = MOUNT_FLOOR_FACTOR * floor_mount + MOUNT_SLACK_MS
+    for mode in modes:
+        out.append(verdict(f"mount p50 wall ({mode})", mode, summary[f"mount {mode}"]["wall_p50_ms"], mount_limit,
+                           f"<= 2 x floor {floor_mount:.1f} + 20 = {mount_limit:.1f} ms"))
+    for name, values in rss.items():
+        mode = name.split()[-1] if name.split()[-1] in modes else None
+        out.append(verdict(f"peak RSS {name}", mode, round(max(values) / 1024, 1), RSS_MAX_MIB,
+                           f"<= {RSS_MAX_MIB:.0f} MiB (max of {len(values)})"))
+    if "floor" in bursts:
+        floor_burst = statistics.median(bursts["floor"]["mount_wall_ms"])
+        for mode in modes:
+            wall = statistics.median(bursts[mode]["mount_wall_ms"])
+            out.append(verdict(f"burst mount wall ({mode})", mode, round(wall, 1), BURST_FLOOR_FACTOR * floor_burst,
+                               f"<= 3 x floor {floor_burst:.1f} = {BURST_FLOOR_FACTOR * floor_burst:.1f} ms"))
+    return out
+
+
+def verdict(name: str, mode: str | None, value: float, limit: float, rule: str) -> dict:
+    return {"target": name, "mode": mode, "value": value, "limit": round(limit, 2), "rule": rule,
+            "result": "PASS" if value <= limit else "FAIL"}
+
+
+def table(summary: dict, rss: dict, bursts: dict, checks: list[dict], burst_size: int) -> str:
+    floor = {"mount": summary["floor mount"]["wall_p50_ms"], "unmount": summary["floor unmount"]["wall_p50_ms"]}
+    lines = [f"{'call':<20}{'n':>4}{'wall p50':>10}{'wall p95':>10}{'cpu p50':>9}{'agent cpu':>10}"
+             f"{'rss max':>9}{'p50/floor':>10}",
+             "-" * 82]
+    for name, row in summary.items():
+        verb = name.split()[0] if not name.startswith("floor") else name.split()[1]
+        ratio = f"{row['wall_p50_ms'] / floor[verb]:.1f}x" if verb in floor else "-"
+        rss_max = f"{max(rss[name]) / 1024:.1f}M" if name in rss else "-"
+        agent_cpu = f"{row['agent_cpu_mean_ms']:.1f}" if "agent_cpu_mean_ms" in row else "-"
+        lines.append(f"{name:<20}{row['n']:>4}{row['wall_p50_ms']:>10.1f}{row['wall_p95_ms']:>10.1f}"
+                     f"{row['cpu_p50_ms']:>9.1f}{agent_cpu:>10}{rss_max:>9}{ratio:>10}")
+    if bursts:
+        lines += ["", f"burst of {burst_size} concurrent calls (median of {len(bursts['floor']['mount_wall_ms'])}; "
+                      "ref rows: processes that only start and exit):",
+                  f"{'who':<26}{'mount wall':>12}{'unmount wall':>14}{'mount cpu sum':>15}{'vs floor':>10}"]
+        floor_wall = statistics.median(bursts["floor"]["mount_wall_ms"])
+        for who, rec in bursts.items():
+            wall = statistics.median(rec["mount_wall_ms"])
+            unmount = f"{statistics.median(rec['unmount_wall_ms']):.1f}" if rec["unmount_wall_ms"] else "-"
+            lines.append(f"{who:<26}{wall:>12.1f}{unmount:>14}"
+                         f"{statistics.median(rec['mount_cpu_ms']):>15.1f}{wall / floor_wall:>9.1f}x")
+    lines += ["", "targets:"]
+    lines += [f"  {c['result']}  {c['target']:<32} {c['value']:>8}  {c['rule']}" for c in checks]
+    return "\n".join(lines)
+
+
+def git_commit() -> str | None:
+    with contextlib.suppress(OSError, subprocess.CalledProcessError):
+        return subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+    return None
+
+
+def parse_args(argv: list[str] | None = None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--exe", default=str(REPO / "dist" / "vaulttmpfs" / "vaulttmpfs"),
+                        help="the driver command (a path, or e.g. 'python3 -m vaulttmpfs') [default: the build]")
+    parser.add_argument("--runs", type=int, default=30, help="measured rounds [default: 30]")
+    parser.add_argument("--warmup", type=int, default=3, help="unmeasured rounds first [default: 3]")
+    parser.add_argument("--rss-runs", type=int, default=5, help="runs under GNU time per call [default: 5]")
+    parser.add_argument("--burst", type=int, default=50, help="concurrent mounts per burst [default: 50]")
+    parser.add_argument("--bursts", type=int, default=3, help="bursts per mode; the median counts [default: 3]")
+    parser.add_argument("--modes", default="agent,standalone",
+                        help="comma-separated: agent (fast path via `agent --relay`), standalone [default: both]")
+    parser.add_argument("--json", default=str(REPO / "bench" / "results.json"), help="write results here")
+    parser.add_argument("--fail-on-miss", action="store_true",
+                        help="exit 1 when a target of the first mode misses (init, RSS, its mount and burst)")
+    args = parser.parse_args(argv)
+    args.cmd = shlex.split(args.exe)
+    args.modes = [m for m in args.modes.split(",") if m]
+    if not set(args.modes) <= {"agent", "standalone"} or not args.modes:
+        parser.error("--modes takes agent and/or standalone")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if os.geteuid() != 0:
+        raise SystemExit("bench mounts real tmpfs: run as root (make bench does, or uses unshare)")
+    if not shutil.which(args.cmd[0]) and not os.access(args.cmd[0], os.X_OK):
+        raise SystemExit(f"no driver at {args.cmd[0]}: run `make build` (make bench does)")
+    work = Path(tempfile.mkdtemp(prefix="vaulttmpfs-bench-"))
+    bench = None
+    try:
+        with VaultServer() as bao:
+            bao.setup_driver()
+            generator = bao.generator_token(ttl="2h")
+            generator_path = work / "vaulttoken"
+            generator_path.write_text(generator["client_token"] + "\n")
+            generator_path.chmod(0o600)
+            bench = Bench(args, bao, work, generator, generator_path)
+            try:
+                if "agent" in args.modes:
+                    bench.start_agent()
+                print(f"benchmarking {args.exe} ({args.warmup} warm-up + {args.runs} rounds, "
+                      f"modes {', '.join(args.modes)}) against OpenBao at {bao.addr}", file=sys.stderr)
+                for i in range(args.warmup + args.runs):
+                    bench.round(record=i >= args.warmup)
+                bench.rss_pass(args.rss_runs)
+                for _ in range(args.bursts):
+                    bench.burst(args.burst)
+                agent_memory = bench.agent.memory() if bench.agent else None
+            finally:
+                if bench.agent:
+                    bench.agent.stop()
+                bench.floor.revoke_wrapping_tokens(bao)
+                unmount_all(work)
+                bao.revoke_token(generator["client_token"])
+    finally:
+        unmount_all(work)
+        shutil.rmtree(work, ignore_errors=True)
+
+    summary = {name: series.summary() for name, series in bench.series.items()}
+    checks = verdicts(summary, bench.rss, bench.bursts, args.modes)
+    print(table(summary, bench.rss, bench.bursts, checks, args.burst))
+    result = {
+        "command": shlex.join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
+        "driver": args.exe, "commit": git_commit(), "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "machine": {"cpus": os.cpu_count(), "kernel": platform.release(), "python": platform.python_version()},
+        "floor_method": "in-process: http.client POST auth/token/create/<role> with X-Vault-Wrap-TTL over a new "
+                        "TCP connection + mount(2) tmpfs; unmount: revoke-accessor (new connection) + umount2(2)",
+        "rss_method": f"{GNU_TIME} -f %M (peak RSS of the call itself, KiB)",
+        "summary": summary,
+        "rss_kib": bench.rss,
+        "agent_memory_mib": agent_memory,
+        "bursts": {"size": args.burst, **bench.bursts},
+        "targets": checks,
+        "samples": {name: [asdict(s) for s in series.samples] for name, series in bench.series.items()},
+    }
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\nJSON: {args.json}")
+    missed = [c for c in checks if c["result"] == "FAIL" and c["mode"] in (None, args.modes[0])]
+    return 1 if args.fail_on_miss and missed else 0
+
+
+def unmount_all(root: Path) -> None:
+    """Whatever is still mounted under the bench's dir (a failed run) is detached."""
+    prefix = os.path.realpath(root) + "/"
+    with open("/proc/self/mountinfo", encoding="utf-8") as table_file:
+        targets = [line.split()[4] for line in table_file if line.split()[4].startswith(prefix)]
+    for target in sorted(targets, key=len, reverse=True):
+        _libc.umount2(os.fsencode(target), 2)  # MNT_DETACH
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except BenchError as exc:
+        sys.exit(f"bench failed: {exc}")
