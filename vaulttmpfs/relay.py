@@ -300,10 +300,10 @@ class RelayServer:
 
 def _warm_up() -> None:
     # What a call would import: paid once here instead of on the first pod's mount.
+    from . import driver, protocol, vault  # noqa: F401  -- vault first: it quiets requests' import warning
+
     import hvac  # noqa: F401
     import requests  # noqa: F401
-
-    from . import driver, protocol, vault  # noqa: F401
 
 
 def _current_thread():
