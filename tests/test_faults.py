@@ -302,6 +302,10 @@ def tls_bao(tmp_path_factory):
     hashed.mkdir()
     (hashed / "good-ca.pem").write_bytes((pki / "good-ca.pem").read_bytes())
     openssl("rehash", str(hashed), cwd=pki)
+    for name, ca in (("capath-plain", "good-ca.pem"), ("capath-wrong", "wrong-ca.pem")):
+        (pki / name).mkdir()
+        (pki / name / ca).write_bytes((pki / ca).read_bytes())
+        (pki / name / "notes.txt").write_text("not a certificate: skipped\n")
     port = free_port()
     (pki / "listener.hcl").write_text(f'listener "tcp" {{\n  address = "127.0.0.1:{port}"\n'
                                       f'  tls_cert_file = "{pki}/server.pem"\n'
@@ -324,6 +328,8 @@ def tls_node(tls_bao, driver_cmd, tmp_path, log_dir):
 @pytest.mark.parametrize("settings", [
     {"VAULT_CACERT": "good-ca.pem", "VAULT_TLS_SERVER_NAME": "vault.test"},
     {"VAULT_CAPATH": "capath-hashed", "VAULT_TLS_SERVER_NAME": "vault.test"},
+    # Unhashed, as Vault's Go client (and the original driver) read it: every PEM file in the dir.
+    {"VAULT_CAPATH": "capath-plain", "VAULT_TLS_SERVER_NAME": "vault.test"},
 ])
 def test_tls_with_the_ca_the_driver_is_given(tls_node, tls_bao, settings):
     pki = tls_bao["pki"]
@@ -337,9 +343,7 @@ def test_tls_with_the_ca_the_driver_is_given(tls_node, tls_bao, settings):
 
 @pytest.mark.parametrize("settings, expected", [
     ({"VAULT_CACERT": "wrong-ca.pem", "VAULT_TLS_SERVER_NAME": "vault.test"}, "certificate verify failed"),
-    # OpenSSL (under requests) finds CAs in a directory by hash links only: `openssl rehash DIR`.
-    # Vault's Go client reads every PEM file there; this one fails clearly instead.
-    ({"VAULT_CAPATH": ".", "VAULT_TLS_SERVER_NAME": "vault.test"}, "certificate verify failed"),
+    ({"VAULT_CAPATH": "capath-wrong", "VAULT_TLS_SERVER_NAME": "vault.test"}, "certificate verify failed"),
     ({"VAULT_CACERT": "good-ca.pem"}, "IP address mismatch"),  # the certificate names vault.test only
     ({"VAULT_CACERT": "good-ca.pem", "VAULT_TLS_SERVER_NAME": "other.test"}, "'other.test' doesn't match"),
     ({}, "certificate verify failed"),  # the system CAs do not know a private CA

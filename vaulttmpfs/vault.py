@@ -30,11 +30,13 @@ def _session(config: Config):
     from urllib3.util.retry import Retry
 
     class _Adapter(HTTPAdapter):
-        # VAULT_TLS_SERVER_NAME: the name sent in SNI and checked in Vault's certificate.
         def init_poolmanager(self, *args, **kwargs):
+            # VAULT_TLS_SERVER_NAME: the name sent in SNI and checked in Vault's certificate.
             if config.tls_server_name:
                 kwargs["server_hostname"] = config.tls_server_name
                 kwargs["assert_hostname"] = config.tls_server_name
+            if config.capath and not config.cacert and not config.skip_verify:
+                kwargs["ssl_context"] = _capath_context(config.capath)
             super().init_poolmanager(*args, **kwargs)
 
     retry = Retry(
@@ -57,6 +59,23 @@ def _session(config: Config):
     session.mount("https://", _Adapter(max_retries=retry))
     session.mount("http://", _Adapter(max_retries=retry))
     return session
+
+
+def _capath_context(capath: str):
+    """Every PEM file in VAULT_CAPATH, as Vault's Go client reads it. OpenSSL's own capath
+    lookup only finds certificates by hash-named links (`openssl rehash`); both work here."""
+    import os
+    import ssl
+
+    from urllib3.util.ssl_ import create_urllib3_context
+
+    context = create_urllib3_context()  # what urllib3 would build, without the system CAs
+    with os.scandir(capath) as entries:
+        for entry in entries:
+            if entry.is_file():
+                with contextlib.suppress(ssl.SSLError, ValueError, OSError):
+                    context.load_verify_locations(cafile=entry.path)
+    return context
 
 
 def _verify(config: Config) -> bool | str:
