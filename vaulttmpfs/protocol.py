@@ -180,7 +180,9 @@ def main(argv: list[str]) -> int:
     relayed = _relay(argv)
     payload, code = relayed if relayed is not None else encode(handle(argv))
     os.write(reply_fd, payload)
-    return code
+    # The answer is out and nothing is left to flush (log lines are flushed one by one, state files
+    # are fsynced and closed): skip the interpreter's teardown, ~3 ms of every kubelet call.
+    os._exit(code)
 
 
 def _relay(argv: list[str]) -> tuple[bytes, int] | None:
