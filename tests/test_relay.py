@@ -428,3 +428,52 @@ def test_state_writes_from_concurrent_agent_threads_do_not_collide(tmp_path):
             pool.submit(write_many)
     assert errors == []
     assert store.read_note("generator-check")["i"] == 29
+
+
+def test_a_socket_served_by_someone_other_than_root_gets_no_call(node):
+    """The driver checks the agent's uid too: an impostor's socket gets neither settings nor argv."""
+    shared = Path(tempfile.mkdtemp(prefix="vaulttmpfs-relay-"))
+    shared.chmod(0o777)
+    sock_path = shared / "agent.sock"
+    node.env["VAULTTMPFS_AGENT_SOCKET"] = str(sock_path)
+    read_end, write_end = os.pipe()
+    ready_read, ready_write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the impostor: uid nobody, says the banner, records what it is sent
+        try:
+            os.setgroups([])
+            os.setgid(NOBODY)
+            os.setuid(NOBODY)
+            with socket.socket(socket.AF_UNIX) as server:
+                server.bind(str(sock_path))
+                server.listen(1)
+                os.write(ready_write, b"1")
+                server.settimeout(30)
+                conn, _ = server.accept()
+                conn.settimeout(5)
+                received = b""
+                try:  # the driver may hang up first (then the banner write fails): that is the point
+                    conn.sendall(relay.BANNER)
+                    while chunk := conn.recv(65536):
+                        received += chunk
+                except OSError:
+                    pass
+                os.write(write_end, b"got:" + received)
+        except BaseException as exc:  # noqa: BLE001
+            os.write(ready_write, b"0")
+            os.write(write_end, f"error:{exc!r}".encode())
+        os._exit(0)
+    os.close(write_end)
+    os.close(ready_write)
+    try:
+        if os.read(ready_read, 1) != b"1":
+            pytest.skip(f"cannot become uid {NOBODY} here (a user namespace without it)")
+        reply, path = node.mount(node.new_pod(), NGINX)
+        assert reply.ok, reply.body  # done by the driver itself
+        assert len(driver_events(node, "mounted")) == 1
+        with os.fdopen(read_end, "rb") as result:
+            assert result.read() == b"got:"  # the impostor was connected to, and sent nothing
+        assert node.teardown(path).ok
+    finally:
+        os.waitpid(pid, 0)
+        shutil.rmtree(shared, ignore_errors=True)

@@ -22,6 +22,7 @@ startup; the server half imports what it needs when it starts.
 from __future__ import annotations
 
 import os
+import sys
 
 BANNER = b"vaulttmpfs-relay/1\n"
 DEFAULT_SOCKET = "/run/vaulttmpfs/agent.sock"  # Config.agent_socket; not imported: config costs ~10 ms
@@ -78,6 +79,10 @@ def _connect(path: str):
     try:
         sock.settimeout(ACCEPT_TIMEOUT)
         sock.connect(path)
+        # The agent must be root too: a socket someone else managed to put there gets no call.
+        cred = sock.getsockopt(_socket.SOL_SOCKET, _socket.SO_PEERCRED, 12)  # struct ucred: pid, uid, gid
+        if int.from_bytes(cred[4:8], sys.byteorder) != 0:
+            raise Refused(f"{path} is served by uid {int.from_bytes(cred[4:8], sys.byteorder)}, not root")
         banner = b""
         while not banner.endswith(b"\n") and len(banner) < len(BANNER):
             chunk = sock.recv(len(BANNER) - len(banner))
