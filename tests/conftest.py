@@ -74,6 +74,8 @@ def driver_env(bao: VaultServer, generator: dict, root: Path, log_dir: Path, **e
         "VAULTTMPFS_STATE_DIR": str(state),
         "VAULTTMPFS_LOG_FILE": str(log_dir / f"{root.name}.log"),
         "VAULTTMPFS_PODS_DIR": str(root / "var/lib/kubelet/pods"),  # the Kubelet harness's layout
+        # Per node: an agent relaying on this machine's default socket must not serve the tests.
+        "VAULTTMPFS_AGENT_SOCKET": str(root / "run/vaulttmpfs/agent.sock"),
         "VAULT_MAX_RETRIES": "1",
         "VAULT_CLIENT_TIMEOUT": "3s",
     }

@@ -73,7 +73,7 @@ def test_kustomization_lists_every_manifest():
 
 
 def apply_json_patch(doc: dict, operations: list[dict]) -> dict:
-    """The subset of RFC 6902 the variants use (test, replace), as kustomize applies it."""
+    """The subset of RFC 6902 the variants use (test, replace, add), as kustomize applies it."""
     doc = copy.deepcopy(doc)
     for op in operations:
         *parents, last = [int(p) if p.isdigit() else p for p in op["path"].strip("/").split("/")]
@@ -85,13 +85,16 @@ def apply_json_patch(doc: dict, operations: list[dict]) -> dict:
         elif op["op"] == "replace":
             assert last in target if isinstance(target, dict) else last < len(target), op["path"]
             target[last] = op["value"]
+        elif op["op"] == "add" and last == "-":
+            target.append(op["value"])
+        elif op["op"] == "add":
+            target[last] = op["value"]
         else:
             raise AssertionError(f"unexpected patch op {op['op']}")
     return doc
 
 
-@pytest.mark.parametrize("name, plugin_dir", VARIANTS.items())
-def test_plugin_dir_variant_patches_the_plugin_dir_volume(name, plugin_dir):
+def variant_daemonset(name: str) -> dict:
     kustomization = yaml.safe_load((K8S / "variants" / name / "kustomization.yaml").read_text())
     assert (K8S / "variants" / name / kustomization["resources"][0]).resolve() == K8S.resolve()
     daemonset = resource("DaemonSet")
@@ -99,6 +102,12 @@ def test_plugin_dir_variant_patches_the_plugin_dir_volume(name, plugin_dir):
         assert patch["target"] == {"kind": "DaemonSet", "name": daemonset["metadata"]["name"]}
         daemonset = apply_json_patch(daemonset, yaml.safe_load(patch["patch"]))
     validate(daemonset)
+    return daemonset
+
+
+@pytest.mark.parametrize("name, plugin_dir", VARIANTS.items())
+def test_plugin_dir_variant_patches_the_plugin_dir_volume(name, plugin_dir):
+    daemonset = variant_daemonset(name)
     volume = daemonset["spec"]["template"]["spec"]["volumes"][0]
     assert volume["name"] == "plugin-dir" and volume["hostPath"]["path"] == plugin_dir
 
@@ -215,3 +224,23 @@ def test_agent_docs_match_the_cli_flags():
     config_source = (REPO / "vaulttmpfs" / "config.py").read_text()
     for setting in set(configmap) | daemonset_env:
         assert setting in envvars or f'"{setting}"' in config_source, f"{setting} is read by nothing"
+
+
+def test_relay_variant_gives_the_agent_what_mounting_for_the_kubelet_needs():
+    from vaulttmpfs.config import Config
+
+    pod = variant_daemonset("relay")["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["VAULTTMPFS_RELAY"] == "true"
+    assert container["securityContext"]["privileged"] is True  # mount(2) needs CAP_SYS_ADMIN
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mounts = {m["name"]: m for m in container["volumeMounts"]}
+    assert set(mounts) == set(volumes)
+    # A tmpfs the agent mounts must appear on the host, where the kubelet and the pod see it.
+    pods = mounts["pods-dir"]
+    assert pods["mountPropagation"] == "Bidirectional"
+    assert pods["mountPath"] == volumes["pods-dir"]["hostPath"]["path"] == "/var/lib/kubelet/pods"
+    # The driver on the host finds the agent's socket at the default path.
+    socket_dir = os.path.dirname(Config.agent_socket)
+    assert mounts["relay-socket"]["mountPath"] == volumes["relay-socket"]["hostPath"]["path"] == socket_dir

@@ -21,7 +21,7 @@ from . import log
 from .config import Config
 from .errors import DriverError
 
-DEFAULT_HEALTH_ADDR = "127.0.0.1:9808"
+DEFAULT_HEALTH_ADDR = "127.0.0.1:9829"
 DEFAULT_RETRY_INTERVAL = 60.0
 FAILURE_RETRY = 10.0  # after a failed renewal, try again this soon (or sooner if the interval is shorter)
 NO_EXPIRY_RECHECK = 3600.0

@@ -74,7 +74,7 @@ def install(plugin_dir: str, source: str | None) -> None:
               help="Renew the generator token this often [default: half its period/TTL].")
 @click.option("--retry-interval", type=_Duration(), envvar="VAULTTMPFS_RETRY_INTERVAL", default="60s",
               show_default=True, help="Retry queued revocations this often.")
-@click.option("--health-addr", envvar="VAULTTMPFS_HEALTH_ADDR", default="127.0.0.1:9808", show_default=True,
+@click.option("--health-addr", envvar="VAULTTMPFS_HEALTH_ADDR", default="127.0.0.1:9829", show_default=True,
               help="host:port for GET /healthz and /livez; empty to disable.")
 @click.option("--relay/--no-relay", envvar="VAULTTMPFS_RELAY", default=False, show_default=True,
               help="Also do the driver's mount/unmount for it over VAULTTMPFS_AGENT_SOCKET (fast path; needs "
