@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import stat
 
+from . import files
 from .errors import DriverError
 
 
@@ -39,23 +40,12 @@ def read_token(path: str) -> str:
 
 
 def write_token(path: str, token: str) -> None:
-    """0600 file in a 0700 dir, replaced atomically so the driver never reads half a token."""
+    """0600 file in a 0700 dir, replaced atomically and durably: the driver never reads half a
+    token, and a crash right after cannot leave the node without one."""
     parent = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(parent):
         os.makedirs(parent, mode=0o700)
-    temp = os.path.join(parent, f".{os.path.basename(path)}.{os.getpid()}.tmp")
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(token + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp, path)
-        _fsync_dir(parent)  # the rename itself must survive a crash, or the node boots with no token
-    except BaseException:
-        if os.path.exists(temp):
-            os.unlink(temp)
-        raise
+    files.replace(path, (token + "\n").encode(), 0o600)
 
 
 def existing_token(path: str) -> str | None:
@@ -67,14 +57,6 @@ def existing_token(path: str) -> str | None:
         return None
     except OSError as exc:
         raise DriverError(f"cannot read {path}: {exc.strerror or exc}") from None
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def lookup(config) -> dict:

@@ -28,6 +28,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from . import files
 from .errors import DriverError
 
 DEFAULT_PLUGIN_DIR = "/usr/libexec/kubernetes/kubelet-plugins/volume/exec"
@@ -158,9 +159,9 @@ def _place(source: str, staging: str, driver_dir: str, bundle: str, intact: bool
         os.mkdir(fresh, 0o755)
         os.rename(staged, os.path.join(fresh, bundle))
         os.symlink(f"{bundle}/{EXE}", os.path.join(fresh, EXE))
-        _fsync_dir(fresh)
+        files.fsync_dir(fresh)
         os.rename(fresh, driver_dir)
-        _fsync_dir(os.path.dirname(driver_dir))
+        files.fsync_dir(os.path.dirname(driver_dir))
         return "installed"
     exe = os.path.join(driver_dir, EXE)
     if os.path.isdir(exe) and not os.path.islink(exe):
@@ -173,7 +174,7 @@ def _place(source: str, staging: str, driver_dir: str, bundle: str, intact: bool
     _remove(link)
     os.symlink(f"{bundle}/{EXE}", link)
     os.rename(link, exe)  # the one change the kubelet sees
-    _fsync_dir(driver_dir)
+    files.fsync_dir(driver_dir)
     return "upgraded"
 
 
@@ -189,7 +190,7 @@ def _copy_bundle(source: str, dest: str) -> None:
             with open(path, "rb") as handle:
                 os.fsync(handle.fileno())
     for parent, _dirs, _files in os.walk(dest):
-        _fsync_dir(parent)
+        files.fsync_dir(parent)
 
 
 def _prune(driver_dir: str, staging: str, keep: set) -> list[str]:
@@ -211,14 +212,6 @@ def _remove(path: str) -> None:
         os.unlink(path)
     elif os.path.isdir(path):
         shutil.rmtree(path)
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 @contextlib.contextmanager

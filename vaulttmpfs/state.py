@@ -14,9 +14,10 @@ import fcntl
 import hashlib
 import json
 import os
-import threading
 import time
 from typing import Any, Iterator
+
+from . import files
 
 
 class StateStore:
@@ -116,11 +117,4 @@ def _read_json(path: str) -> dict[str, Any] | None:
 
 
 def _write_json(path: str, value: dict[str, Any]) -> None:
-    # Per thread, not only per process: the node agent's relay writes from many threads at once.
-    temp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        json.dump(value, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temp, path)
+    files.replace(path, json.dumps(value).encode(), 0o600)

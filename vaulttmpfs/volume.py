@@ -11,6 +11,7 @@ import errno
 import os
 import stat
 
+from . import files
 from .errors import DriverError
 
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT = 1, 2, 4, 8, 32
@@ -115,17 +116,7 @@ def unmount(path: str) -> None:
 
 def write_file(directory: str, name: str, data: bytes, mode: int, gid: int | None) -> None:
     """Write atomically: a reader sees the whole file or none of it, never a partial token."""
-    temp = os.path.join(directory, f".{name}.tmp")
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-    try:
-        view = memoryview(data)
-        while view:  # a nearly full tmpfs takes part of a write: finish it, or get ENOSPC
-            view = view[os.write(fd, view):]
-        os.fchown(fd, 0, gid if gid is not None else 0)
-        os.fchmod(fd, mode)
-    finally:
-        os.close(fd)
-    os.replace(temp, os.path.join(directory, name))
+    files.replace(os.path.join(directory, name), data, mode, gid if gid is not None else 0, durable=False)
 
 
 def holds_files(directory: str, names: list[str]) -> bool:
