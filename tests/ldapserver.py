@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .vaultserver import free_port
+from .vaultserver import free_port, stop_process
 
 SBIN_DIRS = ("/usr/sbin", "/usr/local/sbin", "/sbin", "/usr/libexec")
 MODULE_DIRS = ("/usr/lib/ldap", "/usr/lib/x86_64-linux-gnu/openldap", "/usr/lib64/openldap", "/usr/lib/openldap",
@@ -145,13 +145,7 @@ class LdapServer:
             capture_output=True, text=True, timeout=10, env={**os.environ, "LDAPNOINIT": "1"})
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
         shutil.rmtree(self.workdir, ignore_errors=True)
 
     def __enter__(self) -> "LdapServer":

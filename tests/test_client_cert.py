@@ -6,32 +6,23 @@ by the openssl CLI.
 
 from __future__ import annotations
 
-import subprocess
+import json
 from pathlib import Path
 
 import pytest
 
-from .conftest import driver_env, remember_secret
+from .conftest import driver_env, remember_secret, unmount_everything_under
 from .kubelet import Kubelet, is_mount_point
+from .pki import issue, make_ca
 from .vaultserver import VaultServer, free_port
 
 NGINX = {"vault/policies": "nginx"}
 
 
-def openssl(*args: str, cwd: Path) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
-
-
 def make_pki(directory: Path) -> None:
-    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem",
-            "-days", "2", "-subj", "/CN=vaulttmpfs-test-ca", cwd=directory)
-    (directory / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
-    for name, subject in (("server", "/CN=vault.test"), ("client", "/CN=node-1")):
-        openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
-                "-subj", subject, cwd=directory)
-        extra = ["-extfile", "san.ext"] if name == "server" else []
-        openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
-                "-out", f"{name}.pem", "-days", "2", *extra, cwd=directory)
+    make_ca(directory, "ca")
+    issue(directory, "server", "ca", "/CN=vault.test", san="IP:127.0.0.1")
+    issue(directory, "client", "ca", "/CN=node-1")
 
 
 @pytest.fixture(scope="module")
@@ -67,8 +58,6 @@ def mtls_kubelet(mtls_bao, driver_cmd, tmp_path, log_dir):
                      VAULT_ADDR=mtls_bao["addr"], VAULT_CACERT=str(pki / "ca.pem"))
     node = Kubelet(driver_cmd, env, root)
     yield node
-    from .conftest import unmount_everything_under
-
     unmount_everything_under(root)
 
 
@@ -78,7 +67,7 @@ def test_client_certificate_is_presented(mtls_kubelet, mtls_bao):
     reply, path = mtls_kubelet.mount(mtls_kubelet.new_pod(), NGINX)
     assert reply.ok, reply.body
     assert (path / "ca.crt").read_bytes() == (pki / "ca.pem").read_bytes()
-    accessor = __import__("json").loads((path / "vault-token.json").read_text())["wrapped_accessor"]
+    accessor = json.loads((path / "vault-token.json").read_text())["wrapped_accessor"]
     reply = mtls_kubelet.unmount(path)
     assert reply.ok and "revoked" in reply.message, reply.body
     assert mtls_bao["server"].lookup_accessor(accessor) is None

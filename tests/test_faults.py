@@ -21,6 +21,7 @@ import pytest
 from .conftest import driver_env, remember_secret, unmount_everything_under
 from .faultserver import CREATE, LOOKUP_SELF, FaultServer
 from .kubelet import Kubelet, is_mount_point
+from .pki import issue, make_ca, openssl
 from .test_hardening import assert_refused, mounts_under, state_records
 from .vaultserver import VaultServer, bao_binary, free_port
 
@@ -282,22 +283,13 @@ def test_a_revoked_generator_token_fails_with_the_fix(bao, driver_cmd, tmp_path,
 
 # --- TLS -------------------------------------------------------------------------------------------
 
-def openssl(*args: str, cwd: Path) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
-
-
 @pytest.fixture(scope="module")
 def tls_bao(tmp_path_factory):
     """A real OpenBao with a TLS listener whose certificate names only `vault.test` (no IP)."""
     pki = tmp_path_factory.mktemp("tls")
-    for ca in ("good", "wrong"):
-        openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-keyout",
-                f"{ca}-ca.key", "-out", f"{ca}-ca.pem", "-days", "2", "-subj", f"/CN=vaulttmpfs {ca} CA", cwd=pki)
-    (pki / "san.ext").write_text("subjectAltName=DNS:vault.test\n")
-    openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-keyout", "server.key",
-            "-out", "server.csr", "-subj", "/CN=vault.test", cwd=pki)
-    openssl("x509", "-req", "-in", "server.csr", "-CA", "good-ca.pem", "-CAkey", "good-ca.key",
-            "-CAcreateserial", "-out", "server.pem", "-days", "2", "-extfile", "san.ext", cwd=pki)
+    for ca in ("good-ca", "wrong-ca"):
+        make_ca(pki, ca)
+    issue(pki, "server", "good-ca", "/CN=vault.test", san="DNS:vault.test")
     hashed = pki / "capath-hashed"
     hashed.mkdir()
     (hashed / "good-ca.pem").write_bytes((pki / "good-ca.pem").read_bytes())
