@@ -35,7 +35,6 @@ import os
 import platform
 import shlex
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
@@ -51,7 +50,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from tests.kubelet import Kubelet  # noqa: E402  -- the kubelet's layout and option keys
-from tests.vaultserver import VaultServer  # noqa: E402
+from tests.vaultserver import VaultServer, stop_process  # noqa: E402
 
 ROLE = "applications"
 POD_OPTIONS = {"vault/policies": "nginx"}
@@ -239,13 +238,7 @@ class Agent:
         return {k: round(int(values[k].split()[0]) / 1024, 1) for k in ("VmRSS", "VmHWM") if k in values}
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, grace=60)
 
 
 class Node:

@@ -27,6 +27,7 @@ from vaulttmpfs.state import StateStore
 
 from .conftest import remember_secret
 from .kubelet import is_mount_point, mount_entry
+from .vaultserver import stop_process
 
 NGINX = {"vault/policies": "nginx"}
 NOBODY = 65534
@@ -83,12 +84,7 @@ class AgentProcess:
     def stop(self) -> int:
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGCONT)  # in case a test left it stopped
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, grace=60)
         return self.proc.returncode
 
     def kill(self) -> None:

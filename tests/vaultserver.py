@@ -28,12 +28,12 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def stop_process(proc: subprocess.Popen | None) -> None:
-    """SIGTERM, then SIGKILL after 10 s: a test server never outlives its fixture."""
+def stop_process(proc: subprocess.Popen | None, grace: float = 10.0) -> None:
+    """SIGTERM, then SIGKILL after `grace` seconds: a test server never outlives its fixture."""
     if proc and proc.poll() is None:
         proc.terminate()
         try:
-            proc.wait(10)
+            proc.wait(grace)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()

@@ -74,8 +74,8 @@ def bundle_hash(source: str) -> str:
 
 
 def _walk(root: str):
-    for parent, dirs, files in os.walk(root):
-        for name in dirs + files:
+    for parent, dirs, names in os.walk(root):
+        for name in dirs + names:
             yield os.path.relpath(os.path.join(parent, name), root)
 
 
