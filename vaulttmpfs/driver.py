@@ -106,11 +106,7 @@ def _mint_and_write(config: Config, store: StateStore, request: MountRequest, to
         )
     except VaultDenied as exc:
         if "permission denied" in str(exc).lower():
-            raise DriverError(
-                f"{exc} -- the generator token in {config.generator_token_path} may be expired or revoked, "
-                f"or its policy may not allow auth/token/create/{request.role}; check it with "
-                "`vaulttmpfs renew-generator` and re-run `vaulttmpfs bootstrap` if needed"
-            ) from None
+            raise _generator_refused(config, exc, f"`auth/token/create/{request.role}`") from None
         raise
     log.secret(wrap_info["token"])
     accessor = wrap_info["wrapped_accessor"]
@@ -266,10 +262,8 @@ def _refuse_root_generator(config: Config, store: StateStore, token: str) -> Non
         try:
             policies = Vault(config, token).lookup_self().get("policies") or []
         except VaultDenied as exc:
-            raise DriverError(
-                f"{exc} -- the generator token in {config.generator_token_path} may be expired or revoked, or its "
-                "policy lacks `auth/token/lookup-self` (read), which vaulttmpfs needs to check it is not a root "
-                "token; check it with `vaulttmpfs renew-generator` and re-run `vaulttmpfs bootstrap` if needed"
+            raise _generator_refused(
+                config, exc, "`auth/token/lookup-self` (read), which vaulttmpfs needs to check it is not a root token"
             ) from None
         known = {"key": key, "at": time.time(), "policies": sorted(policies)}
         store.write_note("generator-check", known)
@@ -279,3 +273,11 @@ def _refuse_root_generator(config: Config, store: StateStore, token: str) -> Non
             "to mint pod tokens with it (a copy of that file would own all of Vault); run `vaulttmpfs bootstrap` "
             "for a token with the token_generator policy only"
         )
+
+
+def _generator_refused(config: Config, exc: Exception, needs: str) -> DriverError:
+    return DriverError(
+        f"{exc} -- the generator token in {config.generator_token_path} may be expired or revoked, or its "
+        f"policy may not allow {needs}; check it with `vaulttmpfs renew-generator` and re-run "
+        "`vaulttmpfs bootstrap` if needed"
+    )
