@@ -316,3 +316,16 @@ def test_unwritable_log_file_does_not_break_mounts(kubelet, tmp_path):
     assert reply.ok, reply.body
     assert kubelet.teardown(path).ok
     assert blocker.read_text() == ""
+
+
+@pytest.mark.parametrize("content", [b"t\xc3\xb6ken\n", b"two words\n", b"\x00\x01\x02"])
+def test_garbage_generator_token_file_is_named(kubelet, bao, tmp_path, content):
+    garbage = tmp_path / "vaulttoken"
+    garbage.write_bytes(content)
+    garbage.chmod(0o600)
+    kubelet.env["VAULTTMPFS_GENERATOR_TOKEN_PATH"] = str(garbage)
+    before = len(bao.accessors())
+    reply, path = kubelet.mount(kubelet.new_pod(), NGINX)
+    assert reply.status == "Failure" and reply.exit_code == 1
+    assert str(garbage) in reply.message and "does not hold a Vault token" in reply.message
+    assert not is_mount_point(path) and len(bao.accessors()) == before

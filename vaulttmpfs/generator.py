@@ -36,6 +36,10 @@ def read_token(path: str) -> str:
         token = handle.read(4096).decode("utf-8", errors="replace").strip()
     if not token:
         raise DriverError(f"generator token file {path} is empty; run `vaulttmpfs bootstrap` on this node")
+    if not (token.isascii() and token.isprintable()) or any(c.isspace() for c in token):
+        # It goes into an HTTP header: say so here rather than fail deep inside http.client.
+        raise DriverError(f"generator token file {path} does not hold a Vault token (it must be one line of "
+                          "printable ASCII); run `vaulttmpfs bootstrap` on this node")
     return token
 
 

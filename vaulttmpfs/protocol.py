@@ -177,8 +177,11 @@ def encode(reply: dict) -> tuple[bytes, int]:
 
 def main(argv: list[str]) -> int:
     reply_fd = _silence_std_streams()
-    relayed = _relay(argv)
-    payload, code = relayed if relayed is not None else encode(handle(argv))
+    try:
+        relayed = _relay(argv)
+        payload, code = relayed if relayed is not None else encode(handle(argv))
+    except BaseException as exc:  # noqa: BLE001 -- a bug in the relay client still answers JSON
+        payload, code = encode(answer(FAILURE, _describe(exc)))
     os.write(reply_fd, payload)
     # The answer is out and nothing is left to flush (log lines are flushed one by one, state files
     # are fsynced and closed): skip the interpreter's teardown, ~3 ms of every kubelet call.
