@@ -42,11 +42,8 @@ def log_dir(tmp_path_factory) -> Path:
 def generator(bao, tmp_path_factory) -> dict:
     """A generator token (policy token_generator only) in a 0600 file."""
     auth = bao.generator_token(ttl="2h")
-    SEEN_SECRETS.add(auth["client_token"])
-    path = tmp_path_factory.mktemp("generator") / "vaulttoken"
-    path.write_text(auth["client_token"] + "\n")
-    path.chmod(0o600)
-    yield {"token": auth["client_token"], "accessor": auth["accessor"], "path": str(path)}
+    path = token_file(tmp_path_factory.mktemp("generator"), auth["client_token"])
+    yield {"token": auth["client_token"], "accessor": auth["accessor"], "path": path}
     bao.revoke_token(auth["client_token"])
 
 
@@ -105,3 +102,11 @@ def unmount_everything_under(root: Path) -> None:
 def remember_secret(value: str) -> str:
     SEEN_SECRETS.add(value)
     return value
+
+
+def token_file(directory: Path, token: str) -> str:
+    """A generator token file as bootstrap writes it (0600, the driver's uid); its path."""
+    path = directory / f"generator-{len(list(directory.glob('generator-*')))}"
+    path.write_text(remember_secret(token) + "\n")
+    path.chmod(0o600)
+    return str(path)

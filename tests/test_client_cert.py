@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import driver_env, remember_secret, unmount_everything_under
+from .conftest import driver_env, token_file, unmount_everything_under
 from .kubelet import Kubelet, is_mount_point
 from .pki import issue, make_ca
 from .vaultserver import VaultServer, free_port
@@ -41,12 +41,8 @@ listener "tcp" {{
 ''')
     with VaultServer(extra_args=[f"-config={pki / 'listener.hcl'}"]) as server:
         server.setup_driver()
-        auth = server.generator_token()
-        token_file = pki / "generator"
-        token_file.write_text(remember_secret(auth["client_token"]))
-        token_file.chmod(0o600)
-        yield {"server": server, "pki": pki, "addr": f"https://127.0.0.1:{port}",
-               "generator": {"path": str(token_file)}}
+        generator = {"path": token_file(pki, server.generator_token()["client_token"])}
+        yield {"server": server, "pki": pki, "addr": f"https://127.0.0.1:{port}", "generator": generator}
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import remember_secret
+from .conftest import remember_secret, token_file
 from .kubelet import is_mount_point, mount_entry
 from .vaultserver import VaultHTTPError, free_port
 
@@ -277,10 +277,8 @@ def test_vault_namespace_is_honoured(kubelet, bao, tmp_path):
                 headers=ns)
     generator = bao.request("POST", "auth/token/create", {"policies": ["token_generator"], "ttl": "10m"},
                             headers=ns)["auth"]
-    token_file = tmp_path / "ns-generator"
-    token_file.write_text(remember_secret(generator["client_token"]))
-    token_file.chmod(0o600)
-    kubelet.env.update(VAULT_NAMESPACE="team-a", VAULTTMPFS_GENERATOR_TOKEN_PATH=str(token_file))
+    kubelet.env.update(VAULT_NAMESPACE="team-a",
+                       VAULTTMPFS_GENERATOR_TOKEN_PATH=token_file(tmp_path, generator["client_token"]))
 
     reply, path = kubelet.mount(kubelet.new_pod(), NGINX)
     assert reply.ok, reply.body

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import driver_env, remember_secret, unmount_everything_under
+from .conftest import driver_env, remember_secret, token_file, unmount_everything_under
 from .faultserver import CREATE, LOOKUP_SELF, FaultServer
 from .kubelet import Kubelet, is_mount_point
 from .pki import issue, make_ca, openssl
@@ -41,13 +41,6 @@ def node(server: VaultServer, token_path: str, driver_cmd, tmp_path: Path, log_d
     kubelet = Kubelet(driver_cmd, driver_env(server, {"path": token_path}, root, log_dir, **extra), root)
     kubelet.root = root
     return kubelet
-
-
-def token_file(directory: Path, token: str) -> str:
-    path = directory / f"generator-{len(list(directory.glob('generator-*')))}"
-    path.write_text(remember_secret(token) + "\n")
-    path.chmod(0o600)
-    return str(path)
 
 
 def all_clear(kubelet: Kubelet, server: VaultServer, before: int) -> None:

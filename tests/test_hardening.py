@@ -17,7 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from .conftest import remember_secret
+from .conftest import remember_secret, token_file
 from .kubelet import DRIVER, is_mount_point, mount_entry
 
 NGINX = {"vault/policies": "nginx"}
@@ -177,11 +177,8 @@ def test_admission_policy_for_spoofed_options_is_valid_kubernetes():
 # --- generator token and TLS settings -------------------------------------------------------------
 
 def test_a_root_generator_token_is_refused(kubelet, bao, tmp_path, generator):
-    root_token = remember_secret(bao.create_token(policies=["root"], ttl="10m")["client_token"])
-    token_file = tmp_path / "root-generator"
-    token_file.write_text(root_token)
-    token_file.chmod(0o600)
-    kubelet.env["VAULTTMPFS_GENERATOR_TOKEN_PATH"] = str(token_file)
+    root_token = bao.create_token(policies=["root"], ttl="10m")["client_token"]
+    kubelet.env["VAULTTMPFS_GENERATOR_TOKEN_PATH"] = token_file(tmp_path, root_token)
     before = len(bao.accessors())
     reply, _ = kubelet.mount(kubelet.new_pod(), NGINX)
     assert_refused(reply, kubelet, bao, before, "carries the root policy")
