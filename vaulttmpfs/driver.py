@@ -13,7 +13,7 @@ import contextlib
 import hashlib
 import json
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 from . import generator, log, volume
@@ -38,7 +38,6 @@ class MountRequest:
     volume_name: str = ""
     fs_group: int | None = None
     read_only: bool = False
-    extra: dict[str, str] = field(default_factory=dict)
 
     def token_metadata(self, node: str) -> dict[str, str]:
         meta = {

@@ -86,14 +86,6 @@ class StateStore:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(os.path.join(self.pending, _safe(accessor) + ".json"))
 
-    def list_volumes(self) -> list[dict[str, Any]]:
-        try:
-            names = sorted(os.listdir(self.volumes))
-        except FileNotFoundError:
-            return []
-        records = (_read_json(os.path.join(self.volumes, n)) for n in names if n.endswith(".json"))
-        return [r for r in records if r]
-
     def read_note(self, name: str) -> dict[str, Any] | None:
         """A small cached fact (e.g. the generator check) in the root-only state dir."""
         return _read_json(os.path.join(self.root, _safe(name) + ".json"))

@@ -309,9 +309,3 @@ def _ldap_problem(error: str, action: str, mount: str, addr: str) -> str:
         return (f"{action}: LDAP auth is not enabled at auth/{mount} on {addr} "
                 f"(enable it with `bao auth enable -path={mount} ldap`, or name the mount with --ldap-mount)")
     return error
-
-
-def require_token(token: str | None, where: str) -> str:
-    if not token:
-        raise DriverError(f"no Vault token in {where}")
-    return token
