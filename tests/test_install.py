@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from vaulttmpfs import install as installer
+from vaulttmpfs.ops import install as installer
 
 from .conftest import BUILD_EXE, driver_env, source_cmd, unmount_everything_under
 from .kubelet import Kubelet, is_mount_point

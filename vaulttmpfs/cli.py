@@ -24,7 +24,7 @@ def version() -> None:
 @cli.command("retry-revocations")
 def retry_revocations() -> None:
     """Retry pod-token revocations that unmount queued while Vault was unreachable."""
-    from . import driver
+    from .engine import operation as driver
     from .config import Config
 
     result = driver.retry_pending(Config.from_env())
@@ -59,7 +59,7 @@ class _Duration(click.ParamType):
               help="Bundle dir to install [default: the running bundle, or dist/vaulttmpfs].")
 def install(plugin_dir: str, source: str | None) -> None:
     """Install the driver into the kubelet's plugin dir, atomically; a no-op if already installed."""
-    from . import install as installer
+    from .ops import install as installer
 
     try:
         result = installer.install(plugin_dir, source or installer.default_source())
@@ -81,7 +81,7 @@ def install(plugin_dir: str, source: str | None) -> None:
                    "a privileged agent with the kubelet's pods dir mounted with Bidirectional propagation).")
 def agent(renew_interval: float | None, retry_interval: float, health_addr: str, relay: bool) -> None:
     """Run the node agent: renew the generator token, retry revocations, serve health. Stop with SIGTERM."""
-    from . import agent as node_agent
+    from .node import agent as node_agent
     from . import log
     from .config import Config
 
@@ -118,7 +118,7 @@ def bootstrap(token_path, policy, period, username, password_file, ldap_mount, f
     """
     import os
 
-    from . import bootstrap as node_bootstrap
+    from .ops import bootstrap as node_bootstrap
     from .config import Config
 
     config = Config.from_env()
@@ -163,7 +163,7 @@ def _ldap_credentials(username: str | None, password_file: str | None):
 @cli.command("renew-generator")
 def renew_generator() -> None:
     """Renew this node's generator token (cron); fails, saying what to do, when it is expired or revoked."""
-    from . import bootstrap as node_bootstrap
+    from .ops import bootstrap as node_bootstrap
     from .config import Config
 
     click.echo(node_bootstrap.renew_summary(node_bootstrap.renew_generator(Config.from_env())))

@@ -14,6 +14,6 @@ def main(argv: list[str] | None = None) -> int:
         from .cli import main as cli_main
 
         return cli_main(argv)
-    from .protocol import main as protocol_main
+    from .flexvolume.protocol import main as protocol_main
 
     return protocol_main(argv)

@@ -28,8 +28,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from . import files
-from .errors import DriverError
+from ..engine import files
+from ..errors import DriverError
 
 DEFAULT_PLUGIN_DIR = "/usr/libexec/kubernetes/kubelet-plugins/volume/exec"
 DRIVER_DIR = "cloudwatt~vaulttmpfs"
@@ -50,7 +50,7 @@ def default_source() -> str:
     """The bundle we are running from when frozen; the repo's build otherwise."""
     if getattr(sys, "frozen", False):
         return os.path.dirname(os.path.realpath(sys.executable))
-    return str(Path(__file__).resolve().parent.parent / "dist" / EXE)
+    return str(Path(__file__).resolve().parents[2] / "dist" / EXE)
 
 
 def bundle_hash(source: str) -> str:

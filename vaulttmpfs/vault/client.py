@@ -10,8 +10,8 @@ import contextlib
 import warnings
 from typing import Any, Iterator
 
-from .config import Config
-from .errors import DriverError, VaultDenied, VaultUnavailable
+from ..config import Config
+from ..errors import DriverError, VaultDenied, VaultUnavailable
 
 # The build leaves charset_normalizer out (~20 ms and 3.5 MiB per call): Vault answers JSON, which
 # requests decodes as UTF-8 without it. Its import-time complaint about that is noise.

@@ -16,9 +16,10 @@ import time
 from dataclasses import dataclass, replace
 from typing import Any
 
-from . import generator, log, volume
-from .config import Config
-from .errors import DriverError, VaultDenied
+from .. import log
+from . import generator, volume
+from ..config import Config
+from ..errors import DriverError, VaultDenied
 from .state import StateStore
 
 MOUNT_SOURCE = "vaulttmpfs"  # the tmpfs "device" name: how we recognise our own mounts
@@ -97,7 +98,7 @@ def mount(config: Config, request: MountRequest) -> str:
 
 
 def _mint_and_write(config: Config, store: StateStore, request: MountRequest, token: str, logger) -> str:
-    from .vault import Vault
+    from ..vault.client import Vault
 
     try:
         wrap_info = Vault(config, token).create_wrapped_token(
@@ -179,7 +180,7 @@ def _accessors(record: dict[str, Any]) -> list[str]:
 
 def _revoke_or_queue(config: Config, store: StateStore, record: dict[str, Any], logger, why: str) -> str:
     """Revoke the pod's tokens; what Vault cannot take now is queued for the agent to retry."""
-    from .vault import Vault
+    from ..vault.client import Vault
 
     accessors = _accessors(record)
     if not accessors:
@@ -253,7 +254,7 @@ def _refuse_root_generator(config: Config, store: StateStore, token: str) -> Non
     GENERATOR_CHECK_SECONDS, keyed by a hash of the token (a token's policies never change;
     a new token in the file is checked at once). The mount hot path stays one Vault call.
     """
-    from .vault import Vault
+    from ..vault.client import Vault
 
     key = hashlib.sha256(token.encode()).hexdigest()
     known = store.read_note("generator-check")

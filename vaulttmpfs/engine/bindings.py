@@ -29,7 +29,7 @@ import re
 import stat
 from dataclasses import dataclass
 
-from .errors import DriverError
+from ..errors import DriverError
 
 MAX_BYTES = 256 * 1024
 NAMESPACE = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")  # a DNS-1123 label

@@ -6,7 +6,7 @@ import os
 import stat
 
 from . import files
-from .errors import DriverError
+from ..errors import DriverError
 
 
 def read_token(path: str) -> str:
@@ -65,13 +65,13 @@ def existing_token(path: str) -> str | None:
 
 def lookup(config) -> dict:
     """What Vault knows of the node's generator token (ttl, policies, period, ...)."""
-    from .vault import Vault
+    from ..vault.client import Vault
 
     return Vault(config, read_token(config.generator_token_path)).lookup_self()
 
 
 def renew(config, increment: str | None = None) -> dict:
     """Renew the node's generator token; its auth block (lease_duration, policies, ...) comes back."""
-    from .vault import Vault
+    from ..vault.client import Vault
 
     return Vault(config, read_token(config.generator_token_path)).renew_self(increment)

@@ -14,9 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from . import generator, log
-from .config import Config, parse_duration, safe_name
-from .errors import DriverError, VaultDenied
+from .. import log
+from ..engine import generator
+from ..config import Config, parse_duration, safe_name
+from ..errors import DriverError, VaultDenied
 
 # Generator tokens are minted through this role, not auth/token/create-orphan: a non-root caller
 # needs sudo there to grant a policy it lacks or to make a token periodic (sudo would let it mint
@@ -124,7 +125,7 @@ def _check(options: Options) -> None:
 
 def _live_token(config: Config, options: Options) -> dict[str, str] | None:
     """The token already in the file, if Vault still honours it; refuse to replace it without --force."""
-    from .vault import Vault
+    from ..vault.client import Vault
 
     token = generator.existing_token(options.token_path)
     if not token:
@@ -143,7 +144,7 @@ def _live_token(config: Config, options: Options) -> dict[str, str] | None:
 
 
 def _login(config: Config, options: Options, vault_token: str | None, credentials: Credentials) -> Login:
-    from .vault import Vault
+    from ..vault.client import Vault
 
     if vault_token:
         log.secret(vault_token)
@@ -201,7 +202,7 @@ def _mint_hint(error: str, login: Login) -> str:
 
 def _discard(config: Config, auth: dict) -> bool:
     """Revoke a token with itself (generator tokens may revoke by accessor); best effort."""
-    from .vault import Vault
+    from ..vault.client import Vault
 
     token = auth.get("client_token") or auth.get("token")
     try:
@@ -257,7 +258,7 @@ def default_policies_dir() -> Path:
     if getattr(sys, "frozen", False):
         # The PyInstaller build carries policies/ in its bundle dir (build.spec `datas`).
         return Path(getattr(sys, "_MEIPASS")) / "policies"
-    return Path(__file__).resolve().parent.parent / "policies"
+    return Path(__file__).resolve().parents[2] / "policies"
 
 
 def setup_vault(vault, config: Config, options: Options, files: PolicyFiles) -> list[str]:

@@ -52,7 +52,7 @@ def parse_options(text: str) -> dict[str, str]:
 def parse_policies(text: str | None) -> list[str]:
     if text is None:
         raise BadCall(f"option {OPT_POLICIES!r} is required (comma-separated Vault policy names)")
-    from .config import SAFE_NAME  # here, not at the top: `init` must not pay for config's imports
+    from ..config import SAFE_NAME  # here, not at the top: `init` must not pay for config's imports
 
     policies = [p.strip() for p in text.split(",")]
     if not any(policies):
@@ -74,8 +74,8 @@ def parse_fs_group(text: str | None) -> int | None:
 
 
 def mount_request(mount_dir: str, options: dict[str, str], default_role: str):
-    from .config import SAFE_NAME
-    from .driver import MountRequest
+    from ..config import SAFE_NAME
+    from ..engine.operation import MountRequest
 
     role = options.get(OPT_ROLE) or default_role
     if not SAFE_NAME.fullmatch(role):
@@ -110,8 +110,8 @@ def mount(args: list[str], env=None) -> dict:
     if len(args) not in (2, 3):
         raise BadCall(f"mount takes <mount dir> <json options>, got {len(args)} arguments")
     mount_dir, options = args[0], parse_options(args[-1])
-    from . import driver
-    from .config import Config
+    from ..engine import operation as driver
+    from ..config import Config
 
     config = Config.from_env(env)
     return answer(SUCCESS, driver.mount(config, mount_request(mount_dir, options, config.role_name)))
@@ -120,8 +120,8 @@ def mount(args: list[str], env=None) -> dict:
 def unmount(args: list[str], env=None) -> dict:
     if len(args) != 1:
         raise BadCall(f"unmount takes <mount dir>, got {len(args)} arguments")
-    from . import driver
-    from .config import Config
+    from ..engine import operation as driver
+    from ..config import Config
 
     return answer(SUCCESS, driver.unmount(Config.from_env(env), args[0]))
 
@@ -144,7 +144,7 @@ def handle(argv: list[str], env: dict[str, str] | None = None) -> dict:
 
 
 def _describe(exc: BaseException) -> str:
-    from .errors import DriverError
+    from ..errors import DriverError
 
     if isinstance(exc, (BadCall, DriverError)):
         return str(exc)
@@ -152,8 +152,8 @@ def _describe(exc: BaseException) -> str:
         return f"{exc.strerror or exc} ({exc.filename})" if exc.filename else str(exc)
     # A bug: say what it is; the traceback goes to the log.
     try:
-        from . import log
-        from .config import Config
+        from .. import log
+        from ..config import Config
 
         log.get(os.environ.get("VAULTTMPFS_LOG_FILE", Config.log_file)).error("unexpected error", exc_info=exc)
     except BaseException:  # noqa: BLE001

@@ -17,9 +17,9 @@ import threading
 import time
 from typing import Any, Callable
 
-from . import log
-from .config import Config
-from .errors import DriverError
+from .. import log
+from ..config import Config
+from ..errors import DriverError
 
 DEFAULT_HEALTH_ADDR = "127.0.0.1:9829"
 DEFAULT_RETRY_INTERVAL = 60.0
@@ -96,7 +96,7 @@ class GeneratorRenewal(Loop):
         self._valid_until: float | None = None
 
     def run_once(self) -> float:
-        from . import generator
+        from ..engine import generator
 
         logger = log.get(self.config.log_file, service=self.name)
         try:
@@ -162,7 +162,7 @@ class RevocationRetry(Loop):
         self.state: dict[str, Any] = {"revoked": 0, "pending": None, "last_run": None, "last_error": None}
 
     def run_once(self) -> float:
-        from . import driver
+        from ..engine import operation as driver
 
         try:
             result = driver.retry_pending(self.config)
@@ -250,7 +250,7 @@ def services(config: Config, renew_interval: float | None = None,
     found = [GeneratorRenewal(config, renew_interval), RevocationRetry(config, retry_interval)]
     if relay:
         # Opt-in: the agent then mounts for the kubelet, so it needs privileges and mount propagation.
-        from .relay import RelayServer
+        from .relay_server import RelayServer
 
         found.append(RelayServer(config))
     return found

@@ -12,7 +12,7 @@ import os
 import stat
 
 from . import files
-from .errors import DriverError
+from ..errors import DriverError
 
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT = 1, 2, 4, 8, 32
 MNT_DETACH = 2

@@ -1,0 +1,1 @@
+"""Operator commands' logic: bootstrap a node's generator token, install the driver."""
