@@ -33,6 +33,30 @@ def retry_revocations() -> None:
         raise SystemExit(1)
 
 
+@cli.command()
+@click.option("--dry-run", is_flag=True, help="Only print what would be revoked and why; change nothing.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
+def reconcile(dry_run: bool, as_json: bool) -> None:
+    """Once: revoke the tokens of volumes whose pod dir the kubelet removed without calling unmount.
+
+    The node agent does this on a schedule; this is for nodes without it (cron). Exits 1 when a
+    revocation had to be queued or a volume could not be examined.
+    """
+    import json
+
+    from .engine import reconcile as reconciler
+    from .config import Config
+
+    result = reconciler.reconcile(Config.from_env(), dry_run=dry_run)
+    if as_json:
+        click.echo(json.dumps(result, indent=2, sort_keys=True))
+    else:
+        for line in reconciler.summary(result):
+            click.echo(line)
+    if result["queued"] or result["errors"]:
+        raise SystemExit(1)
+
+
 class _Duration(click.ParamType):
     name = "duration"
 
@@ -74,23 +98,30 @@ def install(plugin_dir: str, source: str | None) -> None:
               help="Renew the generator token this often [default: half its period/TTL].")
 @click.option("--retry-interval", type=_Duration(), envvar="VAULTTMPFS_RETRY_INTERVAL", default="60s",
               show_default=True, help="Retry queued revocations this often.")
+@click.option("--reconcile-interval", type=_Duration(), envvar="VAULTTMPFS_RECONCILE_INTERVAL", default="60s",
+              show_default=True, help="Revoke the tokens of volumes whose pod dir is gone this often (and at start).")
 @click.option("--health-addr", envvar="VAULTTMPFS_HEALTH_ADDR", default="127.0.0.1:9829", show_default=True,
               help="host:port for GET /healthz and /livez; empty to disable.")
 @click.option("--relay/--no-relay", envvar="VAULTTMPFS_RELAY", default=False, show_default=True,
               help="Also do the driver's mount/unmount for it over VAULTTMPFS_AGENT_SOCKET (fast path; needs "
                    "a privileged agent with the kubelet's pods dir mounted with Bidirectional propagation).")
-def agent(renew_interval: float | None, retry_interval: float, health_addr: str, relay: bool) -> None:
-    """Run the node agent: renew the generator token, retry revocations, serve health. Stop with SIGTERM."""
+def agent(renew_interval: float | None, retry_interval: float, reconcile_interval: float, health_addr: str,
+          relay: bool) -> None:
+    """Run the node agent: renew the generator token, retry and reconcile revocations, serve health.
+
+    Stop with SIGTERM.
+    """
     from .node import agent as node_agent
     from . import log
     from .config import Config
 
     config = Config.from_env()
     log.get(config.log_file, component="agent").info(
-        "agent starting", renew_interval=renew_interval, retry_interval=retry_interval, health_addr=health_addr,
+        "agent starting", renew_interval=renew_interval, retry_interval=retry_interval,
+        reconcile_interval=reconcile_interval, health_addr=health_addr,
         vault_addr=config.vault_addr, generator_token_path=config.generator_token_path,
         relay=config.agent_socket if relay else None)
-    services = node_agent.services(config, renew_interval, retry_interval, relay)
+    services = node_agent.services(config, renew_interval, retry_interval, relay, reconcile_interval)
     node_agent.Agent(services, health_addr or None).run()
     log.get().info("agent stopped")
 

@@ -94,6 +94,15 @@ class StateStore:
         self._ensure(self.root)
         _write_json(os.path.join(self.root, _safe(name) + ".json"), value)
 
+    def list_volumes(self) -> list[dict[str, Any]]:
+        """Every volume record (each names its `mount_dir`); read without locks, so re-read under one."""
+        try:
+            names = sorted(os.listdir(self.volumes))
+        except FileNotFoundError:
+            return []
+        records = (_read_json(os.path.join(self.volumes, n)) for n in names if n.endswith(".json"))
+        return [r for r in records if r and isinstance(r.get("mount_dir"), str)]
+
 
 def _safe(accessor: str) -> str:
     return "".join(c for c in accessor if c.isalnum() or c in "._-")[:128] or "unnamed"
