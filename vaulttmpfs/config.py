@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from .errors import DriverError
 
-_DURATION = re.compile(r"(\d+)(h|m|s|ms)?")
+_DURATION = re.compile(r"(\d+)(ms|h|m|s)?")  # "ms" before "m", or "100ms" fails
 _UNIT_SECONDS = {"h": 3600, "m": 60, "s": 1, "ms": 0.001, None: 1}
 _TRUE = {"1", "t", "true", "yes", "on"}
 _FALSE = {"", "0", "f", "false", "no", "off"}
