@@ -2,8 +2,8 @@
 
 It keeps the node's generator token alive, retries revocations that unmount had to queue while
 Vault was down, revokes the tokens of volumes whose pod is gone without an unmount (reconcile),
-and answers health checks. It never touches mounts, so stopping it (or a crash)
-leaves every mounted volume as it is; unmount works without it. The exception is opt-in: with
+and answers health checks. It never touches a volume whose dir is there, so stopping it (or a
+crash) leaves every mounted volume as it is; unmount works without it. The exception is opt-in: with
 `--relay` it also serves the driver's fast path (see relay), mounting for the kubelet's calls.
 
 Everything it runs is a `Service` (start/stop/status); `services()` lists them, so another one
