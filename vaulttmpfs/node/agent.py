@@ -224,8 +224,10 @@ class ReconcileLoop(Loop):
                 recent = {k: done[k] for k in ("mount_dir", "pod_uid", "namespace", "pod", "action", "reason")}
                 state["recent"] = ([{**recent, "round": state["rounds"], "at": _iso(time.time())}]
                                    + state["recent"])[:RECENT_REVOCATIONS]
-        state.update(volumes=result["checked"], last_run=_iso(time.time()),
-                     last_error="; ".join(result["errors"]) or None)
+        error = "; ".join(result["errors"]) or None
+        if error and error != state["last_error"]:  # once per new error, not every round
+            log.get(self.config.log_file, service=self.name).warning("reconcile incomplete", error=error)
+        state.update(volumes=result["checked"], last_run=_iso(time.time()), last_error=error)
 
     def status(self) -> dict[str, Any]:
         return dict(self.state)
