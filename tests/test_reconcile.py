@@ -21,7 +21,7 @@ from vaulttmpfs.engine.state import StateStore
 
 from .conftest import remember_secret
 from .kubelet import is_mount_point
-from .test_agent import AgentProcess
+from .test_agent import AgentProcess, closed_addr
 from .vaultserver import VaultHTTPError
 
 NGINX = {"vault/policies": "nginx"}
@@ -185,6 +185,27 @@ def test_an_agent_that_cannot_see_the_pods_dir_revokes_nothing(kubelet, bao):
     assert code == 0 and result["revoked"] == 1
     assert alive(bao, gone_tokens) == {"pod": False, "wrapping": False}
     assert kubelet.teardown(live).ok
+
+
+def test_revocations_vault_cannot_take_are_queued_like_unmounts(kubelet, bao):
+    pod = kubelet.new_pod("gone")
+    reply, path = kubelet.mount(pod, NGINX)
+    assert reply.ok, reply.body
+    accessors = tokens(path)
+    orphan_cleanup(kubelet, pod, path)
+    down = {**kubelet.env, "VAULT_ADDR": closed_addr()}
+    proc = subprocess.run([*kubelet.driver_cmd, "reconcile"], env=down, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1, proc.stdout + proc.stderr  # cron sees that something is left to do
+    assert f"queued: {path}" in proc.stdout and "queued for retry" in proc.stdout and "queued 1" in proc.stdout
+    assert records(kubelet) == {}  # the record is done with; the queue holds what is left
+    pending = kubelet.root / "state" / "pending"
+    assert sorted(json.loads(p.read_text())["accessor"] for p in pending.glob("*.json")) == sorted(
+        [accessors["pod"], accessors["wrapping"]])
+    assert alive(bao, accessors) == {"pod": True, "wrapping": True}
+
+    retried = kubelet.call_cli("retry-revocations")  # what the agent's retry loop does, once
+    assert retried.returncode == 0 and "revoked 2" in retried.stdout, retried.stdout + retried.stderr
+    assert alive(bao, accessors) == {"pod": False, "wrapping": False}
 
 
 def lock_waiters(lock: Path) -> int:
