@@ -1,0 +1,69 @@
+"""The files consumers read, in the pod's shared memory emptyDir. Files only.
+
+- `token`: the bare token (Vault/OpenBao Agent `token_file` auto-auth, consul-template, VAULT_TOKEN);
+- `kubernetes-vault.json`: kubernetes-vault's format, read by vault-sidekick (AUTH_FORMAT=kubernetes-vault).
+  It is also our record: its accessor tells a restarted container the token is already here.
+- `ca.crt`: Vault's CA, copied from the volume when it has one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from dataclasses import dataclass
+
+from ..engine import files
+
+TOKEN_FILE = "token"
+RECORD_FILE = "kubernetes-vault.json"
+CA_FILE = "ca.crt"
+MAX_RECORD_BYTES = 64 * 1024
+
+
+@dataclass(frozen=True)
+class Held:
+    """The pod's token, as written out."""
+
+    token: str
+    accessor: str
+    lease_duration: int
+    renewable: bool
+
+
+def read_record(out_dir: str) -> dict | None:
+    """The kubernetes-vault JSON already there (a restart), or None."""
+    try:
+        with open(os.path.join(out_dir, RECORD_FILE), "rb") as handle:
+            record = json.loads(handle.read(MAX_RECORD_BYTES))
+    except (OSError, ValueError):
+        return None
+    ok = isinstance(record, dict) and all(isinstance(record.get(k), str) and record[k]
+                                          for k in ("clientToken", "accessor"))
+    return record if ok else None
+
+
+def file_mode(out_dir: str) -> int:
+    """0440 in a setgid dir (the kubelet's emptyDir under an fsGroup: files get that group), else 0400."""
+    return 0o440 if os.stat(out_dir).st_mode & stat.S_ISGID else 0o400
+
+
+def write(out_dir: str, held: Held, vault_addr: str, ca: bytes | None) -> None:
+    """Each file replaced atomically; the record first, so a crash part-way leaves it to heal from."""
+    mode = file_mode(out_dir)
+    record = {
+        "clientToken": held.token,
+        "accessor": held.accessor,
+        "leaseDuration": held.lease_duration,
+        "renewable": held.renewable,
+        "vaultAddr": vault_addr,
+    }
+    if ca is not None:
+        _replace(out_dir, CA_FILE, ca, mode | 0o044)  # public
+    _replace(out_dir, RECORD_FILE, json.dumps(record, indent=2).encode() + b"\n", mode)
+    _replace(out_dir, TOKEN_FILE, held.token.encode(), mode)
+
+
+def _replace(out_dir: str, name: str, data: bytes, mode: int) -> None:
+    # gid None: no chown (we are the pod's user); a setgid dir gives the file its group.
+    files.replace(os.path.join(out_dir, name), data, mode, gid=None, durable=False)
