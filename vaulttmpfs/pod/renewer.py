@@ -40,10 +40,11 @@ def keep_alive(config: Config, held: Held, options, stop: threading.Event, logge
         logger.error("the pod's token is not renewable: nothing to keep alive", accessor=held.accessor)
         return 1
     client = Vault(config, held.token)
-    ttl = float(held.lease_duration)
-    expires = time.monotonic() + ttl
-    wait, backoff = _next_wait(ttl, options.renew_fraction), FIRST_BACKOFF
-    logger.info("renewing the pod's token", accessor=held.accessor, ttl=ttl, every=wait)
+    # The lease known so far was counted from the token's creation (the mount), maybe long ago:
+    # renew at once, and learn the real TTL from Vault's answer.
+    expires = time.monotonic() + float(held.lease_duration)
+    wait, backoff = 0.0, FIRST_BACKOFF
+    logger.info("renewing the pod's token", accessor=held.accessor, fraction=options.renew_fraction)
     while not stop.wait(wait):
         try:
             auth = client.renew_self(what="the pod's token")

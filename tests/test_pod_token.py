@@ -1,0 +1,363 @@
+"""The pod's side: `vaulttmpfs token` exec'd (source and build) against volumes the driver mounted the
+kubelet's way, real OpenBao, and the real OpenBao agent as a consumer; the `vault/unwrap` option; the
+pod-side examples, validated offline and run for real where a real consumer exists here."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import stat
+import subprocess
+import time
+from pathlib import Path
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from .conftest import remember_secret
+from .vaultserver import REPO, VaultHTTPError, bao_binary, stop_process
+
+EXAMPLES = REPO / "installer" / "examples" / "pod-side"
+EXAMPLE_FILES = sorted(EXAMPLES.glob("*.yaml"))
+NGINX = {"vault/policies": "nginx"}
+SHORT_ROLE, PERIOD = "pod-short", 3  # seconds: the renewal tests' token period
+FS_GROUP = 2000
+
+
+@pytest.fixture(scope="module")
+def kv_secret(bao) -> dict:
+    """A KV v2 secret the nginx policy may read (the dev server mounts kv v2 at secret/)."""
+    data = {"password": "pod-side-" + os.urandom(4).hex(), "user": "app"}
+    bao.request("POST", "secret/data/nginx/app", {"data": data})
+    return data
+
+
+@pytest.fixture(scope="module")
+def short_role(bao) -> str:
+    """A token role with a 3 s period, which the session's generator token may create through."""
+    bao.write_role(SHORT_ROLE, allowed_policies=["nginx"], orphan=True, token_period=f"{PERIOD}s")
+    policy = bao.request("GET", "sys/policies/acl/token_generator")["data"]["policy"]
+    grant = f'path "auth/token/create/{SHORT_ROLE}" {{ capabilities = ["update"] }}'
+    if grant not in policy:
+        bao.write_policy("token_generator", policy + "\n" + grant + "\n")
+    return SHORT_ROLE
+
+
+def out_dir(tmp_path: Path, name: str = "out", group: int | None = FS_GROUP) -> Path:
+    """The shared emptyDir as the kubelet makes it under an fsGroup: group-owned, setgid."""
+    path = tmp_path / name
+    path.mkdir()
+    if group is not None:
+        os.chown(path, 0, group)
+        path.chmod(0o2770)
+    return path
+
+
+def token_argv(driver_cmd: list[str], volume: Path, out: Path, *flags: str) -> list[str]:
+    return [*driver_cmd, "token", "--volume", str(volume), "--out", str(out), *flags]
+
+
+def pod_env(bao) -> dict[str, str]:
+    # A container's environment: VAULT_ADDR and nothing of the node's settings.
+    return {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": str(REPO), "VAULT_ADDR": bao.addr}
+
+
+def run_token(driver_cmd, bao, volume, out, *flags) -> subprocess.CompletedProcess:
+    # umask 0: the files' modes must not depend on the container's umask.
+    return subprocess.run(token_argv(driver_cmd, volume, out, *flags), env=pod_env(bao), capture_output=True,
+                          text=True, timeout=60, umask=0)
+
+
+def start_token(driver_cmd, bao, volume, out, *flags) -> subprocess.Popen:
+    return subprocess.Popen(token_argv(driver_cmd, volume, out, *flags), env=pod_env(bao), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, umask=0)
+
+
+def log_lines(stderr: str) -> list[dict]:
+    """Every stderr line is one JSON log event."""
+    return [json.loads(line) for line in stderr.splitlines() if line.strip()]
+
+
+def wait_for(predicate, timeout: float, what: str, step: float = 0.1):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(step)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def read_kv(bao, token: str) -> dict:
+    return bao.request("GET", "secret/data/nginx/app", token=token)["data"]["data"]
+
+
+def wrapping_token(volume: Path) -> str:
+    return remember_secret((volume / "vault-token").read_text())
+
+
+def test_token_unwraps_once_writes_every_format_and_a_restart_reuses_it(kubelet, bao, kv_secret, driver_cmd,
+                                                                      tmp_path):
+    reply, volume = kubelet.mount(kubelet.new_pod("app"), NGINX, fs_group=FS_GROUP)
+    assert reply.ok, reply.body
+    wrapped = wrapping_token(volume)
+    meta = json.loads((volume / "vault-token.json").read_text())
+    out = out_dir(tmp_path)
+
+    first = run_token(driver_cmd, bao, volume, out)
+    assert first.returncode == 0, first.stderr
+    events = log_lines(first.stderr)
+    assert [e["event"] for e in events] == ["unwrapped the volume's token", "token ready"]
+    assert {e["level"] for e in events} == {"info"}
+
+    token = remember_secret((out / "token").read_text())
+    assert token != wrapped and "\n" not in token
+    assert read_kv(bao, token) == kv_secret  # the token works
+    record = json.loads((out / "kubernetes-vault.json").read_text())
+    assert record == {"clientToken": token, "accessor": meta["wrapped_accessor"], "leaseDuration": 3600,
+                      "renewable": True, "vaultAddr": bao.addr}
+    for name in ("token", "kubernetes-vault.json"):
+        info = (out / name).stat()
+        assert stat.S_IMODE(info.st_mode) == 0o440 and info.st_gid == FS_GROUP, name  # despite umask 0
+    assert sorted(os.listdir(out)) == ["kubernetes-vault.json", "token"]
+    assert token not in first.stderr and wrapped not in first.stderr
+
+    # The wrapping token is spent: any further unwrap fails...
+    with pytest.raises(VaultHTTPError, match="not valid or does not exist"):
+        bao.unwrap(wrapped)
+    # ...yet a restarted container succeeds with the same token: it never tried to unwrap.
+    again = run_token(driver_cmd, bao, volume, out)
+    assert again.returncode == 0, again.stderr
+    assert [(e["event"], e.get("reused")) for e in log_lines(again.stderr)] == [("token ready", True)]
+    assert (out / "token").read_text() == token
+    assert json.loads((out / "kubernetes-vault.json").read_text())["clientToken"] == token
+
+    # A restart after a crash between files heals from the record; without an fsGroup dir, 0400.
+    bare = out_dir(tmp_path, "bare", group=None)
+    (bare / "kubernetes-vault.json").write_bytes((out / "kubernetes-vault.json").read_bytes())
+    healed = run_token(driver_cmd, bao, volume, bare)
+    assert healed.returncode == 0, healed.stderr
+    assert (bare / "token").read_text() == token
+    assert stat.S_IMODE((bare / "token").stat().st_mode) == 0o400
+
+    assert kubelet.teardown(volume).ok
+    assert bao.lookup_accessor(meta["wrapped_accessor"]) is None
+
+
+def test_a_used_wrapping_token_names_possible_interception_and_writes_nothing(kubelet, bao, driver_cmd, tmp_path):
+    reply, volume = kubelet.mount(kubelet.new_pod("intercepted"), NGINX)
+    assert reply.ok, reply.body
+    stolen = bao.unwrap(wrapping_token(volume))["auth"]  # another reader got there first
+    remember_secret(stolen["client_token"])
+    out = out_dir(tmp_path)
+
+    result = run_token(driver_cmd, bao, volume, out)
+    assert result.returncode == 1
+    error = log_lines(result.stderr)[-1]
+    assert error["level"] == "error" and "already unwrapped by another reader" in error["error"]
+    assert "POSSIBLE INTERCEPTION" in error["error"] and "delete the pod" in error["error"]
+    assert os.listdir(out) == []
+    assert kubelet.teardown(volume).ok
+    assert bao.lookup_accessor(stolen["accessor"]) is None
+
+
+def test_an_expired_wrapping_token_says_so_and_writes_nothing(kubelet, bao, driver_cmd, tmp_path):
+    kubelet.env["VAULT_WRAP_TTL"] = "1s"
+    reply, volume = kubelet.mount(kubelet.new_pod("late"), NGINX)
+    assert reply.ok, reply.body
+    wrapping_token(volume)
+    time.sleep(1.5)
+    out = out_dir(tmp_path)
+
+    result = run_token(driver_cmd, bao, volume, out)
+    assert result.returncode == 1
+    error = log_lines(result.stderr)[-1]["error"]
+    assert "expired at" in error and "VAULT_WRAP_TTL" in error and "INTERCEPTION" not in error
+    assert os.listdir(out) == []
+    assert kubelet.teardown(volume).ok
+
+
+def test_renew_keeps_a_short_period_token_alive_and_exits_within_a_period_of_revocation(
+        kubelet, bao, short_role, driver_cmd, tmp_path):
+    reply, volume = kubelet.mount(kubelet.new_pod("renewed"), {**NGINX, "vault/role": short_role})
+    assert reply.ok, reply.body
+    accessor = json.loads((volume / "vault-token.json").read_text())["wrapped_accessor"]
+    out = out_dir(tmp_path)
+    proc = start_token(driver_cmd, bao, volume, out, "--renew")
+    try:
+        wait_for(lambda: (out / "token").exists(), 30, "the token file")
+        remember_secret((out / "token").read_text())
+        ttls, started = [], time.monotonic()
+        while time.monotonic() - started < 2.5 * PERIOD:  # a 3 s token would be long dead
+            info = bao.lookup_accessor(accessor)
+            assert info, f"the token died after {time.monotonic() - started:.1f}s"
+            ttls.append(info["ttl"])
+            time.sleep(0.3)
+        assert sum(later > earlier for earlier, later in zip(ttls, ttls[1:])) >= 3, ttls  # TTL went back up
+        assert proc.poll() is None
+
+        bao.request("POST", "auth/token/revoke-accessor", {"accessor": accessor})
+        revoked_at = time.monotonic()
+        code = proc.wait(timeout=PERIOD + 5)
+        assert time.monotonic() - revoked_at <= PERIOD
+        assert code == 1
+        error = log_lines(proc.stderr.read())[-1]
+        assert error["event"] == "the pod's token can no longer be renewed" and error["accessor"] == accessor
+    finally:
+        stop_process(proc)
+        assert kubelet.teardown(volume).ok
+
+
+def test_revoke_on_exit_revokes_the_token_on_sigterm(kubelet, bao, short_role, driver_cmd, tmp_path):
+    reply, volume = kubelet.mount(kubelet.new_pod("leaving"), {**NGINX, "vault/role": short_role})
+    assert reply.ok, reply.body
+    accessor = json.loads((volume / "vault-token.json").read_text())["wrapped_accessor"]
+    out = out_dir(tmp_path)
+    proc = start_token(driver_cmd, bao, volume, out, "--renew", "--revoke-on-exit")
+    try:
+        wait_for(lambda: (out / "token").exists(), 30, "the token file")
+        remember_secret((out / "token").read_text())
+        assert bao.lookup_accessor(accessor)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0
+        assert log_lines(proc.stderr.read())[-1]["event"] == "stopping; revoked the pod's token"
+        assert bao.lookup_accessor(accessor) is None
+        # A restarted sidecar finds the revoked token and says so instead of serving it.
+        again = run_token(driver_cmd, bao, volume, out)
+        assert again.returncode == 1 and "no longer valid" in log_lines(again.stderr)[-1]["error"]
+    finally:
+        stop_process(proc)
+        assert kubelet.teardown(volume).ok
+
+
+def test_revoke_on_exit_needs_renew(driver_cmd, bao, tmp_path):
+    result = run_token(driver_cmd, bao, tmp_path, tmp_path, "--revoke-on-exit")
+    assert result.returncode == 2 and "--revoke-on-exit needs --renew" in result.stderr
+
+
+def agent_example() -> tuple[dict, str]:
+    docs = [doc for doc in yaml.safe_load_all((EXAMPLES / "vault-agent.yaml").read_text()) if doc]
+    config_map = next(doc for doc in docs if doc["kind"] == "ConfigMap")
+    pod = next(doc for doc in docs if doc["kind"] == "Pod")
+    agent = next(c for c in pod["spec"]["initContainers"] if c["name"] == "vault-agent")
+    config_dir = next(m["mountPath"] for m in agent["volumeMounts"] if m["name"] == "agent-config")
+    return config_map["data"], config_dir
+
+
+def test_the_openbao_agent_renders_a_kv_secret_from_our_token_file(kubelet, bao, kv_secret, driver_cmd, tmp_path):
+    """The vault-agent.yaml example's own agent config, its paths moved under tmp_path, run for real."""
+    reply, volume = kubelet.mount(kubelet.new_pod("agent-fed"), NGINX, fs_group=FS_GROUP)
+    assert reply.ok, reply.body
+    out = out_dir(tmp_path)
+    assert run_token(driver_cmd, bao, volume, out).returncode == 0
+    remember_secret((out / "token").read_text())
+
+    data, config_dir = agent_example()
+    rendered_dir = tmp_path / "rendered"
+    rendered_dir.mkdir()
+    (tmp_path / "app.ctmpl").write_text(data["app.ctmpl"])
+    moves = {"https://vault.vault.svc:8200": bao.addr, "/var/run/vault/token": str(out / "token"),
+             f"{config_dir}/app.ctmpl": str(tmp_path / "app.ctmpl"),
+             "/var/run/secrets/app/config.env": str(rendered_dir / "config.env")}
+    config = data["agent.hcl"]
+    for old, new in moves.items():
+        assert old in config, old
+        config = config.replace(old, new)
+    (tmp_path / "agent.hcl").write_text(config)
+
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(tmp_path)}
+    with open(tmp_path / "agent.log", "wb") as agent_log:
+        agent = subprocess.Popen([bao_binary(), "agent", f"-config={tmp_path / 'agent.hcl'}"], env=env,
+                                 stdout=agent_log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        try:
+            rendered = wait_for(lambda: (rendered_dir / "config.env").exists()
+                                and (rendered_dir / "config.env").read_text(), 30, "the agent's template")
+        finally:
+            stop_process(agent)
+    lines = {line.strip() for line in rendered.splitlines() if line.strip()}
+    assert lines == {f"{key}={value}" for key, value in kv_secret.items()}
+    assert stat.S_IMODE((rendered_dir / "config.env").stat().st_mode) == 0o440
+    assert kubelet.teardown(volume).ok
+
+
+def test_unwrap_option_writes_a_plain_working_token_that_unmount_revokes(kubelet, bao, kv_secret, driver_cmd,
+                                                                        tmp_path):
+    reply, volume = kubelet.mount(kubelet.new_pod("cannot-unwrap"), {**NGINX, "vault/unwrap": "true"},
+                                  fs_group=FS_GROUP)
+    assert reply.ok, reply.body
+    token = remember_secret((volume / "vault-token").read_text())
+    meta_text = (volume / "vault-token.json").read_text()
+    assert token not in meta_text  # the metadata file never holds the token
+    meta = json.loads(meta_text)
+    assert meta["unwrapped"] is True and "wrapped_accessor" not in meta
+    info = bao.request("GET", "auth/token/lookup-self", token=token)["data"]
+    assert sorted(info["policies"]) == ["default", "nginx"] and info["accessor"] == meta["accessor"]
+    assert info["meta"]["created_by"] == "vaulttmpfs"
+    assert read_kv(bao, token) == kv_secret
+    for name in ("vault-token", "vault-token.json"):
+        assert stat.S_IMODE((volume / name).stat().st_mode) == 0o440
+
+    # `vaulttmpfs token` hands the plain token on in the same formats.
+    out = out_dir(tmp_path)
+    result = run_token(driver_cmd, bao, volume, out)
+    assert result.returncode == 0, result.stderr
+    assert (out / "token").read_text() == token
+    assert json.loads((out / "kubernetes-vault.json").read_text())["accessor"] == meta["accessor"]
+
+    assert kubelet.teardown(volume).ok
+    assert bao.lookup_accessor(meta["accessor"]) is None
+    with pytest.raises(VaultHTTPError, match="403"):
+        read_kv(bao, token)
+
+
+def test_unwrap_option_takes_only_true_or_false(kubelet):
+    reply, volume = kubelet.mount(kubelet.new_pod(), {**NGINX, "vault/unwrap": "maybe"})
+    assert reply.status == "Failure" and "'vault/unwrap' must be" in reply.message
+    assert not os.path.ismount(volume)
+
+
+# --- the examples: valid offline, and consistent with the command and each other ---
+
+def example_docs() -> list[tuple[Path, dict]]:
+    return [(path, doc) for path in EXAMPLE_FILES for doc in yaml.safe_load_all(path.read_text()) if doc]
+
+
+@pytest.mark.parametrize("path", EXAMPLE_FILES, ids=lambda p: p.name)
+def test_pod_side_example_validates_against_the_kubernetes_schemas(path):
+    # Native sidecars (an init container with restartPolicy: Always) need Kubernetes 1.29+.
+    for doc in yaml.safe_load_all(path.read_text()):
+        for version in ("1.29.0", kubernetes_validate.utils.latest_version()):
+            kubernetes_validate.validate(doc, version, strict=True)
+
+
+def test_pod_side_examples_use_the_command_as_it_is():
+    from vaulttmpfs.cli import cli
+
+    assert {p.name for p in EXAMPLE_FILES} == {"init-and-sidecar.yaml", "vault-agent.yaml", "vault-sidekick.yaml"}
+    commands = 0
+    for path, doc in example_docs():
+        if doc["kind"] != "Pod":
+            continue
+        spec = doc["spec"]
+        assert spec["securityContext"]["fsGroup"]  # the volume's files are readable by the pod's group only
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        for container in spec.get("initContainers", []) + spec["containers"]:
+            mounts = {m["mountPath"]: m["name"] for m in container.get("volumeMounts", [])}
+            if container.get("command", [None])[-1] != "token":
+                continue
+            commands += 1
+            args = container["args"]
+            cli.commands["token"].make_context("token", list(args))  # flags the command knows
+            volume, out = args[args.index("--volume") + 1], args[args.index("--out") + 1]
+            assert volumes[mounts[volume]]["flexVolume"]["driver"] == "cloudwatt/vaulttmpfs", path.name
+            assert volumes[mounts[out]]["emptyDir"]["medium"] == "Memory", path.name
+            assert {"name": "VAULT_ADDR", "value": "https://vault.vault.svc:8200"} in container["env"]
+        if path.name == "vault-sidekick.yaml":
+            env = {e["name"]: e["value"] for e in spec["containers"][0]["env"]}
+            assert env["AUTH_FORMAT"] == "kubernetes-vault" and env["AUTH_FILE"] == "/var/run/vault/kubernetes-vault.json"
+        if path.name == "init-and-sidecar.yaml":
+            sidecar = spec["initContainers"][1]
+            assert sidecar["restartPolicy"] == "Always" and "--renew" in sidecar["args"]
+    assert commands == 4
