@@ -19,6 +19,7 @@ import pytest
 import yaml
 
 from .conftest import remember_secret
+from .faultserver import FaultServer
 from .vaultserver import REPO, VaultHTTPError, bao_binary, stop_process
 
 EXAMPLES = REPO / "installer" / "examples" / "pod-side"
@@ -61,20 +62,20 @@ def token_argv(driver_cmd: list[str], volume: Path, out: Path, *flags: str) -> l
     return [*driver_cmd, "token", "--volume", str(volume), "--out", str(out), *flags]
 
 
-def pod_env(bao) -> dict[str, str]:
+def pod_env(vault_addr: str) -> dict[str, str]:
     # A container's environment: VAULT_ADDR and nothing of the node's settings.
-    return {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": str(REPO), "VAULT_ADDR": bao.addr}
+    return {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": str(REPO), "VAULT_ADDR": vault_addr}
 
 
-def run_token(driver_cmd, bao, volume, out, *flags) -> subprocess.CompletedProcess:
+def run_token(driver_cmd, bao, volume, out, *flags, vault_addr: str | None = None) -> subprocess.CompletedProcess:
     # umask 0: the files' modes must not depend on the container's umask.
-    return subprocess.run(token_argv(driver_cmd, volume, out, *flags), env=pod_env(bao), capture_output=True,
-                          text=True, timeout=60, umask=0)
+    return subprocess.run(token_argv(driver_cmd, volume, out, *flags), env=pod_env(vault_addr or bao.addr),
+                          capture_output=True, text=True, timeout=60, umask=0)
 
 
-def start_token(driver_cmd, bao, volume, out, *flags) -> subprocess.Popen:
-    return subprocess.Popen(token_argv(driver_cmd, volume, out, *flags), env=pod_env(bao), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, umask=0)
+def start_token(driver_cmd, bao, volume, out, *flags, vault_addr: str | None = None) -> subprocess.Popen:
+    return subprocess.Popen(token_argv(driver_cmd, volume, out, *flags), env=pod_env(vault_addr or bao.addr),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, umask=0)
 
 
 def log_lines(stderr: str) -> list[dict]:
@@ -215,6 +216,67 @@ def test_renew_keeps_a_short_period_token_alive_and_exits_within_a_period_of_rev
     finally:
         stop_process(proc)
         assert kubelet.teardown(volume).ok
+
+
+def test_renew_backs_off_through_vault_errors_and_exits_once_the_token_has_expired(
+        kubelet, bao, short_role, driver_cmd, tmp_path):
+    reply, volume = kubelet.mount(kubelet.new_pod("flaky"), {**NGINX, "vault/role": short_role})
+    assert reply.ok, reply.body
+    accessor = json.loads((volume / "vault-token.json").read_text())["wrapped_accessor"]
+    out = out_dir(tmp_path)
+    renew = "/v1/auth/token/renew-self"
+    with FaultServer(bao.addr) as gateway:
+        proc = start_token(driver_cmd, bao, volume, out, "--renew", vault_addr=gateway.addr)
+        try:
+            wait_for(lambda: gateway.count(renew) >= 1, 30, "the first renewal")
+            remember_secret((out / "token").read_text())
+            # One renewal fails (all its attempts): retried sooner, the token lives on.
+            gateway.add(renew, "error", times=3, status=503)
+            time.sleep(2 * PERIOD)
+            assert proc.poll() is None and bao.lookup_accessor(accessor)
+            # Vault stays away: it gives up once the token has expired, within about one period.
+            failing_since = time.monotonic()
+            gateway.add(renew, "error", status=503)
+            assert proc.wait(timeout=PERIOD + 10) == 1
+            assert time.monotonic() - failing_since <= PERIOD + 1
+        finally:
+            stop_process(proc)
+    events = log_lines(proc.stderr.read())
+    retries = [e for e in events if e["event"] == "renewal failed; retrying"]
+    assert retries and all(0 < e["retry_in"] <= PERIOD for e in retries)
+    renewed_after_retry = [e["event"] for e in events[events.index(retries[0]):]]
+    assert "renewed the pod's token" in renewed_after_retry
+    assert events[-1]["event"] == "the pod's token expired before Vault could renew it"
+    assert bao.lookup_accessor(accessor) is None  # expired in Vault too
+    assert kubelet.teardown(volume).ok
+
+
+def test_an_unwrap_that_got_no_answer_is_never_resent_and_the_restart_says_why(kubelet, bao, driver_cmd, tmp_path):
+    """A gateway passes the unwrap to Vault, then drops the answer: the token is spent, not intercepted."""
+    reply, volume = kubelet.mount(kubelet.new_pod("dropped"), NGINX)
+    assert reply.ok, reply.body
+    wrapping_token(volume)
+    out = out_dir(tmp_path)
+    unwrap = "/v1/sys/wrapping/unwrap"
+    with FaultServer(bao.addr) as gateway:
+        gateway.add(unwrap, "hold-answer")
+        proc = start_token(driver_cmd, bao, volume, out, vault_addr=gateway.addr)
+        try:
+            assert gateway.arrived.wait(30)
+            gateway.release.set()
+            assert proc.wait(timeout=30) == 1
+        finally:
+            stop_process(proc)
+        assert gateway.count(unwrap) == 1  # not resent
+    first = log_lines(proc.stderr.read())[-1]["error"]
+    assert "if Vault acted on it anyway" in first
+    assert [p.name for p in out.iterdir() if not p.name.startswith(".")] == []  # no token files
+
+    restart = run_token(driver_cmd, bao, volume, out)
+    assert restart.returncode == 1
+    error = log_lines(restart.stderr)[-1]["error"]
+    assert "got no answer" in error and "INTERCEPTION" not in error
+    assert kubelet.teardown(volume).ok
 
 
 def test_revoke_on_exit_revokes_the_token_on_sigterm(kubelet, bao, short_role, driver_cmd, tmp_path):

@@ -18,6 +18,7 @@ from ..engine import files
 TOKEN_FILE = "token"
 RECORD_FILE = "kubernetes-vault.json"
 CA_FILE = "ca.crt"
+UNANSWERED_FILE = ".unwrap-unanswered"  # no secret in it: which wrapping token got no answer, and when
 MAX_RECORD_BYTES = 64 * 1024
 
 
@@ -43,6 +44,23 @@ def read_record(out_dir: str) -> dict | None:
     return record if ok else None
 
 
+def note_unanswered(out_dir: str, accessor: str, when: float) -> None:
+    """An unwrap went out and no answer came back: Vault may have acted. Kept so the next run can say so."""
+    data = json.dumps({"accessor": accessor, "at": when}).encode()
+    files.replace(os.path.join(out_dir, UNANSWERED_FILE), data, 0o400, gid=None, durable=False)
+
+
+def unanswered(out_dir: str, accessor: str) -> float | None:
+    """When an earlier run's unwrap of this volume's token got no answer, if one did."""
+    try:
+        with open(os.path.join(out_dir, UNANSWERED_FILE), "rb") as handle:
+            note = json.loads(handle.read(4096))
+    except (OSError, ValueError):
+        return None
+    ok = isinstance(note, dict) and note.get("accessor") == accessor and isinstance(note.get("at"), (int, float))
+    return note["at"] if ok else None
+
+
 def file_mode(out_dir: str) -> int:
     """0440 in a setgid dir (the kubelet's emptyDir under an fsGroup: files get that group), else 0400."""
     return 0o440 if os.stat(out_dir).st_mode & stat.S_ISGID else 0o400
@@ -62,6 +80,10 @@ def write(out_dir: str, held: Held, vault_addr: str, ca: bytes | None) -> None:
         _replace(out_dir, CA_FILE, ca, mode | 0o044)  # public
     _replace(out_dir, RECORD_FILE, json.dumps(record, indent=2).encode() + b"\n", mode)
     _replace(out_dir, TOKEN_FILE, held.token.encode(), mode)
+    try:
+        os.unlink(os.path.join(out_dir, UNANSWERED_FILE))
+    except FileNotFoundError:
+        pass
 
 
 def _replace(out_dir: str, name: str, data: bytes, mode: int) -> None:

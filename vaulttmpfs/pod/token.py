@@ -70,7 +70,7 @@ def obtain(config: Config, volume: source.VolumeToken, out_dir: str, logger) -> 
     if record and record["accessor"] == volume.accessor:
         held = _reuse(config, record, logger)
     elif volume.wrapped:
-        held = _unwrap(config, volume, logger)
+        held = _unwrap(config, volume, out_dir, logger)
     else:
         held = _plain(config, volume)
     try:
@@ -103,7 +103,7 @@ def _reuse(config: Config, record: dict, logger) -> Held:
                 bool(info.get("renewable", record.get("renewable"))))
 
 
-def _unwrap(config: Config, volume: source.VolumeToken, logger) -> Held:
+def _unwrap(config: Config, volume: source.VolumeToken, out_dir: str, logger) -> Held:
     from ..vault.client import Vault
 
     # Never resent: a gateway that passed the first one on and then failed would make the second
@@ -112,8 +112,12 @@ def _unwrap(config: Config, volume: source.VolumeToken, logger) -> Held:
     try:
         response = client.unwrap_self()
     except VaultDenied as exc:
-        raise DriverError(_unwrap_refused(volume, exc)) from None
+        raise DriverError(_unwrap_refused(volume, exc, output.unanswered(out_dir, volume.accessor))) from None
     except VaultUnavailable as exc:
+        try:
+            output.note_unanswered(out_dir, volume.accessor, time.time())
+        except OSError:
+            pass
         raise DriverError(f"{exc}; if Vault acted on it anyway the wrapping token is now used and this pod needs a "
                           "new volume (delete the pod); otherwise the next restart of this container tries again") \
             from None
@@ -131,12 +135,16 @@ def _unwrap(config: Config, volume: source.VolumeToken, logger) -> Held:
     return held
 
 
-def _unwrap_refused(volume: source.VolumeToken, exc: Exception) -> str:
+def _unwrap_refused(volume: source.VolumeToken, exc: Exception, unanswered_at: float | None) -> str:
     where = f"the wrapping token in {volume.directory}"
     if "not valid or does not exist" not in str(exc).lower():
         return f"unwrapping {where} failed: {exc}"
-    if volume.expires_at is not None and time.time() >= volume.expires_at:
-        cause = (f"it expired at {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(volume.expires_at))} "
+    if unanswered_at is not None:
+        cause = (f"an earlier run of this container sent the unwrap at {_iso(unanswered_at)} and got no answer: "
+                 "Vault most likely unwrapped it then, and the answer was lost on the way (a network fault, "
+                 "not necessarily interception)")
+    elif volume.expires_at is not None and time.time() >= volume.expires_at:
+        cause = (f"it expired at {_iso(volume.expires_at)} "
                  "(the volume's wrap TTL, VAULT_WRAP_TTL on the node, ran out before the pod unwrapped it)")
     else:
         cause = ("it was already unwrapped by another reader: POSSIBLE INTERCEPTION if no other container of "
@@ -144,6 +152,10 @@ def _unwrap_refused(volume: source.VolumeToken, exc: Exception) -> str:
                  "pod's token as compromised")
     return (f"{where} cannot be unwrapped: {cause}. Nothing was written; delete the pod to get a new volume "
             f"(its unmount revokes the token, accessor {volume.accessor})")
+
+
+def _iso(when: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(when))
 
 
 def _plain(config: Config, volume: source.VolumeToken) -> Held:
