@@ -153,6 +153,21 @@ def test_token_unwraps_once_writes_every_format_and_a_restart_reuses_it(kubelet,
     assert bao.lookup_accessor(meta["wrapped_accessor"]) is None
 
 
+def test_two_containers_starting_together_unwrap_once_and_share_the_token(kubelet, bao, driver_cmd, tmp_path):
+    reply, volume = kubelet.mount(kubelet.new_pod("twins"), NGINX)
+    assert reply.ok, reply.body
+    wrapping_token(volume)
+    out = out_dir(tmp_path)
+    procs = [start_token(driver_cmd, bao, volume, out) for _ in range(3)]
+    codes = [proc.wait(timeout=60) for proc in procs]
+    events = [e for proc in procs for e in log_lines(proc.stderr.read())]
+    assert codes == [0, 0, 0], events
+    assert [e["event"] for e in events].count("unwrapped the volume's token") == 1
+    assert sorted(e["reused"] for e in events if e["event"] == "token ready") == [False, True, True]
+    remember_secret((out / "token").read_text())
+    assert kubelet.teardown(volume).ok
+
+
 def test_a_used_wrapping_token_names_possible_interception_and_writes_nothing(kubelet, bao, driver_cmd, tmp_path):
     reply, volume = kubelet.mount(kubelet.new_pod("intercepted"), NGINX)
     assert reply.ok, reply.body

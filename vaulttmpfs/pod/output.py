@@ -8,10 +8,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import stat
 from dataclasses import dataclass
+from typing import Iterator
 
 from ..engine import files
 
@@ -30,6 +33,18 @@ class Held:
     accessor: str
     lease_duration: int
     renewable: bool
+
+
+@contextlib.contextmanager
+def locked(out_dir: str) -> Iterator[None]:
+    """One writer at a time: two containers started together must not both try the single-use unwrap
+    (the loser would report an interception that is not one)."""
+    fd = os.open(out_dir, os.O_RDONLY | os.O_DIRECTORY)  # the dir itself: no lock file left behind
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def read_record(out_dir: str) -> dict | None:

@@ -66,20 +66,22 @@ def obtain(config: Config, volume: source.VolumeToken, out_dir: str, logger) -> 
     if not os.path.isdir(out_dir):
         raise DriverError(f"output dir {out_dir} does not exist: mount an emptyDir (medium: Memory) there, "
                           "or name it with --out")
-    record = output.read_record(out_dir)
-    if record and record["accessor"] == volume.accessor:
-        held = _reuse(config, record, logger)
-    elif volume.wrapped:
-        held = _unwrap(config, volume, out_dir, logger)
-    else:
-        held = _plain(config, volume)
     try:
-        output.write(out_dir, held, config.vault_addr, _read_ca(volume))
+        with output.locked(out_dir):
+            record = output.read_record(out_dir)
+            reused = bool(record and record["accessor"] == volume.accessor)
+            if reused:
+                held = _reuse(config, record, logger)
+            elif volume.wrapped:
+                held = _unwrap(config, volume, out_dir, logger)
+            else:
+                held = _plain(config, volume)
+            output.write(out_dir, held, config.vault_addr, _read_ca(volume))
     except OSError as exc:
-        raise DriverError(f"cannot write the token into {out_dir}: {exc.strerror or exc} (the volume's token "
-                          f"accessor {held.accessor} stays valid until the pod's volume is unmounted)") from None
-    logger.info("token ready", accessor=held.accessor, reused=bool(record and record["accessor"] == volume.accessor),
-                lease_duration=held.lease_duration, renewable=held.renewable)
+        raise DriverError(f"cannot write into {out_dir}: {exc.strerror or exc} (the pod's user must be able to "
+                          "write there: an emptyDir under the pod's fsGroup)") from None
+    logger.info("token ready", accessor=held.accessor, reused=reused, lease_duration=held.lease_duration,
+                renewable=held.renewable)
     return held
 
 
