@@ -159,7 +159,11 @@ def test_two_containers_starting_together_unwrap_once_and_share_the_token(kubele
     wrapping_token(volume)
     out = out_dir(tmp_path)
     procs = [start_token(driver_cmd, bao, volume, out) for _ in range(3)]
-    codes = [proc.wait(timeout=60) for proc in procs]
+    try:
+        codes = [proc.wait(timeout=60) for proc in procs]
+    finally:
+        for proc in procs:
+            stop_process(proc)
     events = [e for proc in procs for e in log_lines(proc.stderr.read())]
     assert codes == [0, 0, 0], events
     assert [e["event"] for e in events].count("unwrapped the volume's token") == 1
