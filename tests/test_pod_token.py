@@ -320,9 +320,12 @@ def test_revoke_on_exit_revokes_the_token_on_sigterm(kubelet, bao, short_role, d
         assert kubelet.teardown(volume).ok
 
 
-def test_revoke_on_exit_needs_renew(driver_cmd, bao, tmp_path):
+def test_revoke_on_exit_needs_renew_and_vault_addr_is_required(driver_cmd, bao, tmp_path):
     result = run_token(driver_cmd, bao, tmp_path, tmp_path, "--revoke-on-exit")
     assert result.returncode == 2 and "--revoke-on-exit needs --renew" in result.stderr
+    no_addr = subprocess.run(token_argv(driver_cmd, tmp_path, tmp_path), env={**pod_env(""), "VAULT_ADDR": ""},
+                             capture_output=True, text=True, timeout=60)
+    assert no_addr.returncode == 1 and "VAULT_ADDR is not set" in log_lines(no_addr.stderr)[-1]["error"]
 
 
 def agent_example() -> tuple[dict, str]:
