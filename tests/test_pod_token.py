@@ -18,9 +18,11 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from .conftest import remember_secret
+from .conftest import driver_env, remember_secret, token_file, unmount_everything_under
 from .faultserver import FaultServer
-from .vaultserver import REPO, VaultHTTPError, bao_binary, stop_process
+from .kubelet import Kubelet
+from .pki import issue, make_ca
+from .vaultserver import REPO, VaultHTTPError, VaultServer, bao_binary, free_port, stop_process
 
 EXAMPLES = REPO / "installer" / "examples" / "pod-side"
 EXAMPLE_FILES = sorted(EXAMPLES.glob("*.yaml"))
@@ -318,6 +320,47 @@ def test_revoke_on_exit_revokes_the_token_on_sigterm(kubelet, bao, short_role, d
     finally:
         stop_process(proc)
         assert kubelet.teardown(volume).ok
+
+
+@pytest.fixture(scope="module")
+def tls_bao(tmp_path_factory):
+    """OpenBao with a TLS listener too, its certificate from a throwaway CA the pod does not know."""
+    pki = tmp_path_factory.mktemp("pod-pki")
+    make_ca(pki, "ca")
+    issue(pki, "server", "ca", "/CN=vault.test", san="IP:127.0.0.1")
+    port = free_port()
+    (pki / "listener.hcl").write_text(f'listener "tcp" {{\n  address = "127.0.0.1:{port}"\n'
+                                      f'  tls_cert_file = "{pki}/server.pem"\n  tls_key_file = "{pki}/server.key"\n}}\n')
+    with VaultServer(extra_args=[f"-config={pki / 'listener.hcl'}"]) as server:
+        server.setup_driver()
+        auth = server.generator_token()
+        yield {"server": server, "ca": pki / "ca.pem", "addr": f"https://127.0.0.1:{port}",
+               "generator": {"path": token_file(pki, auth["client_token"])}}
+
+
+def test_the_volumes_ca_verifies_vault_for_the_pod(tls_bao, driver_cmd, tmp_path, log_dir):
+    root = tmp_path / "node"
+    root.mkdir()
+    server = tls_bao["server"]
+    node = Kubelet(driver_cmd, driver_env(server, tls_bao["generator"], root, log_dir, VAULT_ADDR=tls_bao["addr"],
+                                          VAULT_CACERT=str(tls_bao["ca"])), root)
+    try:
+        reply, volume = node.mount(node.new_pod("tls"), NGINX, fs_group=FS_GROUP)
+        assert reply.ok, reply.body
+        wrapping_token(volume)
+        out = out_dir(tmp_path)
+        # The pod knows only Vault's address: the volume's ca.crt is what makes TLS verify.
+        result = run_token(driver_cmd, server, volume, out, vault_addr=tls_bao["addr"])
+        assert result.returncode == 0, result.stderr
+        token = remember_secret((out / "token").read_text())
+        assert server.request("GET", "auth/token/lookup-self", token=token)["data"]["policies"] == ["default", "nginx"]
+        assert (out / "ca.crt").read_bytes() == tls_bao["ca"].read_bytes()
+        assert stat.S_IMODE((out / "ca.crt").stat().st_mode) == 0o444
+        assert json.loads((out / "kubernetes-vault.json").read_text())["vaultAddr"] == tls_bao["addr"]
+        assert node.teardown(volume).ok
+        assert server.lookup_accessor(json.loads((out / "kubernetes-vault.json").read_text())["accessor"]) is None
+    finally:
+        unmount_everything_under(root)
 
 
 def test_revoke_on_exit_needs_renew_and_vault_addr_is_required(driver_cmd, bao, tmp_path):
