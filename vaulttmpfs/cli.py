@@ -79,7 +79,11 @@ def install(plugin_dir: str, source: str | None) -> None:
 @click.option("--relay/--no-relay", envvar="VAULTTMPFS_RELAY", default=False, show_default=True,
               help="Also do the driver's mount/unmount for it over VAULTTMPFS_AGENT_SOCKET (fast path; needs "
                    "a privileged agent with the kubelet's pods dir mounted with Bidirectional propagation).")
-def agent(renew_interval: float | None, retry_interval: float, health_addr: str, relay: bool) -> None:
+@click.option("--csi-endpoint", envvar="VAULTTMPFS_CSI_ENDPOINT", metavar="unix:///PATH",
+              help="Also serve the CSI node plugin (driver vaulttmpfs.cloudwatt.com) on this unix socket, e.g. "
+                   "unix:///csi/csi.sock (needs the same privileges and mount propagation as --relay).")
+def agent(renew_interval: float | None, retry_interval: float, health_addr: str, relay: bool,
+          csi_endpoint: str | None) -> None:
     """Run the node agent: renew the generator token, retry revocations, serve health. Stop with SIGTERM."""
     from .node import agent as node_agent
     from . import log
@@ -89,8 +93,8 @@ def agent(renew_interval: float | None, retry_interval: float, health_addr: str,
     log.get(config.log_file, component="agent").info(
         "agent starting", renew_interval=renew_interval, retry_interval=retry_interval, health_addr=health_addr,
         vault_addr=config.vault_addr, generator_token_path=config.generator_token_path,
-        relay=config.agent_socket if relay else None)
-    services = node_agent.services(config, renew_interval, retry_interval, relay)
+        relay=config.agent_socket if relay else None, csi_endpoint=csi_endpoint)
+    services = node_agent.services(config, renew_interval, retry_interval, relay, csi_endpoint)
     node_agent.Agent(services, health_addr or None).run()
     log.get().info("agent stopped")
 

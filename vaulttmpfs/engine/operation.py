@@ -19,11 +19,12 @@ from typing import Any
 from .. import log
 from . import generator, volume
 from ..config import Config
-from ..errors import DriverError, VaultDenied
+from ..errors import DriverError, Forbidden, VaultDenied
+from .layout import FLEXVOLUME, Layout
 from .state import StateStore
 
 MOUNT_SOURCE = "vaulttmpfs"  # the tmpfs "device" name: how we recognise our own mounts
-PLUGIN_DIR = "cloudwatt~vaulttmpfs"  # <pods dir>/<pod uid>/volumes/<this>/<volume name>
+PLUGIN_DIR = FLEXVOLUME.plugin_dir  # <pods dir>/<pod uid>/volumes/<this>/<volume name>
 GENERATOR_CHECK_SECONDS = 3600  # how long "the generator token is not root" is trusted
 
 
@@ -39,6 +40,7 @@ class MountRequest:
     volume_name: str = ""
     fs_group: int | None = None
     read_only: bool = False
+    layout: Layout = FLEXVOLUME  # which kubelet path layout the mount dir follows (per front end)
 
     def token_metadata(self, node: str) -> dict[str, str]:
         meta = {
@@ -224,17 +226,11 @@ def retry_pending(config: Config) -> dict[str, int]:
 
 def _admit(config: Config, request: MountRequest, logger) -> MountRequest:
     """Who is asking, and may they? Decided before anything is read, mounted or minted."""
-    parts = volume.parts_below(request.mount_dir, config.pods_dir)
-    if not parts or len(parts) != 4 or parts[1:3] != ["volumes", PLUGIN_DIR]:
-        raise DriverError(
-            f"mount dir {request.mount_dir} is not a pod volume dir <pods dir>/<pod uid>/volumes/{PLUGIN_DIR}/<name> "
-            f"below VAULTTMPFS_PODS_DIR={config.pods_dir} (symlinks below it are refused); set "
-            "VAULTTMPFS_PODS_DIR when the kubelet runs with another --root-dir"
-        )
+    pod_uid, _volume = request.layout.parts(request.mount_dir, config.pods_dir)
     # The uid in the kubelet's path cannot be chosen by the pod; the pod's options can override any key.
-    if request.pod_uid and request.pod_uid != parts[0]:
-        raise DriverError(f"option kubernetes.io/pod.uid={request.pod_uid!r} does not match the pod uid "
-                          f"{parts[0]!r} in the mount dir: refusing a spoofed identity")
+    if request.pod_uid and request.pod_uid != pod_uid:
+        raise Forbidden(f"the pod uid {request.pod_uid!r} given with the call does not match the pod uid "
+                        f"{pod_uid!r} in the mount dir: refusing a spoofed identity")
     if config.policy_bindings:
         from . import bindings
 
@@ -244,7 +240,7 @@ def _admit(config: Config, request: MountRequest, logger) -> MountRequest:
                     service_account=request.service_account)
     else:
         logger.warning("no VAULTTMPFS_POLICY_BINDINGS: any pod may ask for any policy the token role allows")
-    return replace(request, pod_uid=parts[0])
+    return replace(request, pod_uid=pod_uid)
 
 
 def _refuse_root_generator(config: Config, store: StateStore, token: str) -> None:

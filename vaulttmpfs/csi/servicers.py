@@ -1,0 +1,165 @@
+"""CSI Identity, Node and (empty) Controller services: each RPC is a short translation between the
+kubelet's request and the engine. Nothing here decides policy, mounts or talks to Vault.
+
+Identity comes from the keys the kubelet merges OVER the pod's own volume attributes
+(`csi.storage.k8s.io/*`, CSIDriver podInfoOnMount), so a pod cannot forge them; and the pod uid must
+also match the one in the target path, which proves the kubelet (not the pod) supplied them.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+
+from google.protobuf import wrappers_pb2
+
+from .. import __version__
+from ..config import Config
+from ..engine import attributes, operation
+from ..engine.layout import CSI
+from ..errors import BadRequest, DriverError
+from . import DRIVER_NAME, csi_pb2, csi_pb2_grpc
+
+KUBELET = "csi.storage.k8s.io/"
+POD_NAME, POD_NAMESPACE, POD_UID = KUBELET + "pod.name", KUBELET + "pod.namespace", KUBELET + "pod.uid"
+SERVICE_ACCOUNT, EPHEMERAL = KUBELET + "serviceAccount.name", KUBELET + "ephemeral"
+TARGET_MODE = 0o750  # as the kubelet makes the parent; the tmpfs mounted over it sets its own mode
+MAX_GID = 2**31 - 1
+
+
+class Identity(csi_pb2_grpc.IdentityServicer):
+    def GetPluginInfo(self, request, context):  # noqa: N802 -- the CSI spec's names
+        return csi_pb2.GetPluginInfoResponse(name=DRIVER_NAME, vendor_version=__version__)
+
+    def GetPluginCapabilities(self, request, context):  # noqa: N802
+        return csi_pb2.GetPluginCapabilitiesResponse()  # node-only: no controller service to call
+
+    def Probe(self, request, context):  # noqa: N802
+        return csi_pb2.ProbeResponse(ready=wrappers_pb2.BoolValue(value=True))
+
+
+class Controller(csi_pb2_grpc.ControllerServicer):
+    """Nothing to provision or attach: answers so that generic CSI suites (csi-sanity) can run."""
+
+    def ControllerGetCapabilities(self, request, context):  # noqa: N802
+        return csi_pb2.ControllerGetCapabilitiesResponse()
+
+
+class Node(csi_pb2_grpc.NodeServicer):
+    def __init__(self, config: Config):
+        self.config = config
+
+    def NodeGetCapabilities(self, request, context):  # noqa: N802
+        # No STAGE_UNSTAGE_VOLUME: the kubelet publishes directly. VOLUME_MOUNT_GROUP: it hands us the
+        # pod's fsGroup instead of chgrp-ing the files itself (which would leave them group-writable).
+        rpc = csi_pb2.NodeServiceCapability.RPC
+        return csi_pb2.NodeGetCapabilitiesResponse(capabilities=[
+            csi_pb2.NodeServiceCapability(rpc=rpc(type=rpc.VOLUME_MOUNT_GROUP))])
+
+    def NodeGetInfo(self, request, context):  # noqa: N802
+        return csi_pb2.NodeGetInfoResponse(node_id=self.config.node_name)
+
+    def NodePublishVolume(self, request, context):  # noqa: N802
+        mount_request = publish_request(request, self.config)
+        created = _make_target(request.target_path)
+        try:
+            operation.mount(self.config, mount_request)
+        except BaseException:
+            if created:
+                _remove_target(request.target_path, missing_ok=True)
+            raise
+        return csi_pb2.NodePublishVolumeResponse()
+
+    def NodeUnpublishVolume(self, request, context):  # noqa: N802
+        _required(request, "volume_id", "target_path")
+        CSI.parts(request.target_path, self.config.pods_dir)  # only ever unmount/remove inside the layout
+        operation.unmount(self.config, request.target_path)
+        _remove_target(request.target_path, missing_ok=True)  # the spec: the SP deletes what it created
+        return csi_pb2.NodeUnpublishVolumeResponse()
+
+
+def publish_request(request, config: Config) -> operation.MountRequest:
+    """The engine's request from the kubelet's, or BadRequest naming the field or attribute."""
+    _required(request, "volume_id", "target_path")
+    pod_uid, volume_name = CSI.parts(request.target_path, config.pods_dir)
+    context = dict(request.volume_context)
+    if context.get(EPHEMERAL) != "true":
+        raise BadRequest(f"attribute {EPHEMERAL!r} is not \"true\": vaulttmpfs serves ephemeral inline volumes "
+                         "only; the CSIDriver needs podInfoOnMount: true and volumeLifecycleModes: [Ephemeral]")
+    for key in (POD_UID, POD_NAMESPACE, POD_NAME, SERVICE_ACCOUNT):
+        if not context.get(key):
+            raise BadRequest(f"attribute {key!r} is missing: the CSIDriver {DRIVER_NAME} needs podInfoOnMount: true")
+    expected_id = "csi-" + hashlib.sha256((pod_uid + volume_name).encode()).hexdigest()
+    if request.volume_id != expected_id:
+        raise BadRequest(f"volume_id {request.volume_id!r} is not the kubelet's handle for volume "
+                         f"{volume_name!r} of pod {pod_uid} ({expected_id})")
+    unknown = sorted(k for k in context if k.startswith("vault/") and k not in attributes.KNOWN)
+    if unknown:
+        raise BadRequest(f"unknown attribute {unknown[0]!r}; vaulttmpfs reads {', '.join(attributes.KNOWN)}")
+    return operation.MountRequest(
+        mount_dir=request.target_path,
+        policies=attributes.policies(context.get(attributes.POLICIES)),
+        role=attributes.role(context.get(attributes.ROLE), config.role_name),
+        pod_namespace=context[POD_NAMESPACE],
+        pod_name=context[POD_NAME],
+        pod_uid=context[POD_UID],  # the engine refuses it unless it is the uid in the target path
+        service_account=context[SERVICE_ACCOUNT],
+        volume_name=volume_name,
+        fs_group=_mount_group(request.volume_capability),
+        read_only=request.readonly,
+        layout=CSI,
+    )
+
+
+def _required(request, *fields: str) -> None:
+    for field in fields:
+        if not getattr(request, field):
+            raise BadRequest(f"{field} is required")
+    path = getattr(request, "target_path", "")
+    if not os.path.isabs(path):
+        raise BadRequest(f"target_path {path!r} is not an absolute path")
+
+
+def _mount_group(capability) -> int | None:
+    if not capability.HasField("mount"):
+        what = "a block volume" if capability.HasField("block") else "no access type"
+        raise BadRequest(f"volume_capability asks for {what}; vaulttmpfs volumes are mounted file systems")
+    mount = capability.mount
+    if mount.fs_type not in ("", "tmpfs"):
+        raise BadRequest(f"fsType {mount.fs_type!r} is not supported: the volume is always a tmpfs")
+    if mount.mount_flags:
+        raise BadRequest(f"mount options {list(mount.mount_flags)!r} are not supported: the tmpfs is always "
+                         "nosuid,nodev,noexec (and ro when the volume is readOnly)")
+    group = mount.volume_mount_group
+    if not group:
+        return None
+    if not group.isdigit() or int(group) > MAX_GID:
+        raise BadRequest(f"volume_mount_group {group!r} is not a group id")
+    return int(group)
+
+
+def _make_target(path: str) -> bool:
+    """Create the target dir (the plugin's job per the spec); True if this call created it."""
+    try:
+        os.mkdir(path, TARGET_MODE)
+    except FileExistsError:
+        return False
+    except FileNotFoundError:
+        raise BadRequest(f"the parent of target_path {path} does not exist (the kubelet creates it)") from None
+    return True
+
+
+def _remove_target(path: str, missing_ok: bool) -> None:
+    try:
+        os.rmdir(path)
+    except FileNotFoundError:
+        if not missing_ok:
+            raise
+    except OSError as exc:
+        if exc.errno in (errno.ENOTDIR, errno.ENOTEMPTY, errno.EBUSY):
+            raise DriverError(f"cannot remove target_path {path}: {exc.strerror}; leaving it for the operator") \
+                from None
+        raise
+
+
