@@ -1,0 +1,363 @@
+"""The CSI node plugin end to end: `vaulttmpfs agent --csi-endpoint` as a real process, called over its
+unix socket exactly as the kubelet calls it (tests/csikubelet.py), against real OpenBao and real tmpfs.
+
+The same behaviour list as the FlexVolume suite (test_driver.py), plus what CSI adds: identity from
+the kubelet's csi.storage.k8s.io/* keys that a pod cannot forge, gRPC status codes, the target dir
+the plugin creates and deletes, and an agent restart between publish and unpublish.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import pytest
+
+from vaulttmpfs.csi import csi_pb2
+
+from .conftest import BUILD_EXE, driver_env, remember_secret, source_cmd, unmount_everything_under
+from .csikubelet import CsiKubelet, new_pod, volume_handle
+from .kubelet import mount_entry
+from .test_agent import AgentProcess, closed_addr
+from .vaultserver import REPO
+
+NGINX = {"vault/policies": "nginx"}
+NODE_NAME = "csi-node-1"
+# Namespace "shop" may have nginx; every namespace may have "other" and "app-*" (which the token role
+# does not allow: Vault itself refuses those).
+BINDINGS = {"bindings": [{"name": "shop", "namespaces": ["shop"], "policies": ["nginx"]},
+                         {"name": "all", "namespaces": ["*"], "policies": ["other", "app-*"]}]}
+
+
+class CsiNode:
+    """One node: a kubelet root under a temp dir, an agent serving CSI on a short socket path."""
+
+    def __init__(self, cmd: list[str], bao, generator: dict, root: Path, log_dir: Path, **env: str):
+        self.root = root
+        self.sock_dir = Path(tempfile.mkdtemp(prefix="vtcsi", dir="/tmp"))  # unix paths max 108 bytes
+        self.socket = self.sock_dir / "csi.sock"
+        bindings = root / "bindings.json"
+        bindings.write_text(json.dumps(BINDINGS))
+        bindings.chmod(0o644)
+        self.env = driver_env(bao, generator, root, log_dir, VAULTTMPFS_NODE_NAME=NODE_NAME,
+                              VAULTTMPFS_POLICY_BINDINGS=str(bindings),
+                              VAULTTMPFS_CSI_ENDPOINT=f"unix://{self.socket}", **env)
+        self.cmd = cmd
+        self.agent: AgentProcess | None = None
+        self.kubelet = CsiKubelet(str(self.socket), root / "var/lib/kubelet/pods", NODE_NAME)
+        self.log_file = Path(self.env["VAULTTMPFS_LOG_FILE"])
+
+    def start(self) -> "CsiNode":
+        self.agent = AgentProcess(self.cmd, self.env, "--retry-interval", "1h")
+        self.agent.wait_for(lambda status, body: body["services"].get("csi", {}).get("serving"), "CSI serving")
+        self.kubelet.wait_ready()
+        return self
+
+    def kill(self) -> None:
+        self.agent.proc.send_signal(signal.SIGKILL)
+        self.agent.proc.wait()
+
+    def stop(self) -> None:
+        if self.agent and self.agent.proc.poll() is None:
+            assert self.agent.terminate() == 0
+        self.kubelet.close()
+        unmount_everything_under(self.root)
+        shutil.rmtree(self.sock_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def node(bao, generator, log_dir, tmp_path_factory):
+    node = CsiNode(source_cmd(), bao, generator, tmp_path_factory.mktemp("csi-node"), log_dir).start()
+    yield node
+    node.stop()
+
+
+@pytest.fixture
+def kubelet(node) -> CsiKubelet:
+    return node.kubelet
+
+
+def read_volume(path: Path) -> tuple[str, dict]:
+    token = remember_secret((path / "vault-token").read_text())
+    return token, json.loads((path / "vault-token.json").read_text())
+
+
+def unwrap(bao, path: Path) -> dict:
+    auth = bao.unwrap(read_volume(path)[0])["auth"]
+    remember_secret(auth["client_token"])
+    return auth
+
+
+def refused(call, code: grpc.StatusCode) -> str:
+    with pytest.raises(grpc.RpcError) as failure:
+        call()
+    assert failure.value.code() == code, failure.value.details()
+    return failure.value.details()
+
+
+def pod_tokens(bao) -> set[str]:
+    return {a for a in bao.accessors() if ((bao.lookup_accessor(a) or {}).get("meta") or {}).get("created_by")
+            == "vaulttmpfs"}
+
+
+def state_records(node: CsiNode) -> list[Path]:
+    return sorted((node.root / "state" / "volumes").glob("*.json"))
+
+
+def test_identity_capabilities_and_socket(node, kubelet):
+    info = kubelet.identity.GetPluginInfo(csi_pb2.GetPluginInfoRequest(), timeout=10)
+    assert info.name == "vaulttmpfs.cloudwatt.com" and info.vendor_version
+    assert kubelet.identity.Probe(csi_pb2.ProbeRequest(), timeout=10).ready.value is True
+    plugin_caps = kubelet.identity.GetPluginCapabilities(csi_pb2.GetPluginCapabilitiesRequest(), timeout=10)
+    assert list(plugin_caps.capabilities) == []  # node-only plugin
+    assert list(kubelet.controller.ControllerGetCapabilities(
+        csi_pb2.ControllerGetCapabilitiesRequest(), timeout=10).capabilities) == []
+    caps = kubelet.node.NodeGetCapabilities(csi_pb2.NodeGetCapabilitiesRequest(), timeout=10).capabilities
+    assert [c.rpc.type for c in caps] == [csi_pb2.NodeServiceCapability.RPC.VOLUME_MOUNT_GROUP]  # no staging
+    assert kubelet.node.NodeGetInfo(csi_pb2.NodeGetInfoRequest(), timeout=10).node_id == NODE_NAME
+    info = os.lstat(node.socket)
+    assert stat.S_ISSOCK(info.st_mode) and stat.S_IMODE(info.st_mode) == 0o600 and info.st_uid == 0
+    assert os.listdir(node.sock_dir) == ["csi.sock"]  # nothing else beside it (the spec's rule)
+
+
+def test_publish_writes_a_wrapped_token_for_the_pod(node, kubelet, bao):
+    pod = new_pod("nginx-1", namespace="shop", service_account="web")
+    assert kubelet.supports_mount_group()  # so the kubelet hands over fsGroup, as here
+    path = kubelet.publish(pod, NGINX, fs_group=2000, read_only=True)
+
+    entry = mount_entry(path)
+    assert entry["fstype"] == "tmpfs" and entry["source"] == "vaulttmpfs"
+    assert {"ro", "nosuid", "nodev", "noexec"} <= set(entry["options"])
+    assert "size=1024k" in entry["super_options"] and "mode=750" in entry["super_options"]
+    assert sorted(os.listdir(path)) == ["vault-token", "vault-token.json"]
+    for name in ("vault-token", "vault-token.json"):
+        info = (path / name).stat()
+        assert stat.S_IMODE(info.st_mode) == 0o440 and info.st_uid == 0 and info.st_gid == 2000
+    with pytest.raises(OSError):
+        (path / "x").write_text("")  # readOnly: really read-only
+
+    token, wrap_info = read_volume(path)
+    assert wrap_info["creation_path"] == "auth/token/create/applications" and wrap_info["ttl"] == 300
+    auth = unwrap(bao, path)
+    assert sorted(auth["policies"]) == ["default", "nginx"]
+    assert auth["accessor"] == wrap_info["wrapped_accessor"]
+    assert auth["metadata"] == {"created_by": "vaulttmpfs", "namespace": "shop", "pod": "nginx-1",
+                                "pod_uid": pod.uid, "service_account": "web", "volume": "vault",
+                                "node": NODE_NAME}
+
+    kubelet.unpublish(pod)
+    assert not path.exists()  # the plugin deletes the target path it created (CSI spec)
+    assert (path.parent / "vol_data.json").exists()  # the kubelet's own file is left to it
+    assert bao.lookup_accessor(auth["accessor"]) is None
+    assert bao.lookup_accessor(wrap_info["accessor"]) is None
+    kubelet.unpublish(pod)  # again: the kubelet retries until OK; nothing left is still OK
+    kubelet.teardown(pod)
+    assert not path.parent.exists() and state_records(node) == []
+
+
+def test_without_fsgroup_files_are_root_only_and_writable_mount(node, kubelet):
+    pod = new_pod()
+    path = kubelet.publish(pod, {"vault/policies": "other"})
+    entry = mount_entry(path)
+    assert "rw" in entry["options"] and "mode=700" in entry["super_options"]
+    for name in ("vault-token", "vault-token.json"):
+        info = (path / name).stat()
+        assert stat.S_IMODE(info.st_mode) == 0o400 and info.st_gid == 0
+    remember_secret((path / "vault-token").read_text())
+    kubelet.teardown(pod)
+
+
+def test_republish_mints_nothing(node, kubelet, bao):
+    pod = new_pod(namespace="shop")
+    path = kubelet.publish(pod, NGINX)
+    first = read_volume(path)
+    before = pod_tokens(bao)
+    assert kubelet.publish(pod, NGINX) == path  # same volume id and target path: OK, nothing new
+    assert read_volume(path) == first
+    assert pod_tokens(bao) == before
+    kubelet.teardown(pod)
+    assert bao.lookup_accessor(first[1]["wrapped_accessor"]) is None
+
+
+def test_unpublish_of_a_volume_never_published_is_ok(kubelet):
+    kubelet.unpublish(new_pod())
+
+
+@pytest.mark.parametrize("attributes, kwargs, names", [
+    ({}, {}, "'vault/policies' is required"),
+    ({"vault/policies": " , "}, {}, "'vault/policies' is empty"),
+    ({"vault/policies": "ok,../etc"}, {}, "invalid policy name '../etc'"),
+    ({"vault/policies": "other", "vault/role": "a/b"}, {}, "'vault/role' has an invalid role name 'a/b'"),
+    ({"vault/polices": "other"}, {}, "unknown attribute 'vault/polices'"),
+    ({"vault/policies": "other"}, {"fs_group": "staff"}, "volume_mount_group 'staff' is not a group id"),
+    ({"vault/policies": "other"}, {"pod_info_on_mount": False}, "csi.storage.k8s.io/ephemeral"),
+])
+def test_bad_attributes_are_invalid_argument_naming_them(node, kubelet, bao, attributes, kwargs, names):
+    pod = new_pod()
+    before = pod_tokens(bao)
+    fs_group = kwargs.pop("fs_group", None)
+    request = kubelet.publish_request(pod, attributes, **kwargs)
+    if fs_group is not None:
+        request.volume_capability.mount.volume_mount_group = fs_group
+    message = refused(lambda: kubelet.node.NodePublishVolume(request, timeout=30), grpc.StatusCode.INVALID_ARGUMENT)
+    assert names in message
+    assert not kubelet.target_path(pod).exists()  # nothing created, nothing mounted
+    assert pod_tokens(bao) == before and state_records(node) == []
+
+
+def test_bad_request_fields_are_invalid_argument(node, kubelet):
+    pod = new_pod()
+    block = kubelet.publish_request(pod, NGINX)
+    block.volume_capability.ClearField("mount")
+    block.volume_capability.block.SetInParent()
+    wrong_id = kubelet.publish_request(pod, NGINX)
+    wrong_id.volume_id = volume_handle(new_pod(), "vault")
+    flex_layout = kubelet.publish_request(pod, NGINX)
+    flex_layout.target_path = str(kubelet.pods_dir / pod.uid / "volumes" / "cloudwatt~vaulttmpfs" / "vault")
+    cases = {"block volume": block, "is not the kubelet's handle": wrong_id,
+             "is not a pod volume dir <pods dir>/<pod uid>/volumes/kubernetes.io~csi/<name>/mount": flex_layout}
+    for expected, request in cases.items():
+        message = refused(lambda: kubelet.node.NodePublishVolume(request, timeout=30),
+                          grpc.StatusCode.INVALID_ARGUMENT)
+        assert expected in message
+    assert refused(lambda: kubelet.node.NodeUnpublishVolume(csi_pb2.NodeUnpublishVolumeRequest(
+        volume_id="x", target_path="/etc"), timeout=30), grpc.StatusCode.INVALID_ARGUMENT)
+    assert os.path.isdir("/etc")
+    assert not kubelet.target_path(pod).exists() and state_records(node) == []
+
+
+def test_disallowed_policy_is_permission_denied_without_mount_or_token(node, kubelet, bao):
+    before = pod_tokens(bao)
+    pod = new_pod(namespace="payments")
+    message = refused(lambda: kubelet.publish(pod, NGINX), grpc.StatusCode.PERMISSION_DENIED)
+    assert "policy 'nginx' is not bound to service account 'default' in namespace 'payments'" in message
+    # Allowed by the bindings, refused by Vault's token role: Vault's own words reach the pod's events.
+    message = refused(lambda: kubelet.publish(pod, {"vault/policies": "app-x"}), grpc.StatusCode.PERMISSION_DENIED)
+    assert "app-x" in message
+    assert not kubelet.target_path(pod).exists() and pod_tokens(bao) == before and state_records(node) == []
+
+
+def test_a_forged_kubelet_attribute_cannot_change_identity(node, kubelet, bao):
+    # The pod names itself into namespace "shop" (which may have nginx) in its own volumeAttributes.
+    pod = new_pod("intruder", namespace="payments", service_account="robot")
+    forged = {"csi.storage.k8s.io/pod.namespace": "shop", "csi.storage.k8s.io/serviceAccount.name": "web",
+              "csi.storage.k8s.io/pod.name": "shop-web", "csi.storage.k8s.io/pod.uid": new_pod().uid}
+    message = refused(lambda: kubelet.publish(pod, {**NGINX, **forged}), grpc.StatusCode.PERMISSION_DENIED)
+    assert "namespace 'payments'" in message  # the kubelet's keys won the merge
+    path = kubelet.publish(pod, {"vault/policies": "other", **forged})
+    meta = unwrap(bao, path)["metadata"]
+    assert (meta["namespace"], meta["pod"], meta["pod_uid"], meta["service_account"]) == \
+        ("payments", "intruder", pod.uid, "robot")
+    kubelet.teardown(pod)
+
+
+def test_forged_keys_without_pod_info_from_the_kubelet_are_refused(node, kubelet, bao):
+    """A CSIDriver without podInfoOnMount would let the pod's own keys through: the pod cannot know its
+    uid when it is written, so the uid check against the target path refuses them."""
+    pod = new_pod("intruder", namespace="payments")
+    forged = {"csi.storage.k8s.io/pod.namespace": "shop", "csi.storage.k8s.io/serviceAccount.name": "web",
+              "csi.storage.k8s.io/pod.name": "web", "csi.storage.k8s.io/pod.uid": new_pod().uid,
+              "csi.storage.k8s.io/ephemeral": "true"}
+    before = pod_tokens(bao)
+    message = refused(lambda: kubelet.publish(pod, {**NGINX, **forged}, pod_info_on_mount=False),
+                      grpc.StatusCode.PERMISSION_DENIED)
+    assert "does not match the pod uid" in message and "spoofed" in message
+    assert pod_tokens(bao) == before and not kubelet.target_path(pod).exists()
+
+
+def test_twenty_concurrent_publishes_then_unpublishes(node, kubelet, bao):
+    pods = [new_pod(f"web-{i}", namespace="shop") for i in range(20)]
+    with ThreadPoolExecutor(20) as pool:
+        paths = list(pool.map(lambda p: kubelet.publish(p, NGINX), pods))
+    accessors = [read_volume(p)[1] for p in paths]
+    assert len({a["wrapped_accessor"] for a in accessors}) == 20
+    assert all(mount_entry(p)["source"] == "vaulttmpfs" for p in paths)
+    with ThreadPoolExecutor(20) as pool:
+        list(pool.map(kubelet.teardown, pods))
+    assert all(bao.lookup_accessor(a["wrapped_accessor"]) is None for a in accessors)
+    assert all(bao.lookup_accessor(a["accessor"]) is None for a in accessors)
+    assert state_records(node) == []
+
+
+def test_calls_are_logged_with_duration_and_outcome(node, kubelet):
+    pod = new_pod(namespace="shop")
+    kubelet.publish(pod, NGINX)
+    kubelet.teardown(pod)
+    lines = [json.loads(line) for line in node.log_file.read_text().splitlines() if '"component": "csi"' in line]
+    calls = [line for line in lines if line.get("rpc") in ("NodePublishVolume", "NodeUnpublishVolume")
+             and line.get("pod_uid", pod.uid) == pod.uid and line.get("target_path") == str(kubelet.target_path(pod))]
+    assert [c["rpc"] for c in calls] == ["NodePublishVolume", "NodeUnpublishVolume"]
+    assert all(c["code"] == "OK" and c["ms"] >= 0 for c in calls)
+    failed = [line for line in lines if line.get("code") == "INVALID_ARGUMENT"]
+    assert failed and all(line["error"] for line in failed)
+
+
+def test_vault_down_is_unavailable_and_nothing_is_mounted(bao, generator, log_dir, tmp_path):
+    node = CsiNode(source_cmd(), bao, generator, tmp_path, log_dir, VAULT_ADDR=closed_addr()).start()
+    try:
+        pod = new_pod(namespace="shop")
+        message = refused(lambda: node.kubelet.publish(pod, NGINX, timeout=60), grpc.StatusCode.UNAVAILABLE)
+        assert "127.0.0.1" in message
+        assert not node.kubelet.target_path(pod).exists() and state_records(node) == []
+    finally:
+        node.stop()
+
+
+def test_agent_restart_keeps_volumes_and_unpublish_still_revokes(bao, generator, log_dir, tmp_path):
+    node = CsiNode(source_cmd(), bao, generator, tmp_path, log_dir).start()
+    try:
+        pod = new_pod(namespace="shop")
+        path = node.kubelet.publish(pod, NGINX)
+        files = {name: (path / name).read_bytes() for name in os.listdir(path)}
+        auth = unwrap(bao, path)
+        node.kill()  # kill -9: no clean stop, the socket file stays behind
+        assert node.socket.exists() and os.path.ismount(path)
+        assert {name: (path / name).read_bytes() for name in os.listdir(path)} == files
+        assert bao.lookup_accessor(auth["accessor"]) is not None
+
+        node.start()  # replaces the stale socket
+        node.kubelet.publish(pod, NGINX)  # the kubelet may republish: still the same volume
+        assert {name: (path / name).read_bytes() for name in os.listdir(path)} == files
+        second = AgentProcess(source_cmd(), node.env)  # a live socket is never taken over
+        assert second.proc.wait(60) == 1 and b"already serves" in second.proc.stdout.read()
+        node.kubelet.teardown(pod)
+        assert bao.lookup_accessor(auth["accessor"]) is None
+    finally:
+        node.stop()
+    assert not node.socket.exists()  # a clean stop removes its own socket
+
+
+def test_the_pyinstaller_build_serves_csi(bao, generator, log_dir, tmp_path):
+    if not os.access(BUILD_EXE, os.X_OK):
+        pytest.fail(f"no PyInstaller build at {BUILD_EXE}: run `make build` first (make test does)")
+    node = CsiNode([str(BUILD_EXE)], bao, generator, tmp_path, log_dir).start()
+    try:
+        pod = new_pod("built", namespace="shop", service_account="web")
+        path = node.kubelet.publish(pod, NGINX, fs_group=3000, read_only=True)
+        assert {"ro", "nosuid", "nodev", "noexec"} <= set(mount_entry(path)["options"])
+        assert (path / "vault-token").stat().st_gid == 3000
+        auth = unwrap(bao, path)
+        assert sorted(auth["policies"]) == ["default", "nginx"] and auth["metadata"]["pod_uid"] == pod.uid
+        message = refused(lambda: node.kubelet.publish(new_pod(), {}), grpc.StatusCode.INVALID_ARGUMENT)
+        assert "vault/policies" in message
+        node.kubelet.teardown(pod)
+        assert bao.lookup_accessor(auth["accessor"]) is None and not path.exists()
+    finally:
+        node.stop()
+
+
+def test_the_flexvolume_exec_path_never_imports_grpc():
+    probe = ("import sys; from vaulttmpfs import entry; from vaulttmpfs.flexvolume import protocol, relay; "
+             "from vaulttmpfs.engine import operation; from vaulttmpfs.vault import client; "
+             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('grpc', 'google')))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO, check=True)
+    assert out.stdout.strip() == "[]"
