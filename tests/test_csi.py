@@ -21,6 +21,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+import yaml
 
 from vaulttmpfs.csi import csi_pb2
 
@@ -32,9 +33,9 @@ from .vaultserver import REPO
 
 NGINX = {"vault/policies": "nginx"}
 NODE_NAME = "csi-node-1"
-# Namespace "shop" may have nginx; every namespace may have "other" and "app-*" (which the token role
+# Namespaces "shop" and "default" may have nginx; every namespace may have "other" and "app-*" (which the token role
 # does not allow: Vault itself refuses those).
-BINDINGS = {"bindings": [{"name": "shop", "namespaces": ["shop"], "policies": ["nginx"]},
+BINDINGS = {"bindings": [{"name": "shop", "namespaces": ["shop", "default"], "policies": ["nginx"]},
                          {"name": "all", "namespaces": ["*"], "policies": ["other", "app-*"]}]}
 
 
@@ -186,6 +187,19 @@ def test_republish_mints_nothing(node, kubelet, bao):
     assert pod_tokens(bao) == before
     kubelet.teardown(pod)
     assert bao.lookup_accessor(first[1]["wrapped_accessor"]) is None
+
+
+def test_republish_after_a_reboot_revokes_the_old_token_and_writes_a_fresh_one(node, kubelet, bao):
+    pod = new_pod(namespace="shop")
+    path = kubelet.publish(pod, NGINX)
+    old = read_volume(path)[1]
+    subprocess.run(["umount", str(path)], check=True)  # a reboot: the tmpfs is gone, dir and state stay
+    assert kubelet.publish(pod, NGINX) == path
+    new = read_volume(path)[1]
+    assert new["wrapped_accessor"] != old["wrapped_accessor"]
+    assert bao.lookup_accessor(old["wrapped_accessor"]) is None and bao.lookup_accessor(old["accessor"]) is None
+    kubelet.teardown(pod)
+    assert bao.lookup_accessor(new["wrapped_accessor"]) is None
 
 
 def test_unpublish_of_a_volume_never_published_is_ok(kubelet):
@@ -361,3 +375,97 @@ def test_the_flexvolume_exec_path_never_imports_grpc():
              "print(sorted(m for m in sys.modules if m.split('.')[0] in ('grpc', 'google')))")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO, check=True)
     assert out.stdout.strip() == "[]"
+
+
+# --- The installer's CSI variant and example, validated offline like tests/test_manifests.py ---
+
+CSI_VARIANT = REPO / "installer" / "k8s" / "variants" / "csi"
+
+
+def csi_variant() -> tuple[dict, dict]:
+    """(DaemonSet, CSIDriver) as `kubectl apply -k installer/k8s/variants/csi` would make them."""
+    from .test_manifests import K8S, apply_json_patch, documents, resource, validate
+
+    daemonset = resource("DaemonSet")
+    for variant in ("relay", "csi"):
+        kustomization = yaml.safe_load((K8S / "variants" / variant / "kustomization.yaml").read_text())
+        for patch in kustomization["patches"]:
+            assert patch["target"] == {"kind": "DaemonSet", "name": "vaulttmpfs"}
+            daemonset = apply_json_patch(daemonset, yaml.safe_load(patch["patch"]))
+    kustomization = yaml.safe_load((CSI_VARIANT / "kustomization.yaml").read_text())
+    assert (CSI_VARIANT / kustomization["resources"][0]).resolve() == (K8S / "variants" / "relay").resolve()
+    [driver] = [doc for name in kustomization["resources"][1:] for doc in documents(CSI_VARIANT / name)]
+    for doc in (daemonset, driver):
+        validate(doc)
+    return daemonset, driver
+
+
+def test_csidriver_tells_the_kubelet_what_the_plugin_needs():
+    from vaulttmpfs.csi import DRIVER_NAME
+
+    _, driver = csi_variant()
+    assert driver["kind"] == "CSIDriver" and driver["metadata"]["name"] == DRIVER_NAME
+    spec = driver["spec"]
+    assert spec["podInfoOnMount"] is True and spec["attachRequired"] is False
+    assert spec["volumeLifecycleModes"] == ["Ephemeral"] and spec["fsGroupPolicy"] == "File"
+
+
+def test_csi_variant_daemonset_serves_csi_and_the_relay_with_the_sidecars():
+    from click.testing import CliRunner
+
+    from vaulttmpfs.cli import cli
+    from vaulttmpfs.csi import DRIVER_NAME
+    from vaulttmpfs.node.csi_server import socket_path
+
+    daemonset, _ = csi_variant()
+    pod = daemonset["spec"]["template"]["spec"]
+    containers = {c["name"]: c for c in pod["containers"]}
+    assert set(containers) == {"vaulttmpfs", "node-driver-registrar", "liveness-probe"}
+    agent = containers["vaulttmpfs"]
+    env = {e["name"]: e.get("value") for e in agent["env"]}
+    assert env["VAULTTMPFS_RELAY"] == "true"  # one DaemonSet, both front ends
+    assert "VAULTTMPFS_CSI_ENDPOINT" in {p.envvar for p in cli.commands["agent"].params}
+    assert CliRunner().invoke(cli, ["agent", "--help"]).exit_code == 0
+    agent_socket = socket_path(env["VAULTTMPFS_CSI_ENDPOINT"])
+    assert agent["securityContext"]["privileged"] is True
+    volumes = {v["name"]: v for v in pod["volumes"]}
+
+    def mounts(container: dict) -> dict:
+        found = {m["name"]: m for m in container["volumeMounts"]}
+        assert set(found) <= set(volumes)
+        return found
+
+    agent_mounts = mounts(agent)
+    assert agent_mounts["pods-dir"]["mountPropagation"] == "Bidirectional"
+    assert agent_mounts["pods-dir"]["mountPath"] == volumes["pods-dir"]["hostPath"]["path"] == "/var/lib/kubelet/pods"
+    plugin_host_dir = volumes["csi-plugin-dir"]["hostPath"]["path"]
+    assert plugin_host_dir == f"/var/lib/kubelet/plugins/{DRIVER_NAME}"
+    socket_name = os.path.relpath(agent_socket, agent_mounts["csi-plugin-dir"]["mountPath"])
+    registrar, probe = containers["node-driver-registrar"], containers["liveness-probe"]
+    for sidecar in (registrar, probe):
+        sidecar_dir = mounts(sidecar)["csi-plugin-dir"]["mountPath"]
+        assert f"--csi-address={os.path.join(sidecar_dir, socket_name)}" in sidecar["args"]
+    assert f"--kubelet-registration-path={plugin_host_dir}/{socket_name}" in registrar["args"]
+    assert volumes["registration-dir"]["hostPath"]["path"] == "/var/lib/kubelet/plugins_registry"
+    assert mounts(registrar)["registration-dir"]["mountPath"] == "/registration"
+    # The livenessprobe sidecar's port is not the agent's health port (both on the host network).
+    assert "--health-port=9808" in probe["args"] and not env["VAULTTMPFS_HEALTH_ADDR"].endswith(":9808")
+
+
+def test_csi_example_pod_validates_and_its_volume_publishes(node, kubelet, bao):
+    from vaulttmpfs.csi import DRIVER_NAME
+
+    from .test_manifests import documents, validate
+
+    [example] = documents(REPO / "installer" / "examples" / "csi" / "pod.yaml")
+    validate(example)
+    [volume] = example["spec"]["volumes"]
+    assert volume["csi"]["driver"] == DRIVER_NAME
+    pod = new_pod(example["metadata"]["name"], example["metadata"]["namespace"])
+    fs_group = example["spec"]["securityContext"]["fsGroup"]
+    path = kubelet.publish(pod, volume["csi"]["volumeAttributes"], volume=volume["name"], fs_group=fs_group,
+                           read_only=volume["csi"]["readOnly"])
+    info = (path / "vault-token").stat()
+    assert info.st_gid == fs_group and stat.S_IMODE(info.st_mode) == 0o440  # readable by runAsUser 101
+    assert sorted(unwrap(bao, path)["policies"]) == ["default", "nginx"]
+    kubelet.teardown(pod, volume["name"])
