@@ -16,6 +16,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -300,6 +301,19 @@ def test_twenty_concurrent_publishes_then_unpublishes(node, kubelet, bao):
     assert all(bao.lookup_accessor(a["wrapped_accessor"]) is None for a in accessors)
     assert all(bao.lookup_accessor(a["accessor"]) is None for a in accessors)
     assert state_records(node) == []
+
+
+def test_service_account_tokens_in_the_volume_context_never_reach_the_log(node, kubelet):
+    """With CSIDriver tokenRequests the kubelet adds the pod's service-account JWT to the volume context."""
+    jwt = remember_secret("eyJhbGciOiJSUzI1NiJ9." + uuid.uuid4().hex + "." + uuid.uuid4().hex)
+    pod = new_pod(namespace="shop")
+    tokens = {"vault": {"token": jwt, "expirationTimestamp": "2030-01-01T00:00:00Z"}}
+    kubelet.publish(pod, NGINX, tokens=tokens)
+    remember_secret((kubelet.target_path(pod) / "vault-token").read_text())
+    refused(lambda: kubelet.publish(new_pod(), {"vault/polices": "x"}, tokens=tokens), grpc.StatusCode.INVALID_ARGUMENT)
+    kubelet.teardown(pod)
+    log = node.log_file.read_text()
+    assert pod.uid in log and jwt not in log and uuid.UUID(jwt.rsplit(".", 1)[1]).hex not in log
 
 
 def test_calls_are_logged_with_duration_and_outcome(node, kubelet):
