@@ -8,6 +8,7 @@ the plugin creates and deletes, and an agent restart between publish and unpubli
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
@@ -16,6 +17,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -389,6 +391,110 @@ def test_the_flexvolume_exec_path_never_imports_grpc():
              "print(sorted(m for m in sys.modules if m.split('.')[0] in ('grpc', 'google')))")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO, check=True)
     assert out.stdout.strip() == "[]"
+
+
+# --- Optional: the pod logs itself in with the kubelet's service-account token (tokenRequests) ---
+
+ISSUER = "https://kubernetes.default.svc.cluster.local"
+JWT_MOUNT = "csijwt"
+
+
+def b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+class ServiceAccountIssuer:
+    """Signs JWTs shaped like the kubelet's TokenRequest tokens (RS256), with the openssl CLI."""
+
+    def __init__(self, directory: Path):
+        self.key = directory / "sa.key"
+        subprocess.run(["openssl", "genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048",
+                        "-out", str(self.key)], check=True, capture_output=True)
+        self.public_pem = subprocess.run(["openssl", "pkey", "-in", str(self.key), "-pubout"], check=True,
+                                         capture_output=True, text=True).stdout
+
+    def token(self, pod, audience: str = "vault", ttl: int = 600, **override) -> str:
+        now = int(time.time())
+        claims = {"iss": ISSUER, "aud": [audience], "sub": f"system:serviceaccount:{pod.namespace}:{pod.service_account}",
+                  "iat": now, "nbf": now, "exp": now + ttl,
+                  "kubernetes.io": {"namespace": pod.namespace, "pod": {"name": pod.name, "uid": pod.uid},
+                                    "serviceaccount": {"name": pod.service_account, "uid": str(uuid.uuid4())}}}
+        claims.update(override)
+        signing_input = b64url(json.dumps({"alg": "RS256", "typ": "JWT"}).encode()) + "." + \
+            b64url(json.dumps(claims).encode())
+        signature = subprocess.run(["openssl", "dgst", "-sha256", "-sign", str(self.key)], input=signing_input.encode(),
+                                   check=True, capture_output=True).stdout
+        return remember_secret(signing_input + "." + b64url(signature))
+
+    @staticmethod
+    def tokens(jwt: str, audience: str = "vault") -> dict:
+        return {audience: {"token": jwt, "expirationTimestamp": "2030-01-01T00:00:00Z"}}
+
+
+@pytest.fixture(scope="module")
+def sa_issuer(bao, tmp_path_factory) -> ServiceAccountIssuer:
+    """OpenBao's real jwt auth at auth/csijwt trusting a test key, with a role for shop/web pods."""
+    issuer = ServiceAccountIssuer(tmp_path_factory.mktemp("sa-issuer"))
+    bao.request("POST", f"sys/auth/{JWT_MOUNT}", {"type": "jwt"})
+    bao.request("POST", f"auth/{JWT_MOUNT}/config", {"jwt_validation_pubkeys": [issuer.public_pem],
+                                                      "bound_issuer": ISSUER})
+    bao.request("POST", f"auth/{JWT_MOUNT}/role/shop-web", {
+        "role_type": "jwt", "bound_audiences": ["vault"], "user_claim": "sub",
+        "bound_subject": "system:serviceaccount:shop:web", "token_policies": ["nginx"], "token_ttl": "10m",
+        "claim_mappings": {"/kubernetes.io/pod/uid": "pod_uid", "/kubernetes.io/namespace": "namespace"}})
+    yield issuer
+    bao.request("DELETE", f"sys/auth/{JWT_MOUNT}")
+
+
+@pytest.fixture(scope="module")
+def jwt_node(bao, generator, log_dir, tmp_path_factory, sa_issuer):
+    node = CsiNode(source_cmd(), bao, generator, tmp_path_factory.mktemp("csi-jwt-node"), log_dir,
+                   VAULTTMPFS_CSI_JWT_AUTH_MOUNT=JWT_MOUNT).start()
+    yield node
+    node.stop()
+
+
+def test_the_pod_logs_itself_in_with_its_service_account_token(jwt_node, sa_issuer, bao):
+    kubelet = jwt_node.kubelet
+    pod = new_pod("web-1", namespace="shop", service_account="web")
+    jwt = sa_issuer.token(pod)
+    path = kubelet.publish(pod, {"vault/role": "shop-web"}, tokens=sa_issuer.tokens(jwt), fs_group=2000)
+    wrap_info = read_volume(path)[1]
+    assert wrap_info["creation_path"] == f"auth/{JWT_MOUNT}/login"  # a login, response-wrapped
+    assert (path / "vault-token").stat().st_gid == 2000
+    auth = unwrap(bao, path)
+    assert auth["policies"] == ["default", "nginx"]  # what Vault's role gives, not what the pod asked
+    assert auth["metadata"]["pod_uid"] == pod.uid and auth["metadata"]["namespace"] == "shop"
+    kubelet.teardown(pod)  # the generator token still revokes it
+    assert bao.lookup_accessor(auth["accessor"]) is None and bao.lookup_accessor(wrap_info["accessor"]) is None
+    assert jwt not in jwt_node.log_file.read_text()
+
+
+def test_pod_login_refusals(jwt_node, sa_issuer, bao):
+    kubelet = jwt_node.kubelet
+    before = pod_tokens(bao)
+    pod = new_pod("web-2", namespace="shop", service_account="web")
+    # Another pod's token (bound to its uid) is not this pod's.
+    other = sa_issuer.token(new_pod("web-3", namespace="shop", service_account="web"))
+    message = refused(lambda: kubelet.publish(pod, {"vault/role": "shop-web"}, tokens=sa_issuer.tokens(other)),
+                      grpc.StatusCode.PERMISSION_DENIED)
+    assert "bound to pod uid" in message
+    # Vault's role refuses another service account, in Vault's words.
+    robot = new_pod("robot", namespace="shop", service_account="robot")
+    message = refused(lambda: kubelet.publish(robot, {"vault/role": "shop-web"},
+                                              tokens=sa_issuer.tokens(sa_issuer.token(robot))),
+                      grpc.StatusCode.PERMISSION_DENIED)
+    assert "auth/csijwt" in message and "sub" in message.lower()
+    # No token for the audience: the CSIDriver lacks tokenRequests.
+    message = refused(lambda: kubelet.publish(pod, {"vault/role": "shop-web"}), grpc.StatusCode.INVALID_ARGUMENT)
+    assert "tokenRequests" in message
+    # vault/policies would be silently ignored here: refused instead.
+    message = refused(lambda: kubelet.publish(pod, {"vault/role": "shop-web", **NGINX},
+                                              tokens=sa_issuer.tokens(sa_issuer.token(pod))),
+                      grpc.StatusCode.INVALID_ARGUMENT)
+    assert "Vault role" in message
+    assert pod_tokens(bao) == before and state_records(jwt_node) == []
+    assert not kubelet.target_path(pod).exists() and not kubelet.target_path(robot).exists()
 
 
 # --- The installer's CSI variant and example, validated offline like tests/test_manifests.py ---

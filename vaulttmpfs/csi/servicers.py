@@ -8,22 +8,27 @@ also match the one in the target path, which proves the kubelet (not the pod) su
 
 from __future__ import annotations
 
+import base64
+import binascii
 import errno
 import hashlib
+import json
 import os
+from dataclasses import dataclass
 
 from google.protobuf import wrappers_pb2
 
-from .. import __version__
+from .. import __version__, log
 from ..config import Config
 from ..engine import attributes, operation
 from ..engine.layout import CSI
-from ..errors import BadRequest, DriverError
+from ..errors import BadRequest, DriverError, Forbidden
 from . import DRIVER_NAME, csi_pb2, csi_pb2_grpc
 
 KUBELET = "csi.storage.k8s.io/"
 POD_NAME, POD_NAMESPACE, POD_UID = KUBELET + "pod.name", KUBELET + "pod.namespace", KUBELET + "pod.uid"
 SERVICE_ACCOUNT, EPHEMERAL = KUBELET + "serviceAccount.name", KUBELET + "ephemeral"
+SA_TOKENS = KUBELET + "serviceAccount.tokens"  # CSIDriver tokenRequests: {"<audience>": {"token": JWT, ...}}
 TARGET_MODE = 0o750  # as the kubelet makes the parent; the tmpfs mounted over it sets its own mode
 MAX_GID = 2**31 - 1
 
@@ -46,9 +51,18 @@ class Controller(csi_pb2_grpc.ControllerServicer):
         return csi_pb2.ControllerGetCapabilitiesResponse()
 
 
+@dataclass(frozen=True)
+class JwtLogin:
+    """Publish logs in as the pod with the kubelet's service-account token for `audience`."""
+
+    mount: str  # Vault auth mount of the jwt/kubernetes method
+    audience: str = "vault"
+
+
 class Node(csi_pb2_grpc.NodeServicer):
-    def __init__(self, config: Config):
+    def __init__(self, config: Config, jwt_login: JwtLogin | None = None):
         self.config = config
+        self.jwt_login = jwt_login
 
     def NodeGetCapabilities(self, request, context):  # noqa: N802
         # No STAGE_UNSTAGE_VOLUME: the kubelet publishes directly. VOLUME_MOUNT_GROUP: it hands us the
@@ -61,7 +75,7 @@ class Node(csi_pb2_grpc.NodeServicer):
         return csi_pb2.NodeGetInfoResponse(node_id=self.config.node_name)
 
     def NodePublishVolume(self, request, context):  # noqa: N802
-        mount_request = publish_request(request, self.config)
+        mount_request = publish_request(request, self.config, self.jwt_login)
         created = _make_target(request.target_path)
         try:
             operation.mount(self.config, mount_request)
@@ -79,7 +93,7 @@ class Node(csi_pb2_grpc.NodeServicer):
         return csi_pb2.NodeUnpublishVolumeResponse()
 
 
-def publish_request(request, config: Config) -> operation.MountRequest:
+def publish_request(request, config: Config, jwt_login: JwtLogin | None = None) -> operation.MountRequest:
     """The engine's request from the kubelet's, or BadRequest naming the field or attribute."""
     _required(request, "volume_id", "target_path")
     pod_uid, volume_name = CSI.parts(request.target_path, config.pods_dir)
@@ -97,9 +111,17 @@ def publish_request(request, config: Config) -> operation.MountRequest:
     unknown = sorted(k for k in context if k.startswith("vault/") and k not in attributes.KNOWN)
     if unknown:
         raise BadRequest(f"unknown attribute {unknown[0]!r}; vaulttmpfs reads {', '.join(attributes.KNOWN)}")
+    login = None
+    if jwt_login:
+        if attributes.POLICIES in context:
+            raise BadRequest(f"attribute {attributes.POLICIES!r} is not used: this node logs pods in with their "
+                             f"service-account token at auth/{jwt_login.mount}, where the Vault role "
+                             f"({attributes.ROLE!r}) decides the policies; remove it")
+        jwt = _service_account_token(request, jwt_login.audience, pod_uid)
+        login = operation.PodLogin(jwt_login.mount, jwt)
     return operation.MountRequest(
         mount_dir=request.target_path,
-        policies=attributes.policies(context.get(attributes.POLICIES)),
+        policies=[] if login else attributes.policies(context.get(attributes.POLICIES)),
         role=attributes.role(context.get(attributes.ROLE), config.role_name),
         pod_namespace=context[POD_NAMESPACE],
         pod_name=context[POD_NAME],
@@ -109,7 +131,40 @@ def publish_request(request, config: Config) -> operation.MountRequest:
         fs_group=_mount_group(request.volume_capability),
         read_only=request.readonly,
         layout=CSI,
+        login=login,
     )
+
+
+def _service_account_token(request, audience: str, pod_uid: str) -> str:
+    """The pod's JWT for `audience`, from the volume context or (serviceAccountTokenInSecrets) the secrets."""
+    text = request.volume_context.get(SA_TOKENS) or request.secrets.get(SA_TOKENS)
+    if not text:
+        raise BadRequest(f"attribute {SA_TOKENS!r} is missing: the CSIDriver {DRIVER_NAME} needs "
+                         f"tokenRequests: [{{audience: {audience}}}] for pods to log in to Vault")
+    try:
+        entry = json.loads(text).get(audience) or {}
+        jwt = entry.get("token") if isinstance(entry, dict) else None
+    except (ValueError, AttributeError):
+        raise BadRequest(f"attribute {SA_TOKENS!r} is not the kubelet's JSON object of tokens") from None
+    if not isinstance(jwt, str) or not jwt:
+        raise BadRequest(f"attribute {SA_TOKENS!r} has no token for audience {audience!r}: add it to the "
+                         f"CSIDriver's tokenRequests")
+    log.secret(jwt)
+    # Vault checks the signature; this checks the token is this pod's (bound to its uid), not another's.
+    claims = _unverified_claims(jwt)
+    bound = ((claims.get("kubernetes.io") or {}).get("pod") or {}).get("uid") if isinstance(claims, dict) else None
+    if bound != pod_uid:
+        raise Forbidden(f"the service-account token for audience {audience!r} is bound to pod uid {bound!r}, "
+                        f"not to this pod ({pod_uid}): refusing it")
+    return jwt
+
+
+def _unverified_claims(jwt: str) -> dict:
+    try:
+        payload = jwt.split(".")[1]
+        return json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    except (IndexError, ValueError, binascii.Error):
+        raise BadRequest(f"attribute {SA_TOKENS!r} holds a token that is not a JWT") from None
 
 
 def _required(request, *fields: str) -> None:

@@ -13,7 +13,7 @@ import contextlib
 import hashlib
 import json
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .. import log
@@ -29,6 +29,14 @@ GENERATOR_CHECK_SECONDS = 3600  # how long "the generator token is not root" is 
 
 
 @dataclass(frozen=True)
+class PodLogin:
+    """The pod logs itself in to Vault with its own service-account JWT (CSI tokenRequests)."""
+
+    mount: str  # the Vault auth mount (jwt or kubernetes method), e.g. "jwt"
+    jwt: str = field(repr=False)
+
+
+@dataclass(frozen=True)
 class MountRequest:
     mount_dir: str
     policies: list[str]
@@ -41,6 +49,7 @@ class MountRequest:
     fs_group: int | None = None
     read_only: bool = False
     layout: Layout = FLEXVOLUME  # which kubelet path layout the mount dir follows (per front end)
+    login: PodLogin | None = None  # set: log in as the pod (Vault's role decides) instead of minting
 
     def token_metadata(self, node: str) -> dict[str, str]:
         meta = {
@@ -103,10 +112,16 @@ def _mint_and_write(config: Config, store: StateStore, request: MountRequest, to
     from ..vault.client import Vault
 
     try:
-        wrap_info = Vault(config, token).create_wrapped_token(
-            request.role, request.policies, request.token_metadata(config.node_name), request.display_name()
-        )
+        if request.login:
+            log.secret(request.login.jwt)
+            wrap_info = Vault(config, None).login_jwt_wrapped(request.login.mount, request.role, request.login.jwt)
+        else:
+            wrap_info = Vault(config, token).create_wrapped_token(
+                request.role, request.policies, request.token_metadata(config.node_name), request.display_name()
+            )
     except VaultDenied as exc:
+        if request.login:
+            raise
         if "permission denied" in str(exc).lower():
             raise _generator_refused(config, exc, f"`auth/token/create/{request.role}`") from None
         raise
@@ -231,7 +246,10 @@ def _admit(config: Config, request: MountRequest, logger) -> MountRequest:
     if request.pod_uid and request.pod_uid != pod_uid:
         raise Forbidden(f"the pod uid {request.pod_uid!r} given with the call does not match the pod uid "
                         f"{pod_uid!r} in the mount dir: refusing a spoofed identity")
-    if config.policy_bindings:
+    if request.login:
+        logger.info("the pod logs in with its service-account token: Vault's role decides its policies",
+                    auth_mount=request.login.mount, role=request.role)
+    elif config.policy_bindings:
         from . import bindings
 
         rule = bindings.check(bindings.load(config.policy_bindings), request.pod_namespace,

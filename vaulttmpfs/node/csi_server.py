@@ -34,8 +34,9 @@ class CsiServer:
 
     name = "csi"
 
-    def __init__(self, config: Config, endpoint: str, workers: int = WORKERS):
+    def __init__(self, config: Config, endpoint: str, workers: int = WORKERS, jwt_login=None):
         self.config = config
+        self.jwt_login = jwt_login  # servicers.JwtLogin: pods log in with their service-account token
         self.path = socket_path(endpoint)
         self.workers = workers
         self._server = None
@@ -58,7 +59,7 @@ class CsiServer:
                              interceptors=[LogAndMap(self.config.log_file)])
         csi_pb2_grpc.add_IdentityServicer_to_server(servicers.Identity(), server)
         csi_pb2_grpc.add_ControllerServicer_to_server(servicers.Controller(), server)
-        csi_pb2_grpc.add_NodeServicer_to_server(servicers.Node(self.config), server)
+        csi_pb2_grpc.add_NodeServicer_to_server(servicers.Node(self.config, self.jwt_login), server)
         try:
             server.add_insecure_port(f"unix://{temp}")
         except RuntimeError as exc:
