@@ -205,6 +205,17 @@ def test_republish_after_a_reboot_revokes_the_old_token_and_writes_a_fresh_one(n
     assert bao.lookup_accessor(new["wrapped_accessor"]) is None
 
 
+def test_unwrap_attribute_puts_the_plain_token_in_the_volume(node, kubelet, bao):
+    pod = new_pod(namespace="shop")
+    path = kubelet.publish(pod, {**NGINX, "vault/unwrap": "true"})
+    token, info = read_volume(path)
+    assert info["unwrapped"] is True and "client_token" not in info
+    looked_up = bao.request("GET", "auth/token/lookup-self", token=token)["data"]
+    assert sorted(looked_up["policies"]) == ["default", "nginx"] and looked_up["meta"]["pod_uid"] == pod.uid
+    kubelet.teardown(pod)
+    assert bao.lookup_accessor(info["accessor"]) is None
+
+
 def test_unpublish_of_a_volume_never_published_is_ok(kubelet):
     kubelet.unpublish(new_pod())
 
@@ -216,6 +227,7 @@ def test_unpublish_of_a_volume_never_published_is_ok(kubelet):
     ({"vault/policies": "other", "vault/role": "a/b"}, {}, "'vault/role' has an invalid role name 'a/b'"),
     ({"vault/polices": "other"}, {}, "unknown attribute 'vault/polices'"),
     ({"vault/policies": "other"}, {"fs_group": "staff"}, "volume_mount_group 'staff' is not a group id"),
+    ({"vault/policies": "other", "vault/unwrap": "maybe"}, {}, "'vault/unwrap' must be \"true\" or \"false\""),
     ({"vault/policies": "other"}, {"pod_info_on_mount": False}, "csi.storage.k8s.io/ephemeral"),
 ])
 def test_bad_attributes_are_invalid_argument_naming_them(node, kubelet, bao, attributes, kwargs, names):

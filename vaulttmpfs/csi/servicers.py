@@ -117,6 +117,9 @@ def publish_request(request, config: Config, jwt_login: JwtLogin | None = None) 
             raise BadRequest(f"attribute {attributes.POLICIES!r} is not used: this node logs pods in with their "
                              f"service-account token at auth/{jwt_login.mount}, where the Vault role "
                              f"({attributes.ROLE!r}) decides the policies; remove it")
+        if attributes.flag(context, attributes.UNWRAP):
+            raise BadRequest(f"attribute {attributes.UNWRAP!r} is not supported when pods log in with their "
+                             "service-account token: the login is always response-wrapped")
         jwt = _service_account_token(request, jwt_login.audience, pod_uid)
         login = operation.PodLogin(jwt_login.mount, jwt)
     return operation.MountRequest(
@@ -130,6 +133,7 @@ def publish_request(request, config: Config, jwt_login: JwtLogin | None = None) 
         volume_name=volume_name,
         fs_group=_mount_group(request.volume_capability),
         read_only=request.readonly,
+        unwrapped=attributes.flag(context, attributes.UNWRAP),
         layout=CSI,
         login=login,
     )

@@ -8,7 +8,8 @@ from ..errors import BadRequest
 
 POLICIES = "vault/policies"
 ROLE = "vault/role"
-KNOWN = (POLICIES, ROLE)
+UNWRAP = "vault/unwrap"
+KNOWN = (POLICIES, ROLE, UNWRAP)
 MAX_POLICIES = 32
 
 
@@ -31,3 +32,12 @@ def role(text: str | None, default: str) -> str:
     if not SAFE_NAME.fullmatch(name):
         raise BadRequest(f"attribute {ROLE!r} has an invalid role name {name!r}")
     return name
+
+
+def flag(attributes: dict[str, str], key: str) -> bool:
+    value = attributes.get(key, "").strip().lower()
+    if value in ("", "false", "no", "0"):
+        return False
+    if value in ("true", "yes", "1"):
+        return True
+    raise BadRequest(f"attribute {key!r} must be \"true\" or \"false\", got {attributes[key]!r}")
