@@ -601,3 +601,26 @@ def test_csi_example_pod_validates_and_its_volume_publishes(node, kubelet, bao):
     assert info.st_gid == fs_group and stat.S_IMODE(info.st_mode) == 0o440  # readable by runAsUser 101
     assert sorted(unwrap(bao, path)["policies"]) == ["default", "nginx"]
     kubelet.teardown(pod, volume["name"])
+
+
+def test_generated_stubs_match_the_runtime_and_the_spec_numbers():
+    """csi_pb2 is generated at build time: it must load on this protobuf runtime without a version
+    warning, and keep the CSI spec's (csi.v1, container-storage-interface/spec csi.proto) numbers."""
+    out = subprocess.run([sys.executable, "-W", "error", "-c", "import vaulttmpfs.csi.csi_pb2_grpc"], cwd=REPO,
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    fields = lambda message: {f.name: f.number for f in message.DESCRIPTOR.fields}  # noqa: E731
+    assert csi_pb2.DESCRIPTOR.package == "csi.v1"
+    assert fields(csi_pb2.NodePublishVolumeRequest) == {
+        "volume_id": 1, "publish_context": 2, "staging_target_path": 3, "target_path": 4, "volume_capability": 5,
+        "readonly": 6, "secrets": 7, "volume_context": 8}
+    assert fields(csi_pb2.NodeUnpublishVolumeRequest) == {"volume_id": 1, "target_path": 2}
+    assert fields(csi_pb2.VolumeCapability.MountVolume) == {"fs_type": 1, "mount_flags": 2, "volume_mount_group": 3}
+    assert fields(csi_pb2.VolumeCapability) == {"block": 1, "mount": 2, "access_mode": 3}
+    assert fields(csi_pb2.GetPluginInfoResponse) == {"name": 1, "vendor_version": 2, "manifest": 3}
+    assert fields(csi_pb2.GetPluginCapabilitiesResponse) == {"capabilities": 1}
+    assert fields(csi_pb2.NodeGetInfoResponse) == {"node_id": 1, "max_volumes_per_node": 2}
+    assert csi_pb2.NodeServiceCapability.RPC.VOLUME_MOUNT_GROUP == 6
+    assert csi_pb2.VolumeCapability.AccessMode.SINGLE_NODE_WRITER == 1
+    services = {s.name: [m.name for m in s.methods] for s in csi_pb2.DESCRIPTOR.services_by_name.values()}
+    assert services["Node"] == ["NodePublishVolume", "NodeUnpublishVolume", "NodeGetCapabilities", "NodeGetInfo"]
