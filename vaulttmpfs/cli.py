@@ -97,7 +97,7 @@ def agent(renew_interval: float | None, retry_interval: float, health_addr: str,
 
 @cli.command()
 @click.option("--token-path", help="Write the token here [default: $VAULTTMPFS_GENERATOR_TOKEN_PATH, "
-              "else /etc/kubernetes/vaulttoken].")
+              "else /etc/vaulttmpfs/vaulttoken].")
 @click.option("--policy", default="token_generator", show_default=True, help="The generator token's only policy.")
 @click.option("--period", help="Renewal period of generator tokens; --setup-vault writes it into the generator "
               "role [default: the role's, 24h as shipped].")
