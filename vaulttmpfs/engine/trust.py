@@ -17,11 +17,12 @@ from ..errors import DriverError
 def check_dirs(path: str, what: str, strict_leaf: bool = True) -> None:
     """Refuse unless `path` (a directory; its missing tail is skipped) and every ancestor are root's.
 
-    strict_leaf: `path` itself may not be writable by others even when sticky (a file is to be
-    created or read there, by name).
+    strict_leaf: `path` itself, when it exists, may not be writable by others even when sticky (a
+    file is to be created or read there, by name).
     """
-    current = _deepest_existing(os.path.realpath(path))
-    leaf = True
+    wanted = os.path.realpath(path)
+    current = _deepest_existing(wanted)
+    leaf = current == wanted
     while True:
         info = os.stat(current)
         _check_dir(current, info, what, sticky_ok=not (leaf and strict_leaf))

@@ -98,10 +98,12 @@ def _provision(config: Config, options: Options, login: Login, files, old: dict 
     setup = _setup_or_explain(login, config, options, files) if files else []
     auth = _mint(config, options, login)
     try:
+        _make_token_dir(options.token_path)
         generator.write_token(options.token_path, auth["client_token"])
-    except OSError as exc:
+    except (OSError, DriverError) as exc:
         _discard(config, auth)
-        raise DriverError(f"cannot write the generator token to {options.token_path}: {exc.strerror or exc}") from None
+        why = getattr(exc, "strerror", None) or exc
+        raise DriverError(f"cannot write the generator token to {options.token_path}: {why}") from None
     replaced = None
     if old:
         replaced = {"accessor": log.accessor_hint(old["accessor"]), "revoked": _discard(config, old)}
@@ -132,6 +134,13 @@ def _setup_or_explain(login: Login, config: Config, options: Options, files) -> 
             f"token holding the {SETUP_POLICY} policy (policies/{SETUP_POLICY_FILE}) and {ADMIN_POLICY}; the "
             f"{ADMIN_POLICY} group only mints generator tokens. Nothing was minted"
         ) from None
+
+
+def _make_token_dir(token_path: str) -> None:
+    # Created 0700 if missing, then checked again: in a sticky dir another user could have made it first.
+    parent = os.path.dirname(os.path.abspath(token_path))
+    os.makedirs(parent, mode=0o700, exist_ok=True)
+    trust.check_dirs(parent, "generator token path")
 
 
 def _check(options: Options) -> None:
