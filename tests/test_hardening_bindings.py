@@ -193,6 +193,14 @@ def test_a_pattern_that_could_cross_namespaces_is_refused_with_a_safe_spelling(p
     bindings.parse(json.dumps({"bindings": [{"namespaces": ["*"], "policies": [fixed]}]}), "b.json")
 
 
+@pytest.mark.parametrize("mine, theirs", PAIRS)
+def test_the_old_readme_example_can_no_longer_hand_out_another_namespaces_policy(mine, theirs):
+    """The README once showed `{namespace}-*`: a pod in team-a got team-a-b's `team-a-b-db`."""
+    old_example = {"bindings": [{"namespaces": ["*"], "policies": ["{namespace}-*"]}]}
+    with pytest.raises(DriverError, match="lets one pod claim another's policies"):
+        bindings.check(bindings.parse(json.dumps(old_example), "b.json"), mine, "default", [f"{theirs}-db"])
+
+
 @pytest.mark.parametrize("pattern", ["*{namespace}", "*.{namespace}", "x*_{service_account}"])
 def test_a_wildcard_before_a_placeholder_is_refused(pattern):
     with pytest.raises(DriverError, match="put .* before any `\\*`"):
