@@ -270,3 +270,23 @@ def test_only_the_generator_token_dir_is_a_default_path():
     assert Config().generator_token_path == "/etc/vaulttmpfs/vaulttoken"
     kept = Config.from_env({"VAULTTMPFS_GENERATOR_TOKEN_PATH": "/etc/kubernetes/vaulttoken"})
     assert kept.generator_token_path == "/etc/kubernetes/vaulttoken"
+
+
+def test_the_agent_logs_the_generator_accessor_by_prefix_only(cluster, driver_cmd, tmp_path, log_dir):
+    from .conftest import driver_env
+    from .test_agent import AgentProcess
+
+    auth = cluster.generator_token(ttl="1h")
+    remember_secret(auth["client_token"])
+    token_file = tmp_path / "vaulttoken"
+    token_file.write_text(auth["client_token"] + "\n")
+    token_file.chmod(0o600)
+    root = tmp_path / "node"
+    root.mkdir()
+    env = driver_env(cluster, {"path": str(token_file)}, root, log_dir)
+    with AgentProcess(driver_cmd, env, "--renew-interval", "1s") as agent:
+        agent.wait_for(lambda s, b: s == 200 and b["services"]["generator"]["renewals"] >= 2, "two renewals")
+        assert agent.terminate() == 0
+    logged = Path(env["VAULTTMPFS_LOG_FILE"]).read_text()
+    assert "generator token renewed" in logged and f"{auth['accessor'][:8]}..." in logged
+    assert auth["accessor"] not in logged
