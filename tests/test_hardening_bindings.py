@@ -160,6 +160,16 @@ def test_a_directory_others_can_change_anywhere_above_is_refused(tmp_path, opene
     assert len(bindings.load(path).rules) == 3
 
 
+def test_a_symlink_in_a_directory_others_can_change_is_refused(tmp_path):
+    target = write(tmp_path / "b.json", json.dumps(RULES))
+    loose = tmp_path / "loose"
+    loose.mkdir()
+    loose.chmod(0o777)
+    (loose / "b.json").symlink_to(target)  # its owner could point it at any root-owned file
+    with pytest.raises(DriverError, match=f"directory {loose} is not trusted"):
+        bindings.load(str(loose / "b.json"))
+
+
 def test_missing_fifo_huge_and_binary_files_are_refused(tmp_path):
     with pytest.raises(DriverError, match="refusing every mount"):
         bindings.load(str(tmp_path / "absent.json"))

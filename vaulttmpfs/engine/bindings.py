@@ -123,7 +123,9 @@ def _read_trusted(path: str) -> str:
             raise DriverError(f"policy bindings {path} is not a regular file")
         _require_root_only(path, info, fix)
         # Every directory up to /, like sshd: a writable grandparent lets its owner swap the whole dir.
-        trust.check_dirs(os.path.dirname(os.path.realpath(path)), f"policy bindings {path}")
+        # The dir of the name given and, if that is a symlink, of its target: either could be swapped.
+        for folder in {os.path.dirname(os.path.abspath(path)), os.path.dirname(os.path.realpath(path))}:
+            trust.check_dirs(folder, f"policy bindings {path}")
         data = handle.read(MAX_BYTES + 1)
     if len(data) > MAX_BYTES:
         raise DriverError(f"policy bindings {path} is larger than {MAX_BYTES} bytes")
