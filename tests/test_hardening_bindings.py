@@ -286,8 +286,8 @@ def test_the_documented_yaml_example_reads_like_its_json():
 @pytest.mark.parametrize("text, expected", [
     ("a: x\na: y", "line 2, column 1: duplicate key 'a'"),
     ("bindings:\n  - namespaces: [a]\n    namespaces: ['*']\n    policies: [x]", "line 3, column 5: duplicate key"),
-    ("true: x", "key True is not a string"),
-    ("1: x", "key 1 is not a string"),
+    ("true: x", "line 1, column 1: 'true' is read by YAML as bool True, not a string: quote it"),
+    ("1: x", "'1' is read by YAML as int 1"),
     ("bindings: &a [x]\nother: *a", "line 2, column 8: aliases"),
     ("base: &b {policies: [x]}\nbindings:\n  - <<: *b", "aliases"),
     ("bindings:\n  - <<: {policies: [x]}", "merge keys"),
@@ -304,10 +304,12 @@ def test_yaml_the_strict_loader_refuses_names_the_line(text, expected):
 
 @pytest.mark.parametrize("value", ["yes", "on", "off", "no", "true", "123", "0x1f", "1.5", "null", "~", "2024-01-01"])
 def test_a_value_yaml_reads_as_no_string_is_refused_where_a_string_is_meant(value):
-    for text in (f"bindings:\n  - namespaces: [{value}]\n    policies: [x]\n",
-                 f"bindings:\n  - namespaces: [a]\n    policies: [x]\n    name: {value}\n"):
-        with pytest.raises(DriverError, match="must be"):
+    for text, line in ((f"bindings:\n  - namespaces: [{value}]\n    policies: [x]\n", 2),
+                       (f"bindings:\n  - namespaces: [a]\n    policies: [x]\n    name: {value}\n", 4)):
+        with pytest.raises(DriverError) as refused:
             bindings.parse(text, "b.yaml")
+        assert f"b.yaml: not valid bindings YAML: line {line}, column" in str(refused.value)
+        assert f"{value!r} is read by YAML as" in str(refused.value) and "quote it" in str(refused.value)
     quoted = f'bindings:\n  - namespaces: ["*"]\n    policies: [x]\n    name: "{value}"\n'
     assert bindings.parse(quoted, "b.yaml").rules[0].name == value  # quoted, it is the string
 

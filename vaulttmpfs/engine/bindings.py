@@ -18,9 +18,8 @@ end the pattern or be followed by a character its names never contain ('.' or '_
 {namespace}, '_' after {service_account}), and no `*` may come before it: `{namespace}-*` would
 give namespace `team` the policies of namespace `team-a`, so it is refused, not guessed at.
 
-JSON, or YAML read by PyYAML with a strict safe loader (no duplicate keys, no non-string keys, no
-aliases or merge keys); values that YAML reads as booleans, numbers or null where a string is
-meant are refused by the checks below.
+JSON, or YAML read by PyYAML with a strict safe loader: no duplicate keys, no aliases or merge
+keys, and no scalar that YAML reads as anything but a string (`yes`, `1.5`, `~`: quote them).
 """
 
 from __future__ import annotations
@@ -247,7 +246,7 @@ _LOADER = None
 
 def _strict_loader():
     """yaml.SafeLoader, minus what lets a file mean two things: duplicate keys (YAML keeps the last,
-    hiding a line), non-string keys, aliases and merge keys. Built once, on first use (PyYAML is
+    hiding a line), scalars that are not strings, aliases and merge keys. Built once, on first use (PyYAML is
     imported only when a bindings file is YAML)."""
     global _LOADER
     if _LOADER is not None:
@@ -262,14 +261,22 @@ def _strict_loader():
                 raise ConstructorError(None, None, "aliases (*name) are not supported", event.start_mark)
             return super().compose_node(parent, index)
 
+        def construct_object(self, node, deep=False):
+            # Every scalar of a bindings file is a name or a pattern: `yes`, `on`, `1.5`, `~` would
+            # silently become something else.
+            value = super().construct_object(node, deep=deep)
+            # (An empty value, `key:` with nothing after it, stays None: the checks below name the key.)
+            if isinstance(node, yaml.ScalarNode) and not isinstance(value, str) and node.value != "":
+                raise ConstructorError(None, None, f"{node.value!r} is read by YAML as {type(value).__name__} "
+                                       f"{value!r}, not a string: quote it", node.start_mark)
+            return value
+
         def construct_mapping(self, node, deep=False):
             seen = set()
             for key_node, _value in node.value:
                 if key_node.tag == "tag:yaml.org,2002:merge":
                     raise ConstructorError(None, None, "merge keys (<<) are not supported", key_node.start_mark)
                 key = self.construct_object(key_node, deep=True)
-                if not isinstance(key, str):
-                    raise ConstructorError(None, None, f"key {key!r} is not a string (quote it)", key_node.start_mark)
                 if key in seen:
                     raise ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
                 seen.add(key)
