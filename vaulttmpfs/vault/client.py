@@ -150,6 +150,10 @@ def translate_errors(action: str, addr: str, deadline: float | None = None) -> I
         raise VaultUnavailable(f"{action}: Vault at {addr} did not answer in time") from None
     except requests.exceptions.RetryError as exc:
         raise VaultUnavailable(f"{action}: Vault at {addr} kept failing: {_reason(exc)}") from None
+    except (requests.exceptions.InvalidHeader, requests.exceptions.InvalidURL):
+        # requests quotes the offending header value (the token) in these: never passed on.
+        raise DriverError(f"{action}: the request could not be sent (a header value, such as the token, "
+                          "holds characters HTTP does not allow); its details are not shown") from None
     except requests.exceptions.RequestException as exc:
         # A read timeout that is not retried (read=0) reaches us dressed as a connection error.
         if type(_innermost(exc)).__name__ == "ReadTimeoutError":
@@ -220,6 +224,19 @@ class Vault:
                 f"creating a token with role {role!r}: Vault did not return a wrapped token "
                 "(is a proxy stripping the X-Vault-Wrap-TTL header?)"
             )
+        return wrap_info
+
+    def login_jwt_wrapped(self, mount: str, role: str, jwt: str) -> dict[str, Any]:
+        """Log in AS THE POD with its service-account JWT (POST auth/<mount>/login, Vault's jwt or
+        kubernetes method): Vault's role decides the policies; only the wrapping token comes back."""
+        action = f"logging in with the pod's service-account token at auth/{mount} (role {role!r})"
+        with self._call(action):
+            response = self.client.adapter.post(f"/v1/auth/{mount}/login", json={"role": role, "jwt": jwt},
+                                                wrap_ttl=self.config.wrap_ttl)
+        wrap_info = (response or {}).get("wrap_info") if isinstance(response, dict) else None
+        if not wrap_info or not wrap_info.get("token") or not wrap_info.get("wrapped_accessor"):
+            raise VaultUnavailable(f"{action}: Vault did not return a wrapped token "
+                                   "(is a proxy stripping the X-Vault-Wrap-TTL header?)")
         return wrap_info
 
     def revoke_accessor(self, accessor: str) -> bool:
