@@ -19,7 +19,7 @@ from pathlib import Path
 
 from vaulttmpfs.engine.state import StateStore
 
-from .conftest import remember_secret
+from .conftest import remember_secret, source_cmd
 from .kubelet import is_mount_point
 from .test_agent import AgentProcess, closed_addr
 from .vaultserver import VaultHTTPError
@@ -311,3 +311,29 @@ def test_reconcile_every_100ms_never_revokes_a_live_pods_token(kubelet, bao, dri
     assert [a for a in minted if any(alive(bao, a).values())] == []  # nothing leaks
     assert records(kubelet) == {}
     assert [p for p in kubelet.pods_dir.glob("*/volumes/*/*") if is_mount_point(p)] == []
+
+
+def test_an_orphaned_csi_volume_is_revoked_too(bao, generator, log_dir, tmp_path):
+    """The same rule for the CSI front end (target <pods>/<uid>/volumes/kubernetes.io~csi/<name>/mount),
+    with the agent serving CSI and reconciling in one process (source only: test_csi covers the build)."""
+    from .csikubelet import new_pod as new_csi_pod
+    from .test_csi import CsiNode
+
+    node = CsiNode(source_cmd(), bao, generator, tmp_path, log_dir)
+    try:
+        node.agent = AgentProcess(node.cmd, node.env, "--reconcile-interval", PERIOD)
+        node.agent.wait_for(lambda s, b: b["services"].get("csi", {}).get("serving"), "CSI serving")
+        node.kubelet.wait_ready()
+        live_pod, gone_pod = new_csi_pod("live"), new_csi_pod("gone")
+        live, gone = node.kubelet.publish(live_pod, NGINX), node.kubelet.publish(gone_pod, NGINX)
+        live_tokens, gone_tokens = tokens(live), tokens(gone)
+        subprocess.run(["umount", str(gone)], check=True)  # the kubelet's orphan cleanup, no NodeUnpublish
+        shutil.rmtree(node.kubelet.pods_dir / gone_pod.uid)
+        body = node.agent.wait_for(lambda s, b: b["services"]["reconcile"]["revoked"] >= 1, "the revocation")
+        assert body["services"]["reconcile"]["by_reason"] == {"pod_dir_removed": 1}
+        assert alive(bao, gone_tokens) == {"pod": False, "wrapping": False}
+        assert alive(bao, live_tokens) == {"pod": True, "wrapping": True}
+        node.kubelet.teardown(live_pod)
+        assert alive(bao, live_tokens) == {"pod": False, "wrapping": False}
+    finally:
+        node.stop()
