@@ -42,6 +42,8 @@ class _Duration(click.ParamType):
 
         if isinstance(value, (int, float)):
             return float(value)
+        if value == "":
+            return None  # unset: the command's own default
         try:
             seconds = parse_duration(value, param.opts[0] if param else "duration")
         except DriverError as exc:
@@ -69,17 +71,39 @@ def install(plugin_dir: str, source: str | None) -> None:
     click.echo(f"{result['action']}: {result['path']} -> {result['bundle']}{pruned}")
 
 
+def _setting(name: str, default: str):
+    """A click default read from the environment, else the config file (click's envvar sees only the former)."""
+
+    def read() -> str:
+        import os
+
+        if name in os.environ:  # even empty: "" turns a listener off
+            return os.environ[name]
+        from .config import setting
+
+        return setting(name, default)
+
+    return read
+
+
+# Each agent flag's default comes from its VAULTTMPFS_* variable, in the environment or the config file.
 @cli.command()
-@click.option("--renew-interval", type=_Duration(), envvar="VAULTTMPFS_RENEW_INTERVAL",
-              help="Renew the generator token this often [default: half its period/TTL].")
-@click.option("--retry-interval", type=_Duration(), envvar="VAULTTMPFS_RETRY_INTERVAL", default="60s",
-              show_default=True, help="Retry queued revocations this often.")
-@click.option("--health-addr", envvar="VAULTTMPFS_HEALTH_ADDR", default="127.0.0.1:9829", show_default=True,
-              help="host:port for GET /healthz and /livez; empty to disable.")
-@click.option("--relay/--no-relay", envvar="VAULTTMPFS_RELAY", default=False, show_default=True,
+@click.option("--renew-interval", type=_Duration(), default=_setting("VAULTTMPFS_RENEW_INTERVAL", ""),
+              help="Renew the generator token this often (VAULTTMPFS_RENEW_INTERVAL) [default: half its period/TTL].")
+@click.option("--retry-interval", type=_Duration(), default=_setting("VAULTTMPFS_RETRY_INTERVAL", "60s"),
+              help="Retry queued revocations this often (VAULTTMPFS_RETRY_INTERVAL) [default: 60s].")
+@click.option("--health-addr", default=_setting("VAULTTMPFS_HEALTH_ADDR", "127.0.0.1:9829"),
+              help="host:port for GET /healthz and /livez; empty to disable (VAULTTMPFS_HEALTH_ADDR) "
+                   "[default: 127.0.0.1:9829].")
+@click.option("--metrics-addr", default=_setting("VAULTTMPFS_METRICS_ADDR", "127.0.0.1:9830"),
+              help="host:port for GET /metrics (Prometheus); empty to disable (VAULTTMPFS_METRICS_ADDR) "
+                   "[default: 127.0.0.1:9830].")
+@click.option("--relay/--no-relay", default=_setting("VAULTTMPFS_RELAY", "false"),
               help="Also do the driver's mount/unmount for it over VAULTTMPFS_AGENT_SOCKET (fast path; needs "
-                   "a privileged agent with the kubelet's pods dir mounted with Bidirectional propagation).")
-def agent(renew_interval: float | None, retry_interval: float, health_addr: str, relay: bool) -> None:
+                   "a privileged agent with the kubelet's pods dir mounted with Bidirectional propagation) "
+                   "(VAULTTMPFS_RELAY) [default: off].")
+def agent(renew_interval: float | None, retry_interval: float, health_addr: str, metrics_addr: str,
+          relay: bool) -> None:
     """Run the node agent: renew the generator token, retry revocations, serve health. Stop with SIGTERM."""
     from .node import agent as node_agent
     from . import log
@@ -90,8 +114,8 @@ def agent(renew_interval: float | None, retry_interval: float, health_addr: str,
         "agent starting", renew_interval=renew_interval, retry_interval=retry_interval, health_addr=health_addr,
         vault_addr=config.vault_addr, generator_token_path=config.generator_token_path,
         relay=config.agent_socket if relay else None)
-    services = node_agent.services(config, renew_interval, retry_interval, relay)
-    node_agent.Agent(services, health_addr or None).run()
+    services = node_agent.services(config, renew_interval, retry_interval, relay, metrics_addr or None)
+    node_agent.Agent(services, health_addr or None, settings=config.public()).run()
     log.get().info("agent stopped")
 
 
@@ -167,6 +191,44 @@ def renew_generator() -> None:
     from .config import Config
 
     click.echo(node_bootstrap.renew_summary(node_bootstrap.renew_generator(Config.from_env())))
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="One JSON object, for scripts.")
+@click.option("--health-addr", default=_setting("VAULTTMPFS_HEALTH_ADDR", "127.0.0.1:9829"),
+              help="The agent's health endpoint [default: $VAULTTMPFS_HEALTH_ADDR, else 127.0.0.1:9829].")
+def doctor(as_json: bool, health_addr: str) -> None:
+    """Check this node, read-only: one line per check, each FAIL with its fix; exit 1 on any FAIL."""
+    from .ops import doctor as node_doctor
+
+    checks = node_doctor.run(health_addr=health_addr or None)
+    result = node_doctor.report(checks)
+    if as_json:
+        import json
+
+        click.echo(json.dumps(result, indent=2))
+    else:
+        for check in checks:
+            click.echo(check.line())
+    if not result["ok"]:
+        raise SystemExit(1)
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="One JSON object, for scripts.")
+def status(as_json: bool) -> None:
+    """The volumes this node holds and the revocations it still owes (from the state dir, no Vault call)."""
+    from .ops import status as node_status
+    from .config import Config
+
+    report = node_status.collect(Config.from_env())
+    if as_json:
+        import json
+
+        click.echo(json.dumps(report, indent=2))
+    else:
+        for line in node_status.render(report):
+            click.echo(line)
 
 
 def main(argv: list[str]) -> int:

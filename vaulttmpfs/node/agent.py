@@ -245,20 +245,34 @@ def parse_addr(addr: str) -> tuple[str, int]:
 
 
 def services(config: Config, renew_interval: float | None = None,
-             retry_interval: float = DEFAULT_RETRY_INTERVAL, relay: bool = False) -> list[Service]:
+             retry_interval: float = DEFAULT_RETRY_INTERVAL, relay: bool = False,
+             metrics_addr: str | None = None) -> list[Service]:
     """What the agent runs besides its health server."""
-    found = [GeneratorRenewal(config, renew_interval), RevocationRetry(config, retry_interval)]
+    if config.auth_role:
+        # The agent logs in itself (service-account JWT) and keeps the token it gets alive.
+        from .generator_login import GeneratorLogin
+
+        keeper: Service = GeneratorLogin(config, renew_interval)
+    else:
+        keeper = GeneratorRenewal(config, renew_interval)
+    found = [keeper, RevocationRetry(config, retry_interval)]
     if relay:
         # Opt-in: the agent then mounts for the kubelet, so it needs privileges and mount propagation.
         from .relay_server import RelayServer
 
         found.append(RelayServer(config))
+    if metrics_addr:
+        from .metrics import MetricsServer
+
+        found.append(MetricsServer(config, metrics_addr, found))
     return found
 
 
 class Agent:
-    def __init__(self, services: list[Service], health_addr: str | None = DEFAULT_HEALTH_ADDR):
+    def __init__(self, services: list[Service], health_addr: str | None = DEFAULT_HEALTH_ADDR,
+                 settings: dict[str, Any] | None = None):
         self.services = list(services)
+        self.settings = settings  # reported so `vaulttmpfs doctor` can compare them with the driver's
         self.health = HealthServer(health_addr, self.report) if health_addr else None
         self.stopping = threading.Event()
 
@@ -266,7 +280,10 @@ class Agent:
         statuses = {s.name: s.status() for s in self.services}
         healthy = all(s.healthy() for s in self.services)
         alive = all(s.alive() for s in self.services) and not self.stopping.is_set()
-        return healthy, alive, {"services": statuses}
+        body: dict[str, Any] = {"services": statuses}
+        if self.settings is not None:
+            body["settings"] = self.settings
+        return healthy, alive, body
 
     def run(self, handle_signals: bool = True) -> None:
         """Start everything, wait for SIGTERM/SIGINT (or `stopping`), stop everything."""

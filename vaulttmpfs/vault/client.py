@@ -244,6 +244,17 @@ class Vault:
         with self._call("renewing the generator token"):
             return self.client.auth.token.renew_self(increment=increment)["auth"]
 
+    def health(self) -> dict[str, Any]:
+        """sys/health (no token needed): initialized, sealed, version."""
+        with self._call("reading sys/health"):
+            answer = self.client.sys.read_health_status(method="GET")
+        return answer if isinstance(answer, dict) else {}
+
+    def jwt_login(self, role: str, jwt: str, mount: str = "jwt") -> dict[str, Any]:
+        """auth/<mount>/login with a JWT (Vault's jwt and kubernetes auth take the same body)."""
+        with self._call(f"logging in with a service-account JWT as role {role!r} (auth/{mount})"):
+            return self.client.auth.jwt.jwt_login(role=role, jwt=jwt, use_token=False, path=mount)["auth"]
+
     # --- for `vaulttmpfs bootstrap` ---
     def ldap_login(self, username: str, password: str, mount: str = "ldap") -> dict[str, Any]:
         """Log in with Vault's LDAP auth method; this client then carries the login token."""
