@@ -92,7 +92,7 @@ class GeneratorRenewal(Loop):
         super().__init__()
         self.config = config
         self.interval = interval
-        self.state: dict[str, Any] = {"valid": False, "renewals": 0, "last_error": "not renewed yet"}
+        self.state: dict[str, Any] = {"valid": False, "renewals": 0, "failures": 0, "last_error": "not renewed yet"}
         self._valid_until: float | None = None
 
     def run_once(self) -> float:
@@ -136,7 +136,8 @@ class GeneratorRenewal(Loop):
 
     def _failed(self, logger, message: str) -> float:
         still_valid = self._valid_until is not None and time.time() < self._valid_until
-        self.state.update(valid=still_valid, last_error=message, last_failure=_iso(time.time()))
+        self.state.update(valid=still_valid, last_error=message, last_failure=_iso(time.time()),
+                          failures=self.state["failures"] + 1)
         logger.warning("generator token renewal failed", error=message)
         return min(self.interval or FAILURE_RETRY, FAILURE_RETRY)
 

@@ -197,10 +197,21 @@ class Vault:
             session=_session(config),
         )
 
-    def _call(self, action: str):
+    @contextlib.contextmanager
+    def _call(self, action: str) -> Iterator[None]:
+        import time
+
+        from .. import telemetry
+
         # Every attempt may take the full timeout; one more for connects and backoff.
         deadline = self.config.timeout * (self.config.max_retries + 2)
-        return translate_errors(action, self.config.vault_addr, deadline)
+        started, ok = time.monotonic(), False
+        try:
+            with translate_errors(action, self.config.vault_addr, deadline):
+                yield
+            ok = True
+        finally:
+            telemetry.vault_call(action, time.monotonic() - started, ok)
 
     def create_wrapped_token(
         self, role: str, policies: list[str], metadata: dict[str, str], display_name: str
