@@ -291,6 +291,7 @@ class Agent:
         if handle_signals:
             for signum in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(signum, lambda *_: self.stopping.set())
+            signal.signal(signal.SIGHUP, lambda *_: log.reopen())  # logrotate's postrotate
         started: list[Service] = []
         try:
             for service in ([self.health] if self.health else []) + self.services:
