@@ -231,6 +231,21 @@ def status(as_json: bool) -> None:
             click.echo(line)
 
 
+@cli.command()
+@click.option("--plugin-dir", default=_setting("VAULTTMPFS_PLUGIN_DIR",
+                                                "/usr/libexec/kubernetes/kubelet-plugins/volume/exec"),
+              help="The kubelet's --volume-plugin-dir (VAULTTMPFS_PLUGIN_DIR).")
+@click.option("--keep-token", is_flag=True, help="Leave the node's generator token alive (e.g. to reinstall).")
+def uninstall(plugin_dir: str, keep_token: bool) -> None:
+    """Remove the driver from this node: refused while a volume is mounted; revokes the generator token."""
+    from .ops import uninstall as remover
+    from .config import Config
+
+    result = remover.uninstall(Config.from_env(), plugin_dir, revoke=not keep_token)
+    for line in remover.summary(result):  # nothing imported from here on: the bundle may be gone
+        click.echo(line)
+
+
 def main(argv: list[str]) -> int:
     from .errors import DriverError
 
