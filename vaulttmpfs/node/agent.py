@@ -108,14 +108,17 @@ class GeneratorRenewal(Loop):
         except Exception as exc:  # noqa: BLE001 -- e.g. an odd answer from a proxy: report it, keep going
             logger.error("unexpected error renewing the generator token", exc_info=exc)
             return self._failed(logger, f"unexpected error: {type(exc).__name__}: {exc}")
+        return self._renewed(logger, auth)
+
+    def _renewed(self, logger, auth: dict[str, Any], event: str = "generator token renewed",
+                 renewal: bool = True) -> float:
         lease = float(auth.get("lease_duration") or 0)
         next_in = self.interval or max(lease / 2, MIN_INTERVAL)
         self._valid_until = time.time() + lease if lease else None
-        self.state.update(valid=True, renewals=self.state["renewals"] + 1, last_error=None,
+        self.state.update(valid=True, renewals=self.state["renewals"] + renewal, last_error=None,
                           last_renewal=_iso(time.time()), lease_duration=lease, renew_interval=next_in,
                           policies=auth.get("policies") or [])
-        logger.info("generator token renewed", lease_duration=lease, next_in=next_in,
-                    accessor=auth.get("accessor"))
+        logger.info(event, lease_duration=lease, next_in=next_in, accessor=auth.get("accessor"))
         return next_in
 
     def _not_renewable(self, logger, generator) -> float:
