@@ -15,6 +15,21 @@ def cli() -> None:
     """
 
 
+def _setting(name: str, default: str):
+    """A click default read from the environment, else the config file (click's envvar sees only the former)."""
+
+    def read() -> str:
+        import os
+
+        if name in os.environ:  # even empty: "" turns a listener off
+            return os.environ[name]
+        from .config import setting
+
+        return setting(name, default)
+
+    return read
+
+
 @cli.command()
 def version() -> None:
     """Print the version."""
@@ -54,9 +69,10 @@ class _Duration(click.ParamType):
 
 
 @cli.command()
-@click.option("--plugin-dir", envvar="VAULTTMPFS_PLUGIN_DIR", show_default=True,
-              default="/usr/libexec/kubernetes/kubelet-plugins/volume/exec",
-              help="The kubelet's --volume-plugin-dir (env VAULTTMPFS_PLUGIN_DIR).")
+@click.option("--plugin-dir", envvar="VAULTTMPFS_PLUGIN_DIR",
+              default=_setting("VAULTTMPFS_PLUGIN_DIR", "/usr/libexec/kubernetes/kubelet-plugins/volume/exec"),
+              help="The kubelet's --volume-plugin-dir (VAULTTMPFS_PLUGIN_DIR) "
+                   "[default: /usr/libexec/kubernetes/kubelet-plugins/volume/exec].")
 @click.option("--source", type=click.Path(exists=True, file_okay=False),
               help="Bundle dir to install [default: the running bundle, or dist/vaulttmpfs].")
 def install(plugin_dir: str, source: str | None) -> None:
@@ -71,34 +87,24 @@ def install(plugin_dir: str, source: str | None) -> None:
     click.echo(f"{result['action']}: {result['path']} -> {result['bundle']}{pruned}")
 
 
-def _setting(name: str, default: str):
-    """A click default read from the environment, else the config file (click's envvar sees only the former)."""
-
-    def read() -> str:
-        import os
-
-        if name in os.environ:  # even empty: "" turns a listener off
-            return os.environ[name]
-        from .config import setting
-
-        return setting(name, default)
-
-    return read
-
-
 # Each agent flag's default comes from its VAULTTMPFS_* variable, in the environment or the config file.
 @cli.command()
-@click.option("--renew-interval", type=_Duration(), default=_setting("VAULTTMPFS_RENEW_INTERVAL", ""),
+@click.option("--renew-interval", type=_Duration(), envvar="VAULTTMPFS_RENEW_INTERVAL",
+              default=_setting("VAULTTMPFS_RENEW_INTERVAL", ""),
               help="Renew the generator token this often (VAULTTMPFS_RENEW_INTERVAL) [default: half its period/TTL].")
-@click.option("--retry-interval", type=_Duration(), default=_setting("VAULTTMPFS_RETRY_INTERVAL", "60s"),
+@click.option("--retry-interval", type=_Duration(), envvar="VAULTTMPFS_RETRY_INTERVAL",
+              default=_setting("VAULTTMPFS_RETRY_INTERVAL", "60s"),
               help="Retry queued revocations this often (VAULTTMPFS_RETRY_INTERVAL) [default: 60s].")
-@click.option("--health-addr", default=_setting("VAULTTMPFS_HEALTH_ADDR", "127.0.0.1:9829"),
+@click.option("--health-addr", envvar="VAULTTMPFS_HEALTH_ADDR",
+              default=_setting("VAULTTMPFS_HEALTH_ADDR", "127.0.0.1:9829"),
               help="host:port for GET /healthz and /livez; empty to disable (VAULTTMPFS_HEALTH_ADDR) "
                    "[default: 127.0.0.1:9829].")
-@click.option("--metrics-addr", default=_setting("VAULTTMPFS_METRICS_ADDR", "127.0.0.1:9830"),
+@click.option("--metrics-addr", envvar="VAULTTMPFS_METRICS_ADDR",
+              default=_setting("VAULTTMPFS_METRICS_ADDR", "127.0.0.1:9830"),
               help="host:port for GET /metrics (Prometheus); empty to disable (VAULTTMPFS_METRICS_ADDR) "
                    "[default: 127.0.0.1:9830].")
-@click.option("--relay/--no-relay", default=_setting("VAULTTMPFS_RELAY", "false"),
+@click.option("--relay/--no-relay", envvar="VAULTTMPFS_RELAY",
+              default=_setting("VAULTTMPFS_RELAY", "false"),
               help="Also do the driver's mount/unmount for it over VAULTTMPFS_AGENT_SOCKET (fast path; needs "
                    "a privileged agent with the kubelet's pods dir mounted with Bidirectional propagation) "
                    "(VAULTTMPFS_RELAY) [default: off].")
@@ -232,8 +238,8 @@ def status(as_json: bool) -> None:
 
 
 @cli.command()
-@click.option("--plugin-dir", default=_setting("VAULTTMPFS_PLUGIN_DIR",
-                                                "/usr/libexec/kubernetes/kubelet-plugins/volume/exec"),
+@click.option("--plugin-dir", envvar="VAULTTMPFS_PLUGIN_DIR",
+              default=_setting("VAULTTMPFS_PLUGIN_DIR", "/usr/libexec/kubernetes/kubelet-plugins/volume/exec"),
               help="The kubelet's --volume-plugin-dir (VAULTTMPFS_PLUGIN_DIR).")
 @click.option("--keep-token", is_flag=True, help="Leave the node's generator token alive (e.g. to reinstall).")
 def uninstall(plugin_dir: str, keep_token: bool) -> None:

@@ -108,7 +108,8 @@ def check_driver(node: Node) -> Check:
         install.verify(exe)
     except DriverError as exc:
         return Check("driver", FAIL, str(exc), fix)
-    return Check("driver", OK, f"{exe} answers init ({install.current_bundle(os.path.dirname(exe)) or 'not a bundle link'})")
+    bundle = install.current_bundle(os.path.dirname(exe)) or "not a bundle link"
+    return Check("driver", OK, f"{exe} answers init ({bundle})")
 
 
 def check_agent(node: Node) -> Check:
