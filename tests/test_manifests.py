@@ -220,9 +220,12 @@ def test_agent_docs_match_the_cli_flags():
         envvars |= {p.envvar for p in command.params if p.envvar}
         assert CliRunner().invoke(cli, [name, "--help"]).exit_code == 0
     configmap = resource("ConfigMap")["data"]
-    daemonset_env = {e["name"] for e in resource("DaemonSet")["spec"]["template"]["spec"]["containers"][0]["env"]}
+    container_env = resource("DaemonSet")["spec"]["template"]["spec"]["containers"][0]["env"]
+    daemonset_env = {e["name"] for e in container_env}
+    # Helpers only expanded into another value ($(POD_IP)) are Kubernetes', not ours.
+    expanded = {name for e in container_env for name in re.findall(r"\$\((\w+)\)", e.get("value") or "")}
     config_source = (REPO / "vaulttmpfs" / "config.py").read_text()
-    for setting in set(configmap) | daemonset_env:
+    for setting in (set(configmap) | daemonset_env) - expanded:
         assert setting in envvars or f'"{setting}"' in config_source, f"{setting} is read by nothing"
 
 
@@ -244,3 +247,48 @@ def test_relay_variant_gives_the_agent_what_mounting_for_the_kubelet_needs():
     # The driver on the host finds the agent's socket at the default path.
     socket_dir = os.path.dirname(Config.agent_socket)
     assert mounts["relay-socket"]["mountPath"] == volumes["relay-socket"]["hostPath"]["path"] == socket_dir
+
+
+def test_daemonset_writes_the_config_file_from_the_configmap_and_exposes_metrics():
+    from vaulttmpfs.config import DEFAULT_CONFIG_FILE
+
+    pod = resource("DaemonSet")["spec"]["template"]
+    container = pod["spec"]["containers"][0]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+    mounts = {m["name"]: m for m in container["volumeMounts"]}
+    # The install step reads the ConfigMap as files and writes the host's config file at the driver's path.
+    assert volumes["configmap"]["configMap"]["name"] == resource("ConfigMap")["metadata"]["name"]
+    assert mounts["configmap"]["mountPath"] == env["VAULTTMPFS_CONFIG_FROM"]
+    config_dir = os.path.dirname(DEFAULT_CONFIG_FILE)
+    assert mounts["config-dir"]["mountPath"] == volumes["config-dir"]["hostPath"]["path"] == config_dir
+    assert not mounts["config-dir"].get("readOnly")
+    # Prometheus finds /metrics where the agent serves it.
+    port = int(env["VAULTTMPFS_METRICS_ADDR"].rsplit(":", 1)[1])
+    assert {"name": "metrics", "containerPort": port, "hostPort": port, "protocol": "TCP"} in container["ports"]
+    assert pod["metadata"]["annotations"]["prometheus.io/port"] == str(port)
+    monitor = documents(INSTALLER / "examples" / "monitoring" / "podmonitor.yaml")[0]
+    assert monitor["spec"]["podMetricsEndpoints"][0]["port"] == "metrics"
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+
+
+def test_jwt_bootstrap_variant_gives_the_agent_its_service_account_token():
+    from vaulttmpfs.config import Config
+
+    kustomization = yaml.safe_load((K8S / "variants" / "jwt-bootstrap" / "kustomization.yaml").read_text())
+    docs = {"DaemonSet": resource("DaemonSet"), "ConfigMap": resource("ConfigMap")}
+    for patch in kustomization["patches"]:
+        kind = patch["target"]["kind"]
+        docs[kind] = apply_json_patch(docs[kind], yaml.safe_load(patch["patch"]))
+        validate(docs[kind])
+    container = docs["DaemonSet"]["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    config = Config.from_env({**docs["ConfigMap"]["data"], **{k: v for k, v in env.items() if v}})
+    assert config.auth_role and config.auth_mount
+    volumes = {v["name"]: v for v in docs["DaemonSet"]["spec"]["template"]["spec"]["volumes"]}
+    mounts = {m["name"]: m for m in container["volumeMounts"]}
+    source = volumes["sa-token"]["projected"]["sources"][0]["serviceAccountToken"]
+    assert os.path.join(mounts["sa-token"]["mountPath"], source["path"]) == config.auth_jwt_path
+    # The agent writes the generator token where it can (the state dir), and the driver reads it there.
+    assert config.generator_token_path.startswith(mounts["state"]["mountPath"] + "/")
+    assert not mounts["state"].get("readOnly")

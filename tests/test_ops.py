@@ -256,3 +256,48 @@ def test_status_lists_volumes_and_pending_revocations_and_doctor_flags_them(doct
     assert bao.lookup_accessor(accessor) is None
     assert node.unmount(api_path).ok
     assert doctor_node.doctor()[0] == 0
+
+
+def configmap_volume(directory: Path, data: dict[str, str]) -> None:
+    """A ConfigMap as the kubelet mounts it: KEY -> ..data/KEY -> ..<timestamp>/KEY."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for entry in directory.iterdir():
+        entry.unlink() if entry.is_symlink() or entry.is_file() else None
+    version = directory / f"..2026_{len(list(directory.glob('..2026_*')))}"
+    version.mkdir()
+    for key, value in data.items():
+        (version / key).write_text(value)
+        os.symlink(f"..data/{key}", directory / key)
+    os.symlink(version.name, directory / "..data")
+
+
+def test_install_writes_the_config_file_from_the_configmap(bao, generator, driver_cmd, tmp_path, log_dir,
+                                                           plugin_dir):
+    root = tmp_path / "node"
+    root.mkdir()
+    env, shared = split_env(driver_env(bao, generator, root, log_dir))
+    configmap = tmp_path / "configmap"
+    configmap_volume(configmap, {**shared, "VAULTTMPFS_TOKEN_FILENAME": "from-configmap"})
+    install = [*driver_cmd, "install", "--plugin-dir", plugin_dir, "--source", str(REPO / "dist" / "vaulttmpfs")]
+    run = lambda: subprocess.run(install, env={**env, "VAULTTMPFS_CONFIG_FROM": str(configmap)},  # noqa: E731
+                                 capture_output=True, text=True, timeout=120)
+    proc = run()
+    assert proc.returncode == 0, proc.stderr
+    config = Path(env["VAULTTMPFS_CONFIG_FILE"])
+    assert f"config file {config}: written" in proc.stdout
+    info = config.stat()
+    assert (info.st_uid, info.st_mode & 0o777) == (0, 0o644)
+    assert "..data" not in config.read_text()
+    assert "config file" in run().stdout and ": unchanged" in run().stdout
+
+    node = Kubelet(driver_cmd, env, root)  # the kubelet's environment carries none of the settings
+    reply, path = node.mount(node.new_pod(), NGINX)
+    assert reply.ok, reply.body
+    assert (path / "from-configmap").is_file()
+    assert node.unmount(path).ok
+
+    before = config.read_text()
+    configmap_volume(configmap, {**shared, "VAULT_TOKEN": "s.not-here"})  # refused before the node sees it
+    proc = run()
+    assert proc.returncode == 1 and "VAULT_TOKEN is not a vaulttmpfs setting" in proc.stderr
+    assert config.read_text() == before

@@ -75,9 +75,19 @@ class _Duration(click.ParamType):
                    "[default: /usr/libexec/kubernetes/kubelet-plugins/volume/exec].")
 @click.option("--source", type=click.Path(exists=True, file_okay=False),
               help="Bundle dir to install [default: the running bundle, or dist/vaulttmpfs].")
-def install(plugin_dir: str, source: str | None) -> None:
+@click.option("--config-from", envvar="VAULTTMPFS_CONFIG_FROM", type=click.Path(exists=True, file_okay=False),
+              help="Also write the node's config file (VAULTTMPFS_CONFIG_FILE) from this dir: the DaemonSet's "
+                   "ConfigMap mounted as a volume (VAULTTMPFS_CONFIG_FROM).")
+def install(plugin_dir: str, source: str | None, config_from: str | None) -> None:
     """Install the driver into the kubelet's plugin dir, atomically; a no-op if already installed."""
     from .ops import install as installer
+
+    if config_from:
+        from .config import config_file_path
+        from .ops import configfile
+
+        dest = config_file_path()
+        click.echo(f"config file {dest}: {configfile.write(config_from, dest)} from {config_from}")
 
     try:
         result = installer.install(plugin_dir, source or installer.default_source())
