@@ -92,7 +92,9 @@ def _append(state_dir: str, record: dict) -> None:
     import json
 
     directory = os.path.join(state_dir, SPOOL_DIR)
-    os.makedirs(directory, mode=0o700, exist_ok=True)
+    if not os.path.isdir(directory):
+        os.makedirs(state_dir, mode=0o700, exist_ok=True)  # makedirs' mode covers only the last level
+        os.makedirs(directory, mode=0o700, exist_ok=True)
     fd = os.open(os.path.join(directory, SPOOL_FILE),
                  os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
     try:

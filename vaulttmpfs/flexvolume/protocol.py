@@ -190,8 +190,10 @@ def main(argv: list[str]) -> int:
     counted = bool(argv) and argv[0] in ("mount", "unmount")  # not init: it runs on every probe
     relayed = None
     try:
-        started = _begin() if counted else 0.0
+        started = _now() if counted else 0.0
         relayed = _relay(argv)
+        if relayed is None and counted:
+            _begin()  # only now: a relayed call is the agent's to count, and threading costs ~4 ms
         payload, code = relayed if relayed is not None else encode(handle(argv))
     except BaseException as exc:  # noqa: BLE001 -- a bug in the relay client still answers JSON
         payload, code = encode(answer(FAILURE, _describe(exc)))
@@ -203,13 +205,19 @@ def main(argv: list[str]) -> int:
     os._exit(code)
 
 
-def _begin() -> float:
-    import time
+def _now() -> float:
+    import time  # built in: no file to load
 
-    from .. import telemetry
-
-    telemetry.begin()
     return time.monotonic()
+
+
+def _begin() -> None:
+    try:
+        from .. import telemetry
+
+        telemetry.begin()
+    except BaseException:  # noqa: BLE001 -- counting must never fail the call
+        pass
 
 
 def _finish(verb: str, ok: bool, started: float) -> None:
