@@ -11,12 +11,14 @@ generation kept) and every writer moves to the new file; SIGHUP makes the agent 
 from __future__ import annotations
 
 import os
+import sys
 import threading
 from typing import Any
 
 _secrets: dict[str, None] = {}  # insertion-ordered: the oldest go first when the cap is reached
 _logger = None
 REDACTED = "<redacted>"
+STDERR = "-"  # as a log file name: standard error
 # The node agent lives for months and registers a token per mount it relays: keep the newest.
 MAX_SECRETS = 4096
 
@@ -145,16 +147,18 @@ def get(log_file: str | None = None, **context: Any):
     if _logger is None:
         level, max_bytes = _options()
         try:
-            _file = _LogFile(log_file, max_bytes) if log_file else None
+            _file = _LogFile(log_file, max_bytes) if log_file and log_file != STDERR else None
         except OSError:
             _file = None
-        if _file is None:
+        # pod-side commands: a container's log is its stderr
+        handle = sys.stderr if log_file == STDERR else _file
+        if handle is None:
             _logger = _NullLogger()
         else:
             import structlog
 
             _logger = structlog.wrap_logger(
-                structlog.WriteLogger(_file),
+                structlog.WriteLogger(handle),
                 wrapper_class=structlog.make_filtering_bound_logger(level),
                 processors=[
                     structlog.processors.add_log_level,
