@@ -259,6 +259,7 @@ def test_daemonset_writes_the_config_file_from_the_configmap_and_exposes_metrics
     mounts = {m["name"]: m for m in container["volumeMounts"]}
     # The install step reads the ConfigMap as files and writes the host's config file at the driver's path.
     assert volumes["configmap"]["configMap"]["name"] == resource("ConfigMap")["metadata"]["name"]
+    assert "envFrom" not in container  # the agent reads the same file as the driver: one source
     assert mounts["configmap"]["mountPath"] == env["VAULTTMPFS_CONFIG_FROM"]
     config_dir = os.path.dirname(DEFAULT_CONFIG_FILE)
     assert mounts["config-dir"]["mountPath"] == volumes["config-dir"]["hostPath"]["path"] == config_dir

@@ -7,6 +7,8 @@ import json
 import os
 import socket
 import subprocess
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -14,7 +16,7 @@ import pytest
 from .conftest import driver_env, source_cmd
 from .kubelet import Kubelet
 from .test_agent import AgentProcess, closed_addr
-from .vaultserver import REPO
+from .vaultserver import REPO, free_port
 
 NGINX = {"vault/policies": "nginx"}
 # What the DaemonSet's ConfigMap carries; the kubelet's environment then needs none of it.
@@ -302,3 +304,42 @@ def test_install_writes_the_config_file_from_the_configmap(bao, generator, drive
     proc = run()
     assert proc.returncode == 1 and "VAULT_TOKEN is not a vaulttmpfs setting" in proc.stderr
     assert config.read_text() == before
+
+
+def test_entrypoint_configures_driver_and_agent_from_one_configmap(bao, generator, tmp_path, log_dir, plugin_dir):
+    """The DaemonSet's container as it runs: entrypoint.sh installs (bundle + config file), then the agent
+    starts with only its container-specific env and reports the ConfigMap's settings."""
+    root = tmp_path / "node"
+    root.mkdir()
+    env, shared = split_env(driver_env(bao, generator, root, log_dir))
+    configmap = tmp_path / "configmap"
+    configmap_volume(configmap, {**shared, "VAULTTMPFS_PLUGIN_DIR": plugin_dir, "VAULTTMPFS_ROLE_NAME": "applications"})
+    port = free_port()
+    container_env = {**{k: v for k, v in env.items() if k not in ("PYTHONPATH",)},
+                     "VAULTTMPFS_BUNDLE": str(REPO / "dist" / "vaulttmpfs"), "VAULTTMPFS_CONFIG_FROM": str(configmap),
+                     "VAULTTMPFS_HEALTH_ADDR": f"127.0.0.1:{port}"}
+    proc = subprocess.Popen([str(REPO / "installer" / "entrypoint.sh"), "--retry-interval", "1h"], env=container_env,
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as resp:
+                    body = json.loads(resp.read())
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "the agent did not come up"
+                time.sleep(0.3)
+        settings = body["settings"]
+        assert settings["vault_addr"] == shared["VAULT_ADDR"]
+        assert settings["state_dir"] == shared["VAULTTMPFS_STATE_DIR"]
+        assert settings["generator_token_path"] == shared["VAULTTMPFS_GENERATOR_TOKEN_PATH"]
+        assert body["services"]["generator"]["valid"] is True  # it renewed the token the file names
+        node = Kubelet([str(Path(plugin_dir) / "cloudwatt~vaulttmpfs" / "vaulttmpfs")], env, root)
+        reply, path = node.mount(node.new_pod(), NGINX)  # the driver: same file, nothing in the kubelet's env
+        assert reply.ok, reply.body
+        assert node.unmount(path).ok
+    finally:
+        proc.terminate()
+        proc.wait(30)
