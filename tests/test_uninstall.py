@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import subprocess
 
 from .conftest import driver_env
@@ -38,11 +40,18 @@ def test_uninstall_refuses_while_mounted_then_removes_everything(bao, driver_cmd
     assert node.init().ok and bao.lookup_accessor(auth["accessor"]) is not None and token_path.exists()
 
     assert node.unmount(path).ok
+    # A volume whose tmpfs and pod dir went with a reboot: only its record is left, and its token.
+    reply, lost = node.mount(node.new_pod("lost", "shop"), NGINX)
+    assert reply.ok, reply.body
+    lost_accessor = json.loads((lost / "vault-token.json").read_text())["wrapped_accessor"]
+    subprocess.run(["umount", str(lost)], check=True)
+    shutil.rmtree(root / "var/lib/kubelet/pods" / lost.parts[-4])
     done = subprocess.run(uninstall, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "generator token revoked" in done.stdout and f"{token_path} removed" in done.stdout
     assert os.listdir(plugin_dir) == []  # no bundle, no staging dir, no lock file
     assert bao.lookup_accessor(auth["accessor"]) is None
+    assert bao.lookup_accessor(lost_accessor) is None  # revoked before the generator token went
     assert not token_path.exists()
     assert auth["client_token"] not in done.stdout + done.stderr
 

@@ -19,6 +19,8 @@ from ..errors import DriverError
 from .agent import Loop, parse_addr
 
 FOLD_INTERVAL = 15.0
+FRONT_ENDS = ("flexvolume", "csi")  # label values are a fixed set, whatever a spool line says
+VIAS = ("driver", "relay", "agent")
 CALL_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 VAULT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
 
@@ -45,7 +47,9 @@ class Metrics:
     def call(self, record: dict[str, Any]) -> None:
         reason = record.get("reason") if record.get("reason") in telemetry.REASONS else "internal"
         verb = record.get("verb") if record.get("verb") in ("mount", "unmount") else "other"
-        labels = (verb, str(record.get("front_end", "flexvolume"))[:16], str(record.get("via", "driver"))[:16])
+        front_end = record.get("front_end") if record.get("front_end") in FRONT_ENDS else "other"
+        via = record.get("via") if record.get("via") in VIAS else "other"
+        labels = (verb, front_end, via)
         outcome = "success" if record.get("outcome") == "success" else "failure"
         self.operations.labels(*labels, outcome, reason).inc()
         self.durations.labels(*labels).observe(float(record.get("seconds") or 0))
