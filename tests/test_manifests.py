@@ -120,12 +120,19 @@ def test_daemonset_is_consistent_with_the_agent_and_the_driver():
     settings = {**resource("ConfigMap")["data"], **{k: v for k, v in env.items() if v is not None}}
     volumes = {v["name"]: v for v in pod["volumes"]}
     mounts = {m["name"]: m for m in container["volumeMounts"]}
-    assert set(mounts) == set(volumes)
+    # Every volume is mounted by some container (the config volumes by the install step only).
+    assert set(mounts) | {m["name"] for m in pod["initContainers"][0]["volumeMounts"]} == set(volumes)
+    assert set(mounts) <= set(volumes)
 
-    # The plugin dir: mounted where VAULTTMPFS_PLUGIN_DIR says, default host path as in the code.
+    # The plugin dir: the install init container writes it where its VAULTTMPFS_PLUGIN_DIR says,
+    # default host path as in the code; the agent sees it read-only at the same place.
+    install = pod["initContainers"][0]
+    install_env = {e["name"]: e.get("value") for e in install["env"]}
+    install_mounts = {m["name"]: m for m in install["volumeMounts"]}
+    assert install_mounts["plugin-dir"]["mountPath"] == install_env["VAULTTMPFS_PLUGIN_DIR"]
+    assert not install_mounts["plugin-dir"].get("readOnly")
     assert mounts["plugin-dir"]["mountPath"] == settings["VAULTTMPFS_PLUGIN_DIR"]
     assert volumes["plugin-dir"]["hostPath"]["path"] == installer.DEFAULT_PLUGIN_DIR
-    assert not mounts["plugin-dir"].get("readOnly")
     # Paths the driver (on the host) and the agent (in the pod) share are mounted at the same path.
     for setting, volume in (("VAULTTMPFS_GENERATOR_TOKEN_PATH", "generator-token"), ("VAULTTMPFS_STATE_DIR", "state")):
         host = volumes[volume]["hostPath"]["path"]
@@ -220,7 +227,8 @@ def test_agent_docs_match_the_cli_flags():
         envvars |= {p.envvar for p in command.params if p.envvar}
         assert CliRunner().invoke(cli, [name, "--help"]).exit_code == 0
     configmap = resource("ConfigMap")["data"]
-    container_env = resource("DaemonSet")["spec"]["template"]["spec"]["containers"][0]["env"]
+    pod = resource("DaemonSet")["spec"]["template"]["spec"]
+    container_env = [e for c in pod["containers"] + pod["initContainers"] for e in c["env"]]
     daemonset_env = {e["name"] for e in container_env}
     # Helpers only expanded into another value ($(POD_IP)) are Kubernetes', not ours.
     expanded = {name for e in container_env for name in re.findall(r"\$\((\w+)\)", e.get("value") or "")}
@@ -239,7 +247,7 @@ def test_relay_variant_gives_the_agent_what_mounting_for_the_kubelet_needs():
     assert container["securityContext"]["privileged"] is True  # mount(2) needs CAP_SYS_ADMIN
     volumes = {v["name"]: v for v in pod["volumes"]}
     mounts = {m["name"]: m for m in container["volumeMounts"]}
-    assert set(mounts) == set(volumes)
+    assert set(mounts) | {m["name"] for m in pod["initContainers"][0]["volumeMounts"]} == set(volumes)
     # A tmpfs the agent mounts must appear on the host, where the kubelet and the pod see it.
     pods = mounts["pods-dir"]
     assert pods["mountPropagation"] == "Bidirectional"
@@ -258,12 +266,17 @@ def test_daemonset_writes_the_config_file_from_the_configmap_and_exposes_metrics
     volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
     mounts = {m["name"]: m for m in container["volumeMounts"]}
     # The install step reads the ConfigMap as files and writes the host's config file at the driver's path.
+    [install] = pod["spec"]["initContainers"]
+    install_env = {e["name"]: e.get("value") for e in install["env"]}
+    install_mounts = {m["name"]: m for m in install["volumeMounts"]}
     assert volumes["configmap"]["configMap"]["name"] == resource("ConfigMap")["metadata"]["name"]
-    assert "envFrom" not in container  # the agent reads the same file as the driver: one source
-    assert mounts["configmap"]["mountPath"] == env["VAULTTMPFS_CONFIG_FROM"]
+    assert install_mounts["configmap"]["mountPath"] == install_env["VAULTTMPFS_CONFIG_FROM"]
     config_dir = os.path.dirname(DEFAULT_CONFIG_FILE)
-    assert mounts["config-dir"]["mountPath"] == volumes["config-dir"]["hostPath"]["path"] == config_dir
-    assert not mounts["config-dir"].get("readOnly")
+    assert install_mounts["config"]["mountPath"] == volumes["config"]["hostPath"]["path"] == config_dir
+    assert not install_mounts["config"].get("readOnly") and "generator-token" not in install_mounts
+    # The agent reads the same file as the driver (one source, no envFrom), through its read-only view.
+    assert "envFrom" not in container and "config" not in mounts
+    assert Path(config_dir).is_relative_to(mounts["generator-token"]["mountPath"])
     # Prometheus finds /metrics where the agent serves it.
     port = int(env["VAULTTMPFS_METRICS_ADDR"].rsplit(":", 1)[1])
     assert {"name": "metrics", "containerPort": port, "hostPort": port, "protocol": "TCP"} in container["ports"]
@@ -293,3 +306,75 @@ def test_jwt_bootstrap_variant_gives_the_agent_its_service_account_token():
     # The agent writes the generator token where it can (the state dir), and the driver reads it there.
     assert config.generator_token_path.startswith(mounts["state"]["mountPath"] + "/")
     assert not mounts["state"].get("readOnly")
+
+
+# --- least privilege of the DaemonSet, in every variant (issue 15, items 10 and 11) ------------------
+
+ALL_VARIANTS = ["base", *VARIANTS, "relay"]
+INSTALL_CAPABILITIES = {"CHOWN", "DAC_OVERRIDE", "FOWNER"}  # to take back a tampered driver dir, nothing more
+
+
+def rendered_pod(name: str) -> dict:
+    daemonset = resource("DaemonSet") if name == "base" else variant_daemonset(name)
+    validate(daemonset)
+    return daemonset["spec"]["template"]["spec"]
+
+
+def seccomp(pod: dict, container: dict) -> str | None:
+    profile = (container.get("securityContext") or {}).get("seccompProfile") or \
+        (pod.get("securityContext") or {}).get("seccompProfile") or {}
+    return profile.get("type")
+
+
+@pytest.mark.parametrize("name", ALL_VARIANTS)
+def test_only_an_init_container_can_write_what_the_kubelet_runs(name):
+    pod = rendered_pod(name)
+    [install] = pod["initContainers"]
+    bundle = re.search(r"^COPY --from=build /dist/vaulttmpfs (\S+)$", (INSTALLER / "Dockerfile").read_text(), re.M)[1]
+    assert install["command"][:2] == [f"{bundle}/vaulttmpfs", "install"]
+    assert {m["name"]: m for m in install["volumeMounts"]}["plugin-dir"].get("readOnly") is not True
+    for container in pod["containers"]:
+        assert "install" not in container.get("command", []) and "install" not in container.get("args", [])
+        plugin = [m for m in container.get("volumeMounts", []) if m["name"] == "plugin-dir"]
+        assert all(m.get("readOnly") is True for m in plugin), f"{container['name']} can write the plugin dir"
+
+
+@pytest.mark.parametrize("name", ALL_VARIANTS)
+def test_every_container_has_seccomp_and_only_the_capabilities_it_needs(name):
+    pod = rendered_pod(name)
+    for container in pod["initContainers"] + pod["containers"]:
+        context = container["securityContext"]
+        assert seccomp(pod, container) == "RuntimeDefault", container["name"]
+        assert context["readOnlyRootFilesystem"] is True
+        if context.get("privileged"):
+            # Only the relay's agent: Bidirectional mount propagation is allowed in privileged containers only.
+            assert name == "relay" and container["name"] == "vaulttmpfs"
+            assert any(m.get("mountPropagation") == "Bidirectional" for m in container["volumeMounts"])
+            continue
+        assert context["allowPrivilegeEscalation"] is False
+        assert context["capabilities"]["drop"] == ["ALL"]
+        added = set(context["capabilities"].get("add") or [])
+        assert added <= (INSTALL_CAPABILITIES if container in pod["initContainers"] else set()), container["name"]
+
+
+@pytest.mark.parametrize("name", ALL_VARIANTS)
+def test_no_container_mounts_more_of_the_hosts_etc_than_the_generator_tokens_dir(name):
+    from vaulttmpfs.config import Config
+
+    pod = rendered_pod(name)
+    token_path = resource("ConfigMap")["data"]["VAULTTMPFS_GENERATOR_TOKEN_PATH"]
+    assert token_path == Config.generator_token_path == "/etc/vaulttmpfs/vaulttoken"
+    host_paths = {v["name"]: v["hostPath"]["path"].rstrip("/") or "/" for v in pod["volumes"] if "hostPath" in v}
+    assert host_paths["generator-token"] == os.path.dirname(token_path)
+    for volume, path in host_paths.items():
+        # Not /etc/kubernetes (admin.conf, pki/*.key on control planes), nor anything above or in it.
+        assert not Path("/etc/kubernetes").is_relative_to(path) and not Path(path).is_relative_to("/etc/kubernetes")
+        assert path.startswith("/etc/") == (volume in ("generator-token", "config")), volume
+    # The config file's own dir inside vaulttmpfs' (the install step writes it; nobody else mounts it).
+    assert Path(host_paths["config"]).parent == Path(host_paths["generator-token"])
+    for container in pod["initContainers"] + pod["containers"]:
+        for mount in container.get("volumeMounts", []):
+            if mount["name"] == "generator-token":
+                assert mount.get("readOnly") is True and mount["mountPath"] == host_paths["generator-token"]
+            if mount["name"] == "config":
+                assert container in pod["initContainers"] and mount["mountPath"] == host_paths["config"]

@@ -2,7 +2,7 @@
 
 Names match the Go original (and Vault's own CLI) so vaulttmpfs is a drop-in: a kubelet drop-in
 that sets them keeps working, and wins over the file. The file (VAULTTMPFS_CONFIG_FILE, default
-/etc/vaulttmpfs/config.env) holds the same names as KEY=VALUE lines; it decides where tokens go,
+/etc/vaulttmpfs/config/config.env) holds the same names as KEY=VALUE lines; it decides where tokens go,
 so it is read only when root owns it and its directories and nobody else can write them (sshd's rule).
 """
 
@@ -56,7 +56,7 @@ def safe_name(text: str, setting: str) -> str:
 
 
 CONFIG_FILE_ENV = "VAULTTMPFS_CONFIG_FILE"
-DEFAULT_CONFIG_FILE = "/etc/vaulttmpfs/config.env"
+DEFAULT_CONFIG_FILE = "/etc/vaulttmpfs/config/config.env"
 MAX_CONFIG_BYTES = 64 * 1024
 _LINE = re.compile(r"(?:export\s+)?([A-Z_][A-Z0-9_]*)\s*=\s*(.*)")
 # Which names a config file may set: ours and Vault's, never a credential.
@@ -156,7 +156,7 @@ def setting(name: str, default: str | None = None, env=None) -> str | None:
 
 @dataclass(frozen=True)
 class Config:
-    generator_token_path: str = "/etc/kubernetes/vaulttoken"
+    generator_token_path: str = "/etc/vaulttmpfs/vaulttoken"  # a dir of its own: mount only it
     token_filename: str = "vault-token"
     role_name: str = "applications"
     vault_addr: str = "https://127.0.0.1:8200"

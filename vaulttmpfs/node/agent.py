@@ -118,7 +118,8 @@ class GeneratorRenewal(Loop):
         self.state.update(valid=True, renewals=self.state["renewals"] + renewal, last_error=None,
                           last_renewal=_iso(time.time()), lease_duration=lease, renew_interval=next_in,
                           policies=auth.get("policies") or [])
-        logger.info(event, lease_duration=lease, next_in=next_in, accessor=auth.get("accessor"))
+        logger.info(event, lease_duration=lease, next_in=next_in,
+                    accessor=log.accessor_hint(auth.get("accessor")))  # any generator may revoke by accessor
         return next_in
 
     def _not_renewable(self, logger, generator) -> float:

@@ -87,7 +87,8 @@ class GeneratorLogin(GeneratorRenewal):
         try:
             Vault(self.config, token).revoke_accessor(accessor)
         except DriverError as exc:
-            logger.warning("could not revoke a generator token", accessor=accessor, error=str(exc))
+            logger.warning("could not revoke a generator token", accessor=log.accessor_hint(accessor),
+                           error=str(exc))
 
 
 def _read_jwt(path: str) -> str:

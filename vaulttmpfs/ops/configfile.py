@@ -2,7 +2,7 @@
 
 DIR is the ConfigMap mounted as a volume (one file per key). Its VAULT_*/VAULTTMPFS_* keys become
 KEY=VALUE lines of the config file the driver reads on the host (VAULTTMPFS_CONFIG_FILE, default
-/etc/vaulttmpfs/config.env), written root-owned 0644 in a root-owned 0755 dir, atomically: a
+/etc/vaulttmpfs/config/config.env), written root-owned 0644 in a root-owned 0755 dir, atomically: a
 kubelet call reads the old file or the new one, never a mix. Unchanged content is not rewritten.
 """
 

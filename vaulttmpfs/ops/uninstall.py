@@ -72,7 +72,8 @@ def uninstall(config: Config, plugin_dir: str, revoke: bool = True) -> dict[str,
                           "make Vault reachable and run uninstall again (`vaulttmpfs status` lists them)")
     token = _revoke_generator(config) if revoke else {"path": config.generator_token_path, "kept": True}
     removed = _remove_driver(plugin_dir)  # last: it may delete the bundle this process runs from
-    logger.info("uninstalled", removed=removed, generator=token)
+    logger.info("uninstalled", removed=removed, generator_revoked=token.get("revoked"),
+                accessor=log.accessor_hint(token.get("accessor")))
     return {"removed": removed, "generator": token, "plugin_dir": plugin_dir}
 
 
