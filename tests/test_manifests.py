@@ -89,6 +89,8 @@ def apply_json_patch(doc: dict, operations: list[dict]) -> dict:
             target.append(op["value"])
         elif op["op"] == "add":
             target[last] = op["value"]
+        elif op["op"] == "remove":
+            del target[last]
         else:
             raise AssertionError(f"unexpected patch op {op['op']}")
     return doc
@@ -378,3 +380,22 @@ def test_no_container_mounts_more_of_the_hosts_etc_than_the_generator_tokens_dir
                 assert mount.get("readOnly") is True and mount["mountPath"] == host_paths["generator-token"]
             if mount["name"] == "config":
                 assert container in pod["initContainers"] and mount["mountPath"] == host_paths["config"]
+
+
+def test_uninstall_variant_runs_uninstall_once_per_node_and_then_idles():
+    pod = variant_daemonset("uninstall")["spec"]["template"]["spec"]
+    [step] = pod["initContainers"]
+    bundle = re.search(r"^COPY --from=build /dist/vaulttmpfs (\S+)$", (INSTALLER / "Dockerfile").read_text(), re.M)[1]
+    assert step["command"] == [f"{bundle}/vaulttmpfs", "uninstall"]
+    mounts = {m["name"]: m for m in step["volumeMounts"]}
+    host = {v["name"]: v["hostPath"]["path"] for v in pod["volumes"] if "hostPath" in v}
+    # It needs the plugin dir, the generator token (to revoke it and delete it), the config file
+    # (Vault's address) and the state dir (which volumes are still mounted), each where the driver has it.
+    for name in ("plugin-dir", "generator-token", "state"):
+        assert not mounts[name].get("readOnly"), name
+    for name in ("generator-token", "state", "config"):
+        assert mounts[name]["mountPath"] == host[name]
+    [agent] = pod["containers"]
+    assert agent["command"] == ["sleep", "infinity"]  # no agent: nothing renews or reinstalls
+    assert "readinessProbe" not in agent and "livenessProbe" not in agent
+    assert {m["name"]: m for m in agent["volumeMounts"]}["plugin-dir"]["readOnly"] is True
