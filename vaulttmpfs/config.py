@@ -100,24 +100,15 @@ def file_values(path: str) -> dict[str, str]:
 
 
 def check_trusted(path: str, info: os.stat_result | None = None) -> None:
-    """Root-owned and writable by root only: the file and every directory above it (a root-owned
-    sticky directory such as /tmp is fine: nobody else can rename what root put there)."""
+    """Root-owned and writable by root only: the file and every directory above it (sshd's rule)."""
     info = info or os.stat(path)
     if info.st_uid != 0 or info.st_mode & 0o022:
         raise DriverError(f"config file {path} must be owned by root and not group/world-writable (owner uid "
                           f"{info.st_uid}, mode {stat.S_IMODE(info.st_mode):04o}); fix it with: "
                           f"chown root:root {path} && chmod 644 {path}")
-    parent = os.path.dirname(os.path.realpath(path))
-    while True:
-        dinfo = os.stat(parent)
-        sticky_root = dinfo.st_mode & stat.S_ISVTX and dinfo.st_uid == 0
-        if dinfo.st_uid != 0 or (dinfo.st_mode & 0o022 and not sticky_root):
-            raise DriverError(f"config file {path} is in {parent}, which someone other than root can change "
-                              f"(owner uid {dinfo.st_uid}, mode {stat.S_IMODE(dinfo.st_mode):04o}); fix it with: "
-                              f"chown root {parent} && chmod go-w {parent}")
-        if parent == "/":
-            return
-        parent = os.path.dirname(parent)
+    from .engine import trust
+
+    trust.check_dirs(os.path.dirname(os.path.realpath(path)), f"config file {path}")
 
 
 def parse_config_text(text: str, source: str = "config file") -> dict[str, str]:

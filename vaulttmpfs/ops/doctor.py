@@ -271,14 +271,14 @@ def check_state_dir(node: Node) -> Check:
     if info.st_uid != 0 or info.st_mode & 0o077:
         return Check("state", FAIL, f"{path} is owner uid {info.st_uid}, mode {stat.S_IMODE(info.st_mode):04o}: "
                                     "others could read accessors or forge records", fix)
+    from ..engine import trust
+
     parent = os.path.dirname(os.path.realpath(path))
-    while parent != "/":
-        pinfo = os.stat(parent)
-        if pinfo.st_uid != 0 or (pinfo.st_mode & 0o022 and not pinfo.st_mode & stat.S_ISVTX):
-            return Check("state", FAIL, f"{parent}, above the state dir, can be changed by uid {pinfo.st_uid} "
-                                        f"or others (mode {stat.S_IMODE(pinfo.st_mode):04o})",
-                         f"chown root {parent} && chmod go-w {parent}")
-        parent = os.path.dirname(parent)
+    try:
+        trust.check_dirs(parent, f"state dir {path}", strict_leaf=False)
+    except DriverError as exc:
+        detail, _, fix = str(exc).partition("; fix it with: ")
+        return Check("state", FAIL, detail, fix or f"chown root {parent} && chmod go-w {parent}")
     return Check("state", OK, f"{path} root-only (0{stat.S_IMODE(info.st_mode):o})")
 
 
