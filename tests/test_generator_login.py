@@ -100,3 +100,23 @@ def test_a_jwt_for_another_service_account_gets_no_token(bao, jwt_auth, driver_c
         body = agent.wait_for(lambda s, b: "VAULTTMPFS_AUTH_JWT_PATH" in str(b["services"]["generator"]["last_error"]),
                               "the missing JWT named", timeout=30)
         assert agent.terminate() == 0
+
+
+def test_no_token_is_written_where_others_could_swap_it(bao, jwt_auth, driver_cmd, tmp_path, log_dir):
+    jwt_path = tmp_path / "token"
+    jwt_path.write_text(remember_secret(jwt_auth.token(SUBJECT)))
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)  # anyone could rename the token file away and plant their own
+    token_path = shared / "vaulttoken"
+    env = driver_env(bao, {"path": str(token_path)}, tmp_path, log_dir, VAULTTMPFS_AUTH_ROLE=ROLE,
+                     VAULTTMPFS_AUTH_JWT_PATH=str(jwt_path), VAULTTMPFS_RENEW_INTERVAL="1s")
+    before = set(bao.accessors())
+    with AgentProcess(driver_cmd, env) as agent:
+        body = agent.wait_for(lambda s, b: s == 503 and b["services"]["generator"].get("failures", 0) >= 1,
+                              "a refused write")
+        assert "is not trusted" in body["services"]["generator"]["last_error"]
+        assert not token_path.exists()
+        assert agent.terminate() == 0
+    minted = [bao.lookup_accessor(a) for a in set(bao.accessors()) - before]
+    assert not [m for m in minted if m and (m.get("meta") or {}).get("role") == ROLE]  # each login revoked

@@ -52,7 +52,6 @@ class GeneratorLogin(GeneratorRenewal):
         return self._renewed(logger, auth)
 
     def _login(self, logger, why: str) -> float:
-        from ..engine import generator
         from ..vault.client import Vault
 
         config = self.config
@@ -68,11 +67,11 @@ class GeneratorLogin(GeneratorRenewal):
             return self._failed(logger, f"role {config.auth_role} at auth/{config.auth_mount} hands out root "
                                         "tokens: refused; give it token_policies=token_generator only")
         try:
-            generator.write_token(config.generator_token_path, token)
-        except OSError as exc:
+            _write(config.generator_token_path, token)
+        except (OSError, DriverError) as exc:
             self._revoke_quietly(token, auth.get("accessor"), logger)
             return self._failed(logger, f"cannot write the generator token to {config.generator_token_path}: "
-                                        f"{exc.strerror or exc}")
+                                        f"{getattr(exc, 'strerror', None) or exc}")
         self._login_lease = float(auth.get("lease_duration") or 0)
         self.state.update(logins=self.state["logins"] + 1)
         logger.info("logged in for a generator token", why=why, role=config.auth_role, mount=config.auth_mount,
@@ -89,6 +88,18 @@ class GeneratorLogin(GeneratorRenewal):
         except DriverError as exc:
             logger.warning("could not revoke a generator token", accessor=log.accessor_hint(accessor),
                            error=str(exc))
+
+
+def _write(path: str, token: str) -> None:
+    """As bootstrap writes it: into a 0700 dir that only root can change (sshd's rule), atomically."""
+    import os
+
+    from ..engine import generator, trust
+
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, mode=0o700, exist_ok=True)
+    trust.check_dirs(parent, "generator token path")
+    generator.write_token(path, token)
 
 
 def _read_jwt(path: str) -> str:
