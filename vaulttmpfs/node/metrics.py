@@ -134,7 +134,10 @@ class MetricsServer(Loop):
         with self._fold_lock:
             records = telemetry.fold(self.config.state_dir)
             for record in records:
-                self.metrics.call(record)
+                try:
+                    self.metrics.call(record)
+                except (TypeError, ValueError):  # a garbled line costs that line, not the scrape
+                    continue
             self.metrics.spooled.inc(len(records))
             self.folded += len(records)
 
