@@ -118,8 +118,20 @@ def install(plugin_dir: str, source: str | None, config_from: str | None) -> Non
               help="Also do the driver's mount/unmount for it over VAULTTMPFS_AGENT_SOCKET (fast path; needs "
                    "a privileged agent with the kubelet's pods dir mounted with Bidirectional propagation) "
                    "(VAULTTMPFS_RELAY) [default: off].")
+@click.option("--csi-endpoint", envvar="VAULTTMPFS_CSI_ENDPOINT", metavar="unix:///PATH",
+              default=_setting("VAULTTMPFS_CSI_ENDPOINT", ""),
+              help="Also serve the CSI node plugin (driver vaulttmpfs.cloudwatt.com) on this unix socket, e.g. "
+                   "unix:///csi/csi.sock (needs the same privileges and mount propagation as --relay).")
+@click.option("--csi-jwt-auth-mount", envvar="VAULTTMPFS_CSI_JWT_AUTH_MOUNT", metavar="MOUNT",
+              default=_setting("VAULTTMPFS_CSI_JWT_AUTH_MOUNT", ""),
+              help="CSI: pods log in to Vault themselves with the service-account token the kubelet hands over "
+                   "(CSIDriver tokenRequests), at auth/MOUNT (a jwt or kubernetes method); Vault's role (the "
+                   "volume's vault/role) decides the policies. Default: tokens are minted with the generator token.")
+@click.option("--csi-jwt-audience", envvar="VAULTTMPFS_CSI_JWT_AUDIENCE",
+              default=_setting("VAULTTMPFS_CSI_JWT_AUDIENCE", "vault"),
+              help="CSI: the tokenRequests audience whose token is used to log in [default: vault].")
 def agent(renew_interval: float | None, retry_interval: float, health_addr: str, metrics_addr: str,
-          relay: bool) -> None:
+          relay: bool, csi_endpoint: str | None, csi_jwt_auth_mount: str | None, csi_jwt_audience: str) -> None:
     """Run the node agent: renew the generator token, retry revocations, serve health. Stop with SIGTERM."""
     from .node import agent as node_agent
     from . import log
@@ -129,10 +141,26 @@ def agent(renew_interval: float | None, retry_interval: float, health_addr: str,
     log.get(config.log_file, component="agent").info(
         "agent starting", renew_interval=renew_interval, retry_interval=retry_interval, health_addr=health_addr,
         vault_addr=config.vault_addr, generator_token_path=config.generator_token_path,
-        relay=config.agent_socket if relay else None)
-    services = node_agent.services(config, renew_interval, retry_interval, relay, metrics_addr or None)
+        relay=config.agent_socket if relay else None, csi_endpoint=csi_endpoint, csi_jwt_auth_mount=csi_jwt_auth_mount)
+    jwt_login = None
+    if csi_endpoint and csi_jwt_auth_mount:
+        from .csi.servicers import JwtLogin
+
+        jwt_login = JwtLogin(_auth_mount(csi_jwt_auth_mount), csi_jwt_audience)
+    services = node_agent.services(config, renew_interval, retry_interval, relay, csi_endpoint or None, jwt_login,
+                                   metrics_addr=metrics_addr or None)
     node_agent.Agent(services, health_addr or None, settings=config.public()).run()
     log.get().info("agent stopped")
+
+
+def _auth_mount(text: str) -> str:
+    """A Vault auth mount path: plain segments (`jwt`, `k8s/prod`), nothing that could climb out of auth/."""
+    from .config import SAFE_NAME
+
+    segments = text.strip("/").split("/")
+    if not all(SAFE_NAME.fullmatch(s) and s not in (".", "..") for s in segments):
+        raise click.BadParameter(f"{text!r} is not a Vault auth mount path (e.g. jwt)", param_hint="--csi-jwt-auth-mount")
+    return "/".join(segments)
 
 
 @cli.command()

@@ -40,16 +40,16 @@ def failed(exc: BaseException) -> None:
 
 
 def reason(exc: BaseException) -> str:
-    from .errors import DriverError, VaultDenied, VaultUnavailable
+    from .errors import BadRequest, DriverError, VaultDenied, VaultUnavailable
 
     if isinstance(exc, VaultUnavailable):
         return "vault_unavailable"
     if isinstance(exc, VaultDenied):
         return "denied"
+    if isinstance(exc, BadRequest) or type(exc).__name__ == "BadCall":
+        return "bad_request"
     if isinstance(exc, DriverError):
         return "refused"  # admission, bindings, settings, a mount that is not ours
-    if type(exc).__name__ == "BadCall":
-        return "bad_request"
     if isinstance(exc, OSError):
         return "os_error"
     return "internal"

@@ -251,6 +251,7 @@ def parse_addr(addr: str) -> tuple[str, int]:
 
 def services(config: Config, renew_interval: float | None = None,
              retry_interval: float = DEFAULT_RETRY_INTERVAL, relay: bool = False,
+             csi_endpoint: str | None = None, csi_jwt_login=None,
              metrics_addr: str | None = None) -> list[Service]:
     """What the agent runs besides its health server."""
     if config.auth_role:
@@ -266,7 +267,12 @@ def services(config: Config, renew_interval: float | None = None,
         from .relay_server import RelayServer
 
         found.append(RelayServer(config))
-    if metrics_addr:
+    if csi_endpoint:
+        # Opt-in too, same needs; grpc is imported only here, never on the FlexVolume exec path.
+        from .csi_server import CsiServer
+
+        found.append(CsiServer(config, csi_endpoint, jwt_login=csi_jwt_login))
+    if metrics_addr:  # last: it reports on the services above
         from .metrics import MetricsServer
 
         found.append(MetricsServer(config, metrics_addr, found))
