@@ -9,7 +9,7 @@ import urllib.request
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from .conftest import driver_env
+from .conftest import driver_env, source_cmd
 from .kubelet import Kubelet
 from .test_agent import AgentProcess, closed_addr, generator_file
 from .vaultserver import free_port
@@ -123,3 +123,33 @@ def test_spool_is_root_only_and_bounded_without_an_agent(bao, generator, driver_
     size = spool.stat().st_size
     assert node.call("mount", str(path), "{not json").exit_code == 1
     assert spool.stat().st_size == size
+
+
+def test_csi_calls_are_counted_as_the_csi_front_end(bao, generator, tmp_path, log_dir):
+    import grpc
+    import pytest
+
+    from .csikubelet import new_pod
+    from .test_csi import CsiNode
+
+    port = free_port()
+    (tmp_path / "csi").mkdir()
+    node = CsiNode(source_cmd(), bao, generator, tmp_path / "csi", log_dir,
+                   VAULTTMPFS_METRICS_ADDR=f"127.0.0.1:{port}")
+    node.start()
+    try:
+        pod = new_pod(namespace="shop")
+        node.kubelet.publish(pod, NGINX)
+        with pytest.raises(grpc.RpcError):  # not bound to namespace "payments": refused before Vault
+            node.kubelet.publish(new_pod(namespace="payments"), NGINX)
+        node.kubelet.unpublish(pod)
+        samples = scrape(port)
+        csi = {"front_end": "csi", "via": "agent"}
+        count = "vaulttmpfs_volume_operations_total"
+        assert value(samples, count, verb="mount", outcome="success", reason="ok", **csi) == 1
+        assert value(samples, count, verb="mount", outcome="failure", reason="refused", **csi) == 1
+        assert value(samples, count, verb="unmount", outcome="success", reason="ok", **csi) == 1
+        assert value(samples, "vaulttmpfs_volume_operation_duration_seconds_count", verb="mount", **csi) == 2
+        assert value(samples, "vaulttmpfs_vault_request_duration_seconds_count", call="create", outcome="ok") == 1
+    finally:
+        node.stop()
