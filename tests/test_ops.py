@@ -343,3 +343,22 @@ def test_entrypoint_configures_driver_and_agent_from_one_configmap(bao, generato
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+def test_doctor_reads_the_kubelets_environment_and_reports_its_drift(doctor_node, tmp_path):
+    """The driver gets the kubelet's environment: a drop-in there that disagrees with the ConfigMap is drift."""
+    kubelet_env = {"PATH": os.environ["PATH"], "VAULTTMPFS_CONFIG_FILE": str(doctor_node.config),
+                   "VAULT_ADDR": "https://vault.old.example:8200"}  # a stale drop-in
+    kubelet = subprocess.Popen(["sleep", "60"], env=kubelet_env)  # stands in for the kubelet process
+    try:
+        code, report, text = doctor_node.doctor("--kubelet-pid", str(kubelet.pid))
+    finally:
+        kubelet.kill()
+        kubelet.wait()
+    assert code == 1
+    config = next(c for c in report["checks"] if c["name"] == "config")
+    assert f"the kubelet's environment (pid {kubelet.pid})" in config["detail"]
+    assert "overridden by the environment: VAULT_ADDR" in config["detail"]
+    check = failed(report, "settings")
+    assert "vault_addr: driver 'https://vault.old.example:8200'" in check["detail"]
+    assert "remove them from the kubelet's environment" in check["fix"]

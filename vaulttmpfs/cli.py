@@ -270,11 +270,13 @@ def renew_generator() -> None:
 @click.option("--json", "as_json", is_flag=True, help="One JSON object, for scripts.")
 @click.option("--health-addr", default=_setting("VAULTTMPFS_HEALTH_ADDR", "127.0.0.1:9829"),
               help="The agent's health endpoint [default: $VAULTTMPFS_HEALTH_ADDR, else 127.0.0.1:9829].")
-def doctor(as_json: bool, health_addr: str) -> None:
+@click.option("--kubelet-pid", type=int, help="Take the driver's environment from this process "
+              "[default: the process named kubelet, else this command's environment].")
+def doctor(as_json: bool, health_addr: str, kubelet_pid: int | None) -> None:
     """Check this node, read-only: one line per check, each FAIL with its fix; exit 1 on any FAIL."""
     from .ops import doctor as node_doctor
 
-    checks = node_doctor.run(health_addr=health_addr or None)
+    checks = node_doctor.run(health_addr=health_addr or None, kubelet_pid=kubelet_pid)
     result = node_doctor.report(checks)
     if as_json:
         import json

@@ -53,8 +53,9 @@ class Node:
         self.generator_token: str | None = None
 
 
-def run(env: dict[str, str] | None = None, health_addr: str | None = None) -> list[Check]:
-    env, source = (env, "the given environment") if env is not None else driver_environment()
+def run(env: dict[str, str] | None = None, health_addr: str | None = None,
+        kubelet_pid: int | None = None) -> list[Check]:
+    env, source = (env, "the given environment") if env is not None else driver_environment(kubelet_pid)
     node = Node(env, source, health_addr)
     checks = [check_config(node)]
     if node.config is None:
@@ -68,16 +69,20 @@ def run(env: dict[str, str] | None = None, health_addr: str | None = None) -> li
     return checks
 
 
-def driver_environment() -> tuple[dict[str, str], str]:
+def driver_environment(kubelet_pid: int | None = None) -> tuple[dict[str, str], str]:
     """The kubelet's environment when a kubelet runs on this node (that is what the driver gets)."""
-    for pid in (p for p in os.listdir("/proc") if p.isdigit()):
+    pids = [str(kubelet_pid)] if kubelet_pid else [p for p in os.listdir("/proc") if p.isdigit()]
+    for pid in pids:
         try:
-            with open(f"/proc/{pid}/comm", encoding="utf-8") as handle:
-                if handle.read().strip() != "kubelet":
-                    continue
+            if not kubelet_pid:
+                with open(f"/proc/{pid}/comm", encoding="utf-8") as handle:
+                    if handle.read().strip() != "kubelet":
+                        continue
             with open(f"/proc/{pid}/environ", "rb") as handle:
                 pairs = handle.read().split(b"\0")
-        except OSError:
+        except OSError as exc:
+            if kubelet_pid:
+                raise DriverError(f"cannot read the environment of pid {pid}: {exc.strerror}") from None
             continue
         env = dict(p.decode(errors="replace").split("=", 1) for p in pairs if b"=" in p)
         return env, f"the kubelet's environment (pid {pid})"
