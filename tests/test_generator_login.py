@@ -5,7 +5,6 @@ after it is revoked."""
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 
 import pytest
