@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import driver_env, source_cmd
+from .conftest import driver_env, remember_secret, source_cmd
 from .kubelet import Kubelet
 from .test_agent import AgentProcess, closed_addr
 from .vaultserver import REPO, free_port
@@ -195,6 +195,20 @@ def test_doctor_broken_files(doctor_node, bao, tmp_path):
         assert code == 1 and "chmod 600" in failed(report, "generator")["detail"]
     finally:
         token_path.chmod(0o600)
+
+    original = token_path.read_text()
+    try:
+        token_path.write_text(bao.root_token)  # a lab shortcut the driver refuses too
+        code, report, _ = doctor_node.doctor()
+        assert code == 1 and "a root token" in failed(report, "generator")["detail"]
+        short = bao.generator_token(ttl="90s")  # not renewed in time: minutes from refusing every mount
+        token_path.write_text(remember_secret(short["client_token"]))
+        code, report, _ = doctor_node.doctor()
+        check = failed(report, "generator")
+        assert code == 1 and "about to expire" in check["detail"] and "token_generator" in check["detail"]
+        bao.revoke_token(short["client_token"])
+    finally:
+        token_path.write_text(original)
 
     state = Path(doctor_node.shared["VAULTTMPFS_STATE_DIR"])
     state.mkdir(mode=0o755)
