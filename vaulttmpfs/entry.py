@@ -6,7 +6,7 @@ import sys
 
 # Operator commands; every other first argument is a kubelet verb (unknown ones: "Not supported").
 CLI_COMMANDS = {"bootstrap", "renew-generator", "agent", "install", "retry-revocations", "reconcile", "version",
-                "token"}
+                "doctor", "status", "uninstall", "token"}
 
 
 def main(argv: list[str] | None = None) -> int:
