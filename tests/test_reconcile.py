@@ -22,7 +22,8 @@ from vaulttmpfs.engine.state import StateStore
 from .conftest import remember_secret, source_cmd
 from .kubelet import is_mount_point
 from .test_agent import AgentProcess, closed_addr
-from .vaultserver import VaultHTTPError
+from .test_metrics import scrape, value
+from .vaultserver import VaultHTTPError, free_port
 
 NGINX = {"vault/policies": "nginx"}
 PERIOD = "500ms"
@@ -72,7 +73,9 @@ def test_orphaned_pod_is_revoked_within_one_reconcile_period(kubelet, bao, drive
     reply, path = kubelet.mount(pod, NGINX)
     assert reply.ok, reply.body
     accessors = tokens(path)
-    with AgentProcess(driver_cmd, kubelet.env, "--reconcile-interval", PERIOD) as agent:
+    metrics_port = free_port()
+    with AgentProcess(driver_cmd, kubelet.env, "--reconcile-interval", PERIOD,
+                      "--metrics-addr", f"127.0.0.1:{metrics_port}") as agent:
         body = agent.wait_for(lambda s, b: b["services"]["reconcile"]["rounds"] >= 1, "a first reconcile round")
         assert body["services"]["reconcile"]["revoked"] == 0  # a mounted volume is a live pod's
         assert alive(bao, accessors) == {"pod": True, "wrapping": True}
@@ -85,6 +88,10 @@ def test_orphaned_pod_is_revoked_within_one_reconcile_period(kubelet, bao, drive
         assert status["recent"][0]["round"] <= rounds_before + 2, status
         assert status["recent"][0]["mount_dir"] == str(path) and status["recent"][0]["pod_uid"] == pod.uid
         assert status["by_reason"] == {"pod_dir_removed": 1} and status["queued"] == 0
+        samples = scrape(metrics_port)
+        assert value(samples, "vaulttmpfs_reconcile_revocations_total", reason="pod_dir_removed") == 1
+        assert value(samples, "vaulttmpfs_reconcile_revocations_total", reason="volume_dir_removed") == 0
+        assert value(samples, "vaulttmpfs_reconcile_rounds_total") >= status["rounds"]
         assert agent.terminate() == 0
     assert alive(bao, accessors) == {"pod": False, "wrapping": False}
     assert records(kubelet) == {}

@@ -39,6 +39,8 @@ REASONS = {
     "dropped_meanwhile": "unmount or mount dropped the record while reconcile waited for the volume's lock",
 }
 
+REVOKE_REASONS = ("pod_dir_removed", "volume_dir_removed")
+
 
 @dataclass
 class Outcome:
