@@ -251,6 +251,7 @@ def _bounded_server(base):
 
     class Bounded(base):
         daemon_threads = True
+        request_queue_size = 64  # a burst is accepted (and refused past the limit) rather than left in SYN
 
         def limits(self, max_connections: int, max_seconds: float) -> None:
             self._slots = threading.BoundedSemaphore(max_connections)
