@@ -183,7 +183,7 @@ def test_3_a_plain_token_from_a_header_stripping_proxy_is_revoked(faulty, fault,
 
 # --- 4. a FIFO as the generator token file --------------------------------------------------------
 
-def test_4_a_fifo_as_the_generator_token_fails_fast(kubelet, bao, tmp_path):
+def test_4_a_fifo_as_the_generator_token_fails_fast(kubelet, bao, generator, tmp_path):
     fifo = tmp_path / "vaulttoken"
     os.mkfifo(fifo, 0o600)
     kubelet.env["VAULTTMPFS_GENERATOR_TOKEN_PATH"] = str(fifo)
@@ -191,6 +191,10 @@ def test_4_a_fifo_as_the_generator_token_fails_fast(kubelet, bao, tmp_path):
     reply, path = kubelet.mount(kubelet.new_pod(), NGINX, timeout=30)
     assert reply.status == "Failure" and "is not a regular file" in reply.message, reply.body
     assert reply.seconds < 15 and not is_mount_point(path)
+    # Nor any other file a setting names that OpenSSL would open with a blocking read.
+    kubelet.env.update(VAULTTMPFS_GENERATOR_TOKEN_PATH=generator["path"], VAULT_CACERT=str(fifo))
+    reply, path = kubelet.mount(kubelet.new_pod(), NGINX, timeout=30)
+    assert reply.status == "Failure" and f"VAULT_CACERT={fifo} is not a regular file" in reply.message, reply.body
     all_clear(kubelet, bao, before)
 
 

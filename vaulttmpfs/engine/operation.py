@@ -153,9 +153,10 @@ def _mint_and_write(config: Config, store: StateStore, request: MountRequest, to
     try:
         store.write_volume(request.mount_dir, record)
         volume.mount_tmpfs(request.mount_dir, request.real_dir, config.tmpfs_size, request.fs_group)
-        _write_files(config, request, wrap_info)
-        if request.read_only:
-            volume.remount_readonly(request.mount_dir)
+        with volume.opened_mount(request.mount_dir, request.real_dir) as tmpfs:
+            _write_files(config, request, wrap_info, tmpfs)
+            if request.read_only:
+                volume.remount_readonly(tmpfs)
     except BaseException:
         _revoke_or_queue(config, store, record, logger, why="mount failed after the token was created")
         store.forget_volume(request.mount_dir)
@@ -163,7 +164,7 @@ def _mint_and_write(config: Config, store: StateStore, request: MountRequest, to
     return accessor
 
 
-def _write_files(config: Config, request: MountRequest, wrap_info: dict[str, Any]) -> None:
+def _write_files(config: Config, request: MountRequest, wrap_info: dict[str, Any], tmpfs: str) -> None:
     mode = 0o440 if request.fs_group is not None else 0o400
     name = config.token_filename
     files = {
@@ -177,7 +178,7 @@ def _write_files(config: Config, request: MountRequest, wrap_info: dict[str, Any
             raise DriverError(f"cannot read VAULT_CACERT {config.cacert}: {exc.strerror}") from None
     for filename, data in files.items():
         try:
-            volume.write_file(request.mount_dir, filename, data, mode, request.fs_group)
+            volume.write_file(tmpfs, filename, data, mode, request.fs_group)
         except OSError as exc:
             raise DriverError(f"cannot write {filename} ({len(data)} bytes) into {request.mount_dir}: "
                               f"{exc.strerror}; is VAULTTMPFS_TMPFS_SIZE={config.tmpfs_size} too small?") from None

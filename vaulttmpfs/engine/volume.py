@@ -6,10 +6,12 @@ process can keep the kubelet's pipes open, and it saves an exec per call.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import os
 import stat
+from typing import Iterator
 
 from . import files
 from ..errors import DriverError
@@ -42,7 +44,7 @@ def mount_info(path: str) -> dict[str, str] | None:
             if _unescape(fields[4]) == target:
                 sep = fields.index(b"-")
                 found = {"fstype": os.fsdecode(fields[sep + 1]), "source": os.fsdecode(_unescape(fields[sep + 2])),
-                         "options": os.fsdecode(fields[5])}
+                         "options": os.fsdecode(fields[5]), "dev": os.fsdecode(fields[2])}
     return found
 
 
@@ -117,6 +119,23 @@ def mount_tmpfs(path: str, real_path: str, size: str, gid: int | None) -> None:
             _check(result, f"mounting tmpfs at {path}")
         except OSError as exc:
             raise DriverError(str(exc)) from None
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def opened_mount(path: str, real_path: str) -> Iterator[str]:
+    """A path (/proc/self/fd/N) to the root of the tmpfs just mounted at `path`, checked to be ours
+    and to sit at `real_path`: the files go there even if `path` is swapped for a symlink meanwhile."""
+    fd = open_dir(path)
+    try:
+        dev = os.fstat(fd).st_dev
+        entry = mount_info(real_path)
+        if (os.readlink(f"/proc/self/fd/{fd}") != real_path or not entry or entry["source"] != "vaulttmpfs"
+                or entry["dev"] != f"{os.major(dev)}:{os.minor(dev)}"):
+            raise DriverError(f"mount dir {path} no longer leads to the tmpfs just mounted at {real_path}; "
+                              "refusing to write the token")
+        yield f"/proc/self/fd/{fd}"
     finally:
         os.close(fd)
 

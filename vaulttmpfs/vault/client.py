@@ -95,6 +95,21 @@ def _client_cert(config: Config) -> tuple[str, str] | str | None:
     return (config.client_cert, config.client_key) if config.client_key else config.client_cert
 
 
+def _check_files(config: Config) -> None:
+    """OpenSSL opens these with blocking reads: a FIFO or a device named here would hang the call."""
+    import os
+    import stat
+
+    for setting, path in (("VAULT_CACERT", config.cacert), ("VAULT_CLIENT_CERT", config.client_cert),
+                          ("VAULT_CLIENT_KEY", config.client_key)):
+        try:
+            regular = path is None or stat.S_ISREG(os.stat(path).st_mode)
+        except OSError:
+            continue  # missing: the TLS layer says so in its own words
+        if not regular:
+            raise DriverError(f"{setting}={path} is not a regular file")
+
+
 def _vault_errors(exc: Exception) -> str:
     errors = getattr(exc, "errors", None)
     if errors:
@@ -196,6 +211,7 @@ class Vault:
                 "give it Vault's CA with VAULT_CACERT or VAULT_CAPATH, or set VAULTTMPFS_ALLOW_INSECURE=true "
                 "to accept the risk"
             )
+        _check_files(config)
         self.config = config
         self.token = token
         self.client = self._client(resend=True)  # idempotent calls: lookups, renewals, revocations
