@@ -40,6 +40,7 @@ class MountRequest:
     volume_name: str = ""
     fs_group: int | None = None
     read_only: bool = False
+    unwrapped: bool = False  # vault/unwrap: the plain token in the volume, for apps that cannot unwrap
     real_dir: str = ""  # the mount dir's resolved path, as admission approved it (set by admission)
 
     def token_metadata(self, node: str) -> dict[str, str]:
@@ -84,7 +85,8 @@ def mount(config: Config, request: MountRequest) -> str:
                 with contextlib.suppress(Exception):
                     volume.unmount(mount_dir)
             raise
-    logger.info("mounted", accessor=accessor, policies=request.policies, role=request.role)
+    logger.info("mounted", accessor=accessor, policies=request.policies, role=request.role,
+                wrapped=not request.unwrapped)
     return f"token for policies {','.join(request.policies)} mounted"
 
 
@@ -116,20 +118,24 @@ def _volume_record(config: Config, store: StateStore, mount_dir: str) -> dict[st
                                                  64 * 1024, follow=False))
     except (OSError, ValueError):
         return None
-    if not isinstance(meta, dict) or not isinstance(meta.get("wrapped_accessor"), str):
+    return _record_from_metadata(meta) if isinstance(meta, dict) else None
+
+
+def _record_from_metadata(meta: dict[str, Any]) -> dict[str, Any] | None:
+    # Wrapped: wrap_info (wrapped_accessor: the pod token; accessor: the wrapping token). Unwrapped: auth.
+    pod, wrapping = (meta.get("accessor"), None) if meta.get("unwrapped") else (meta.get("wrapped_accessor"),
+                                                                                  meta.get("accessor"))
+    if not isinstance(pod, str) or not pod:
         return None
-    wrapping = meta.get("accessor")
-    return {"accessor": meta["wrapped_accessor"], "wrapping_accessor": wrapping if isinstance(wrapping, str) else None,
+    return {"accessor": pod, "wrapping_accessor": wrapping if isinstance(wrapping, str) else None,
             "source": "volume metadata"}
 
 
 def _mint_and_write(config: Config, store: StateStore, request: MountRequest, token: str, logger) -> str:
-    from ..vault.client import TokenNotWrapped, Vault
+    from ..vault.client import TokenNotWrapped
 
     try:
-        wrap_info = Vault(config, token).create_wrapped_token(
-            request.role, request.policies, request.token_metadata(config.node_name), request.display_name()
-        )
+        secret, info, accessor, wrapping_accessor = _mint(config, request, token)
     except VaultDenied as exc:
         if "permission denied" in str(exc).lower():
             raise _generator_refused(config, exc, f"`auth/token/create/{request.role}`") from None
@@ -139,11 +145,10 @@ def _mint_and_write(config: Config, store: StateStore, request: MountRequest, to
         outcome = _revoke_or_queue(config, store, {"accessor": exc.accessor, "pod_uid": request.pod_uid}, logger,
                                    why="Vault returned the token unwrapped")
         raise DriverError(f"{exc}; that token was not given to the pod: {outcome}") from None
-    log.secret(wrap_info["token"])
-    accessor = wrap_info["wrapped_accessor"]
+    log.secret(secret)
     record = {
         "accessor": accessor,
-        "wrapping_accessor": wrap_info.get("accessor"),
+        "wrapping_accessor": wrapping_accessor,
         "role": request.role,
         "policies": request.policies,
         "pod_uid": request.pod_uid,
@@ -154,7 +159,7 @@ def _mint_and_write(config: Config, store: StateStore, request: MountRequest, to
         store.write_volume(request.mount_dir, record)
         volume.mount_tmpfs(request.mount_dir, request.real_dir, config.tmpfs_size, request.fs_group)
         with volume.opened_mount(request.mount_dir, request.real_dir) as tmpfs:
-            _write_files(config, request, wrap_info, tmpfs)
+            _write_files(config, request, secret, info, tmpfs)
             if request.read_only:
                 volume.remount_readonly(tmpfs)
     except BaseException:
@@ -164,12 +169,26 @@ def _mint_and_write(config: Config, store: StateStore, request: MountRequest, to
     return accessor
 
 
-def _write_files(config: Config, request: MountRequest, wrap_info: dict[str, Any], tmpfs: str) -> None:
+def _mint(config: Config, request: MountRequest, token: str) -> tuple[str, dict[str, Any], str, str | None]:
+    """The volume's token, its metadata file's content, the pod token's accessor, the wrapping token's."""
+    from ..vault.client import Vault
+
+    args = (request.role, request.policies, request.token_metadata(config.node_name), request.display_name())
+    if request.unwrapped:
+        auth = Vault(config, token).create_token(*args)
+        # The metadata file never holds the token itself (the token file does).
+        info = {**{k: v for k, v in auth.items() if k != "client_token"}, "unwrapped": True}
+        return auth["client_token"], info, auth["accessor"], None
+    wrap_info = Vault(config, token).create_wrapped_token(*args)
+    return wrap_info["token"], wrap_info, wrap_info["wrapped_accessor"], wrap_info.get("accessor")
+
+
+def _write_files(config: Config, request: MountRequest, secret: str, info: dict[str, Any], tmpfs: str) -> None:
     mode = 0o440 if request.fs_group is not None else 0o400
     name = config.token_filename
     files = {
-        f"{name}.json": json.dumps(wrap_info, indent=2).encode() + b"\n",
-        name: wrap_info["token"].encode(),  # last: its presence marks a complete volume
+        f"{name}.json": json.dumps(info, indent=2).encode() + b"\n",
+        name: secret.encode(),  # last: its presence marks a complete volume
     }
     if config.cacert:
         try:
