@@ -54,7 +54,8 @@ def safe_name(text: str, setting: str) -> str:
 
 _SIZE = re.compile(r"(\d+)([kmg]?)", re.IGNORECASE)
 _SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
-TMPFS_SIZE_RANGE = (4 << 10, 64 << 20)  # a page at least; a token, its metadata and a CA bundle need far less than the top
+# A page at least; a token, its metadata and a CA bundle need far less than the top.
+TMPFS_SIZE_RANGE = (4 << 10, 64 << 20)
 MAX_RETRIES_RANGE = (0, 10)
 TIMEOUT_RANGE = (0.1, 300.0)  # seconds; the kubelet waits for us with no timeout of its own
 

@@ -95,7 +95,9 @@ def _already_mounted(config: Config, store: StateStore, mount_dir: str, logger) 
     record = _volume_record(config, store, mount_dir)
     if volume.is_mount_point(mount_dir):
         if not is_our_mount(mount_dir):
-            raise DriverError(f"{mount_dir} is already a mount point that vaulttmpfs does not own; leaving it untouched")
+            raise DriverError(
+                f"{mount_dir} is already a mount point that vaulttmpfs does not own; leaving it untouched"
+            )
         if record and volume.holds_files(mount_dir, [config.token_filename]):
             logger.info("already mounted", accessor=record.get("accessor"))
             return True

@@ -174,8 +174,10 @@ def _log_outcome(argv: list[str], env, reply: dict, seconds: float) -> None:
         from .. import log
 
         verb, args = (argv[0], argv[1:]) if argv else ("", [])
-        fields = {"verb": verb, "dir": args[0] if args else None, **_pod_of(verb, args),
-                  "result": reply["status"], "ms": round(seconds * 1000, 1)}
+        # Only a path: an unknown verb's first argument may be the options, secrets included.
+        path = args[0] if args and args[0].startswith("/") else None
+        fields = {"verb": verb, "dir": path, **_pod_of(verb, args), "result": reply["status"],
+                  "ms": round(seconds * 1000, 1)}
         if reply["status"] != SUCCESS:
             fields["error"] = reply.get("message")
         logger = log.get(_log_file(env))
