@@ -233,16 +233,19 @@ def test_5_a_group_writable_parent_of_the_state_dir_is_refused(kubelet, bao):
 
 # --- 6. unmount finds the token from every source -------------------------------------------------
 
-def test_6_a_corrupt_record_does_not_lose_the_token(kubelet, bao):
+@pytest.mark.parametrize("unwrap", [False, True], ids=["wrapped", "unwrapped"])
+def test_6_a_corrupt_record_does_not_lose_the_token(kubelet, bao, unwrap):
     before = len(bao.accessors())
-    reply, path = kubelet.mount(kubelet.new_pod(), NGINX)
+    reply, path = kubelet.mount(kubelet.new_pod(), {**NGINX, "vault/unwrap": str(unwrap).lower()})
     assert reply.ok, reply.body
-    wrap = read_volume(path)
+    meta = json.loads((path / "vault-token.json").read_text())
+    remember_secret((path / "vault-token").read_text())
+    accessor = meta["accessor"] if unwrap else meta["wrapped_accessor"]
     [record] = (kubelet.root / "state" / "volumes").glob("*.json")
     record.write_text('{"accessor": "trunc')
     reply = kubelet.teardown(path)
-    assert reply.ok and f"token revoked (accessor {wrap['wrapped_accessor']})" in reply.message, reply.body
-    assert bao.lookup_accessor(wrap["wrapped_accessor"]) is None
+    assert reply.ok and f"token revoked (accessor {accessor})" in reply.message, reply.body
+    assert bao.lookup_accessor(accessor) is None
     assert len(list((kubelet.root / "state" / "corrupt").glob("*.json"))) == 1  # kept for an operator
     all_clear(kubelet, bao, before)
 
