@@ -6,31 +6,39 @@ VENV    ?= .venv
 PY      := $(VENV)/bin/python
 EXE     := dist/vaulttmpfs/vaulttmpfs
 SOURCES := $(shell find vaulttmpfs -name '*.py' -o -name '*.proto') $(wildcard policies/*) build.spec pyproject.toml
+# The CSI stubs, generated from csi.proto by grpcio-tools (same release as the grpcio runtime, see
+# constraints.txt) and never committed (.gitignore); protoc run from the repo root makes the
+# generated import package-relative (`from vaulttmpfs.csi import csi_pb2`).
+CSI_STUBS := vaulttmpfs/csi/csi_pb2.py vaulttmpfs/csi/csi_pb2_grpc.py
 # tmpfs mounts need root; elsewhere run inside a user+mount namespace where we are root, with the
 # user's subordinate ids mapped too (fsGroup gids), see tests/userns.sh.
 AS_ROOT := $(if $(filter 0,$(shell id -u)),,tests/userns.sh)
 
-.PHONY: all venv system-deps build test demo bench clean ldap-bao lock
+.PHONY: all venv system-deps build test demo bench clean ldap-bao lock csi-stubs
 
 all: build
 
 # The venv is made once per checkout and refreshed when the dependency lists change.
-venv: $(VENV)/.installed
+venv: $(VENV)/.installed csi-stubs
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[test]'
 	touch $@
+
+csi-stubs: $(CSI_STUBS)
+$(CSI_STUBS) &: vaulttmpfs/csi/csi.proto $(VENV)/.installed
+	$(PY) -m grpc_tools.protoc -I. --python_out=. --grpc_python_out=. vaulttmpfs/csi/csi.proto
 
 # Debian packages the suite needs (a real slapd for the LDAP bootstrap tests, and unshare/openssl).
 system-deps:
 	@tests/system-deps.sh
 
 build: venv $(EXE)
-$(EXE): $(SOURCES) $(VENV)/.installed
+$(EXE): $(SOURCES) $(CSI_STUBS) $(VENV)/.installed
 	$(PY) -m PyInstaller --noconfirm --clean --log-level WARN --distpath dist --workpath build/pyinstaller build.spec
 	@test -x $@ && $@ init
 
-test: system-deps build ldap-bao
+test: system-deps build ldap-bao csi-stubs
 	$(AS_ROOT) $(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
 # The built driver, called as the kubelet calls it, timed against the physical floor (bench/bench.py;
@@ -65,4 +73,4 @@ lock:
 	rm -rf build/lock-venv
 
 clean:
-	rm -rf build dist $(VENV) *.egg-info
+	rm -rf build dist $(VENV) *.egg-info $(CSI_STUBS)

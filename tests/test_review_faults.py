@@ -211,10 +211,10 @@ def test_5_a_state_dir_owned_by_another_user_is_refused_with_the_fix(kubelet, ba
     try:
         result = kubelet.call_cli("retry-revocations")
         assert result.returncode == 1, result.stdout + result.stderr
-        assert f"Fix: chown 0 {os.path.realpath(state)}" in result.stderr
+        assert f"fix it with: chown root {os.path.realpath(state)}" in result.stderr
         assert bao.lookup_accessor(victim["accessor"]) is not None  # not revoked on a planter's say
         reply, path = kubelet.mount(kubelet.new_pod(), NGINX)
-        assert reply.status == "Failure" and f"chown 0 {os.path.realpath(state)}" in reply.message, reply.body
+        assert reply.status == "Failure" and f"chown root {os.path.realpath(state)}" in reply.message, reply.body
         assert not is_mount_point(path)
     finally:
         bao.revoke_token(victim["client_token"])
@@ -227,7 +227,7 @@ def test_5_a_group_writable_parent_of_the_state_dir_is_refused(kubelet, bao):
     kubelet.env["VAULTTMPFS_STATE_DIR"] = str(parent / "state")
     before = len(bao.accessors())
     reply, path = kubelet.mount(kubelet.new_pod(), NGINX)
-    assert reply.status == "Failure" and f"Fix: chmod go-w {os.path.realpath(parent)}" in reply.message
+    assert reply.status == "Failure" and f"chmod go-w {os.path.realpath(parent)}" in reply.message, reply.body
     assert not is_mount_point(path) and len(bao.accessors()) == before
 
 

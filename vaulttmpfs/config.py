@@ -79,7 +79,7 @@ def in_range(value: float, setting: str, text: str, low: float, high: float) -> 
 
 @dataclass(frozen=True)
 class Config:
-    generator_token_path: str = "/etc/kubernetes/vaulttoken"
+    generator_token_path: str = "/etc/vaulttmpfs/vaulttoken"  # a dir of its own: mount only it
     token_filename: str = "vault-token"
     role_name: str = "applications"
     vault_addr: str = "https://127.0.0.1:8200"

@@ -18,12 +18,10 @@ import fcntl
 import hashlib
 import json
 import os
-import stat
 import time
 from typing import Any, Iterator
 
-from . import files
-from ..errors import DriverError
+from . import files, trust
 
 
 class StateStore:
@@ -42,8 +40,8 @@ class StateStore:
         record or pending revocation would make the driver revoke a token of the planter's choosing."""
         if self._trusted:
             return
+        trust.check_dirs(self.root, f"state dir VAULTTMPFS_STATE_DIR={self.root} (its records decide what is revoked)")
         os.makedirs(self.root, mode=0o700, exist_ok=True)
-        check_trusted_dir(self.root)
         os.chmod(self.root, 0o700)  # records name accessors: not for other users to read
         self._trusted = True
 
@@ -122,27 +120,6 @@ class StateStore:
     def write_note(self, name: str, value: dict[str, Any]) -> None:
         self._ensure(self.root)
         _write_json(os.path.join(self.root, _safe(name) + ".json"), value)
-
-
-def check_trusted_dir(path: str) -> None:
-    """`path` and every ancestor: owned by us (or root), writable by nobody else. A sticky
-    root-owned ancestor (/tmp) is fine, as it is for sshd: nobody can replace what we made in it."""
-    euid = os.geteuid()
-    current = os.path.realpath(path)
-    leaf = True
-    while True:
-        info = os.stat(current)
-        if info.st_uid not in (euid, 0) or (leaf and info.st_uid != euid):
-            raise DriverError(f"state dir {path}: {current} is owned by uid {info.st_uid}, not {euid}; "
-                              f"anyone who owns it can make vaulttmpfs revoke any token. Fix: chown {euid} {current}")
-        shared_sticky = info.st_mode & stat.S_ISVTX and info.st_uid == 0 and not leaf
-        if info.st_mode & 0o022 and not shared_sticky:
-            raise DriverError(f"state dir {path}: {current} is writable by group or others "
-                              f"(mode {stat.S_IMODE(info.st_mode):04o}). Fix: chmod go-w {current}")
-        parent = os.path.dirname(current)
-        if parent == current:
-            return
-        current, leaf = parent, False
 
 
 def _lock(path: str) -> int:

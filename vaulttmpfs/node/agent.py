@@ -115,7 +115,7 @@ class GeneratorRenewal(Loop):
                           last_renewal=_iso(time.time()), lease_duration=lease, renew_interval=next_in,
                           policies=auth.get("policies") or [])
         logger.info("generator token renewed", lease_duration=lease, next_in=next_in,
-                    accessor=auth.get("accessor"))
+                    accessor=log.accessor_hint(auth.get("accessor")))  # any generator may revoke by accessor
         return next_in
 
     def _not_renewable(self, logger, generator) -> float:
@@ -306,7 +306,8 @@ def parse_addr(addr: str) -> tuple[str, int]:
 
 
 def services(config: Config, renew_interval: float | None = None,
-             retry_interval: float = DEFAULT_RETRY_INTERVAL, relay: bool = False) -> list[Service]:
+             retry_interval: float = DEFAULT_RETRY_INTERVAL, relay: bool = False,
+             csi_endpoint: str | None = None, csi_jwt_login=None) -> list[Service]:
     """What the agent runs besides its health server."""
     found = [GeneratorRenewal(config, renew_interval), RevocationRetry(config, retry_interval)]
     if relay:
@@ -314,6 +315,11 @@ def services(config: Config, renew_interval: float | None = None,
         from .relay_server import RelayServer
 
         found.append(RelayServer(config))
+    if csi_endpoint:
+        # Opt-in too, same needs; grpc is imported only here, never on the FlexVolume exec path.
+        from .csi_server import CsiServer
+
+        found.append(CsiServer(config, csi_endpoint, jwt_login=csi_jwt_login))
     return found
 
 

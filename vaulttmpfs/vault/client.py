@@ -169,6 +169,10 @@ def translate_errors(action: str, addr: str, deadline: float | None = None) -> I
         raise VaultUnavailable(f"{action}: Vault at {addr} did not answer in time") from None
     except requests.exceptions.RetryError as exc:
         raise VaultUnavailable(f"{action}: Vault at {addr} kept failing: {_reason(exc)}") from None
+    except (requests.exceptions.InvalidHeader, requests.exceptions.InvalidURL):
+        # requests quotes the offending header value (the token) in these: never passed on.
+        raise DriverError(f"{action}: the request could not be sent (a header value, such as the token, "
+                          "holds characters HTTP does not allow); its details are not shown") from None
     except requests.exceptions.RequestException as exc:
         # A read timeout that is not retried (read=0) reaches us dressed as a connection error.
         if type(_innermost(exc)).__name__ == "ReadTimeoutError":
@@ -257,11 +261,16 @@ class Vault:
                 display_name=display_name,
                 wrap_ttl=self.config.wrap_ttl,
             )
-        response = response if isinstance(response, dict) else {}
-        wrap_info = response.get("wrap_info")
-        if not wrap_info or not wrap_info.get("token") or not wrap_info.get("wrapped_accessor"):
-            raise _not_wrapped(role, response.get("auth"))
-        return wrap_info
+        return _wrap_info(f"creating a token with role {role!r}", response)
+
+    def login_jwt_wrapped(self, mount: str, role: str, jwt: str) -> dict[str, Any]:
+        """Log in AS THE POD with its service-account JWT (POST auth/<mount>/login, Vault's jwt or
+        kubernetes method): Vault's role decides the policies; only the wrapping token comes back."""
+        action = f"logging in with the pod's service-account token at auth/{mount} (role {role!r})"
+        with self._call(action):
+            response = self.minting.adapter.post(f"/v1/auth/{mount}/login", json={"role": role, "jwt": jwt},
+                                                 wrap_ttl=self.config.wrap_ttl)
+        return _wrap_info(action, response)
 
     def revoke_accessor(self, accessor: str) -> bool:
         """Revoke by accessor; False when the token is already gone (that is fine)."""
@@ -348,14 +357,19 @@ class Vault:
             self.client.adapter.post(utils.format_url("/v1/auth/token/roles/{name}", name=name), json=params)
 
 
-def _not_wrapped(role: str, auth) -> TokenNotWrapped:
+def _wrap_info(action: str, response) -> dict[str, Any]:
+    """The wrap_info of an answer that must be wrapped; a plain token in its place is TokenNotWrapped."""
     from .. import log
 
-    auth = auth if isinstance(auth, dict) else {}
+    response = response if isinstance(response, dict) else {}
+    wrap_info = response.get("wrap_info")
+    if wrap_info and wrap_info.get("token") and wrap_info.get("wrapped_accessor"):
+        return wrap_info
+    auth = response.get("auth") if isinstance(response.get("auth"), dict) else {}
     log.secret(auth.get("client_token"))  # a live token in our hands: never into a log line
     what = "a plain token instead of a wrapped one" if auth.get("client_token") else "no wrapped token"
-    return TokenNotWrapped(f"creating a token with role {role!r}: Vault returned {what} (is a proxy stripping "
-                           "the X-Vault-Wrap-TTL header?)", auth.get("accessor"))
+    raise TokenNotWrapped(f"{action}: Vault returned {what} (is a proxy stripping the X-Vault-Wrap-TTL header?)",
+                          auth.get("accessor"))
 
 
 def _ldap_problem(error: str, action: str, mount: str, addr: str) -> str:
