@@ -157,15 +157,10 @@ def handle(argv: list[str], env: dict[str, str] | None = None) -> dict:
         try:
             reply = verb(argv[1:], env)
         except BaseException as exc:  # noqa: BLE001 -- the answer must always be JSON
+            _note_failure(exc)
             reply = answer(FAILURE, _describe(exc, env))
     _log_outcome(argv, env, reply, _now() - started)
     return reply
-
-
-def _now() -> float:
-    import time
-
-    return time.monotonic()
 
 
 def _log_outcome(argv: list[str], env, reply: dict, seconds: float) -> None:
@@ -202,9 +197,21 @@ def _pod_of(verb: str, args: list[str]) -> dict[str, str]:
 
 
 def _log_file(env) -> str:
-    from ..config import Config
+    from ..config import Config, setting
 
-    return (os.environ if env is None else env).get("VAULTTMPFS_LOG_FILE") or Config.log_file
+    try:
+        return setting("VAULTTMPFS_LOG_FILE", Config.log_file, env)  # the config file's, or the environment's
+    except Exception:  # noqa: BLE001 -- e.g. an untrusted config file: that call's answer says so
+        return (os.environ if env is None else env).get("VAULTTMPFS_LOG_FILE") or Config.log_file
+
+
+def _note_failure(exc: BaseException) -> None:
+    try:
+        from .. import telemetry
+
+        telemetry.failed(exc)
+    except BaseException:  # noqa: BLE001
+        pass
 
 
 def _describe(exc: BaseException, env=None) -> str:
@@ -240,15 +247,50 @@ def encode(reply: dict) -> tuple[bytes, int]:
 
 def main(argv: list[str]) -> int:
     reply_fd = _silence_std_streams()
+    counted = bool(argv) and argv[0] in ("mount", "unmount")  # not init: it runs on every probe
+    relayed = None
     try:
+        started = _now() if counted else 0.0
         relayed = _relay(argv)
+        if relayed is None and counted:
+            _begin()  # only now: a relayed call is the agent's to count, and threading costs ~4 ms
         payload, code = relayed if relayed is not None else encode(handle(argv))
     except BaseException as exc:  # noqa: BLE001 -- a bug in the relay client still answers JSON
         payload, code = encode(answer(FAILURE, _describe(exc)))
     os.write(reply_fd, payload)
+    if counted and relayed is None:  # a relayed call is counted by the agent that did it
+        _finish(argv[0], code == 0, started)
     # The answer is out and nothing is left to flush (log lines are flushed one by one, state files
     # are fsynced and closed): skip the interpreter's teardown, ~3 ms of every kubelet call.
     os._exit(code)
+
+
+def _now() -> float:
+    import time  # built in: no file to load
+
+    return time.monotonic()
+
+
+def _begin() -> None:
+    try:
+        from .. import telemetry
+
+        telemetry.begin()
+    except BaseException:  # noqa: BLE001 -- counting must never fail the call
+        pass
+
+
+def _finish(verb: str, ok: bool, started: float) -> None:
+    """One record for the agent's /metrics, spooled in the state dir (see telemetry); never fails the call."""
+    try:
+        import time
+
+        from .. import telemetry
+        from . import relay
+
+        telemetry.finish(verb, ok, time.monotonic() - started, relay="fallback" if relay.fell_back else "")
+    except BaseException:  # noqa: BLE001
+        pass
 
 
 def _relay(argv: list[str]) -> tuple[bytes, int] | None:
