@@ -15,6 +15,7 @@ import re
 import socket
 import subprocess
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -26,6 +27,7 @@ from .test_agent import AgentProcess as HealthAgent
 from .test_client_cert import mtls_bao  # noqa: F401 -- a fixture: OpenBao behind mTLS
 from .test_hardening import mounts_under, state_records
 from .test_relay import AgentProcess as RelayAgent
+from .vaultserver import free_port
 
 NGINX = {"vault/policies": "nginx"}
 REVOKE = "/v1/auth/token/revoke-accessor"
@@ -386,22 +388,27 @@ def threads_of(pid: int) -> int:
     return int(next(line.split()[1] for line in status.splitlines() if line.startswith("Threads:")))
 
 
-def test_10_idle_and_half_sent_health_connections_are_bounded(bao, generator, driver_cmd, tmp_path, log_dir):
+@pytest.mark.parametrize("endpoint", ["/healthz", "/metrics"])
+def test_10_idle_and_half_sent_health_connections_are_bounded(bao, generator, driver_cmd, tmp_path, log_dir,
+                                                              endpoint):
     root = tmp_path / "node"
     root.mkdir()
     env = driver_env(bao, generator, root, log_dir)
-    with HealthAgent(driver_cmd, env, "--retry-interval", "1h") as agent:
+    metrics_port = free_port()
+    with HealthAgent(driver_cmd, env, "--retry-interval", "1h", "--metrics-addr",
+                     f"127.0.0.1:{metrics_port}") as agent:
         agent.wait_for(lambda status, body: status == 200, "the agent to be healthy")
+        port = agent.port if endpoint == "/healthz" else metrics_port
         base = threads_of(agent.proc.pid)
         held = []
         for i in range(300):
-            conn = socket.create_connection(("127.0.0.1", agent.port), timeout=10)
+            conn = socket.create_connection(("127.0.0.1", port), timeout=10)
             if i % 2:
-                conn.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")  # never finished
+                conn.sendall(f"GET {endpoint} HTTP/1.1\r\nHost: x\r\n".encode())  # never finished
             held.append(conn)
         time.sleep(1.0)
         assert threads_of(agent.proc.pid) <= base + 16
-        # Every one of them is cut by the server within its time bound, and probes are answered again.
+        # Every one of them is cut by the server within its time bound, and requests are answered again.
         deadline = time.monotonic() + 15
         for conn in held:
             conn.settimeout(max(0.1, deadline - time.monotonic()))
@@ -411,7 +418,8 @@ def test_10_idle_and_half_sent_health_connections_are_bounded(bao, generator, dr
                 pass
             conn.close()
         assert wait_for(lambda: threads_of(agent.proc.pid) <= base, timeout=10)
-        assert agent.get()[0] == 200
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{endpoint}", timeout=5) as response:
+            assert response.status == 200
         assert agent.terminate() == 0
 
 

@@ -192,11 +192,6 @@ class HealthServer(Service):
     """
 
     name = "health"
-    # A probe is one short request. Connections beyond MAX_CONNECTIONS are closed at once, and any
-    # connection is cut after MAX_SECONDS, so idle or half-sent requests cannot pile up threads.
-    MAX_CONNECTIONS = 16
-    IDLE_SECONDS = 2.0
-    MAX_SECONDS = 5.0
 
     def __init__(self, addr: str, report: Callable[[], tuple[bool, bool, dict]]):
         self.addr = addr
@@ -229,13 +224,11 @@ class HealthServer(Service):
             def log_message(self, *_args):  # probes every few seconds: not worth a log line each
                 pass
 
-        Handler.timeout = self.IDLE_SECONDS  # per read: a silent connection is dropped this soon
         host, port = parse_addr(self.addr)
         try:
-            self._server = _bounded_server(ThreadingHTTPServer)((host, port), Handler)
+            self._server = bounded_server(ThreadingHTTPServer, Handler, (host, port))
         except OSError as exc:
             raise DriverError(f"health server cannot listen on {self.addr}: {exc.strerror}") from None
-        self._server.limits(self.MAX_CONNECTIONS, self.MAX_SECONDS)
         self._thread = threading.Thread(target=self._server.serve_forever, args=(0.25,), name=self.name,
                                         daemon=True)
         self._thread.start()
@@ -249,8 +242,15 @@ class HealthServer(Service):
         return bool(self._thread and self._thread.is_alive())
 
 
-def _bounded_server(base):
-    """`base` (a threading socketserver) with at most `max_connections` at once, each cut after `max_seconds`."""
+# Probes and scrapes are one short request each. Connections beyond MAX_CONNECTIONS are closed at
+# once, and any connection is cut after MAX_SECONDS, so idle or half-sent requests cannot pile up threads.
+MAX_CONNECTIONS = 16
+IDLE_SECONDS = 2.0
+MAX_SECONDS = 5.0
+
+
+def bounded_server(base, handler, address):
+    """`base` (a threading HTTP server) serving `handler` at `address`, with bounded connections."""
     import socket
     import time
 
@@ -300,7 +300,10 @@ def _bounded_server(base):
                 except OSError:
                     pass
 
-    return Bounded
+    handler.timeout = IDLE_SECONDS  # per read: a silent connection is dropped this soon
+    server = Bounded(address, handler)
+    server.limits(MAX_CONNECTIONS, MAX_SECONDS)
+    return server
 
 
 def parse_addr(addr: str) -> tuple[str, int]:
