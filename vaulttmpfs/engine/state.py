@@ -33,17 +33,18 @@ class StateStore:
 
     def _ensure(self, path: str) -> None:
         self.trust()
+        os.makedirs(self.root, mode=0o700, exist_ok=True)
+        os.chmod(self.root, 0o700)  # records name accessors: not for other users to read
         os.makedirs(path, mode=0o700, exist_ok=True)
 
     def trust(self) -> None:
         """Refuse a state dir someone else could write to, as sshd refuses such a config: a planted
-        record or pending revocation would make the driver revoke a token of the planter's choosing."""
-        if self._trusted:
-            return
-        trust.check_dirs(self.root, f"state dir VAULTTMPFS_STATE_DIR={self.root} (its records decide what is revoked)")
-        os.makedirs(self.root, mode=0o700, exist_ok=True)
-        os.chmod(self.root, 0o700)  # records name accessors: not for other users to read
-        self._trusted = True
+        record or pending revocation would make the driver revoke a token of the planter's choosing.
+        Reading creates nothing: a missing state dir is checked up to its deepest existing parent."""
+        if not self._trusted:
+            trust.check_dirs(self.root, f"state dir VAULTTMPFS_STATE_DIR={self.root} (its records decide what "
+                                        "is revoked)")
+            self._trusted = True
 
     @staticmethod
     def key(mount_dir: str) -> str:
@@ -96,6 +97,7 @@ class StateStore:
 
     def list_volumes(self) -> list[dict[str, Any]]:
         """Every volume record (with `since`: when it was written), oldest first."""
+        self.trust()
         try:
             names = [n for n in os.listdir(self.volumes) if n.endswith(".json")]
         except FileNotFoundError:

@@ -34,18 +34,25 @@ def _check(result: int, what: str) -> None:
         raise OSError(err, f"{what}: {os.strerror(err)}")
 
 
-def mount_info(path: str) -> dict[str, str] | None:
-    """The /proc/self/mountinfo entry mounted exactly at `path`, if any (last one wins)."""
-    found = None
-    target = os.fsencode(os.path.realpath(path))
+def mounts() -> list[dict[str, str]]:
+    """Every mount this mount namespace shows (target, fstype, source, options, dev), mountinfo's
+    octal escapes decoded over bytes: a path with a space or non-UTF-8 bytes reads as on disk."""
+    found = []
     with open("/proc/self/mountinfo", "rb") as table:
         for line in table:
             fields = line.split()
-            if _unescape(fields[4]) == target:
-                sep = fields.index(b"-")
-                found = {"fstype": os.fsdecode(fields[sep + 1]), "source": os.fsdecode(_unescape(fields[sep + 2])),
-                         "options": os.fsdecode(fields[5]), "dev": os.fsdecode(fields[2])}
+            sep = fields.index(b"-")
+            found.append({"target": os.fsdecode(_unescape(fields[4])), "fstype": os.fsdecode(fields[sep + 1]),
+                          "source": os.fsdecode(_unescape(fields[sep + 2])), "options": os.fsdecode(fields[5]),
+                          "dev": os.fsdecode(fields[2])})
     return found
+
+
+def mount_info(path: str) -> dict[str, str] | None:
+    """The /proc/self/mountinfo entry mounted exactly at `path`, if any (last one wins)."""
+    target = os.path.realpath(path)
+    entries = [entry for entry in mounts() if entry["target"] == target]
+    return entries[-1] if entries else None
 
 
 def _unescape(field: bytes) -> bytes:
