@@ -132,7 +132,7 @@ def check_trusted(path: str, info: os.stat_result | None = None) -> None:
         raise DriverError(f"config file {path} must be owned by root and not group/world-writable (owner uid "
                           f"{info.st_uid}, mode {stat.S_IMODE(info.st_mode):04o}); fix it with: "
                           f"chown root:root {path} && chmod 644 {path}")
-    from .engine import trust
+    from . import trust
 
     trust.check_dirs(os.path.dirname(os.path.realpath(path)), f"config file {path}")
 

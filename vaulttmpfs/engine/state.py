@@ -21,7 +21,8 @@ import os
 import time
 from typing import Any, Iterator
 
-from . import files, trust
+from .. import trust
+from . import files
 
 
 class StateStore:

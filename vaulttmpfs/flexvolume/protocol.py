@@ -11,17 +11,15 @@ from __future__ import annotations
 import os
 import sys
 
+from ..errors import BadRequest, DriverError
+
 SUCCESS, FAILURE, NOT_SUPPORTED = "Success", "Failure", "Not supported"
 MAX_OPTIONS_BYTES = 64 * 1024
-MAX_POLICIES = 32
 
-OPT_POLICIES = "vault/policies"
-OPT_ROLE = "vault/role"
-OPT_UNWRAP = "vault/unwrap"  # "true": the plain token, not a wrapping token (see README: the trade-off)
 K8S = "kubernetes.io/"
 
 
-class BadCall(Exception):
+class BadCall(BadRequest):
     """The kubelet call itself is malformed: the message names the argument or option."""
 
 
@@ -50,22 +48,6 @@ def parse_options(text: str) -> dict[str, str]:
     return options
 
 
-def parse_policies(text: str | None) -> list[str]:
-    if text is None:
-        raise BadCall(f"option {OPT_POLICIES!r} is required (comma-separated Vault policy names)")
-    from ..config import SAFE_NAME  # here, not at the top: `init` must not pay for config's imports
-
-    policies = [p.strip() for p in text.split(",")]
-    if not any(policies):
-        raise BadCall(f"option {OPT_POLICIES!r} is empty")
-    for policy in policies:
-        if not policy or not SAFE_NAME.fullmatch(policy):
-            raise BadCall(f"option {OPT_POLICIES!r} has an invalid policy name {policy!r}")
-    if len(policies) > MAX_POLICIES:
-        raise BadCall(f"option {OPT_POLICIES!r} names more than {MAX_POLICIES} policies")
-    return list(dict.fromkeys(policies))
-
-
 def parse_fs_group(text: str | None) -> int | None:
     if text is None or text == "":
         return None
@@ -74,26 +56,14 @@ def parse_fs_group(text: str | None) -> int | None:
     return int(text)
 
 
-def parse_flag(options: dict[str, str], key: str) -> bool:
-    value = options.get(key, "").strip().lower()
-    if value in ("", "false", "no", "0"):
-        return False
-    if value in ("true", "yes", "1"):
-        return True
-    raise BadCall(f"option {key!r} must be \"true\" or \"false\", got {options[key]!r}")
-
-
 def mount_request(mount_dir: str, options: dict[str, str], default_role: str):
-    from ..config import SAFE_NAME
+    from ..engine import attributes
     from ..engine.operation import MountRequest
 
-    role = options.get(OPT_ROLE) or default_role
-    if not SAFE_NAME.fullmatch(role):
-        raise BadCall(f"option {OPT_ROLE!r} has an invalid role name {role!r}")
     return MountRequest(
         mount_dir=mount_dir,
-        policies=parse_policies(options.get(OPT_POLICIES)),
-        role=role,
+        policies=attributes.policies(options.get(attributes.POLICIES), noun="option"),
+        role=attributes.role(options.get(attributes.ROLE), default_role, noun="option"),
         pod_namespace=options.get(K8S + "pod.namespace", ""),
         pod_name=options.get(K8S + "pod.name", ""),
         pod_uid=options.get(K8S + "pod.uid", ""),
@@ -101,7 +71,7 @@ def mount_request(mount_dir: str, options: dict[str, str], default_role: str):
         volume_name=options.get(K8S + "pvOrVolumeName", ""),
         fs_group=parse_fs_group(options.get(K8S + "mounterArgs.FsGroup")),
         read_only=options.get(K8S + "readwrite") == "ro",
-        unwrapped=parse_flag(options, OPT_UNWRAP),
+        unwrapped=attributes.flag(options, attributes.UNWRAP, noun="option"),
     )
 
 
@@ -215,9 +185,7 @@ def _note_failure(exc: BaseException) -> None:
 
 
 def _describe(exc: BaseException, env=None) -> str:
-    from ..errors import DriverError
-
-    if isinstance(exc, (BadCall, DriverError)):
+    if isinstance(exc, DriverError):
         return str(exc)
     if isinstance(exc, OSError):
         return f"{exc.strerror or exc} ({exc.filename})" if exc.filename else str(exc)
