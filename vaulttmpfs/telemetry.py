@@ -46,7 +46,7 @@ def reason(exc: BaseException) -> str:
         return "vault_unavailable"
     if isinstance(exc, VaultDenied):
         return "denied"
-    if isinstance(exc, BadRequest) or type(exc).__name__ == "BadCall":
+    if isinstance(exc, BadRequest):
         return "bad_request"
     if isinstance(exc, DriverError):
         return "refused"  # admission, bindings, settings, a mount that is not ours

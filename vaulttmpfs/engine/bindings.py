@@ -30,7 +30,7 @@ import re
 import stat
 from dataclasses import dataclass
 
-from . import trust
+from .. import trust
 from ..errors import DriverError, Forbidden
 
 MAX_BYTES = 256 * 1024

@@ -11,17 +11,15 @@ from __future__ import annotations
 import os
 import sys
 
+from ..errors import BadRequest, DriverError
+
 SUCCESS, FAILURE, NOT_SUPPORTED = "Success", "Failure", "Not supported"
 MAX_OPTIONS_BYTES = 64 * 1024
-MAX_POLICIES = 32
 
-OPT_POLICIES = "vault/policies"
-OPT_ROLE = "vault/role"
-OPT_UNWRAP = "vault/unwrap"  # "true": the plain token, not a wrapping token (see README: the trade-off)
 K8S = "kubernetes.io/"
 
 
-class BadCall(Exception):
+class BadCall(BadRequest):
     """The kubelet call itself is malformed: the message names the argument or option."""
 
 
@@ -50,22 +48,6 @@ def parse_options(text: str) -> dict[str, str]:
     return options
 
 
-def parse_policies(text: str | None) -> list[str]:
-    if text is None:
-        raise BadCall(f"option {OPT_POLICIES!r} is required (comma-separated Vault policy names)")
-    from ..config import SAFE_NAME  # here, not at the top: `init` must not pay for config's imports
-
-    policies = [p.strip() for p in text.split(",")]
-    if not any(policies):
-        raise BadCall(f"option {OPT_POLICIES!r} is empty")
-    for policy in policies:
-        if not policy or not SAFE_NAME.fullmatch(policy):
-            raise BadCall(f"option {OPT_POLICIES!r} has an invalid policy name {policy!r}")
-    if len(policies) > MAX_POLICIES:
-        raise BadCall(f"option {OPT_POLICIES!r} names more than {MAX_POLICIES} policies")
-    return list(dict.fromkeys(policies))
-
-
 def parse_fs_group(text: str | None) -> int | None:
     if text is None or text == "":
         return None
@@ -74,26 +56,14 @@ def parse_fs_group(text: str | None) -> int | None:
     return int(text)
 
 
-def parse_flag(options: dict[str, str], key: str) -> bool:
-    value = options.get(key, "").strip().lower()
-    if value in ("", "false", "no", "0"):
-        return False
-    if value in ("true", "yes", "1"):
-        return True
-    raise BadCall(f"option {key!r} must be \"true\" or \"false\", got {options[key]!r}")
-
-
 def mount_request(mount_dir: str, options: dict[str, str], default_role: str):
-    from ..config import SAFE_NAME
+    from ..engine import attributes
     from ..engine.operation import MountRequest
 
-    role = options.get(OPT_ROLE) or default_role
-    if not SAFE_NAME.fullmatch(role):
-        raise BadCall(f"option {OPT_ROLE!r} has an invalid role name {role!r}")
     return MountRequest(
         mount_dir=mount_dir,
-        policies=parse_policies(options.get(OPT_POLICIES)),
-        role=role,
+        policies=attributes.policies(options.get(attributes.POLICIES), noun="option"),
+        role=attributes.role(options.get(attributes.ROLE), default_role, noun="option"),
         pod_namespace=options.get(K8S + "pod.namespace", ""),
         pod_name=options.get(K8S + "pod.name", ""),
         pod_uid=options.get(K8S + "pod.uid", ""),
@@ -101,7 +71,7 @@ def mount_request(mount_dir: str, options: dict[str, str], default_role: str):
         volume_name=options.get(K8S + "pvOrVolumeName", ""),
         fs_group=parse_fs_group(options.get(K8S + "mounterArgs.FsGroup")),
         read_only=options.get(K8S + "readwrite") == "ro",
-        unwrapped=parse_flag(options, OPT_UNWRAP),
+        unwrapped=attributes.flag(options, attributes.UNWRAP, noun="option"),
     )
 
 
@@ -144,15 +114,65 @@ def handle(argv: list[str], env: dict[str, str] | None = None) -> dict:
     """One call to one answer. Every exception becomes a Failure; nothing propagates.
 
     `env`: the settings to use instead of this process's environment (the node agent's relay).
+    Every call but `init` (a fixed answer the kubelet probes with, kept free of imports) leaves
+    one outcome line in the log.
     """
     verb = VERBS.get(argv[0]) if argv else None
+    if verb is init:
+        return INIT_ANSWER
+    started = _now()
     if verb is None:
-        return answer(NOT_SUPPORTED, f"verb {argv[0]!r} is not supported" if argv else "no verb given")
+        reply = answer(NOT_SUPPORTED, f"verb {argv[0]!r} is not supported" if argv else "no verb given")
+    else:
+        try:
+            reply = verb(argv[1:], env)
+        except BaseException as exc:  # noqa: BLE001 -- the answer must always be JSON
+            _note_failure(exc)
+            reply = answer(FAILURE, _describe(exc, env))
+    _log_outcome(argv, env, reply, _now() - started)
+    return reply
+
+
+def _log_outcome(argv: list[str], env, reply: dict, seconds: float) -> None:
+    """verb, dir, pod, result, duration, error: what an operator looks for first. Never raises."""
     try:
-        return verb(argv[1:], env)
-    except BaseException as exc:  # noqa: BLE001 -- the answer must always be JSON
-        _note_failure(exc)
-        return answer(FAILURE, _describe(exc))
+        from .. import log
+
+        verb, args = (argv[0], argv[1:]) if argv else ("", [])
+        # Only a path: an unknown verb's first argument may be the options, secrets included.
+        path = args[0] if args and args[0].startswith("/") else None
+        fields = {"verb": verb, "dir": path, **_pod_of(verb, args), "result": reply["status"],
+                  "ms": round(seconds * 1000, 1)}
+        if reply["status"] != SUCCESS:
+            fields["error"] = reply.get("message")
+        logger = log.get(_log_file(env))
+        (logger.info if reply["status"] == SUCCESS else logger.warning)("driver call", **fields)
+    except BaseException:  # noqa: BLE001 -- a log that cannot be written must not change the answer
+        pass
+
+
+def _pod_of(verb: str, args: list[str]) -> dict[str, str]:
+    """The pod as the kubelet names it: the options' namespace/name, and the uid in the volume dir
+    (<pods dir>/<pod uid>/volumes/<driver>/<volume>; an option cannot choose it)."""
+    parts = args[0].rstrip("/").split("/") if args else []
+    pod = {"pod_uid": parts[-4]} if len(parts) >= 4 and parts[-3] == "volumes" else {}
+    if verb == "mount" and len(args) in (2, 3):
+        try:
+            options = parse_options(args[-1])
+        except BadCall:
+            return pod
+        name = "/".join(p for p in (options.get(K8S + "pod.namespace"), options.get(K8S + "pod.name")) if p)
+        pod.update({"pod": name} if name else {})
+    return pod
+
+
+def _log_file(env) -> str:
+    from ..config import Config, setting
+
+    try:
+        return setting("VAULTTMPFS_LOG_FILE", Config.log_file, env)  # the config file's, or the environment's
+    except Exception:  # noqa: BLE001 -- e.g. an untrusted config file: that call's answer says so
+        return (os.environ if env is None else env).get("VAULTTMPFS_LOG_FILE") or Config.log_file
 
 
 def _note_failure(exc: BaseException) -> None:
@@ -164,19 +184,16 @@ def _note_failure(exc: BaseException) -> None:
         pass
 
 
-def _describe(exc: BaseException) -> str:
-    from ..errors import DriverError
-
-    if isinstance(exc, (BadCall, DriverError)):
+def _describe(exc: BaseException, env=None) -> str:
+    if isinstance(exc, DriverError):
         return str(exc)
     if isinstance(exc, OSError):
         return f"{exc.strerror or exc} ({exc.filename})" if exc.filename else str(exc)
     # A bug: say what it is; the traceback goes to the log.
     try:
         from .. import log
-        from ..config import Config
 
-        log.get(os.environ.get("VAULTTMPFS_LOG_FILE", Config.log_file)).error("unexpected error", exc_info=exc)
+        log.get(_log_file(env)).error("unexpected error", exc_info=exc)
     except BaseException:  # noqa: BLE001
         pass
     return f"internal error: {type(exc).__name__}: {exc}"

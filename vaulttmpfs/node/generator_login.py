@@ -94,7 +94,8 @@ def _write(path: str, token: str) -> None:
     """As bootstrap writes it: into a 0700 dir that only root can change (sshd's rule), atomically."""
     import os
 
-    from ..engine import generator, trust
+    from .. import trust
+    from ..engine import generator
 
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, mode=0o700, exist_ok=True)

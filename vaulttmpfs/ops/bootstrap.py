@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .. import log
-from ..engine import generator, trust
+from .. import trust
+from ..engine import generator
 from ..config import Config, parse_duration, safe_name
 from ..errors import DriverError, VaultDenied
 

@@ -276,7 +276,7 @@ def check_state_dir(node: Node) -> Check:
     if info.st_uid != 0 or info.st_mode & 0o077:
         return Check("state", FAIL, f"{path} is owner uid {info.st_uid}, mode {stat.S_IMODE(info.st_mode):04o}: "
                                     "others could read accessors or forge records", fix)
-    from ..engine import trust
+    from .. import trust
 
     parent = os.path.dirname(os.path.realpath(path))
     try:

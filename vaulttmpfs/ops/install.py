@@ -28,7 +28,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from ..engine import files, trust
+from .. import trust
+from ..engine import files
 from ..errors import DriverError
 
 DEFAULT_PLUGIN_DIR = "/usr/libexec/kubernetes/kubelet-plugins/volume/exec"

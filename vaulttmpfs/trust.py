@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import stat
 
-from ..errors import DriverError
+from .errors import DriverError
 
 
 def check_dirs(path: str, what: str, strict_leaf: bool = True) -> None:
