@@ -48,6 +48,30 @@ def retry_revocations() -> None:
         raise SystemExit(1)
 
 
+@cli.command()
+@click.option("--dry-run", is_flag=True, help="Only print what would be revoked and why; change nothing.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
+def reconcile(dry_run: bool, as_json: bool) -> None:
+    """Once: revoke the tokens of volumes whose pod dir the kubelet removed without calling unmount.
+
+    The node agent does this on a schedule; this is for nodes without it (cron). Exits 1 when a
+    revocation had to be queued or a volume could not be examined.
+    """
+    import json
+
+    from .engine import reconcile as reconciler
+    from .config import Config
+
+    result = reconciler.reconcile(Config.from_env(), dry_run=dry_run)
+    if as_json:
+        click.echo(json.dumps(result, indent=2, sort_keys=True))
+    else:
+        for line in reconciler.summary(result):
+            click.echo(line)
+    if result["queued"] or result["errors"]:
+        raise SystemExit(1)
+
+
 class _Duration(click.ParamType):
     name = "duration"
 
@@ -105,6 +129,10 @@ def install(plugin_dir: str, source: str | None, config_from: str | None) -> Non
 @click.option("--retry-interval", type=_Duration(), envvar="VAULTTMPFS_RETRY_INTERVAL",
               default=_setting("VAULTTMPFS_RETRY_INTERVAL", "60s"),
               help="Retry queued revocations this often (VAULTTMPFS_RETRY_INTERVAL) [default: 60s].")
+@click.option("--reconcile-interval", type=_Duration(), envvar="VAULTTMPFS_RECONCILE_INTERVAL",
+              default=_setting("VAULTTMPFS_RECONCILE_INTERVAL", "60s"),
+              help="Revoke the tokens of volumes whose pod dir is gone this often, and at start "
+                   "(VAULTTMPFS_RECONCILE_INTERVAL) [default: 60s].")
 @click.option("--health-addr", envvar="VAULTTMPFS_HEALTH_ADDR",
               default=_setting("VAULTTMPFS_HEALTH_ADDR", "127.0.0.1:9829"),
               help="host:port for GET /healthz and /livez; empty to disable (VAULTTMPFS_HEALTH_ADDR) "
@@ -130,16 +158,21 @@ def install(plugin_dir: str, source: str | None, config_from: str | None) -> Non
 @click.option("--csi-jwt-audience", envvar="VAULTTMPFS_CSI_JWT_AUDIENCE",
               default=_setting("VAULTTMPFS_CSI_JWT_AUDIENCE", "vault"),
               help="CSI: the tokenRequests audience whose token is used to log in [default: vault].")
-def agent(renew_interval: float | None, retry_interval: float, health_addr: str, metrics_addr: str,
-          relay: bool, csi_endpoint: str | None, csi_jwt_auth_mount: str | None, csi_jwt_audience: str) -> None:
-    """Run the node agent: renew the generator token, retry revocations, serve health. Stop with SIGTERM."""
+def agent(renew_interval: float | None, retry_interval: float, reconcile_interval: float, health_addr: str,
+          metrics_addr: str, relay: bool, csi_endpoint: str | None, csi_jwt_auth_mount: str | None,
+          csi_jwt_audience: str) -> None:
+    """Run the node agent: renew the generator token, retry and reconcile revocations, serve health.
+
+    Stop with SIGTERM.
+    """
     from .node import agent as node_agent
     from . import log
     from .config import Config
 
     config = Config.from_env()
     log.get(config.log_file, component="agent").info(
-        "agent starting", renew_interval=renew_interval, retry_interval=retry_interval, health_addr=health_addr,
+        "agent starting", renew_interval=renew_interval, retry_interval=retry_interval,
+        reconcile_interval=reconcile_interval, health_addr=health_addr,
         vault_addr=config.vault_addr, generator_token_path=config.generator_token_path,
         relay=config.agent_socket if relay else None, csi_endpoint=csi_endpoint, csi_jwt_auth_mount=csi_jwt_auth_mount)
     jwt_login = None
@@ -148,7 +181,7 @@ def agent(renew_interval: float | None, retry_interval: float, health_addr: str,
 
         jwt_login = JwtLogin(_auth_mount(csi_jwt_auth_mount), csi_jwt_audience)
     services = node_agent.services(config, renew_interval, retry_interval, relay, csi_endpoint or None, jwt_login,
-                                   metrics_addr=metrics_addr or None)
+                                   metrics_addr=metrics_addr or None, reconcile_interval=reconcile_interval)
     node_agent.Agent(services, health_addr or None, settings=config.public()).run()
     log.get().info("agent stopped")
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import sys
 
 # Operator commands (click); never a kubelet call, whatever their arguments.
-CLI_COMMANDS = {"bootstrap", "renew-generator", "agent", "install", "retry-revocations", "version",
+CLI_COMMANDS = {"bootstrap", "renew-generator", "agent", "install", "retry-revocations", "reconcile", "version",
                 "doctor", "status", "uninstall", "token"}
 KUBELET_VERBS = {"init", "mount", "unmount", "attach", "detach", "waitforattach", "isattached", "mountdevice",
                  "unmountdevice", "getvolumename", "expandvolume", "expandfs"}

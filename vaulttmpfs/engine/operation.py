@@ -347,3 +347,8 @@ def _generator_refused(config: Config, exc: Exception, needs: str) -> DriverErro
         f"policy may not allow {needs}; check it with `vaulttmpfs renew-generator` and re-run "
         "`vaulttmpfs bootstrap` if needed"
     )
+
+
+def revoke_or_queue(config: Config, store: StateStore, record: dict[str, Any], logger, why: str) -> str:
+    """For the reconciler (engine.reconcile): the same revocation unmount does, queue included."""
+    return _revoke_or_queue(config, store, record, logger, why)

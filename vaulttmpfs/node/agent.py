@@ -1,8 +1,9 @@
 """The node agent: the long-running half of vaulttmpfs, next to the short-lived driver calls.
 
 It keeps the node's generator token alive, retries revocations that unmount had to queue while
-Vault was down, and answers health checks. It never touches mounts, so stopping it (or a crash)
-leaves every mounted volume as it is; unmount works without it. The exception is opt-in: with
+Vault was down, revokes the tokens of volumes whose pod is gone without an unmount (reconcile),
+and answers health checks. It never touches a volume whose dir is there, so stopping it (or a
+crash) leaves every mounted volume as it is; unmount works without it. The exception is opt-in: with
 `--relay` it also serves the driver's fast path (see relay), mounting for the kubelet's calls.
 
 Everything it runs is a `Service` (start/stop/status); `services()` lists them, so another one
@@ -23,9 +24,12 @@ from ..errors import DriverError
 
 DEFAULT_HEALTH_ADDR = "127.0.0.1:9829"
 DEFAULT_RETRY_INTERVAL = 60.0
+DEFAULT_RECONCILE_INTERVAL = 60.0
 FAILURE_RETRY = 10.0  # after a failed renewal, try again this soon (or sooner if the interval is shorter)
 NO_EXPIRY_RECHECK = 3600.0
 MIN_INTERVAL = 1.0
+MIN_RECONCILE_INTERVAL = 0.05  # a reconcile round is local (a listdir and an lstat per volume): cheap
+RECENT_REVOCATIONS = 10
 
 
 class Service:
@@ -52,6 +56,8 @@ class Service:
 class Loop(Service):
     """Calls `run_once()` in a thread; it returns the seconds to wait before the next call."""
 
+    min_interval = MIN_INTERVAL
+
     def __init__(self) -> None:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -70,7 +76,7 @@ class Loop(Service):
             except Exception as exc:  # noqa: BLE001 -- a bug in one round must not end the loop
                 log.get().error("agent loop error", service=self.name, exc_info=exc)
                 delay = FAILURE_RETRY
-            self._stop.wait(max(delay, MIN_INTERVAL))
+            self._stop.wait(max(delay, self.min_interval))
 
     def stop(self) -> None:
         self._stop.set()
@@ -180,6 +186,53 @@ class RevocationRetry(Loop):
         if result["revoked"] or result["pending"]:
             log.get(self.config.log_file, service=self.name).info("revocations retried", **result)
         return self.interval
+
+    def status(self) -> dict[str, Any]:
+        return dict(self.state)
+
+
+class ReconcileLoop(Loop):
+    """Revokes the tokens of volumes whose pod dir the kubelet removed without calling unmount."""
+
+    name = "reconcile"
+    min_interval = MIN_RECONCILE_INTERVAL
+
+    def __init__(self, config: Config, interval: float = DEFAULT_RECONCILE_INTERVAL):
+        super().__init__()
+        self.config = config
+        self.interval = interval
+        self.state: dict[str, Any] = {"interval": interval, "rounds": 0, "revoked": 0, "queued": 0,
+                                      "by_reason": {}, "volumes": None, "last_run": None, "last_error": None,
+                                      "recent": []}
+
+    def run_once(self) -> float:
+        from ..engine import reconcile
+
+        try:
+            result = reconcile.reconcile(self.config)
+        except (DriverError, OSError) as exc:
+            self.state.update(last_error=str(exc), last_run=_iso(time.time()))
+            log.get(self.config.log_file, service=self.name).warning("reconcile failed", error=str(exc))
+            return self.interval
+        self._count(result)
+        return self.interval
+
+    def _count(self, result: dict[str, Any]) -> None:
+        state = self.state
+        state["rounds"] += 1
+        for done in result["volumes"]:
+            if done["action"] in ("revoked", "queued"):
+                state[done["action"]] += 1
+                # Replaced, never changed in place: /healthz copies it from another thread.
+                reason = done["reason"]
+                state["by_reason"] = {**state["by_reason"], reason: state["by_reason"].get(reason, 0) + 1}
+                recent = {k: done[k] for k in ("mount_dir", "pod_uid", "namespace", "pod", "action", "reason")}
+                state["recent"] = ([{**recent, "round": state["rounds"], "at": _iso(time.time())}]
+                                   + state["recent"])[:RECENT_REVOCATIONS]
+        error = "; ".join(result["errors"]) or None
+        if error and error != state["last_error"]:  # once per new error, not every round
+            log.get(self.config.log_file, service=self.name).warning("reconcile incomplete", error=error)
+        state.update(volumes=result["checked"], last_run=_iso(time.time()), last_error=error)
 
     def status(self) -> dict[str, Any]:
         return dict(self.state)
@@ -316,7 +369,8 @@ def parse_addr(addr: str) -> tuple[str, int]:
 def services(config: Config, renew_interval: float | None = None,
              retry_interval: float = DEFAULT_RETRY_INTERVAL, relay: bool = False,
              csi_endpoint: str | None = None, csi_jwt_login=None,
-             metrics_addr: str | None = None) -> list[Service]:
+             metrics_addr: str | None = None,
+             reconcile_interval: float = DEFAULT_RECONCILE_INTERVAL) -> list[Service]:
     """What the agent runs besides its health server."""
     if config.auth_role:
         # The agent logs in itself (service-account JWT) and keeps the token it gets alive.
@@ -325,7 +379,7 @@ def services(config: Config, renew_interval: float | None = None,
         keeper: Service = GeneratorLogin(config, renew_interval)
     else:
         keeper = GeneratorRenewal(config, renew_interval)
-    found = [keeper, RevocationRetry(config, retry_interval)]
+    found = [keeper, RevocationRetry(config, retry_interval), ReconcileLoop(config, reconcile_interval)]
     if relay:
         # Opt-in: the agent then mounts for the kubelet, so it needs privileges and mount propagation.
         from .relay_server import RelayServer

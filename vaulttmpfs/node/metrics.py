@@ -94,6 +94,8 @@ class NodeState:
                     if result in ("relayed", "refused", "dropped", "failed"):
                         counts.add_metric([result], count)
                 yield counts
+            elif service.name == "reconcile":
+                yield from _reconcile(service.status())
 
 
 def _generator(status: dict[str, Any]):
@@ -110,6 +112,21 @@ def _generator(status: dict[str, Any]):
     renewals.add_metric(["success"], status.get("renewals", 0))
     renewals.add_metric(["failure"], status.get("failures", 0))
     yield renewals
+
+
+def _reconcile(status: dict[str, Any]):
+    from prometheus_client.core import CounterMetricFamily
+
+    from ..engine.reconcile import REVOKE_REASONS
+
+    revocations = CounterMetricFamily("vaulttmpfs_reconcile_revocations",
+                                      "Tokens reconcile revoked (or queued) because their volume dir was gone",
+                                      labels=["reason"])
+    for reason in REVOKE_REASONS:  # a fixed label set
+        revocations.add_metric([reason], status["by_reason"].get(reason, 0))
+    yield revocations
+    yield CounterMetricFamily("vaulttmpfs_reconcile_rounds", "Reconcile passes over the volume records",
+                              value=status["rounds"])
 
 
 class MetricsServer(Loop):
