@@ -97,10 +97,17 @@ def apply_json_patch(doc: dict, operations: list[dict]) -> dict:
 
 
 def variant_daemonset(name: str) -> dict:
+    """The DaemonSet as kustomize renders the variant: its base (the manifests, or another variant) patched."""
     kustomization = yaml.safe_load((K8S / "variants" / name / "kustomization.yaml").read_text())
-    assert (K8S / "variants" / name / kustomization["resources"][0]).resolve() == K8S.resolve()
-    daemonset = resource("DaemonSet")
+    base = (K8S / "variants" / name / kustomization["resources"][0]).resolve()
+    if base == K8S.resolve():
+        daemonset = resource("DaemonSet")
+    else:
+        assert base.parent == (K8S / "variants").resolve(), base
+        daemonset = variant_daemonset(base.name)
     for patch in kustomization["patches"]:
+        if patch["target"].get("kind") != "DaemonSet":
+            continue
         assert patch["target"] == {"kind": "DaemonSet", "name": daemonset["metadata"]["name"]}
         daemonset = apply_json_patch(daemonset, yaml.safe_load(patch["patch"]))
     validate(daemonset)
@@ -399,3 +406,17 @@ def test_uninstall_variant_runs_uninstall_once_per_node_and_then_idles():
     assert agent["command"] == ["sleep", "infinity"]  # no agent: nothing renews or reinstalls
     assert "readinessProbe" not in agent and "livenessProbe" not in agent
     assert {m["name"]: m for m in agent["volumeMounts"]}["plugin-dir"]["readOnly"] is True
+
+
+@pytest.mark.parametrize("name", [*ALL_VARIANTS, "csi", "jwt-bootstrap"])
+def test_the_agent_sees_the_pods_dir_so_reconcile_can_run(name):
+    """Reconcile revokes what the kubelet removed without unmount: it must see the kubelet's pods dir at the
+    host's path (read-only is enough; the relay and CSI variants mount there, so Bidirectional)."""
+    pod = rendered_pod(name)
+    agent = pod["containers"][0]
+    [mount] = [m for m in agent["volumeMounts"] if m["name"] == "pods-dir"]
+    [volume] = [v for v in pod["volumes"] if v["name"] == "pods-dir"]
+    assert mount["mountPath"] == volume["hostPath"]["path"] == "/var/lib/kubelet/pods"
+    mounts_for_the_kubelet = name in ("relay", "csi")
+    assert mount.get("mountPropagation") == ("Bidirectional" if mounts_for_the_kubelet else None)
+    assert mount.get("readOnly", False) is not mounts_for_the_kubelet
