@@ -16,21 +16,26 @@ all: build
 
 # The venv is made once per checkout and refreshed when the dependency lists change.
 venv: $(VENV)/.installed
+# A venv left half-made (no pip: e.g. Debian's python3 without python3.X-venv) is made again.
 $(VENV)/.installed: pyproject.toml constraints.txt
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@PYTHON=$(PYTHON) tests/system-deps.sh venv
+	$(PY) -m pip --version >/dev/null 2>&1 || { rm -rf $(VENV) && $(PYTHON) -m venv $(VENV); }
 	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[test]'
 	touch $@
 
-# Debian packages the suite needs (a real slapd for the LDAP bootstrap tests, and unshare/openssl).
+# Debian packages the suite needs (a real slapd for the LDAP bootstrap tests, openssl, git, and
+# unshare/newuidmap when not root): installed as root, else named in one apt-get line.
 system-deps:
-	@tests/system-deps.sh
+	@PYTHON=$(PYTHON) tests/system-deps.sh test
 
 build: venv $(EXE)
 $(EXE): $(SOURCES) $(VENV)/.installed
 	$(PY) -m PyInstaller --noconfirm --clean --log-level WARN --distpath dist --workpath build/pyinstaller build.spec
 	@test -x $@ && $@ init
 
-test: system-deps build ldap-bao
+# `make test PYTEST_ARGS=--collect-only` only lists the tests: no Debian packages, build or LDAP server.
+TEST_NEEDS := $(if $(findstring --collect-only,$(PYTEST_ARGS)),venv,system-deps build ldap-bao)
+test: $(TEST_NEEDS)
 	$(AS_ROOT) $(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
 # The built driver, called as the kubelet calls it, timed against the physical floor (bench/bench.py;
@@ -54,6 +59,7 @@ $(LDAP_BAO): | $(VENV)/.installed
 
 # The whole flow, kubelet-style, against a throwaway OpenBao.
 demo: venv
+	@PYTHON=$(PYTHON) tests/system-deps.sh demo
 	$(AS_ROOT) $(PY) tests/demo.py
 
 # Re-pin: a fresh venv from the unpinned ranges in pyproject.toml, frozen into constraints.txt.
@@ -61,7 +67,7 @@ lock:
 	rm -rf build/lock-venv && $(PYTHON) -m venv build/lock-venv
 	build/lock-venv/bin/pip install -q -e '.[test]'
 	(echo '# Every PyPI package make installs into .venv, pinned to what the suite was last run with (`make lock` rewrites it).'; \
-	  build/lock-venv/bin/pip freeze --exclude-editable | grep -v '^vaulttmpfs') > constraints.txt
+	  build/lock-venv/bin/pip freeze --exclude-editable --exclude vaulttmpfs | grep -v '^#') > constraints.txt
 	rm -rf build/lock-venv
 
 clean:

@@ -1,3 +1,47 @@
 #!/bin/sh
-# Run a command as root of a new user+mount namespace (tmpfs mounts without real root).
-exec unshare --user --map-root-user --mount "$@"
+# Run a command as root of a new user+mount namespace: real tmpfs mounts without real root.
+# Root inside is the invoking user outside; ids 1..N inside are the user's subordinate ids
+# (/etc/subuid, /etc/subgid, mapped by the setuid newuidmap/newgidmap of Debian's `uidmap`),
+# so every uid/gid the demo and the tests use (fsGroup 1000 and 2000, nobody 65534, ...) exists
+# in the namespace and mount -o gid=..., chown and setuid behave as they do for real root.
+set -eu
+user=$(id -un)
+uid=$(id -u)
+NEED=65535 # inner ids 1..65535: everything up to and including nobody (65534)
+
+fail() {
+    echo "tests/userns.sh: $*" >&2
+    exit 1
+}
+
+# "start count" of the user's first subordinate range in $1 (/etc/subuid or /etc/subgid).
+first_range() {
+    flag=$([ "$1" = /etc/subgid ] && echo -g || true)
+    if command -v getsubids >/dev/null 2>&1; then # also sees ranges from NSS, not only the file
+        getsubids $flag "$user" 2>/dev/null | awk 'NR == 1 { print $3, $4 }'
+    elif [ -r "$1" ]; then
+        awk -F: -v u="$user" -v n="$uid" '($1 == u || $1 == n) { print $2, $3; exit }' "$1"
+    fi
+}
+
+# A start past every range already given out, for the fix we suggest.
+free_start() {
+    cat /etc/subuid /etc/subgid 2>/dev/null |
+        awk -F: 'BEGIN { top = 100000 } ($2 + $3 > top) { top = $2 + $3 } END { print top }'
+}
+
+command -v newuidmap >/dev/null 2>&1 && command -v newgidmap >/dev/null 2>&1 ||
+    fail "newuidmap/newgidmap are missing; as root run: apt-get install -y uidmap"
+uids=$(first_range /etc/subuid)
+gids=$(first_range /etc/subgid)
+if [ -z "$uids" ] || [ -z "$gids" ] || [ "${uids#* }" -lt "$NEED" ] || [ "${gids#* }" -lt "$NEED" ]; then
+    start=$(free_start)
+    fail "user $user needs $NEED subordinate uids and gids (/etc/subuid, /etc/subgid) to map the ids the" \
+        "tests use; it has uids: ${uids:-none}, gids: ${gids:-none}. As root run:
+  usermod --add-subuids $start-$((start + 65535)) --add-subgids $start-$((start + 65535)) $user"
+fi
+unshare --user true 2>/dev/null ||
+    fail "unprivileged user namespaces are disabled here (sysctl kernel.unprivileged_userns_clone=0," \
+        "kernel.apparmor_restrict_unprivileged_userns=1, or a container without them): run as root instead"
+exec unshare --map-root-user --map-users="${uids% *},1,${uids#* }" --map-groups="${gids% *},1,${gids#* }" \
+    --mount "$@"
