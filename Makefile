@@ -14,13 +14,14 @@ AS_ROOT := $(if $(filter 0,$(shell id -u)),,tests/userns.sh)
 
 all: build
 
-# The venv is made once per checkout and refreshed when the dependency lists change.
+# The venv is made once per checkout and refreshed when the dependency lists change. PIP_CONSTRAINT
+# (not -c) also pins what pip's isolated build of our own package uses (setuptools).
 venv: $(VENV)/.installed
 # A venv left half-made (no pip: e.g. Debian's python3 without python3.X-venv) is made again.
 $(VENV)/.installed: pyproject.toml constraints.txt
 	@PYTHON=$(PYTHON) tests/system-deps.sh venv
 	$(PY) -m pip --version >/dev/null 2>&1 || { rm -rf $(VENV) && $(PYTHON) -m venv $(VENV); }
-	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[test]'
+	PIP_CONSTRAINT=$(CURDIR)/constraints.txt $(PY) -m pip install -q --disable-pip-version-check -e '.[test]'
 	touch $@
 
 # Debian packages the suite needs (a real slapd for the LDAP bootstrap tests, openssl, git, and
@@ -65,9 +66,9 @@ demo: venv
 # Re-pin: a fresh venv from the unpinned ranges in pyproject.toml, frozen into constraints.txt.
 lock:
 	rm -rf build/lock-venv && $(PYTHON) -m venv build/lock-venv
-	build/lock-venv/bin/pip install -q -e '.[test]'
+	build/lock-venv/bin/pip install -q -U setuptools -e '.[test]'
 	(echo '# Every PyPI package make installs into .venv, pinned to what the suite was last run with (`make lock` rewrites it).'; \
-	  build/lock-venv/bin/pip freeze --exclude-editable --exclude vaulttmpfs | grep -v '^#') > constraints.txt
+	  build/lock-venv/bin/pip freeze --all --exclude-editable --exclude vaulttmpfs --exclude pip | grep -v '^#') > constraints.txt
 	rm -rf build/lock-venv
 
 clean:

@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .vaultserver import free_port, stop_process
+from .vaultserver import dies_with_parent, free_port, stop_process
 
 SBIN_DIRS = ("/usr/sbin", "/usr/local/sbin", "/sbin", "/usr/libexec")
 MODULE_DIRS = ("/usr/lib/ldap", "/usr/lib/x86_64-linux-gnu/openldap", "/usr/lib64/openldap", "/usr/lib/openldap",
@@ -126,7 +126,8 @@ class LdapServer:
         # -d keeps slapd in the foreground (no fork) so Popen owns the real server process.
         self.proc = subprocess.Popen(
             [find_program("slapd"), "-f", str(conf), "-h", f"{self.url}/", "-d", "0"],
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+            preexec_fn=dies_with_parent())
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
