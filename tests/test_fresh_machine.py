@@ -43,6 +43,8 @@ def demo_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
         pytest.fail(f"no {DEBIAN_PYTHON}: this test is about the system's python3")
     home = tmp_path_factory.mktemp("fresh")
     clone = home / "vaulttmpfs"
+    # CI may check the repo out as another user than the one running the suite (root).
+    (home / ".gitconfig").write_text("[safe]\n\tdirectory = *\n")
     subprocess.run(["git", "clone", "-q", str(REPO), str(clone)], check=True, timeout=60,
                    env={"PATH": SYSTEM_PATH, "HOME": str(home)})
     return clone, fresh_make(clone, home, "demo", timeout=600)
