@@ -160,6 +160,33 @@ def _ldap_credentials(username: str | None, password_file: str | None):
     return ask
 
 
+@cli.command()
+@click.option("--volume", "volume_dir", default="/var/run/secrets/vaulttmpfs", show_default=True,
+              envvar="VAULTTMPFS_VOLUME", help="Where the vaulttmpfs volume is mounted (env VAULTTMPFS_VOLUME).")
+@click.option("--out", "out_dir", default="/var/run/vault", show_default=True, envvar="VAULTTMPFS_OUT",
+              help="Write the token here: a shared emptyDir with medium Memory (env VAULTTMPFS_OUT).")
+@click.option("--renew", is_flag=True, envvar="VAULTTMPFS_RENEW",
+              help="Then keep the token alive until SIGTERM; exit non-zero once it cannot be renewed.")
+@click.option("--renew-fraction", type=click.FloatRange(0.05, 0.95), default=0.5, show_default=True,
+              help="Renew when this fraction of the token's TTL has passed.")
+@click.option("--revoke-on-exit", is_flag=True, envvar="VAULTTMPFS_REVOKE_ON_EXIT",
+              help="With --renew: revoke the token on SIGTERM (the volume's unmount revokes it too).")
+def token(volume_dir: str, out_dir: str, renew: bool, renew_fraction: float, revoke_on_exit: bool) -> None:
+    """In the pod: unwrap the volume's token once and write it to --out for the pod's tools.
+
+    Files: `token` (Vault/OpenBao Agent token_file, consul-template, VAULT_TOKEN) and
+    `kubernetes-vault.json` (vault-sidekick, AUTH_FORMAT=kubernetes-vault). A restarted container
+    reuses the token already written. Needs VAULT_ADDR; logs JSON lines to stderr.
+    """
+    from .pod import token as pod_token
+
+    if revoke_on_exit and not renew:
+        raise click.UsageError("--revoke-on-exit needs --renew (only a running sidecar sees the pod stop)")
+    options = pod_token.Options(volume_dir=volume_dir, out_dir=out_dir, renew=renew, revoke_on_exit=revoke_on_exit,
+                                renew_fraction=renew_fraction)
+    raise SystemExit(pod_token.run(options))
+
+
 @cli.command("renew-generator")
 def renew_generator() -> None:
     """Renew this node's generator token (cron); fails, saying what to do, when it is expired or revoked."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 
 # Operator commands; every other first argument is a kubelet verb (unknown ones: "Not supported").
-CLI_COMMANDS = {"bootstrap", "renew-generator", "agent", "install", "retry-revocations", "version"}
+CLI_COMMANDS = {"bootstrap", "renew-generator", "agent", "install", "retry-revocations", "version", "token"}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,6 +12,7 @@ from typing import Any
 _secrets: dict[str, None] = {}  # insertion-ordered: the oldest go first when the cap is reached
 _logger = None
 REDACTED = "<redacted>"
+STDERR = "-"  # as a log file name: standard error
 # The node agent lives for months and registers a token per mount it relays: keep the newest.
 MAX_SECRETS = 4096
 
@@ -51,6 +52,10 @@ class _NullLogger:
 
 
 def _open(path: str):
+    if path == STDERR:  # pod-side commands: a container's log is its stderr
+        import sys
+
+        return sys.stderr
     try:
         parent = os.path.dirname(path)
         if parent:

@@ -39,6 +39,7 @@ class MountRequest:
     volume_name: str = ""
     fs_group: int | None = None
     read_only: bool = False
+    unwrapped: bool = False  # vault/unwrap: the plain token in the volume, for apps that cannot unwrap
 
     def token_metadata(self, node: str) -> dict[str, str]:
         meta = {
@@ -93,26 +94,22 @@ def mount(config: Config, request: MountRequest) -> str:
                 with contextlib.suppress(Exception):
                     volume.unmount(mount_dir)
             raise
-    logger.info("mounted", accessor=accessor, policies=request.policies, role=request.role)
+    logger.info("mounted", accessor=accessor, policies=request.policies, role=request.role,
+                wrapped=not request.unwrapped)
     return f"token for policies {','.join(request.policies)} mounted"
 
 
 def _mint_and_write(config: Config, store: StateStore, request: MountRequest, token: str, logger) -> str:
-    from ..vault.client import Vault
-
     try:
-        wrap_info = Vault(config, token).create_wrapped_token(
-            request.role, request.policies, request.token_metadata(config.node_name), request.display_name()
-        )
+        secret, info, accessor, wrapping_accessor = _mint(config, request, token)
     except VaultDenied as exc:
         if "permission denied" in str(exc).lower():
             raise _generator_refused(config, exc, f"`auth/token/create/{request.role}`") from None
         raise
-    log.secret(wrap_info["token"])
-    accessor = wrap_info["wrapped_accessor"]
+    log.secret(secret)
     record = {
         "accessor": accessor,
-        "wrapping_accessor": wrap_info.get("accessor"),
+        "wrapping_accessor": wrapping_accessor,
         "role": request.role,
         "policies": request.policies,
         "pod_uid": request.pod_uid,
@@ -122,7 +119,7 @@ def _mint_and_write(config: Config, store: StateStore, request: MountRequest, to
     try:
         store.write_volume(request.mount_dir, record)
         volume.mount_tmpfs(request.mount_dir, config.tmpfs_size, request.fs_group)
-        _write_files(config, request, wrap_info)
+        _write_files(config, request, secret, info)
         if request.read_only:
             volume.remount_readonly(request.mount_dir)
     except BaseException:
@@ -132,12 +129,26 @@ def _mint_and_write(config: Config, store: StateStore, request: MountRequest, to
     return accessor
 
 
-def _write_files(config: Config, request: MountRequest, wrap_info: dict[str, Any]) -> None:
+def _mint(config: Config, request: MountRequest, token: str) -> tuple[str, dict[str, Any], str, str | None]:
+    """The volume's token, its metadata file's content, the pod token's accessor, the wrapping token's."""
+    from ..vault.client import Vault
+
+    args = (request.role, request.policies, request.token_metadata(config.node_name), request.display_name())
+    if request.unwrapped:
+        auth = Vault(config, token).create_token(*args)
+        # The metadata file never holds the token itself (the token file does).
+        info = {**{k: v for k, v in auth.items() if k != "client_token"}, "unwrapped": True}
+        return auth["client_token"], info, auth["accessor"], None
+    wrap_info = Vault(config, token).create_wrapped_token(*args)
+    return wrap_info["token"], wrap_info, wrap_info["wrapped_accessor"], wrap_info.get("accessor")
+
+
+def _write_files(config: Config, request: MountRequest, secret: str, info: dict[str, Any]) -> None:
     mode = 0o440 if request.fs_group is not None else 0o400
     name = config.token_filename
     files = {
-        f"{name}.json": json.dumps(wrap_info, indent=2).encode() + b"\n",
-        name: wrap_info["token"].encode(),  # last: its presence marks a complete volume
+        f"{name}.json": json.dumps(info, indent=2).encode() + b"\n",
+        name: secret.encode(),  # last: its presence marks a complete volume
     }
     if config.cacert:
         try:

@@ -17,6 +17,7 @@ MAX_POLICIES = 32
 
 OPT_POLICIES = "vault/policies"
 OPT_ROLE = "vault/role"
+OPT_UNWRAP = "vault/unwrap"  # "true": the plain token, not a wrapping token (see README: the trade-off)
 K8S = "kubernetes.io/"
 
 
@@ -73,6 +74,15 @@ def parse_fs_group(text: str | None) -> int | None:
     return int(text)
 
 
+def parse_flag(options: dict[str, str], key: str) -> bool:
+    value = options.get(key, "").strip().lower()
+    if value in ("", "false", "no", "0"):
+        return False
+    if value in ("true", "yes", "1"):
+        return True
+    raise BadCall(f"option {key!r} must be \"true\" or \"false\", got {options[key]!r}")
+
+
 def mount_request(mount_dir: str, options: dict[str, str], default_role: str):
     from ..config import SAFE_NAME
     from ..engine.operation import MountRequest
@@ -91,6 +101,7 @@ def mount_request(mount_dir: str, options: dict[str, str], default_role: str):
         volume_name=options.get(K8S + "pvOrVolumeName", ""),
         fs_group=parse_fs_group(options.get(K8S + "mounterArgs.FsGroup")),
         read_only=options.get(K8S + "readwrite") == "ro",
+        unwrapped=parse_flag(options, OPT_UNWRAP),
     )
 
 

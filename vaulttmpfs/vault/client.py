@@ -240,8 +240,8 @@ class Vault:
         with self._call(f"looking up {what}"):
             return self.client.auth.token.lookup_self()["data"]
 
-    def renew_self(self, increment: str | None = None) -> dict[str, Any]:
-        with self._call("renewing the generator token"):
+    def renew_self(self, increment: str | None = None, what: str = "the generator token") -> dict[str, Any]:
+        with self._call(f"renewing {what}"):
             return self.client.auth.token.renew_self(increment=increment)["auth"]
 
     # --- for `vaulttmpfs bootstrap` ---
@@ -262,9 +262,17 @@ class Vault:
                 role_name=role, policies=policies, meta=metadata, display_name=display_name
             )["auth"]
 
-    def revoke_self(self) -> None:
-        with self._call("revoking the login token"):
+    def revoke_self(self, what: str = "the login token") -> None:
+        with self._call(f"revoking {what}"):
             self.client.auth.token.revoke_self()
+
+    # --- for `vaulttmpfs token` (the pod's side) ---
+    def unwrap_self(self) -> dict[str, Any]:
+        """sys/wrapping/unwrap with this client's token as the wrapping token: the wrapped response.
+
+        Single use, so never resent: a client built with max_retries=0 is the caller's choice."""
+        with self._call("unwrapping the volume's token"):
+            return self.client.sys.unwrap()
 
     def read_policy(self, name: str) -> str | None:
         """An ACL policy's text, None when there is no such policy."""

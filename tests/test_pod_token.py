@@ -1,0 +1,497 @@
+"""The pod's side: `vaulttmpfs token` exec'd (source and build) against volumes the driver mounted the
+kubelet's way, real OpenBao, and the real OpenBao agent as a consumer; the `vault/unwrap` option; the
+pod-side examples, validated offline and run for real where a real consumer exists here."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import stat
+import subprocess
+import time
+from datetime import datetime
+from pathlib import Path
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from .conftest import driver_env, remember_secret, token_file, unmount_everything_under
+from .faultserver import FaultServer
+from .kubelet import Kubelet
+from .pki import issue, make_ca
+from .vaultserver import REPO, VaultHTTPError, VaultServer, bao_binary, free_port, stop_process
+
+EXAMPLES = REPO / "installer" / "examples" / "pod-side"
+EXAMPLE_FILES = sorted(EXAMPLES.glob("*.yaml"))
+NGINX = {"vault/policies": "nginx"}
+SHORT_ROLE, PERIOD = "pod-short", 3  # seconds: the renewal tests' token period
+FS_GROUP = 2000
+
+
+@pytest.fixture(scope="module")
+def kv_secret(bao) -> dict:
+    """A KV v2 secret the nginx policy may read (the dev server mounts kv v2 at secret/)."""
+    data = {"password": "pod-side-" + os.urandom(4).hex(), "user": "app"}
+    bao.request("POST", "secret/data/nginx/app", {"data": data})
+    return data
+
+
+@pytest.fixture(scope="module")
+def short_role(bao) -> str:
+    """A token role with a 3 s period, which the session's generator token may create through."""
+    bao.write_role(SHORT_ROLE, allowed_policies=["nginx"], orphan=True, token_period=f"{PERIOD}s")
+    policy = bao.request("GET", "sys/policies/acl/token_generator")["data"]["policy"]
+    grant = f'path "auth/token/create/{SHORT_ROLE}" {{ capabilities = ["update"] }}'
+    if grant not in policy:
+        bao.write_policy("token_generator", policy + "\n" + grant + "\n")
+    return SHORT_ROLE
+
+
+def out_dir(tmp_path: Path, name: str = "out", group: int | None = FS_GROUP) -> Path:
+    """The shared emptyDir as the kubelet makes it under an fsGroup: group-owned, setgid."""
+    path = tmp_path / name
+    path.mkdir()
+    if group is not None:
+        os.chown(path, 0, group)
+        path.chmod(0o2770)
+    return path
+
+
+def token_argv(driver_cmd: list[str], volume: Path, out: Path, *flags: str) -> list[str]:
+    return [*driver_cmd, "token", "--volume", str(volume), "--out", str(out), *flags]
+
+
+def pod_env(vault_addr: str) -> dict[str, str]:
+    # A container's environment: VAULT_ADDR and nothing of the node's settings.
+    return {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": str(REPO), "VAULT_ADDR": vault_addr}
+
+
+def run_token(driver_cmd, bao, volume, out, *flags, vault_addr: str | None = None) -> subprocess.CompletedProcess:
+    # umask 0: the files' modes must not depend on the container's umask.
+    return subprocess.run(token_argv(driver_cmd, volume, out, *flags), env=pod_env(vault_addr or bao.addr),
+                          capture_output=True, text=True, timeout=60, umask=0)
+
+
+def start_token(driver_cmd, bao, volume, out, *flags, vault_addr: str | None = None) -> subprocess.Popen:
+    return subprocess.Popen(token_argv(driver_cmd, volume, out, *flags), env=pod_env(vault_addr or bao.addr),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, umask=0)
+
+
+def log_lines(stderr: str) -> list[dict]:
+    """Every stderr line is one JSON log event."""
+    return [json.loads(line) for line in stderr.splitlines() if line.strip()]
+
+
+def wait_for(predicate, timeout: float, what: str, step: float = 0.1):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(step)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def rfc3339(text: str) -> datetime:
+    return datetime.fromisoformat(re.sub(r"(\.\d{6})\d+", r"\1", text).replace("Z", "+00:00"))
+
+
+def read_kv(bao, token: str) -> dict:
+    return bao.request("GET", "secret/data/nginx/app", token=token)["data"]["data"]
+
+
+def wrapping_token(volume: Path) -> str:
+    return remember_secret((volume / "vault-token").read_text())
+
+
+def test_token_unwraps_once_writes_every_format_and_a_restart_reuses_it(kubelet, bao, kv_secret, driver_cmd,
+                                                                      tmp_path):
+    reply, volume = kubelet.mount(kubelet.new_pod("app"), NGINX, fs_group=FS_GROUP)
+    assert reply.ok, reply.body
+    wrapped = wrapping_token(volume)
+    meta = json.loads((volume / "vault-token.json").read_text())
+    out = out_dir(tmp_path)
+
+    first = run_token(driver_cmd, bao, volume, out)
+    assert first.returncode == 0, first.stderr
+    events = log_lines(first.stderr)
+    assert [e["event"] for e in events] == ["unwrapped the volume's token", "token ready"]
+    assert {e["level"] for e in events} == {"info"}
+
+    token = remember_secret((out / "token").read_text())
+    assert token != wrapped and "\n" not in token
+    assert read_kv(bao, token) == kv_secret  # the token works
+    record = json.loads((out / "kubernetes-vault.json").read_text())
+    assert record == {"clientToken": token, "accessor": meta["wrapped_accessor"], "leaseDuration": 3600,
+                      "renewable": True, "vaultAddr": bao.addr}
+    for name in ("token", "kubernetes-vault.json"):
+        info = (out / name).stat()
+        assert stat.S_IMODE(info.st_mode) == 0o440 and info.st_gid == FS_GROUP, name  # despite umask 0
+    assert sorted(os.listdir(out)) == ["kubernetes-vault.json", "token"]
+    assert token not in first.stderr and wrapped not in first.stderr
+
+    # The wrapping token is spent: any further unwrap fails...
+    with pytest.raises(VaultHTTPError, match="not valid or does not exist"):
+        bao.unwrap(wrapped)
+    # ...yet a restarted container succeeds with the same token: it never tried to unwrap.
+    again = run_token(driver_cmd, bao, volume, out)
+    assert again.returncode == 0, again.stderr
+    assert [(e["event"], e.get("reused")) for e in log_lines(again.stderr)] == [("token ready", True)]
+    assert (out / "token").read_text() == token
+    assert json.loads((out / "kubernetes-vault.json").read_text())["clientToken"] == token
+
+    # A restart after a crash between files heals from the record; without an fsGroup dir, 0400.
+    bare = out_dir(tmp_path, "bare", group=None)
+    (bare / "kubernetes-vault.json").write_bytes((out / "kubernetes-vault.json").read_bytes())
+    healed = run_token(driver_cmd, bao, volume, bare)
+    assert healed.returncode == 0, healed.stderr
+    assert (bare / "token").read_text() == token
+    assert stat.S_IMODE((bare / "token").stat().st_mode) == 0o400
+
+    assert kubelet.teardown(volume).ok
+    assert bao.lookup_accessor(meta["wrapped_accessor"]) is None
+
+
+def test_two_containers_starting_together_unwrap_once_and_share_the_token(kubelet, bao, driver_cmd, tmp_path):
+    reply, volume = kubelet.mount(kubelet.new_pod("twins"), NGINX)
+    assert reply.ok, reply.body
+    wrapping_token(volume)
+    out = out_dir(tmp_path)
+    procs = [start_token(driver_cmd, bao, volume, out) for _ in range(3)]
+    try:
+        codes = [proc.wait(timeout=60) for proc in procs]
+    finally:
+        for proc in procs:
+            stop_process(proc)
+    events = [e for proc in procs for e in log_lines(proc.stderr.read())]
+    assert codes == [0, 0, 0], events
+    assert [e["event"] for e in events].count("unwrapped the volume's token") == 1
+    assert sorted(e["reused"] for e in events if e["event"] == "token ready") == [False, True, True]
+    remember_secret((out / "token").read_text())
+    assert kubelet.teardown(volume).ok
+
+
+def test_a_used_wrapping_token_names_possible_interception_and_writes_nothing(kubelet, bao, driver_cmd, tmp_path):
+    reply, volume = kubelet.mount(kubelet.new_pod("intercepted"), NGINX)
+    assert reply.ok, reply.body
+    stolen = bao.unwrap(wrapping_token(volume))["auth"]  # another reader got there first
+    remember_secret(stolen["client_token"])
+    out = out_dir(tmp_path)
+
+    result = run_token(driver_cmd, bao, volume, out)
+    assert result.returncode == 1
+    error = log_lines(result.stderr)[-1]
+    assert error["level"] == "error" and "already unwrapped by another reader" in error["error"]
+    assert "POSSIBLE INTERCEPTION" in error["error"] and "delete the pod" in error["error"]
+    assert os.listdir(out) == []
+    assert kubelet.teardown(volume).ok
+    assert bao.lookup_accessor(stolen["accessor"]) is None
+
+
+def test_an_expired_wrapping_token_says_so_and_writes_nothing(kubelet, bao, driver_cmd, tmp_path):
+    kubelet.env["VAULT_WRAP_TTL"] = "1s"
+    reply, volume = kubelet.mount(kubelet.new_pod("late"), NGINX)
+    assert reply.ok, reply.body
+    wrapping_token(volume)
+    time.sleep(1.5)
+    out = out_dir(tmp_path)
+
+    result = run_token(driver_cmd, bao, volume, out)
+    assert result.returncode == 1
+    error = log_lines(result.stderr)[-1]["error"]
+    assert "expired at" in error and "VAULT_WRAP_TTL" in error and "INTERCEPTION" not in error
+    assert os.listdir(out) == []
+    assert kubelet.teardown(volume).ok
+
+
+def test_renew_keeps_a_short_period_token_alive_and_exits_within_a_period_of_revocation(
+        kubelet, bao, short_role, driver_cmd, tmp_path):
+    reply, volume = kubelet.mount(kubelet.new_pod("renewed"), {**NGINX, "vault/role": short_role})
+    assert reply.ok, reply.body
+    accessor = json.loads((volume / "vault-token.json").read_text())["wrapped_accessor"]
+    out = out_dir(tmp_path)
+    proc = start_token(driver_cmd, bao, volume, out, "--renew")
+    try:
+        wait_for(lambda: (out / "token").exists(), 30, "the token file")
+        remember_secret((out / "token").read_text())
+        expiries, started = [], time.monotonic()
+        while time.monotonic() - started < 2.5 * PERIOD:  # a 3 s token would be long dead
+            info = bao.lookup_accessor(accessor)
+            assert info, f"the token died after {time.monotonic() - started:.1f}s"
+            expiries.append(rfc3339(info["expire_time"]))  # finer than the whole seconds of "ttl"
+            time.sleep(0.3)
+        # Each renewal pushes the expiry (the TTL back up to the period): several within 2.5 periods.
+        assert sum(later > earlier for earlier, later in zip(expiries, expiries[1:])) >= 3, expiries
+        assert proc.poll() is None
+
+        bao.request("POST", "auth/token/revoke-accessor", {"accessor": accessor})
+        revoked_at = time.monotonic()
+        code = proc.wait(timeout=PERIOD + 5)
+        assert time.monotonic() - revoked_at <= PERIOD
+        assert code == 1
+        error = log_lines(proc.stderr.read())[-1]
+        assert error["event"] == "the pod's token can no longer be renewed" and error["accessor"] == accessor
+    finally:
+        stop_process(proc)
+        assert kubelet.teardown(volume).ok
+
+
+def test_renew_backs_off_through_vault_errors_and_exits_once_the_token_has_expired(
+        kubelet, bao, short_role, driver_cmd, tmp_path):
+    reply, volume = kubelet.mount(kubelet.new_pod("flaky"), {**NGINX, "vault/role": short_role})
+    assert reply.ok, reply.body
+    accessor = json.loads((volume / "vault-token.json").read_text())["wrapped_accessor"]
+    out = out_dir(tmp_path)
+    renew = "/v1/auth/token/renew-self"
+    with FaultServer(bao.addr) as gateway:
+        proc = start_token(driver_cmd, bao, volume, out, "--renew", vault_addr=gateway.addr)
+        try:
+            wait_for(lambda: gateway.count(renew) >= 1, 30, "the first renewal")
+            remember_secret((out / "token").read_text())
+            # One renewal fails (all its attempts): retried sooner, the token lives on.
+            gateway.add(renew, "error", times=3, status=503)
+            time.sleep(2 * PERIOD)
+            assert proc.poll() is None and bao.lookup_accessor(accessor)
+            # Vault stays away: it gives up once the token has expired, within about one period.
+            failing_since = time.monotonic()
+            gateway.add(renew, "error", status=503)
+            assert proc.wait(timeout=PERIOD + 10) == 1
+            assert time.monotonic() - failing_since <= PERIOD + 1
+        finally:
+            stop_process(proc)
+    events = log_lines(proc.stderr.read())
+    retries = [e for e in events if e["event"] == "renewal failed; retrying"]
+    assert retries and all(0 < e["retry_in"] <= PERIOD for e in retries)
+    renewed_after_retry = [e["event"] for e in events[events.index(retries[0]):]]
+    assert "renewed the pod's token" in renewed_after_retry
+    assert events[-1]["event"] == "the pod's token expired before Vault could renew it"
+    assert bao.lookup_accessor(accessor) is None  # expired in Vault too
+    assert kubelet.teardown(volume).ok
+
+
+def test_an_unwrap_that_got_no_answer_is_never_resent_and_the_restart_says_why(kubelet, bao, driver_cmd, tmp_path):
+    """A gateway passes the unwrap to Vault, then drops the answer: the token is spent, not intercepted."""
+    reply, volume = kubelet.mount(kubelet.new_pod("dropped"), NGINX)
+    assert reply.ok, reply.body
+    wrapping_token(volume)
+    out = out_dir(tmp_path)
+    unwrap = "/v1/sys/wrapping/unwrap"
+    with FaultServer(bao.addr) as gateway:
+        gateway.add(unwrap, "hold-answer")
+        proc = start_token(driver_cmd, bao, volume, out, vault_addr=gateway.addr)
+        try:
+            assert gateway.arrived.wait(30)
+            gateway.release.set()
+            assert proc.wait(timeout=30) == 1
+        finally:
+            stop_process(proc)
+        assert gateway.count(unwrap) == 1  # not resent
+    first = log_lines(proc.stderr.read())[-1]["error"]
+    assert "if Vault acted on it anyway" in first
+    assert [p.name for p in out.iterdir() if not p.name.startswith(".")] == []  # no token files
+
+    restart = run_token(driver_cmd, bao, volume, out)
+    assert restart.returncode == 1
+    error = log_lines(restart.stderr)[-1]["error"]
+    assert "got no answer" in error and "INTERCEPTION" not in error
+    assert kubelet.teardown(volume).ok
+
+
+def test_revoke_on_exit_revokes_the_token_on_sigterm(kubelet, bao, short_role, driver_cmd, tmp_path):
+    reply, volume = kubelet.mount(kubelet.new_pod("leaving"), {**NGINX, "vault/role": short_role})
+    assert reply.ok, reply.body
+    accessor = json.loads((volume / "vault-token.json").read_text())["wrapped_accessor"]
+    out = out_dir(tmp_path)
+    proc = start_token(driver_cmd, bao, volume, out, "--renew", "--revoke-on-exit")
+    try:
+        wait_for(lambda: (out / "token").exists(), 30, "the token file")
+        remember_secret((out / "token").read_text())
+        assert bao.lookup_accessor(accessor)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0
+        assert log_lines(proc.stderr.read())[-1]["event"] == "stopping; revoked the pod's token"
+        assert bao.lookup_accessor(accessor) is None
+        # A restarted sidecar finds the revoked token and says so instead of serving it.
+        again = run_token(driver_cmd, bao, volume, out)
+        assert again.returncode == 1 and "no longer valid" in log_lines(again.stderr)[-1]["error"]
+    finally:
+        stop_process(proc)
+        assert kubelet.teardown(volume).ok
+
+
+@pytest.fixture(scope="module")
+def tls_bao(tmp_path_factory):
+    """OpenBao with a TLS listener too, its certificate from a throwaway CA the pod does not know."""
+    pki = tmp_path_factory.mktemp("pod-pki")
+    make_ca(pki, "ca")
+    issue(pki, "server", "ca", "/CN=vault.test", san="IP:127.0.0.1")
+    port = free_port()
+    (pki / "listener.hcl").write_text(f'listener "tcp" {{\n  address = "127.0.0.1:{port}"\n'
+                                      f'  tls_cert_file = "{pki}/server.pem"\n  tls_key_file = "{pki}/server.key"\n}}\n')
+    with VaultServer(extra_args=[f"-config={pki / 'listener.hcl'}"]) as server:
+        server.setup_driver()
+        auth = server.generator_token()
+        yield {"server": server, "ca": pki / "ca.pem", "addr": f"https://127.0.0.1:{port}",
+               "generator": {"path": token_file(pki, auth["client_token"])}}
+
+
+def test_the_volumes_ca_verifies_vault_for_the_pod(tls_bao, driver_cmd, tmp_path, log_dir):
+    root = tmp_path / "node"
+    root.mkdir()
+    server = tls_bao["server"]
+    node = Kubelet(driver_cmd, driver_env(server, tls_bao["generator"], root, log_dir, VAULT_ADDR=tls_bao["addr"],
+                                          VAULT_CACERT=str(tls_bao["ca"])), root)
+    try:
+        reply, volume = node.mount(node.new_pod("tls"), NGINX, fs_group=FS_GROUP)
+        assert reply.ok, reply.body
+        wrapping_token(volume)
+        out = out_dir(tmp_path)
+        # The pod knows only Vault's address: the volume's ca.crt is what makes TLS verify.
+        result = run_token(driver_cmd, server, volume, out, vault_addr=tls_bao["addr"])
+        assert result.returncode == 0, result.stderr
+        token = remember_secret((out / "token").read_text())
+        assert server.request("GET", "auth/token/lookup-self", token=token)["data"]["policies"] == ["default", "nginx"]
+        assert (out / "ca.crt").read_bytes() == tls_bao["ca"].read_bytes()
+        assert stat.S_IMODE((out / "ca.crt").stat().st_mode) == 0o444
+        assert json.loads((out / "kubernetes-vault.json").read_text())["vaultAddr"] == tls_bao["addr"]
+        assert node.teardown(volume).ok
+        assert server.lookup_accessor(json.loads((out / "kubernetes-vault.json").read_text())["accessor"]) is None
+    finally:
+        unmount_everything_under(root)
+
+
+def test_revoke_on_exit_needs_renew_and_vault_addr_is_required(driver_cmd, bao, tmp_path):
+    result = run_token(driver_cmd, bao, tmp_path, tmp_path, "--revoke-on-exit")
+    assert result.returncode == 2 and "--revoke-on-exit needs --renew" in result.stderr
+    no_addr = subprocess.run(token_argv(driver_cmd, tmp_path, tmp_path), env={**pod_env(""), "VAULT_ADDR": ""},
+                             capture_output=True, text=True, timeout=60)
+    assert no_addr.returncode == 1 and "VAULT_ADDR is not set" in log_lines(no_addr.stderr)[-1]["error"]
+
+
+def agent_example() -> tuple[dict, str]:
+    docs = [doc for doc in yaml.safe_load_all((EXAMPLES / "vault-agent.yaml").read_text()) if doc]
+    config_map = next(doc for doc in docs if doc["kind"] == "ConfigMap")
+    pod = next(doc for doc in docs if doc["kind"] == "Pod")
+    agent = next(c for c in pod["spec"]["initContainers"] if c["name"] == "vault-agent")
+    config_dir = next(m["mountPath"] for m in agent["volumeMounts"] if m["name"] == "agent-config")
+    return config_map["data"], config_dir
+
+
+def test_the_openbao_agent_renders_a_kv_secret_from_our_token_file(kubelet, bao, kv_secret, driver_cmd, tmp_path):
+    """The vault-agent.yaml example's own agent config, its paths moved under tmp_path, run for real."""
+    reply, volume = kubelet.mount(kubelet.new_pod("agent-fed"), NGINX, fs_group=FS_GROUP)
+    assert reply.ok, reply.body
+    out = out_dir(tmp_path)
+    assert run_token(driver_cmd, bao, volume, out).returncode == 0
+    remember_secret((out / "token").read_text())
+
+    data, config_dir = agent_example()
+    rendered_dir = tmp_path / "rendered"
+    rendered_dir.mkdir()
+    (tmp_path / "app.ctmpl").write_text(data["app.ctmpl"])
+    moves = {"https://vault.vault.svc:8200": bao.addr, "/var/run/vault/token": str(out / "token"),
+             f"{config_dir}/app.ctmpl": str(tmp_path / "app.ctmpl"),
+             "/var/run/secrets/app/config.env": str(rendered_dir / "config.env")}
+    config = data["agent.hcl"]
+    for old, new in moves.items():
+        assert old in config, old
+        config = config.replace(old, new)
+    (tmp_path / "agent.hcl").write_text(config)
+
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(tmp_path)}
+    with open(tmp_path / "agent.log", "wb") as agent_log:
+        agent = subprocess.Popen([bao_binary(), "agent", f"-config={tmp_path / 'agent.hcl'}"], env=env,
+                                 stdout=agent_log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        try:
+            rendered = wait_for(lambda: (rendered_dir / "config.env").exists()
+                                and (rendered_dir / "config.env").read_text(), 30, "the agent's template")
+        finally:
+            stop_process(agent)
+    lines = {line.strip() for line in rendered.splitlines() if line.strip()}
+    assert lines == {f"{key}={value}" for key, value in kv_secret.items()}
+    assert stat.S_IMODE((rendered_dir / "config.env").stat().st_mode) == 0o440
+    assert kubelet.teardown(volume).ok
+
+
+def test_unwrap_option_writes_a_plain_working_token_that_unmount_revokes(kubelet, bao, kv_secret, driver_cmd,
+                                                                        tmp_path):
+    reply, volume = kubelet.mount(kubelet.new_pod("cannot-unwrap"), {**NGINX, "vault/unwrap": "true"},
+                                  fs_group=FS_GROUP)
+    assert reply.ok, reply.body
+    token = remember_secret((volume / "vault-token").read_text())
+    meta_text = (volume / "vault-token.json").read_text()
+    assert token not in meta_text  # the metadata file never holds the token
+    meta = json.loads(meta_text)
+    assert meta["unwrapped"] is True and "wrapped_accessor" not in meta
+    info = bao.request("GET", "auth/token/lookup-self", token=token)["data"]
+    assert sorted(info["policies"]) == ["default", "nginx"] and info["accessor"] == meta["accessor"]
+    assert info["meta"]["created_by"] == "vaulttmpfs"
+    assert read_kv(bao, token) == kv_secret
+    for name in ("vault-token", "vault-token.json"):
+        assert stat.S_IMODE((volume / name).stat().st_mode) == 0o440
+
+    # `vaulttmpfs token` hands the plain token on in the same formats.
+    out = out_dir(tmp_path)
+    result = run_token(driver_cmd, bao, volume, out)
+    assert result.returncode == 0, result.stderr
+    assert (out / "token").read_text() == token
+    assert json.loads((out / "kubernetes-vault.json").read_text())["accessor"] == meta["accessor"]
+
+    assert kubelet.teardown(volume).ok
+    assert bao.lookup_accessor(meta["accessor"]) is None
+    with pytest.raises(VaultHTTPError, match="403"):
+        read_kv(bao, token)
+
+
+def test_unwrap_option_takes_only_true_or_false(kubelet):
+    reply, volume = kubelet.mount(kubelet.new_pod(), {**NGINX, "vault/unwrap": "maybe"})
+    assert reply.status == "Failure" and "'vault/unwrap' must be" in reply.message
+    assert not os.path.ismount(volume)
+
+
+# --- the examples: valid offline, and consistent with the command and each other ---
+
+def example_docs() -> list[tuple[Path, dict]]:
+    return [(path, doc) for path in EXAMPLE_FILES for doc in yaml.safe_load_all(path.read_text()) if doc]
+
+
+@pytest.mark.parametrize("path", EXAMPLE_FILES, ids=lambda p: p.name)
+def test_pod_side_example_validates_against_the_kubernetes_schemas(path):
+    # Native sidecars (an init container with restartPolicy: Always) need Kubernetes 1.29+.
+    for doc in yaml.safe_load_all(path.read_text()):
+        for version in ("1.29.0", kubernetes_validate.utils.latest_version()):
+            kubernetes_validate.validate(doc, version, strict=True)
+
+
+def test_pod_side_examples_use_the_command_as_it_is():
+    from vaulttmpfs.cli import cli
+
+    assert {p.name for p in EXAMPLE_FILES} == {"init-and-sidecar.yaml", "vault-agent.yaml", "vault-sidekick.yaml"}
+    commands = 0
+    for path, doc in example_docs():
+        if doc["kind"] != "Pod":
+            continue
+        spec = doc["spec"]
+        assert spec["securityContext"]["fsGroup"]  # the volume's files are readable by the pod's group only
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        for container in spec.get("initContainers", []) + spec["containers"]:
+            mounts = {m["mountPath"]: m["name"] for m in container.get("volumeMounts", [])}
+            if container.get("command", [None])[-1] != "token":
+                continue
+            commands += 1
+            args = container["args"]
+            cli.commands["token"].make_context("token", list(args))  # flags the command knows
+            volume, out = args[args.index("--volume") + 1], args[args.index("--out") + 1]
+            assert volumes[mounts[volume]]["flexVolume"]["driver"] == "cloudwatt/vaulttmpfs", path.name
+            assert volumes[mounts[out]]["emptyDir"]["medium"] == "Memory", path.name
+            assert {"name": "VAULT_ADDR", "value": "https://vault.vault.svc:8200"} in container["env"]
+        if path.name == "vault-sidekick.yaml":
+            env = {e["name"]: e["value"] for e in spec["containers"][0]["env"]}
+            assert env["AUTH_FORMAT"] == "kubernetes-vault" and env["AUTH_FILE"] == "/var/run/vault/kubernetes-vault.json"
+        if path.name == "init-and-sidecar.yaml":
+            sidecar = spec["initContainers"][1]
+            assert sidecar["restartPolicy"] == "Always" and "--renew" in sidecar["args"]
+    assert commands == 4

@@ -1,0 +1,106 @@
+"""The files consumers read, in the pod's shared memory emptyDir. Files only.
+
+- `token`: the bare token (Vault/OpenBao Agent `token_file` auto-auth, consul-template, VAULT_TOKEN);
+- `kubernetes-vault.json`: kubernetes-vault's format, read by vault-sidekick (AUTH_FORMAT=kubernetes-vault).
+  It is also our record: its accessor tells a restarted container the token is already here.
+- `ca.crt`: Vault's CA, copied from the volume when it has one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import stat
+from dataclasses import dataclass
+from typing import Iterator
+
+from ..engine import files
+
+TOKEN_FILE = "token"
+RECORD_FILE = "kubernetes-vault.json"
+CA_FILE = "ca.crt"
+UNANSWERED_FILE = ".unwrap-unanswered"  # no secret in it: which wrapping token got no answer, and when
+MAX_RECORD_BYTES = 64 * 1024
+
+
+@dataclass(frozen=True)
+class Held:
+    """The pod's token, as written out."""
+
+    token: str
+    accessor: str
+    lease_duration: int
+    renewable: bool
+
+
+@contextlib.contextmanager
+def locked(out_dir: str) -> Iterator[None]:
+    """One writer at a time: two containers started together must not both try the single-use unwrap
+    (the loser would report an interception that is not one)."""
+    fd = os.open(out_dir, os.O_RDONLY | os.O_DIRECTORY)  # the dir itself: no lock file left behind
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def read_record(out_dir: str) -> dict | None:
+    """The kubernetes-vault JSON already there (a restart), or None."""
+    try:
+        with open(os.path.join(out_dir, RECORD_FILE), "rb") as handle:
+            record = json.loads(handle.read(MAX_RECORD_BYTES))
+    except (OSError, ValueError):
+        return None
+    ok = isinstance(record, dict) and all(isinstance(record.get(k), str) and record[k]
+                                          for k in ("clientToken", "accessor"))
+    return record if ok else None
+
+
+def note_unanswered(out_dir: str, accessor: str, when: float) -> None:
+    """An unwrap went out and no answer came back: Vault may have acted. Kept so the next run can say so."""
+    data = json.dumps({"accessor": accessor, "at": when}).encode()
+    files.replace(os.path.join(out_dir, UNANSWERED_FILE), data, 0o400, gid=None, durable=False)
+
+
+def unanswered(out_dir: str, accessor: str) -> float | None:
+    """When an earlier run's unwrap of this volume's token got no answer, if one did."""
+    try:
+        with open(os.path.join(out_dir, UNANSWERED_FILE), "rb") as handle:
+            note = json.loads(handle.read(4096))
+    except (OSError, ValueError):
+        return None
+    ok = isinstance(note, dict) and note.get("accessor") == accessor and isinstance(note.get("at"), (int, float))
+    return note["at"] if ok else None
+
+
+def file_mode(out_dir: str) -> int:
+    """0440 in a setgid dir (the kubelet's emptyDir under an fsGroup: files get that group), else 0400."""
+    return 0o440 if os.stat(out_dir).st_mode & stat.S_ISGID else 0o400
+
+
+def write(out_dir: str, held: Held, vault_addr: str, ca: bytes | None) -> None:
+    """Each file replaced atomically; the record first, so a crash part-way leaves it to heal from."""
+    mode = file_mode(out_dir)
+    record = {
+        "clientToken": held.token,
+        "accessor": held.accessor,
+        "leaseDuration": held.lease_duration,
+        "renewable": held.renewable,
+        "vaultAddr": vault_addr,
+    }
+    if ca is not None:
+        _replace(out_dir, CA_FILE, ca, mode | 0o044)  # public
+    _replace(out_dir, RECORD_FILE, json.dumps(record, indent=2).encode() + b"\n", mode)
+    _replace(out_dir, TOKEN_FILE, held.token.encode(), mode)
+    try:
+        os.unlink(os.path.join(out_dir, UNANSWERED_FILE))
+    except FileNotFoundError:
+        pass
+
+
+def _replace(out_dir: str, name: str, data: bytes, mode: int) -> None:
+    # gid None: no chown (we are the pod's user); a setgid dir gives the file its group.
+    files.replace(os.path.join(out_dir, name), data, mode, gid=None, durable=False)

@@ -1,0 +1,86 @@
+"""Keep the pod's token alive (`vaulttmpfs token --renew`) until SIGTERM, as postfinance's renewer sidecar did.
+
+Renews at a fraction of the token's TTL; a failure Vault may recover from (network, 5xx, sealed)
+is retried with backoff until the token would have expired; a refusal (revoked, expired, not
+renewable) ends it at once. Either way the exit is non-zero, so the kubelet restarts the sidecar
+(which finds the token gone and says so) or the pod fails visibly, instead of an app holding a dead token.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+
+from ..config import Config
+from ..errors import DriverError, VaultDenied
+from .output import Held
+
+MIN_WAIT = 0.5  # seconds: the shortest sleep between renewals or retries
+FIRST_BACKOFF = 0.5
+MAX_BACKOFF = 30.0
+
+
+def stop_on_signals() -> threading.Event:
+    """An event SIGTERM (the kubelet stopping the container) and SIGINT set."""
+    stop = threading.Event()
+
+    def handle(_signum, _frame):
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handle)
+    signal.signal(signal.SIGINT, handle)
+    return stop
+
+
+def keep_alive(config: Config, held: Held, options, stop: threading.Event, logger) -> int:
+    from ..vault.client import Vault
+
+    if not held.renewable:
+        logger.error("the pod's token is not renewable: nothing to keep alive", accessor=held.accessor)
+        return 1
+    client = Vault(config, held.token)
+    # The lease known so far was counted from the token's creation (the mount), maybe long ago:
+    # renew at once, and learn the real TTL from Vault's answer.
+    expires = time.monotonic() + float(held.lease_duration)
+    wait, backoff = 0.0, FIRST_BACKOFF
+    logger.info("renewing the pod's token", accessor=held.accessor, fraction=options.renew_fraction)
+    while not stop.wait(wait):
+        try:
+            auth = client.renew_self(what="the pod's token")
+        except VaultDenied as exc:
+            logger.error("the pod's token can no longer be renewed", accessor=held.accessor, error=str(exc))
+            return 1
+        except DriverError as exc:
+            left = expires - time.monotonic()
+            if left <= 0:
+                logger.error("the pod's token expired before Vault could renew it", accessor=held.accessor,
+                             error=str(exc))
+                return 1
+            wait, backoff = max(MIN_WAIT, min(backoff, left / 2)), min(backoff * 2, MAX_BACKOFF)
+            logger.warning("renewal failed; retrying", accessor=held.accessor, error=str(exc),
+                           retry_in=round(wait, 2), expires_in=round(left, 2))
+            continue
+        ttl = float(auth.get("lease_duration") or 0)
+        expires = time.monotonic() + ttl
+        wait, backoff = _next_wait(ttl, options.renew_fraction), FIRST_BACKOFF
+        logger.info("renewed the pod's token", accessor=held.accessor, ttl=ttl, next_in=round(wait, 2))
+    return _stopping(client, held, options, logger)
+
+
+def _next_wait(ttl: float, fraction: float) -> float:
+    return max(MIN_WAIT, ttl * fraction)
+
+
+def _stopping(client, held: Held, options, logger) -> int:
+    if not options.revoke_on_exit:
+        logger.info("stopping; the token stays valid until the pod's volume is unmounted", accessor=held.accessor)
+        return 0
+    try:
+        client.revoke_self("the pod's token")
+    except DriverError as exc:
+        logger.error("stopping; could not revoke the pod's token (the volume's unmount will)",
+                     accessor=held.accessor, error=str(exc))
+        return 1
+    logger.info("stopping; revoked the pod's token", accessor=held.accessor)
+    return 0

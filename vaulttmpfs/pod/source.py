@@ -1,0 +1,79 @@
+"""The pod's view of its vaulttmpfs volume: the token file, its JSON metadata and Vault's CA. Files only."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from datetime import datetime
+
+from ..errors import DriverError
+
+MAX_TOKEN_BYTES = 4096
+CA_FILE = "ca.crt"
+
+
+@dataclass(frozen=True)
+class VolumeToken:
+    directory: str
+    token: str  # the wrapping token; on an unwrapped volume, the pod's token itself
+    accessor: str  # the pod token's accessor: what the output records, to recognise it after a restart
+    wrapped: bool
+    expires_at: float | None = None  # when the wrapping token's TTL ends (epoch seconds)
+    ca_path: str | None = None
+
+
+def read(directory: str, token_filename: str) -> VolumeToken:
+    token = _read_token(os.path.join(directory, token_filename))
+    meta = _read_metadata(os.path.join(directory, f"{token_filename}.json"))
+    ca_path = os.path.join(directory, CA_FILE)
+    ca_path = ca_path if os.path.isfile(ca_path) else None
+    if meta.get("wrapped_accessor"):
+        return VolumeToken(directory, token, str(meta["wrapped_accessor"]), True, _expiry(meta), ca_path)
+    if meta.get("accessor") and meta.get("unwrapped"):
+        return VolumeToken(directory, token, str(meta["accessor"]), False, None, ca_path)
+    raise DriverError(f"{directory}/{token_filename}.json names no token accessor: is {directory} a vaulttmpfs "
+                      "volume (check the pod's volumeMounts)?")
+
+
+def _read_token(path: str) -> str:
+    try:
+        with open(path, "rb") as handle:
+            raw = handle.read(MAX_TOKEN_BYTES + 1)
+    except FileNotFoundError:
+        raise DriverError(f"{path} does not exist: mount the vaulttmpfs volume there, or name its mount "
+                          "path with --volume") from None
+    except OSError as exc:
+        raise DriverError(f"cannot read {path}: {exc.strerror} (the pod's user needs the volume's group: set "
+                          "the pod's securityContext.fsGroup)") from None
+    token = raw.decode("ascii", errors="replace").strip()
+    if not token or len(raw) > MAX_TOKEN_BYTES or not token.isprintable() or any(c.isspace() for c in token):
+        raise DriverError(f"{path} does not hold a Vault token")
+    return token
+
+
+def _read_metadata(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            meta = json.load(handle)
+    except FileNotFoundError:
+        raise DriverError(f"{path} does not exist: is this a vaulttmpfs volume?") from None
+    except (OSError, ValueError) as exc:
+        raise DriverError(f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}") from None
+    if not isinstance(meta, dict):
+        raise DriverError(f"{path} is not a JSON object")
+    return meta
+
+
+def _expiry(meta: dict) -> float | None:
+    """creation_time (RFC 3339, nanoseconds) + ttl; None when the metadata does not say."""
+    ttl, created = meta.get("ttl"), meta.get("creation_time")
+    if not isinstance(ttl, (int, float)) or not isinstance(created, str):
+        return None
+    # Go writes up to 9 fractional digits; datetime takes 6.
+    text = re.sub(r"(\.\d{6})\d+", r"\1", created).replace("Z", "+00:00")
+    try:
+        return datetime.fromisoformat(text).timestamp() + ttl
+    except ValueError:
+        return None

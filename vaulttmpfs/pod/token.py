@@ -1,0 +1,192 @@
+"""`vaulttmpfs token`: unwrap the volume's token once, write it where the pod's tools read it, and
+(with --renew) keep it alive. Restart-safe: a token already written for this volume is reused, never
+unwrapped again (a wrapping token is single-use, and the container may restart any time).
+
+Orchestration only: the volume's files in `source`, the outputs in `output`, Vault in `vault.client`,
+the renewal loop in `renewer`.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, replace
+
+from .. import log
+from ..config import Config
+from ..errors import DriverError, VaultDenied, VaultUnavailable
+from . import output, source
+from .output import Held
+
+DEFAULT_VOLUME = "/var/run/secrets/vaulttmpfs"
+DEFAULT_OUT = "/var/run/vault"
+
+
+@dataclass(frozen=True)
+class Options:
+    volume_dir: str = DEFAULT_VOLUME
+    out_dir: str = DEFAULT_OUT
+    renew: bool = False
+    revoke_on_exit: bool = False
+    renew_fraction: float = 0.5
+
+
+def run(options: Options, env: dict[str, str] | None = None) -> int:
+    """The whole command; its exit code. Errors are logged (stderr), never raised."""
+    from . import renewer
+
+    logger = log.get(log.STDERR, component="vaulttmpfs-token", volume=options.volume_dir, out=options.out_dir)
+    stop = renewer.stop_on_signals() if options.renew else None
+    try:
+        env = os.environ if env is None else env
+        if not env.get("VAULT_ADDR"):
+            raise DriverError("VAULT_ADDR is not set: give the container Vault's address (env VAULT_ADDR)")
+        config = Config.from_env(env)
+        volume = source.read(options.volume_dir, config.token_filename)
+        log.secret(volume.token)
+        config = _with_volume_ca(config, volume)
+        held = obtain(config, volume, options.out_dir, logger)
+    except DriverError as exc:
+        logger.error("no token for the pod", error=str(exc))
+        return 1
+    if stop is None:
+        return 0
+    return renewer.keep_alive(config, held, options, stop, logger)
+
+
+def _with_volume_ca(config: Config, volume: source.VolumeToken) -> Config:
+    # The volume's ca.crt is Vault's CA as the node trusts it; VAULT_CACERT/VAULT_CAPATH still win.
+    if volume.ca_path and not config.cacert and not config.capath:
+        return replace(config, cacert=volume.ca_path)
+    return config
+
+
+def obtain(config: Config, volume: source.VolumeToken, out_dir: str, logger) -> Held:
+    """The pod's token in `out_dir`: the one already there for this volume, or unwrapped now."""
+    if not os.path.isdir(out_dir):
+        raise DriverError(f"output dir {out_dir} does not exist: mount an emptyDir (medium: Memory) there, "
+                          "or name it with --out")
+    try:
+        with output.locked(out_dir):
+            record = output.read_record(out_dir)
+            reused = bool(record and record["accessor"] == volume.accessor)
+            if reused:
+                held = _reuse(config, record, logger)
+            elif volume.wrapped:
+                held = _unwrap(config, volume, out_dir, logger)
+            else:
+                held = _plain(config, volume)
+            output.write(out_dir, held, config.vault_addr, _read_ca(volume))
+    except OSError as exc:
+        raise DriverError(f"cannot write into {out_dir}: {exc.strerror or exc} (the pod's user must be able to "
+                          "write there: an emptyDir under the pod's fsGroup)") from None
+    logger.info("token ready", accessor=held.accessor, reused=reused, lease_duration=held.lease_duration,
+                renewable=held.renewable)
+    return held
+
+
+def _reuse(config: Config, record: dict, logger) -> Held:
+    """A restart: the token is already out. Vault is asked only whether it still lives."""
+    from ..vault.client import Vault
+
+    token = record["clientToken"]
+    log.secret(token)
+    try:
+        info = Vault(config, token).lookup_self("the pod's token")
+    except VaultDenied as exc:
+        raise DriverError(f"the pod's token (accessor {record['accessor']}) was already unwrapped by an earlier "
+                          f"run and is no longer valid (revoked or expired): {exc}; the pod needs a new "
+                          "volume: delete the pod") from None
+    except VaultUnavailable as exc:
+        logger.warning("cannot check the token already unwrapped; using it", accessor=record["accessor"],
+                       error=str(exc))
+        info = {}
+    return Held(token, record["accessor"], int(info.get("ttl", record.get("leaseDuration") or 0)),
+                bool(info.get("renewable", record.get("renewable"))))
+
+
+def _unwrap(config: Config, volume: source.VolumeToken, out_dir: str, logger) -> Held:
+    from ..vault.client import Vault
+
+    # Never resent: a gateway that passed the first one on and then failed would make the second
+    # find a used token (and blame an interceptor).
+    client = Vault(replace(config, max_retries=0), volume.token)
+    try:
+        response = client.unwrap_self()
+    except VaultDenied as exc:
+        raise DriverError(_unwrap_refused(volume, exc, output.unanswered(out_dir, volume.accessor))) from None
+    except VaultUnavailable as exc:
+        try:
+            output.note_unanswered(out_dir, volume.accessor, time.time())
+        except OSError:
+            pass
+        raise DriverError(f"{exc}; if Vault acted on it anyway the wrapping token is now used and this pod needs a "
+                          "new volume (delete the pod); otherwise the next restart of this container tries again") \
+            from None
+    auth = (response or {}).get("auth") if isinstance(response, dict) else None
+    if not auth or not auth.get("client_token"):
+        raise DriverError(f"the wrapping token in {volume.directory} did not wrap a Vault token")
+    held = Held(auth["client_token"], auth.get("accessor", ""), int(auth.get("lease_duration") or 0),
+                bool(auth.get("renewable")))
+    log.secret(held.token)
+    if held.accessor != volume.accessor:
+        _revoke_quietly(config, held.token, logger)
+        raise DriverError(f"the wrapping token in {volume.directory} wrapped a token (accessor {held.accessor}) "
+                          f"other than the volume's ({volume.accessor}): possible tampering; it was revoked")
+    logger.info("unwrapped the volume's token", accessor=held.accessor)
+    return held
+
+
+def _unwrap_refused(volume: source.VolumeToken, exc: Exception, unanswered_at: float | None) -> str:
+    where = f"the wrapping token in {volume.directory}"
+    if "not valid or does not exist" not in str(exc).lower():
+        return f"unwrapping {where} failed: {exc}"
+    if unanswered_at is not None:
+        cause = (f"an earlier run of this container sent the unwrap at {_iso(unanswered_at)} and got no answer: "
+                 "Vault most likely unwrapped it then, and the answer was lost on the way (a network fault, "
+                 "not necessarily interception)")
+    elif volume.expires_at is not None and time.time() >= volume.expires_at:
+        cause = (f"it expired at {_iso(volume.expires_at)} "
+                 "(the volume's wrap TTL, VAULT_WRAP_TTL on the node, ran out before the pod unwrapped it)")
+    else:
+        cause = ("it was already unwrapped by another reader: POSSIBLE INTERCEPTION if no other container of "
+                 "this pod unwraps it (give every consumer this command's output, not the volume); treat the "
+                 "pod's token as compromised")
+    return (f"{where} cannot be unwrapped: {cause}. Nothing was written; delete the pod to get a new volume "
+            f"(its unmount revokes the token, accessor {volume.accessor})")
+
+
+def _iso(when: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(when))
+
+
+def _plain(config: Config, volume: source.VolumeToken) -> Held:
+    """An unwrapped volume (vault/unwrap): the token is already plain; ask Vault for its lease."""
+    from ..vault.client import Vault
+
+    try:
+        info = Vault(config, volume.token).lookup_self("the volume's token")
+    except VaultDenied as exc:
+        raise DriverError(f"the token in {volume.directory} is not valid (revoked or expired): {exc}") from None
+    if info.get("accessor") != volume.accessor:
+        raise DriverError(f"the token in {volume.directory} is not the one its metadata names")
+    return Held(volume.token, volume.accessor, int(info.get("ttl") or 0), bool(info.get("renewable")))
+
+
+def _read_ca(volume: source.VolumeToken) -> bytes | None:
+    if not volume.ca_path:
+        return None
+    try:
+        with open(volume.ca_path, "rb") as handle:
+            return handle.read()
+    except OSError as exc:
+        raise DriverError(f"cannot read {volume.ca_path}: {exc.strerror}") from None
+
+
+def _revoke_quietly(config: Config, token: str, logger) -> None:
+    from ..vault.client import Vault
+
+    try:
+        Vault(config, token).revoke_self("a token the pod must not use")
+    except DriverError as exc:
+        logger.warning("could not revoke it", error=str(exc))
