@@ -6,6 +6,8 @@ Stdlib only, like vaultserver.py.
 
 from __future__ import annotations
 
+import os
+
 # fsGroup gids (1000, 2000, the manifests' own), nobody (65534) for the relay's peer-uid checks.
 NEEDED = range(0, 65535)
 
@@ -25,8 +27,6 @@ def first_unmapped(kind: str, ids: range = NEEDED) -> int | None:
 
 def problem() -> str | None:
     """Why the demo or the suite cannot run here, in one line, or None."""
-    import os
-
     if os.geteuid() != 0:
         return "it mounts real tmpfs: run it as root, or through make (tests/userns.sh, a user namespace)"
     missing = {kind: first_unmapped(kind) for kind in ("uid", "gid")}
