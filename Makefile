@@ -10,7 +10,7 @@ SOURCES := $(shell find vaulttmpfs -name '*.py' -o -name '*.proto') $(wildcard p
 # user's subordinate ids mapped too (fsGroup gids), see tests/userns.sh.
 AS_ROOT := $(if $(filter 0,$(shell id -u)),,tests/userns.sh)
 
-.PHONY: all venv system-deps build test demo bench clean ldap-bao lock
+.PHONY: all venv system-deps demo-deps build test demo bench clean ldap-bao lock
 
 all: build
 
@@ -58,10 +58,12 @@ $(LDAP_BAO): | $(VENV)/.installed
 	chmod 755 $@ && rm -f build/openbao-ldap/*.whl
 	$@ version
 
-# The whole flow, kubelet-style, against a throwaway OpenBao.
-demo: venv
-	@PYTHON=$(PYTHON) tests/system-deps.sh demo
+# The whole flow, kubelet-style, against a throwaway OpenBao. Its Debian packages are checked
+# first: a missing one is named before minutes go into the venv.
+demo: demo-deps venv
 	$(AS_ROOT) $(PY) tests/demo.py
+demo-deps:
+	@PYTHON=$(PYTHON) tests/system-deps.sh demo
 
 # Re-pin: a fresh venv from the unpinned ranges in pyproject.toml, frozen into constraints.txt.
 lock:
