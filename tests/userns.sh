@@ -1,10 +1,16 @@
 #!/bin/sh
-# Run a command as root of a new user+mount namespace: real tmpfs mounts without real root.
+# Run a command (make demo, make test, make bench) in its own mount namespace; when not root, as
+# root of a new user namespace too: real tmpfs mounts without real root.
 # Root inside is the invoking user outside; ids 1..N inside are the user's subordinate ids
 # (/etc/subuid, /etc/subgid, mapped by the setuid newuidmap/newgidmap of Debian's `uidmap`),
 # so every uid/gid the demo and the tests use (fsGroup 1000 and 2000, nobody 65534, ...) exists
 # in the namespace and mount -o gid=..., chown and setuid behave as they do for real root.
 set -eu
+if [ "$(id -u)" = 0 ]; then
+    # Real root needs no id mapping; a private mount namespace alone makes the run's tmpfs
+    # mounts go away with it, even when it is killed (kill -9) before it could unmount them.
+    exec unshare --mount --propagation private "$@"
+fi
 user=$(id -un)
 uid=$(id -u)
 NEED=65535 # inner ids 1..65535: everything up to and including nobody (65534)
