@@ -22,6 +22,7 @@ from .vaultserver import REPO
 
 SYSTEM_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
 DEBIAN_PYTHON = "/usr/bin/python3"
+NOBODY = 65534
 
 
 def pip_cache() -> str:
@@ -69,6 +70,30 @@ def test_make_test_collects_the_suite_in_the_same_clone(demo_run):
     collected = [line for line in result.stdout.splitlines() if " tests collected" in line]
     assert collected and int(collected[-1].split()[0]) > 100, result.stdout[-2000:]
     assert not (clone / "dist").exists() and not (clone / "build/openbao-ldap").exists()
+
+
+def as_nobody() -> None:
+    os.setgroups([])
+    os.setgid(NOBODY)
+    os.setuid(NOBODY)
+
+
+def test_a_user_without_subordinate_ids_is_told_the_exact_fix():
+    """make's user namespace needs the user's subordinate ids; `nobody` has none (and its own
+    uid/gid exist both for real root and in the suite's namespace, which maps 0..65535)."""
+    result = subprocess.run([str(REPO / "tests/userns.sh"), "true"], preexec_fn=as_nobody, capture_output=True,
+                            text=True, timeout=30, env={"PATH": SYSTEM_PATH}, cwd="/")
+    assert result.returncode == 1 and result.stdout == ""
+    message = result.stderr.strip()
+    assert message.startswith("tests/userns.sh: user nobody needs 65535 subordinate uids and gids"), message
+    usermod, add_uids, uids, add_gids, gids, user = message.splitlines()[-1].split()
+    assert (usermod, add_uids, add_gids, user) == ("usermod", "--add-subuids", "--add-subgids", "nobody")
+    taken = [line.split(":") for name in ("/etc/subuid", "/etc/subgid") if os.path.exists(name)
+             for line in Path(name).read_text().splitlines() if line.count(":") == 2]
+    for ids in (uids, gids):  # a range of 65536 past every range already given out
+        first, last = map(int, ids.split("-"))
+        assert last - first + 1 == 65536 and first >= 100000
+        assert all(first >= int(start) + int(count) for _, start, count in taken), (ids, taken)
 
 
 CHILD = """
