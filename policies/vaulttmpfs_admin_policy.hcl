@@ -1,8 +1,12 @@
-# vaulttmpfs-admin: what `vaulttmpfs bootstrap` needs, for the people (an LDAP group) or the
-# short-lived token that bootstrap nodes. Write it once as root:
+# vaulttmpfs-admin: what `vaulttmpfs bootstrap` needs on a node, for the people (an LDAP group) or
+# the short-lived token that bootstrap nodes. Write it once as a Vault operator:
 #   bao policy write vaulttmpfs-admin vaulttmpfs_admin_policy.hcl
 #   bao write auth/ldap/groups/<your group> policies=vaulttmpfs-admin
 # Names below are the defaults: adjust them if you use --policy or VAULTTMPFS_ROLE_NAME.
+#
+# It can mint generator tokens and nothing else: it cannot change the generator policy or either
+# token role (that is `vaulttmpfs_setup_policy.hcl`, for Vault operators, once per cluster), so it
+# cannot widen what a generator token, or a pod token, may get.
 
 # Mint a node's generator token. Only through this role: it fixes the policy (token_generator),
 # makes the token an orphan and periodic, and needs no sudo (create-orphan with a policy the
@@ -18,19 +22,4 @@ path "auth/token/lookup-self" {
 
 path "auth/token/revoke-self" {
   capabilities = ["update"]
-}
-
-# `bootstrap --setup-vault`: the generator policy and the two token roles.
-# Whoever may rewrite these may grant generator tokens more rights: keep this group small,
-# or drop this section once the cluster is set up.
-path "sys/policies/acl/token_generator" {
-  capabilities = ["create", "read", "update"]
-}
-
-path "auth/token/roles/applications" {
-  capabilities = ["create", "read", "update"]
-}
-
-path "auth/token/roles/vaulttmpfs-generator" {
-  capabilities = ["create", "read", "update"]
 }

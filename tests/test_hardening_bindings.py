@@ -1,6 +1,7 @@
-"""vaulttmpfs.bindings on its own: the matching rules, the file checks, and the YAML subset checked
-against a real YAML parser (PyYAML, a test-only dependency) so the subset never reads a file
-differently from what an operator's YAML tools show."""
+"""vaulttmpfs.bindings on its own: the matching rules (no pattern lets one namespace claim another's
+policies), the file checks (every directory up to /, like sshd), and the strict PyYAML loader, checked
+against the hand-written YAML subset it replaced (tests/old_yaml_subset.py): every document the old
+subset accepted reads the same."""
 
 from __future__ import annotations
 
@@ -15,9 +16,11 @@ from hypothesis import strategies as st
 from vaulttmpfs.engine import bindings
 from vaulttmpfs.errors import DriverError
 
+from .old_yaml_subset import parse_yaml_subset
+
 RULES = {"bindings": [
     {"name": "shop apps", "namespaces": ["shop", "team-*"], "service_accounts": ["*"],
-     "policies": ["{namespace}-*", "common"]},
+     "policies": ["{namespace}.*", "common"]},
     {"namespaces": ["payments"], "service_accounts": ["api"], "policies": ["payments-{service_account}"]},
     {"service_accounts": ["backup"], "policies": ["backup-reader"]},
 ]}
@@ -28,11 +31,11 @@ def rules() -> bindings.Bindings:
 
 
 @pytest.mark.parametrize("namespace, account, policies, rule", [
-    ("shop", "web", ["shop-db", "common"], "binding #1"),
-    ("team-a", "default", ["team-a-cache"], "binding #1"),
+    ("shop", "web", ["shop.db", "common"], "binding #1"),
+    ("team-a", "default", ["team-a.cache"], "binding #1"),
     ("payments", "api", ["payments-api"], "binding #2"),
     ("anything", "backup", ["backup-reader"], "binding #3"),
-    ("shop", "backup", ["shop-x", "backup-reader"], "binding #1, binding #3"),
+    ("shop", "backup", ["shop.x", "backup-reader"], "binding #1, binding #3"),
 ])
 def test_requests_inside_a_binding_are_allowed(namespace, account, policies, rule):
     assert bindings.check(rules(), namespace, account, policies) == rule
@@ -42,7 +45,7 @@ def test_requests_inside_a_binding_are_allowed(namespace, account, policies, rul
     # another namespace's policies: the namespace-hopping escalation this closes
     ("shop", "web", ["payments-api"],
      "policy 'payments-api' is not bound to service account 'web' in namespace 'shop'"),
-    ("team-a", "web", ["shop-db"], "binding #1 'shop apps'"),
+    ("team-a", "web", ["shop.db"], "binding #1 'shop apps'"),
     ("payments", "web", ["payments-web"], "no policy binding in /etc/vaulttmpfs/bindings.json covers"),
     ("payments", "api", ["payments-api", "common"], "policy 'common' is not bound"),
     ("default", "default", ["common"], "no policy binding"),
@@ -59,7 +62,7 @@ def test_requests_outside_the_bindings_name_the_rule(namespace, account, policie
     ("shop/../payments", "web"), ("a" * 64, "web"),
 ])
 def test_a_namespace_or_account_that_is_not_a_kubernetes_name_is_refused(namespace, account):
-    # A `*` smuggled in through a spoofed option must not widen `{namespace}-*`.
+    # A `*` smuggled in through a spoofed option must not widen `{namespace}.*`.
     with pytest.raises(DriverError, match="missing or"):
         bindings.check(rules(), namespace, account, ["common"])
 
@@ -68,11 +71,11 @@ def test_a_namespace_or_account_that_is_not_a_kubernetes_name_is_refused(namespa
        other=st.from_regex(r"[a-z0-9]{1,10}", fullmatch=True),
        suffix=st.from_regex(r"[A-Za-z0-9._-]{0,12}", fullmatch=True))
 def test_namespace_placeholder_only_ever_matches_the_pods_own_namespace(namespace, other, suffix):
-    doc = bindings.parse(json.dumps({"bindings": [{"namespaces": ["*"], "policies": ["{namespace}-*"]}]}))
-    assert bindings.check(doc, namespace, "default", [f"{namespace}-{suffix}"])
-    if not f"{other}-{suffix}".startswith(f"{namespace}-"):
+    doc = bindings.parse(json.dumps({"bindings": [{"namespaces": ["*"], "policies": ["{namespace}.*"]}]}))
+    assert bindings.check(doc, namespace, "default", [f"{namespace}.{suffix}"])
+    if other != namespace:
         with pytest.raises(DriverError):
-            bindings.check(doc, namespace, "default", [f"{other}-{suffix}"])
+            bindings.check(doc, namespace, "default", [f"{other}.{suffix}"])
 
 
 @pytest.mark.parametrize("document, expected", [
@@ -137,6 +140,36 @@ def test_a_writable_directory_is_refused(tmp_path):
         bindings.load(write(folder / "b.json", json.dumps(RULES)))
 
 
+@pytest.mark.parametrize("opened", ["grandparent", "great-grandparent"])
+def test_a_directory_others_can_change_anywhere_above_is_refused(tmp_path, opened):
+    """A world-writable grandparent let its owner swap the bindings dir for one with a permissive file."""
+    folder = tmp_path / "a" / "b" / "etc-vaulttmpfs"
+    folder.mkdir(parents=True)
+    loose = folder.parent if opened == "grandparent" else folder.parent.parent
+    loose.chmod(0o777)
+    path = write(folder / "b.json", json.dumps(RULES))
+    with pytest.raises(DriverError, match=f"directory {loose} is not trusted.*chmod go-w {loose}"):
+        bindings.load(path)
+    os.chown(loose, 1000, 1000)  # not writable by others, but not root's either
+    loose.chmod(0o755)
+    with pytest.raises(DriverError, match=f"directory {loose} is not trusted.*chown root {loose}"):
+        bindings.load(path)
+    os.chown(loose, 0, 0)
+    assert len(bindings.load(path).rules) == 3
+    loose.chmod(0o1777)  # root-owned and sticky above the file's own dir, like /tmp: others cannot swap it
+    assert len(bindings.load(path).rules) == 3
+
+
+def test_a_symlink_in_a_directory_others_can_change_is_refused(tmp_path):
+    target = write(tmp_path / "b.json", json.dumps(RULES))
+    loose = tmp_path / "loose"
+    loose.mkdir()
+    loose.chmod(0o777)
+    (loose / "b.json").symlink_to(target)  # its owner could point it at any root-owned file
+    with pytest.raises(DriverError, match=f"directory {loose} is not trusted"):
+        bindings.load(str(loose / "b.json"))
+
+
 def test_missing_fifo_huge_and_binary_files_are_refused(tmp_path):
     with pytest.raises(DriverError, match="refusing every mount"):
         bindings.load(str(tmp_path / "absent.json"))
@@ -150,7 +183,81 @@ def test_missing_fifo_huge_and_binary_files_are_refused(tmp_path):
         bindings.load(str(tmp_path / "bin.json"))
 
 
-# --- the YAML subset ----------------------------------------------------------------------------
+# --- adversarial namespace pairs ------------------------------------------------------------------
+
+# Pairs where one name is a prefix of the other followed by a character names may contain.
+PAIRS = [("team-a", "team-a-b"), ("a", "a-b"), ("team", "team-a"), ("a-b", "a-b-c"), ("web", "web-1")]
+
+
+@pytest.mark.parametrize("pattern, fixed", [
+    ("{namespace}-*", "{namespace}.*"), ("{namespace}-db", "{namespace}.db"), ("{namespace}*", "{namespace}.*"),
+    ("{namespace}-{service_account}", "{namespace}.{service_account}"),
+    ("{namespace}.{service_account}-*", "{namespace}.{service_account}_*"),
+    ("{service_account}.db", "{service_account}_db"),
+])
+def test_a_pattern_that_could_cross_namespaces_is_refused_with_a_safe_spelling(pattern, fixed):
+    with pytest.raises(DriverError) as refused:
+        bindings.parse(json.dumps({"bindings": [{"namespaces": ["*"], "policies": [pattern]}]}), "b.json")
+    assert "lets one pod claim another's policies" in str(refused.value)
+    assert repr(fixed) in str(refused.value)
+    bindings.parse(json.dumps({"bindings": [{"namespaces": ["*"], "policies": [fixed]}]}), "b.json")
+
+
+@pytest.mark.parametrize("mine, theirs", PAIRS)
+def test_the_old_readme_example_can_no_longer_hand_out_another_namespaces_policy(mine, theirs):
+    """The README once showed `{namespace}-*`: a pod in team-a got team-a-b's `team-a-b-db`."""
+    old_example = {"bindings": [{"namespaces": ["*"], "policies": ["{namespace}-*"]}]}
+    with pytest.raises(DriverError, match="lets one pod claim another's policies"):
+        bindings.check(bindings.parse(json.dumps(old_example), "b.json"), mine, "default", [f"{theirs}-db"])
+
+
+@pytest.mark.parametrize("pattern", ["*{namespace}", "*.{namespace}", "x*_{service_account}"])
+def test_a_wildcard_before_a_placeholder_is_refused(pattern):
+    with pytest.raises(DriverError, match="put .* before any `\\*`"):
+        bindings.parse(json.dumps({"bindings": [{"namespaces": ["*"], "policies": [pattern]}]}), "b.json")
+
+
+@pytest.mark.parametrize("mine, theirs", PAIRS + [(b, a) for a, b in PAIRS])
+@pytest.mark.parametrize("pattern, policy", [
+    ("{namespace}.*", "{ns}.db"), ("{namespace}_*", "{ns}_db"), ("{namespace}", "{ns}"),
+    ("{namespace}.{service_account}", "{ns}.default"), ("{namespace}_{service_account}_*", "{ns}_default_x"),
+    ("app.{namespace}.*", "app.{ns}.db"),
+])
+def test_no_allowed_pattern_gives_a_pod_another_namespaces_policy(mine, theirs, pattern, policy):
+    doc = bindings.parse(json.dumps({"bindings": [{"namespaces": ["*"], "policies": [pattern]}]}), "b.json")
+    assert bindings.check(doc, theirs, "default", [policy.format(ns=theirs)])  # theirs may
+    with pytest.raises(DriverError, match="is not bound"):
+        bindings.check(doc, mine, "default", [policy.format(ns=theirs)])  # mine may not
+
+
+_names = st.from_regex(r"[a-z0-9]([-a-z0-9]{0,8}[a-z0-9])?", fullmatch=True)
+_accounts = st.from_regex(r"[a-z0-9]([-a-z0-9]{0,5}[a-z0-9])?(\.[a-z0-9]{1,3})?", fullmatch=True)
+_pieces = st.sampled_from(["{namespace}", "{service_account}", "*", ".", "_", "-", "db", "x."])
+
+
+@settings(max_examples=300, deadline=None)
+@given(pattern=st.lists(_pieces, min_size=1, max_size=5).map("".join), first=st.tuples(_names, _accounts),
+       second=st.tuples(_names, _accounts), filler=st.from_regex(r"[a-z0-9._-]{0,6}", fullmatch=True))
+def test_whatever_pattern_is_accepted_no_two_identities_share_a_policy(pattern, first, second, filler):
+    """Any accepted pattern: a policy name it gives one pod is given to another pod only when they
+    agree on every placeholder the pattern uses."""
+    try:
+        doc = bindings.parse(json.dumps({"bindings": [{"namespaces": ["*"], "policies": [pattern]}]}))
+    except DriverError:
+        return  # refusing a pattern is always allowed
+    policy = (pattern.replace("{namespace}", first[0]).replace("{service_account}", first[1])
+              .replace("*", filler))
+    if not bindings._POLICY_PATTERN.fullmatch(policy):
+        return
+    assert bindings.check(doc, first[0], first[1], [policy])
+    differs = ("{namespace}" in pattern and first[0] != second[0]) or (
+        "{service_account}" in pattern and first[1] != second[1])
+    if differs:
+        with pytest.raises(DriverError):
+            bindings.check(doc, second[0], second[1], [policy])
+
+
+# --- YAML: PyYAML with a strict loader, reading every old-subset document the same ----------------
 
 EXAMPLE_YAML = """\
 # which pods may ask for which policies
@@ -161,7 +268,7 @@ bindings:
     service_accounts:
     - "*"
     policies:
-      - "{namespace}-*"
+      - "{namespace}.*"
       - common
   -   namespaces: ['payments']
       service_accounts: [api]
@@ -172,39 +279,52 @@ bindings:
 
 
 def test_the_documented_yaml_example_reads_like_its_json():
-    assert bindings.parse_yaml_subset(EXAMPLE_YAML) == yaml.safe_load(EXAMPLE_YAML)
+    assert bindings.load_yaml(EXAMPLE_YAML) == parse_yaml_subset(EXAMPLE_YAML) == yaml.safe_load(EXAMPLE_YAML)
     assert bindings.parse(EXAMPLE_YAML).rules == rules().rules
 
 
 @pytest.mark.parametrize("text, expected", [
-    ("bindings: &a [x]", "quote the value"),
-    ("bindings: !!str x", "quote the value"),
-    ("bindings: {a: b}", "quote the value"),
-    ("bindings: |\n  x", "quote the value"),
-    ("bindings:\n\t- x", "tabs"),
-    ("bindings: [a, [b]]", "unsupported [list]"),
-    ("bindings: [a,", "open and close on one line"),
-    ("bindings: yes", "quote the value 'yes'"),
-    ("bindings: [on, off]", "quote the value 'on'"),
-    ("bindings: \"a\\nb\"", "no escapes"),
-    ("a: x\na: y", "duplicate key 'a'"),
-    ("true: x", "would not be read as a string"),
-    ("bindings:\n  - a\n   - b", "unexpected indentation"),
-    ("", "empty"),
-    ("# only a comment\n", "empty"),
+    ("a: x\na: y", "line 2, column 1: duplicate key 'a'"),
+    ("bindings:\n  - namespaces: [a]\n    namespaces: ['*']\n    policies: [x]", "line 3, column 5: duplicate key"),
+    ("true: x", "line 1, column 1: 'true' is read by YAML as bool True, not a string: quote it"),
+    ("1: x", "'1' is read by YAML as int 1"),
+    ("bindings: &a [x]\nother: *a", "line 2, column 8: aliases"),
+    ("base: &b {policies: [x]}\nbindings:\n  - <<: *b", "aliases"),
+    ("bindings:\n  - <<: {policies: [x]}", "merge keys"),
+    ("bindings: [a]\n---\nbindings: [b]", "expected a single document"),
+    ("bindings: [a, [b]", "line 1"),
+    ("bindings:\n\t- x", "line 2"),
+    ("bindings: !!python/object:os.system x", "could not determine a constructor"),
 ])
-def test_yaml_outside_the_subset_is_refused_with_the_line(text, expected):
+def test_yaml_the_strict_loader_refuses_names_the_line(text, expected):
     with pytest.raises(DriverError) as refused:
-        bindings.parse_yaml_subset(text, "b.yaml")
-    assert expected in str(refused.value)
-    assert "b.yaml line" in str(refused.value) and "yq -o json" in str(refused.value)
+        bindings.parse(text, "b.yaml")
+    assert "b.yaml" in str(refused.value) and expected in str(refused.value)
+
+
+@pytest.mark.parametrize("value", ["yes", "on", "off", "no", "true", "123", "0x1f", "1.5", "null", "~", "2024-01-01"])
+def test_a_value_yaml_reads_as_no_string_is_refused_where_a_string_is_meant(value):
+    for text, line in ((f"bindings:\n  - namespaces: [{value}]\n    policies: [x]\n", 2),
+                       (f"bindings:\n  - namespaces: [a]\n    policies: [x]\n    name: {value}\n", 4)):
+        with pytest.raises(DriverError) as refused:
+            bindings.parse(text, "b.yaml")
+        assert f"b.yaml: not valid bindings YAML: line {line}, column" in str(refused.value)
+        assert f"{value!r} is read by YAML as" in str(refused.value) and "quote it" in str(refused.value)
+    quoted = f'bindings:\n  - namespaces: ["*"]\n    policies: [x]\n    name: "{value}"\n'
+    assert bindings.parse(quoted, "b.yaml").rules[0].name == value  # quoted, it is the string
+
+
+def test_empty_yaml_is_refused():
+    for text in ("", "# only a comment\n", "---\n"):
+        with pytest.raises(DriverError, match="exactly one key"):
+            bindings.parse(text, "b.yaml")
 
 
 # Documents built from the shapes a bindings file uses, written in varied YAML styles.
 _scalars = st.one_of(
     st.from_regex(r"[a-z][a-z0-9*-]{0,8}( [a-z]{1,4})?", fullmatch=True),
     st.text(st.characters(blacklist_categories=("Cs", "Cc")), max_size=8),
-    st.sampled_from(["yes", "No", "null", "~", "1", "0x1f", "1.5", "2024-01-01", "*", "{namespace}-*", "a: b",
+    st.sampled_from(["yes", "No", "null", "~", "1", "0x1f", "1.5", "2024-01-01", "*", "{namespace}.*", "a: b",
                      "#x", "a #b", "'q'", '"q"', "-x", "- x", "[x]", "é", "a\\b"]),
 )
 _keys = st.sampled_from(["bindings", "name", "namespaces", "service_accounts", "policies", "x_1", "true", "y"])
@@ -266,28 +386,28 @@ def yaml_documents(draw) -> str:
 
 @settings(max_examples=400, deadline=None)
 @given(yaml_documents())
-def test_whatever_the_subset_accepts_a_real_yaml_parser_reads_the_same(text):
+def test_whatever_the_old_subset_accepted_the_loader_reads_the_same(text):
     try:
-        mine = bindings.parse_yaml_subset(text)
+        old = parse_yaml_subset(text)
     except DriverError:
-        return  # refusing is always allowed; reading differently never is
-    assert mine == yaml.safe_load(text), text
+        return  # the old subset refused it: nothing to keep
+    assert bindings.load_yaml(text) == old == yaml.safe_load(text), text
 
 
 @settings(max_examples=300, deadline=None)
 @given(st.text(st.sampled_from(list("ab:- #'\"[],{}*\n\t|&!.1y")), max_size=40))
 def test_random_yaml_like_text_is_refused_or_read_the_same(text):
     try:
-        mine = bindings.parse_yaml_subset(text)
+        old = parse_yaml_subset(text)
     except DriverError:
         return
-    assert mine == yaml.safe_load(text), repr(text)
+    assert bindings.load_yaml(text) == old == yaml.safe_load(text), repr(text)
 
 
 @settings(max_examples=150, deadline=None)
 @given(st.lists(st.fixed_dictionaries(
     {"namespaces": st.lists(st.from_regex(r"[a-z][a-z0-9-]{0,6}\*?", fullmatch=True), min_size=1, max_size=3),
-     "policies": st.lists(st.from_regex(r"[a-z][a-z0-9_.-]{0,6}(-\*)?", fullmatch=True), min_size=1, max_size=3)},
+     "policies": st.lists(st.from_regex(r"[a-z][a-z0-9_.-]{0,6}(\.\*)?", fullmatch=True), min_size=1, max_size=3)},
     optional={"name": st.from_regex(r"[a-z]{1,5}( [a-z]{1,5})?", fullmatch=True),
               "service_accounts": st.lists(st.from_regex(r"[a-z][a-z0-9-]{0,6}", fullmatch=True),
                                            min_size=1, max_size=2)}),
@@ -302,5 +422,5 @@ def test_canonical_yaml_of_any_valid_bindings_file_is_accepted(entries):
             lines.append(f"{'  - ' if first else '    '}{key}: {text}")
             first = False
     text = "\n".join(lines) + "\n"
-    assert bindings.parse_yaml_subset(text) == yaml.safe_load(text) == {"bindings": entries}
+    assert bindings.load_yaml(text) == parse_yaml_subset(text) == yaml.safe_load(text) == {"bindings": entries}
     assert len(bindings.parse(text).rules) == len(entries)

@@ -472,3 +472,47 @@ def test_the_watcher_catches_a_non_atomic_copy(bundle, tmp_path):
         os.chmod(plugin_dir / DRIVER / EXE, 0o755)
     assert watcher.problems, "a half-written executable went unnoticed"
     assert any(name == EXE for _, name, _ in watcher.events)
+
+
+# ---------------------------------------------------------------- who may change what the kubelet runs
+
+def root_only_problems(driver_dir: Path) -> list[str]:
+    """Every path the kubelet could exec from, or that leads to it: root-owned, not group/world-writable."""
+    problems = []
+    for path in [driver_dir, *driver_dir.rglob("*")]:
+        info = os.lstat(path)
+        if info.st_uid != 0 or (not path.is_symlink() and info.st_mode & 0o022):
+            problems.append(f"{path}: uid {info.st_uid} mode {info.st_mode & 0o7777:04o}")
+    return problems
+
+
+@pytest.mark.parametrize("tamper", ["chown -R 65534", "chmod -R go+w"])
+def test_install_takes_back_a_bundle_others_could_change(bundle, tmp_path, tamper):
+    """Another user who could write the installed bundle could replace what the kubelet runs as root:
+    the next install must not call that `unchanged`."""
+    plugin_dir = tmp_path / "exec"
+    assert run_install(plugin_dir, bundle).returncode == 0
+    driver_dir = plugin_dir / DRIVER
+    for path in [driver_dir, *driver_dir.rglob("*")]:
+        if tamper.startswith("chown"):
+            os.lchown(path, 65534, 65534)
+        elif not path.is_symlink():
+            path.chmod(path.lstat().st_mode & 0o7777 | 0o022)
+    assert root_only_problems(driver_dir)
+    again = run_install(plugin_dir, bundle)
+    assert again.returncode == 0, again.stderr
+    assert not again.stdout.startswith("unchanged")
+    assert root_only_problems(driver_dir) == []
+    assert tree(Path(os.path.realpath(driver_dir / EXE)).parent) == tree(bundle)
+    assert kubelet_init(driver_dir / EXE) == EXPECTED_INIT
+    assert run_install(plugin_dir, bundle).stdout.startswith("unchanged")  # and now it is
+
+
+def test_install_refuses_a_plugin_dir_others_can_write(bundle, tmp_path):
+    plugin_dir = tmp_path / "exec"
+    plugin_dir.mkdir()
+    plugin_dir.chmod(0o777)
+    result = run_install(plugin_dir, bundle)
+    assert result.returncode != 0
+    assert f"chmod go-w {plugin_dir}" in result.stderr and "nothing was installed" in result.stderr
+    assert not (plugin_dir / DRIVER).exists()

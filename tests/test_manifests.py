@@ -122,10 +122,15 @@ def test_daemonset_is_consistent_with_the_agent_and_the_driver():
     mounts = {m["name"]: m for m in container["volumeMounts"]}
     assert set(mounts) == set(volumes)
 
-    # The plugin dir: mounted where VAULTTMPFS_PLUGIN_DIR says, default host path as in the code.
+    # The plugin dir: the install init container writes it where its VAULTTMPFS_PLUGIN_DIR says,
+    # default host path as in the code; the agent sees it read-only at the same place.
+    install = pod["initContainers"][0]
+    install_env = {e["name"]: e.get("value") for e in install["env"]}
+    install_mounts = {m["name"]: m for m in install["volumeMounts"]}
+    assert install_mounts["plugin-dir"]["mountPath"] == install_env["VAULTTMPFS_PLUGIN_DIR"]
+    assert not install_mounts["plugin-dir"].get("readOnly")
     assert mounts["plugin-dir"]["mountPath"] == settings["VAULTTMPFS_PLUGIN_DIR"]
     assert volumes["plugin-dir"]["hostPath"]["path"] == installer.DEFAULT_PLUGIN_DIR
-    assert not mounts["plugin-dir"].get("readOnly")
     # Paths the driver (on the host) and the agent (in the pod) share are mounted at the same path.
     for setting, volume in (("VAULTTMPFS_GENERATOR_TOKEN_PATH", "generator-token"), ("VAULTTMPFS_STATE_DIR", "state")):
         host = volumes[volume]["hostPath"]["path"]
@@ -220,7 +225,8 @@ def test_agent_docs_match_the_cli_flags():
         envvars |= {p.envvar for p in command.params if p.envvar}
         assert CliRunner().invoke(cli, [name, "--help"]).exit_code == 0
     configmap = resource("ConfigMap")["data"]
-    daemonset_env = {e["name"] for e in resource("DaemonSet")["spec"]["template"]["spec"]["containers"][0]["env"]}
+    pod = resource("DaemonSet")["spec"]["template"]["spec"]
+    daemonset_env = {e["name"] for c in pod["containers"] + pod["initContainers"] for e in c["env"]}
     config_source = (REPO / "vaulttmpfs" / "config.py").read_text()
     for setting in set(configmap) | daemonset_env:
         assert setting in envvars or f'"{setting}"' in config_source, f"{setting} is read by nothing"
@@ -244,3 +250,71 @@ def test_relay_variant_gives_the_agent_what_mounting_for_the_kubelet_needs():
     # The driver on the host finds the agent's socket at the default path.
     socket_dir = os.path.dirname(Config.agent_socket)
     assert mounts["relay-socket"]["mountPath"] == volumes["relay-socket"]["hostPath"]["path"] == socket_dir
+
+
+# --- least privilege of the DaemonSet, in every variant (issue 15, items 10 and 11) ------------------
+
+ALL_VARIANTS = ["base", *VARIANTS, "relay"]
+INSTALL_CAPABILITIES = {"CHOWN", "DAC_OVERRIDE", "FOWNER"}  # to take back a tampered driver dir, nothing more
+
+
+def rendered_pod(name: str) -> dict:
+    daemonset = resource("DaemonSet") if name == "base" else variant_daemonset(name)
+    validate(daemonset)
+    return daemonset["spec"]["template"]["spec"]
+
+
+def seccomp(pod: dict, container: dict) -> str | None:
+    profile = (container.get("securityContext") or {}).get("seccompProfile") or \
+        (pod.get("securityContext") or {}).get("seccompProfile") or {}
+    return profile.get("type")
+
+
+@pytest.mark.parametrize("name", ALL_VARIANTS)
+def test_only_an_init_container_can_write_what_the_kubelet_runs(name):
+    pod = rendered_pod(name)
+    [install] = pod["initContainers"]
+    bundle = re.search(r"^COPY --from=build /dist/vaulttmpfs (\S+)$", (INSTALLER / "Dockerfile").read_text(), re.M)[1]
+    assert install["command"][:2] == [f"{bundle}/vaulttmpfs", "install"]
+    assert {m["name"]: m for m in install["volumeMounts"]}["plugin-dir"].get("readOnly") is not True
+    for container in pod["containers"]:
+        assert "install" not in container.get("command", []) and "install" not in container.get("args", [])
+        plugin = [m for m in container.get("volumeMounts", []) if m["name"] == "plugin-dir"]
+        assert all(m.get("readOnly") is True for m in plugin), f"{container['name']} can write the plugin dir"
+
+
+@pytest.mark.parametrize("name", ALL_VARIANTS)
+def test_every_container_has_seccomp_and_only_the_capabilities_it_needs(name):
+    pod = rendered_pod(name)
+    for container in pod["initContainers"] + pod["containers"]:
+        context = container["securityContext"]
+        assert seccomp(pod, container) == "RuntimeDefault", container["name"]
+        assert context["readOnlyRootFilesystem"] is True
+        if context.get("privileged"):
+            # Only the relay's agent: Bidirectional mount propagation is allowed in privileged containers only.
+            assert name == "relay" and container["name"] == "vaulttmpfs"
+            assert any(m.get("mountPropagation") == "Bidirectional" for m in container["volumeMounts"])
+            continue
+        assert context["allowPrivilegeEscalation"] is False
+        assert context["capabilities"]["drop"] == ["ALL"]
+        added = set(context["capabilities"].get("add") or [])
+        assert added <= (INSTALL_CAPABILITIES if container in pod["initContainers"] else set()), container["name"]
+
+
+@pytest.mark.parametrize("name", ALL_VARIANTS)
+def test_no_container_mounts_more_of_the_hosts_etc_than_the_generator_tokens_dir(name):
+    from vaulttmpfs.config import Config
+
+    pod = rendered_pod(name)
+    token_path = resource("ConfigMap")["data"]["VAULTTMPFS_GENERATOR_TOKEN_PATH"]
+    assert token_path == Config.generator_token_path == "/etc/vaulttmpfs/vaulttoken"
+    host_paths = {v["name"]: v["hostPath"]["path"].rstrip("/") or "/" for v in pod["volumes"] if "hostPath" in v}
+    assert host_paths["generator-token"] == os.path.dirname(token_path)
+    for volume, path in host_paths.items():
+        # Not /etc/kubernetes (admin.conf, pki/*.key on control planes), nor anything above or in it.
+        assert not Path("/etc/kubernetes").is_relative_to(path) and not Path(path).is_relative_to("/etc/kubernetes")
+        assert path.startswith("/etc/") == (volume == "generator-token"), volume
+    for container in pod["initContainers"] + pod["containers"]:
+        for mount in container.get("volumeMounts", []):
+            if mount["name"] == "generator-token":
+                assert mount.get("readOnly") is True and mount["mountPath"] == host_paths["generator-token"]

@@ -97,7 +97,7 @@ def agent(renew_interval: float | None, retry_interval: float, health_addr: str,
 
 @cli.command()
 @click.option("--token-path", help="Write the token here [default: $VAULTTMPFS_GENERATOR_TOKEN_PATH, "
-              "else /etc/kubernetes/vaulttoken].")
+              "else /etc/vaulttmpfs/vaulttoken].")
 @click.option("--policy", default="token_generator", show_default=True, help="The generator token's only policy.")
 @click.option("--period", help="Renewal period of generator tokens; --setup-vault writes it into the generator "
               "role [default: the role's, 24h as shipped].")
@@ -105,9 +105,11 @@ def agent(renew_interval: float | None, retry_interval: float, health_addr: str,
 @click.option("--password-file", type=click.Path(dir_okay=False),
               help="Read the LDAP password from this file [default: asked on the terminal, else read from stdin].")
 @click.option("--ldap-mount", default="ldap", show_default=True, help="Path of Vault's LDAP auth method (auth/<mount>).")
-@click.option("--force", is_flag=True, help="Replace a token that is still live (the old one is revoked).")
+@click.option("--force", is_flag=True, help="Replace a generator token that is still live (the old one is revoked; "
+              "any other live token is left alone and refused).")
 @click.option("--setup-vault", is_flag=True,
-              help="First write the generator policy and the token roles from policies/ (idempotent).")
+              help="First write the generator policy and the token roles from policies/ (idempotent; needs a Vault "
+              "operator's token with the vaulttmpfs-setup policy).")
 @click.option("--policies-dir", type=click.Path(file_okay=False),
               help="Where --setup-vault reads policies/ from [default: the one shipped with vaulttmpfs].")
 def bootstrap(token_path, policy, period, username, password_file, ldap_mount, force, setup_vault, policies_dir):

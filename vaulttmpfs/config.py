@@ -53,7 +53,7 @@ def safe_name(text: str, setting: str) -> str:
 
 @dataclass(frozen=True)
 class Config:
-    generator_token_path: str = "/etc/kubernetes/vaulttoken"
+    generator_token_path: str = "/etc/vaulttmpfs/vaulttoken"  # a dir of its own: mount only it
     token_filename: str = "vault-token"
     role_name: str = "applications"
     vault_addr: str = "https://127.0.0.1:8200"

@@ -15,15 +15,32 @@ REDACTED = "<redacted>"
 STDERR = "-"  # as a log file name: standard error
 # The node agent lives for months and registers a token per mount it relays: keep the newest.
 MAX_SECRETS = 4096
+MIN_SECRET = 4  # shorter derived forms are not masked (they would blank unrelated text)
 
 
 def secret(value: str | None) -> None:
-    """Register a value that must never reach the log."""
-    if value:
-        _secrets.pop(value, None)  # re-registered (the generator token): now among the newest
-        _secrets[value] = None
-        while len(_secrets) > MAX_SECRETS:
-            _secrets.pop(next(iter(_secrets)), None)
+    """Register a value that must never reach the log, in the forms it may be written in: as is,
+    stripped, and escaped as repr() or JSON would (a "token\\n" quoted inside an error message)."""
+    if not value:
+        return
+    for form in _forms(value):
+        _secrets.pop(form, None)  # re-registered (the generator token): now among the newest
+        _secrets[form] = None
+    while len(_secrets) > MAX_SECRETS:
+        _secrets.pop(next(iter(_secrets)), None)
+
+
+def _forms(value: str) -> list[str]:
+    import json
+
+    derived = [value.strip(), repr(value)[1:-1], json.dumps(value)[1:-1]]
+    return list(dict.fromkeys([value, *(f for f in derived if len(f) >= MIN_SECRET)]))
+
+
+def accessor_hint(accessor: str | None) -> str:
+    """An accessor's first characters: enough to find it, not enough to revoke it (any generator
+    token may revoke any token by accessor, so non-pod accessors are not shown in full)."""
+    return f"{accessor[:8]}..." if accessor else "unknown"
 
 
 def _redact(value: Any) -> Any:
@@ -84,6 +101,7 @@ def get(log_file: str | None = None, **context: Any):
                     structlog.processors.format_exc_info,
                     _redact_processor,
                     structlog.processors.JSONRenderer(sort_keys=False),
+                    _redact_processor,  # again on the line as written: escapes JSON added included
                 ],
                 context_class=dict,
                 cache_logger_on_first_use=True,

@@ -21,6 +21,6 @@ cat <<'NEXT'
 Done. Next, on each node, give it a generator token (periodic, so the node agent can renew it):
   vaulttmpfs bootstrap
 or by hand:
-  vault token create -policy=token_generator -no-default-policy -orphan -period=24h -field=token \
-    > /etc/kubernetes/vaulttoken && chmod 600 /etc/kubernetes/vaulttoken
+  install -d -m 700 /etc/vaulttmpfs && vault token create -policy=token_generator -no-default-policy \
+    -orphan -period=24h -field=token > /etc/vaulttmpfs/vaulttoken && chmod 600 /etc/vaulttmpfs/vaulttoken
 NEXT

@@ -3,22 +3,23 @@
 Without a bindings file any pod may ask for any policy the token role allows (the original
 driver's behaviour). With one, a request outside it is refused before anything is mounted or
 minted. `check` is pure; `load` reads the file the way sshd reads its config: root-owned,
-writable by root only, or refused.
+writable by root only, in directories only root can change, or refused.
 
     {"bindings": [
       {"name": "shop apps",                 # optional, shown in refusals
        "namespaces": ["shop", "team-*"],    # default ["*"]; at least one of these two lists
        "service_accounts": ["*"],           # default ["*"]
-       "policies": ["{namespace}-*", "common"]}]}
+       "policies": ["{namespace}.*", "common"]}]}
 
 Patterns: `*` matches any run of characters, everything else is literal; in `policies`,
 `{namespace}` and `{service_account}` stand for the pod's own. A pod gets a policy when some
-binding covering its namespace and service account has a pattern matching it.
+binding covering its namespace and service account has a pattern matching it. A placeholder must
+end the pattern or be followed by a character its names never contain ('.' or '_' after
+{namespace}, '_' after {service_account}), and no `*` may come before it: `{namespace}-*` would
+give namespace `team` the policies of namespace `team-a`, so it is refused, not guessed at.
 
-JSON always. YAML needs a parser vaulttmpfs does not ship (hvac/click/structlog bring none), so
-only a small, strict subset is read: block mappings and sequences, one-line `[a, "b"]` lists,
-quoted or plain scalars, comments. Anything beyond it (anchors, tags, multi-line strings,
-`{...}`) is refused with the line number, never guessed at.
+JSON, or YAML read by PyYAML with a strict safe loader: no duplicate keys, no aliases or merge
+keys, and no scalar that YAML reads as anything but a string (`yes`, `1.5`, `~`: quote them).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import re
 import stat
 from dataclasses import dataclass
 
+from . import trust
 from ..errors import DriverError
 
 MAX_BYTES = 256 * 1024
@@ -37,6 +39,8 @@ SERVICE_ACCOUNT = re.compile(r"(?=.{1,253}$)[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z
 _NAME_PATTERN = re.compile(r"[a-z0-9.*-]{1,253}")
 _POLICY_PATTERN = re.compile(r"(?:[A-Za-z0-9._*-]|\{namespace\}|\{service_account\}){1,256}")
 _TOKENS = re.compile(r"(\*|\{namespace\}|\{service_account\})")
+# What may follow a placeholder: a character no substituted name can hold, so the name's end is certain.
+_SEPARATORS = {"{namespace}": "._", "{service_account}": "_"}
 _KEYS = {"name", "namespaces", "service_accounts", "policies"}
 
 
@@ -117,8 +121,10 @@ def _read_trusted(path: str) -> str:
         if not stat.S_ISREG(info.st_mode):
             raise DriverError(f"policy bindings {path} is not a regular file")
         _require_root_only(path, info, fix)
-        parent = os.path.dirname(os.path.realpath(path))
-        _require_root_only(parent, os.stat(parent), f"fix it with: chown root {parent} && chmod go-w {parent}")
+        # Every directory up to /, like sshd: a writable grandparent lets its owner swap the whole dir.
+        # The dir of the name given and, if that is a symlink, of its target: either could be swapped.
+        for folder in {os.path.dirname(os.path.abspath(path)), os.path.dirname(os.path.realpath(path))}:
+            trust.check_dirs(folder, f"policy bindings {path}")
         data = handle.read(MAX_BYTES + 1)
     if len(data) > MAX_BYTES:
         raise DriverError(f"policy bindings {path} is larger than {MAX_BYTES} bytes")
@@ -142,7 +148,7 @@ def parse(text: str, source: str = "policy bindings") -> Bindings:
         except ValueError as exc:
             raise DriverError(f"{source}: not valid JSON: {exc}") from None
     else:
-        document = parse_yaml_subset(text, source)
+        document = load_yaml(text, source)
     return Bindings(source, _rules(document, source))
 
 
@@ -186,125 +192,95 @@ def _patterns(entry: dict, key: str, shape: re.Pattern, where: str, required: bo
     for pattern in value:
         if not shape.fullmatch(pattern):
             raise DriverError(f'{where}: "{key}" has an invalid pattern {pattern!r}')
+        if key == "policies":
+            _require_unambiguous(pattern, where)
     return tuple(value)
 
 
-# --- the YAML subset ----------------------------------------------------------------------------
-
-_KEY = re.compile(r"([A-Za-z_][A-Za-z0-9_]*):(?: +|$)")
-_PLAIN = re.compile(r"[A-Za-z_][A-Za-z0-9_.*-]*(?: +[A-Za-z0-9_.*-]+)*")
-_TYPED = {"yes", "no", "true", "false", "on", "off", "null", "y", "n"}  # YAML would not read a string
-_FLOW_ITEM = re.compile(r" *(\"[^\"\\]*\"|'[^']*'|[^ ,\[\]{}\"'#]+) *(,|$)")
-
-
-def parse_yaml_subset(text: str, source: str = "YAML"):
-    lines = []
-    for number, raw in enumerate(text.split("\n"), 1):
-        raw = raw[:-1] if raw.endswith("\r") else raw
-        if not raw.isprintable():  # stricter than YAML: tabs and control characters anywhere
-            raise _yaml_error(source, number, "tabs and control characters are not supported")
-        body = _strip_comment(raw).rstrip(" ")
-        indent = len(body) - len(body.lstrip(" "))
-        if body.strip() and not (body == "---" and not lines):
-            lines.append([indent, body.strip(), number])
-    if not lines:
-        raise _yaml_error(source, 1, "the document is empty")
-    value, pos = _block(lines, 0, lines[0][0], source)
-    if pos != len(lines):
-        raise _yaml_error(source, lines[pos][2], "unexpected indentation or content")
-    return value
+def _require_unambiguous(pattern: str, where: str) -> None:
+    """A policy pattern must decide whose policy a name is: `{namespace}-*` gives namespace `team`
+    everything of namespace `team-a` (`team-a-db` is `team` + `-a-db`), so it is refused."""
+    parts = [p for p in _TOKENS.split(pattern) if p]
+    for i, part in enumerate(parts):
+        if part not in _SEPARATORS:
+            continue
+        if "*" in parts[:i]:
+            raise DriverError(f"{where}: policy pattern {pattern!r} has a `*` before {part}: the `*` could "
+                              f"take in part of another name; put {part} before any `*`")
+        after = parts[i + 1][:1] if i + 1 < len(parts) else ""
+        if after and after not in _SEPARATORS[part]:
+            allowed = " or ".join(repr(c) for c in _SEPARATORS[part])
+            fixed = part + _SEPARATORS[part][0] + (after if after in "*{" else "")
+            raise DriverError(
+                f"{where}: policy pattern {pattern!r} lets one pod claim another's policies: {part} is "
+                f"followed by {after!r}, which could continue a longer name (namespace 'team' would match the "
+                f"policies of 'team-a'); end the pattern there or follow {part} with {allowed}, e.g. "
+                f"{pattern.replace(part + after, fixed, 1)!r}")
 
 
-def _yaml_error(source: str, number: int, why: str) -> DriverError:
-    return DriverError(f"{source} line {number}: {why} (vaulttmpfs reads JSON and a simple YAML subset; "
-                       "convert the file to JSON, e.g. with `yq -o json`)")
+# --- YAML ------------------------------------------------------------------------------------
+
+def load_yaml(text: str, source: str = "YAML"):
+    """One YAML document through the strict loader; errors name the line."""
+    import yaml
+
+    loader = _strict_loader()(text)
+    try:
+        return loader.get_single_data()
+    except yaml.MarkedYAMLError as exc:
+        raise DriverError(f"{source}: not valid bindings YAML: {_yaml_message(exc)}") from None
+    except yaml.YAMLError as exc:
+        raise DriverError(f"{source}: not valid YAML: {exc}") from None
+    finally:
+        loader.dispose()
 
 
-def _strip_comment(line: str) -> str:
-    quote = None
-    for i, char in enumerate(line):
-        if quote:
-            quote = None if char == quote else quote
-        elif char in "\"'":
-            quote = char
-        elif char == "#" and (i == 0 or line[i - 1] == " "):
-            return line[:i]
-    return line
+def _yaml_message(exc) -> str:
+    mark = exc.problem_mark or exc.context_mark
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+    return where + " ".join(p for p in (exc.context, exc.problem) if p)
 
 
-def _is_item(text: str) -> bool:
-    return text == "-" or text.startswith("- ")
+_LOADER = None
 
 
-def _block(lines: list, pos: int, indent: int, source: str):
-    if _is_item(lines[pos][1]):
-        return _sequence(lines, pos, indent, source)
-    return _mapping(lines, pos, indent, source)
+def _strict_loader():
+    """yaml.SafeLoader, minus what lets a file mean two things: duplicate keys (YAML keeps the last,
+    hiding a line), scalars that are not strings, aliases and merge keys. Built once, on first use (PyYAML is
+    imported only when a bindings file is YAML)."""
+    global _LOADER
+    if _LOADER is not None:
+        return _LOADER
+    import yaml
+    from yaml.constructor import ConstructorError
 
+    class StrictLoader(yaml.SafeLoader):
+        def compose_node(self, parent, index):
+            if self.check_event(yaml.AliasEvent):
+                event = self.peek_event()
+                raise ConstructorError(None, None, "aliases (*name) are not supported", event.start_mark)
+            return super().compose_node(parent, index)
 
-def _sequence(lines: list, pos: int, indent: int, source: str):
-    items = []
-    while pos < len(lines) and lines[pos][0] == indent and _is_item(lines[pos][1]):
-        _, text, number = lines[pos]
-        rest = text[1:].lstrip(" ")
-        if not rest:
-            pos += 1
-            if pos < len(lines) and lines[pos][0] > indent:
-                value, pos = _block(lines, pos, lines[pos][0], source)
-            else:
-                value = None
-        elif _KEY.match(rest):  # "- key: value": a mapping whose first key sits after the dash
-            lines[pos] = [indent + len(text) - len(rest), rest, number]
-            value, pos = _mapping(lines, pos, lines[pos][0], source)
-        else:
-            value, pos = _value(rest, number, source), pos + 1
-        items.append(value)
-    return items, pos
+        def construct_object(self, node, deep=False):
+            # Every scalar of a bindings file is a name or a pattern: `yes`, `on`, `1.5`, `~` would
+            # silently become something else.
+            value = super().construct_object(node, deep=deep)
+            # (An empty value, `key:` with nothing after it, stays None: the checks below name the key.)
+            if isinstance(node, yaml.ScalarNode) and not isinstance(value, str) and node.value != "":
+                raise ConstructorError(None, None, f"{node.value!r} is read by YAML as {type(value).__name__} "
+                                       f"{value!r}, not a string: quote it", node.start_mark)
+            return value
 
+        def construct_mapping(self, node, deep=False):
+            seen = set()
+            for key_node, _value in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    raise ConstructorError(None, None, "merge keys (<<) are not supported", key_node.start_mark)
+                key = self.construct_object(key_node, deep=True)
+                if key in seen:
+                    raise ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+                seen.add(key)
+            return super().construct_mapping(node, deep=deep)
 
-def _mapping(lines: list, pos: int, indent: int, source: str):
-    result = {}
-    while pos < len(lines) and lines[pos][0] == indent:
-        _, text, number = lines[pos]
-        match = _KEY.match(text)
-        if not match:
-            raise _yaml_error(source, number, "expected `key: value`")
-        key, rest = match.group(1), text[match.end():]
-        if key.lower() in _TYPED:
-            raise _yaml_error(source, number, f"key {key!r} would not be read as a string")
-        if key in result:
-            raise _yaml_error(source, number, f"duplicate key {key!r}")
-        pos += 1
-        if rest:
-            result[key] = _value(rest, number, source)
-        elif pos < len(lines) and (lines[pos][0] > indent or (lines[pos][0] == indent and _is_item(lines[pos][1]))):
-            result[key], pos = _block(lines, pos, lines[pos][0], source)
-        else:
-            result[key] = None
-    return result, pos
-
-
-def _value(text: str, number: int, source: str):
-    if not text.startswith("["):
-        return _scalar(text, number, source)
-    if not text.endswith("]"):
-        raise _yaml_error(source, number, "a [list] must open and close on one line")
-    inner, items, pos = text[1:-1], [], 0
-    while inner.strip() and pos < len(inner):
-        match = _FLOW_ITEM.match(inner, pos)
-        if not match or (match.group(2) == "," and match.end() == len(inner)):
-            raise _yaml_error(source, number, "unsupported [list] syntax")
-        items.append(_scalar(match.group(1), number, source))
-        pos = match.end()
-    return items
-
-
-def _scalar(text: str, number: int, source: str) -> str:
-    if text[0] in "\"'":
-        inner = text[1:-1]
-        if len(text) < 2 or text[-1] != text[0] or text[0] in inner or "\\" in inner or not inner.isprintable():
-            raise _yaml_error(source, number, f"unsupported quoted string {text!r} (no escapes or inner quotes)")
-        return inner
-    if not _PLAIN.fullmatch(text) or text.lower() in _TYPED:
-        raise _yaml_error(source, number, f"quote the value {text!r}")
-    return text
+    _LOADER = StrictLoader
+    return _LOADER

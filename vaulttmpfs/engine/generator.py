@@ -53,14 +53,23 @@ def write_token(path: str, token: str) -> None:
 
 
 def existing_token(path: str) -> str | None:
-    """Whatever token the file holds, even with a bad mode (bootstrap checks if it is live); None if none."""
+    """Whatever token the file holds, even with a bad mode (bootstrap checks if it is live); None if none.
+    Never through a symlink, a fifo or another user's file: bootstrap may revoke what it reads."""
     try:
-        with open(path, "rb") as handle:
-            return handle.read(4096).decode("utf-8", errors="replace").strip() or None
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         return None
     except OSError as exc:
+        if os.path.islink(path):
+            raise DriverError(f"{path} is a symlink; vaulttmpfs will not follow it: remove it "
+                              f"(`rm {path}`) and run bootstrap again") from None
         raise DriverError(f"cannot read {path}: {exc.strerror or exc}") from None
+    with os.fdopen(fd, "rb") as handle:
+        info = os.fstat(handle.fileno())
+        if not stat.S_ISREG(info.st_mode) or info.st_uid != os.geteuid():
+            raise DriverError(f"{path} is not a regular file owned by uid {os.geteuid()}; remove it "
+                              f"(`rm {path}`) and run bootstrap again")
+        return handle.read(4096).decode("utf-8", errors="replace").strip() or None
 
 
 def lookup(config) -> dict:

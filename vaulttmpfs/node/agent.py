@@ -115,7 +115,7 @@ class GeneratorRenewal(Loop):
                           last_renewal=_iso(time.time()), lease_duration=lease, renew_interval=next_in,
                           policies=auth.get("policies") or [])
         logger.info("generator token renewed", lease_duration=lease, next_in=next_in,
-                    accessor=auth.get("accessor"))
+                    accessor=log.accessor_hint(auth.get("accessor")))  # any generator may revoke by accessor
         return next_in
 
     def _not_renewable(self, logger, generator) -> float:

@@ -8,6 +8,7 @@ passes in how to ask for LDAP credentials, and prints the summary.
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .. import log
-from ..engine import generator
+from ..engine import generator, trust
 from ..config import Config, parse_duration, safe_name
 from ..errors import DriverError, VaultDenied
 
@@ -29,6 +30,10 @@ POLICY_FILE = "token_generator_policy.hcl"
 APPLICATIONS_ROLE_FILE = "applications_role.json"
 GENERATOR_ROLE_FILE = "generator_role.json"
 ADMIN_POLICY_FILE = "vaulttmpfs_admin_policy.hcl"
+# `--setup-vault` writes the generator policy and both roles: whoever may do that may grant generator
+# tokens anything, so it is a separate policy for the cluster's Vault operators, not the admin group.
+SETUP_POLICY = "vaulttmpfs-setup"
+SETUP_POLICY_FILE = "vaulttmpfs_setup_policy.hcl"
 # The shipped policy names the default pod-token role; another VAULTTMPFS_ROLE_NAME is put in its place.
 SHIPPED_CREATE_PATH = '"auth/token/create/applications"'
 _MOUNT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)*")
@@ -90,19 +95,23 @@ def bootstrap(config: Config, options: Options, vault_token: str | None, credent
 def _provision(config: Config, options: Options, login: Login, files, old: dict | None) -> dict[str, Any]:
     if "root" in login.policies:
         raise DriverError(root_refusal("VAULT_TOKEN" if login.method == "token" else "The LDAP login token"))
-    setup = setup_vault(login.vault, config, options, files) if files else []
+    setup = _setup_or_explain(login, config, options, files) if files else []
     auth = _mint(config, options, login)
     try:
+        _make_token_dir(options.token_path)
         generator.write_token(options.token_path, auth["client_token"])
-    except OSError as exc:
+    except (OSError, DriverError) as exc:
         _discard(config, auth)
-        raise DriverError(f"cannot write the generator token to {options.token_path}: {exc.strerror or exc}") from None
+        why = getattr(exc, "strerror", None) or exc
+        raise DriverError(f"cannot write the generator token to {options.token_path}: {why}") from None
     replaced = None
     if old:
-        replaced = {"accessor": old["accessor"], "revoked": _discard(config, old)}
+        replaced = {"accessor": log.accessor_hint(old["accessor"]), "revoked": _discard(config, old)}
     return {
         "path": options.token_path,
-        "accessor": auth["accessor"],
+        # A generator token's accessor lets any other generator token revoke it: only its first
+        # characters are shown or logged (enough to find it in `bao list auth/token/accessors`).
+        "accessor": log.accessor_hint(auth["accessor"]),
         "policies": auth.get("policies") or [],
         "ttl": auth.get("lease_duration"),
         "orphan": auth.get("orphan"),
@@ -113,6 +122,27 @@ def _provision(config: Config, options: Options, login: Login, files, old: dict 
     }
 
 
+def _setup_or_explain(login: Login, config: Config, options: Options, files) -> list[str]:
+    try:
+        return setup_vault(login.vault, config, options, files)
+    except VaultDenied as exc:
+        if "permission denied" not in str(exc).lower():
+            raise
+        who = f"LDAP user {login.who}" if login.method == "ldap" else "VAULT_TOKEN"
+        raise VaultDenied(
+            f"{exc} -- {who} may not set Vault up: --setup-vault is a one-time step for a Vault operator, with a "
+            f"token holding the {SETUP_POLICY} policy (policies/{SETUP_POLICY_FILE}) and {ADMIN_POLICY}; the "
+            f"{ADMIN_POLICY} group only mints generator tokens. Nothing was minted"
+        ) from None
+
+
+def _make_token_dir(token_path: str) -> None:
+    # Created 0700 if missing, then checked again: in a sticky dir another user could have made it first.
+    parent = os.path.dirname(os.path.abspath(token_path))
+    os.makedirs(parent, mode=0o700, exist_ok=True)
+    trust.check_dirs(parent, "generator token path")
+
+
 def _check(options: Options) -> None:
     safe_name(options.policy, "--policy")
     if options.policy == "root":
@@ -121,34 +151,74 @@ def _check(options: Options) -> None:
         raise DriverError(f"--period={options.period!r} must be positive")
     if not _MOUNT.fullmatch(options.ldap_mount) or ".." in options.ldap_mount.split("/"):
         raise DriverError(f"--ldap-mount={options.ldap_mount!r} is not a Vault mount path (example: ldap)")
+    # Root writes (and may revoke) what is there: no one else may be able to swap the dir or the file.
+    trust.check_dirs(os.path.dirname(os.path.abspath(options.token_path)), "generator token path")
 
 
 def _live_token(config: Config, options: Options) -> dict[str, str] | None:
-    """The token already in the file, if Vault still honours it; refuse to replace it without --force."""
+    """The token already in the file, if Vault still honours it; refuse to replace it without --force,
+    and refuse to revoke anything but a vaulttmpfs generator token even with it."""
     from ..vault.client import Vault
 
     token = generator.existing_token(options.token_path)
     if not token:
         return None
-    log.secret(token)
+    try:
+        token = clean_token(token, f"the token already in {options.token_path}")
+    except DriverError:
+        return None  # not a token at all: nothing Vault honours
     try:
         info = Vault(config, token).lookup_self(f"the token already in {options.token_path}")
     except VaultDenied:
-        return None  # expired or revoked: nothing to protect
+        return None  # expired or revoked (or not a token at all): nothing to protect
+    found = _not_a_generator(info, options.policy)
+    if found:
+        raise DriverError(
+            f"{options.token_path} holds a live token that is not a vaulttmpfs generator token ({found}); "
+            "bootstrap neither replaces nor revokes it, even with --force. If that token is yours, move the file "
+            f"away (`mv {options.token_path} <elsewhere>`) and bootstrap again; nothing was revoked"
+        )
     if not options.force:
         raise DriverError(
-            f"{options.token_path} already holds a live generator token (accessor {info.get('accessor')}, "
-            f"valid for {human_duration(info.get('ttl'))}); pass --force to replace it (the old token is revoked)"
+            f"{options.token_path} already holds a live generator token (accessor "
+            f"{log.accessor_hint(info.get('accessor'))}, valid for {human_duration(info.get('ttl'))}); "
+            "pass --force to replace it (the old token is revoked)"
         )
     return {"token": token, "accessor": info.get("accessor", "")}
+
+
+def _not_a_generator(info: dict[str, Any], policy: str) -> str | None:
+    """What makes a token other than a generator token, said without its accessor; None if it is one.
+
+    A generator token has exactly the generator policy (the role gives no default policy) and is an
+    orphan: revoking it takes no one else's token with it. Tokens made by hand for the original
+    driver (`-policy=token_generator -orphan`) count too."""
+    policies = sorted(info.get("policies") or [])
+    if policies == [policy] and info.get("orphan", True):
+        return None
+    path = info.get("path") or "an unknown path"
+    return (f"policies {','.join(policies) or 'none'}, display name {info.get('display_name') or '?'}, "
+            f"created through {path}{'' if info.get('orphan', True) else ', not an orphan'}")
+
+
+def clean_token(value: str, what: str) -> str:
+    """A token from the environment or a file: surrounding whitespace dropped (a trailing newline is
+    common from `kubectl create secret --from-file`), then it must look like a token. It goes into
+    an HTTP header, so anything else would end up in an error message; it is never shown."""
+    log.secret(value)
+    token = value.strip()
+    log.secret(token)
+    if not token or len(token) > 4096 or not (token.isascii() and token.isprintable()) or " " in token:
+        raise DriverError(f"{what} is not a Vault token (one line of printable ASCII expected); "
+                          "check how it was set (its value is not shown)")
+    return token
 
 
 def _login(config: Config, options: Options, vault_token: str | None, credentials: Credentials) -> Login:
     from ..vault.client import Vault
 
     if vault_token:
-        log.secret(vault_token)
-        vault = Vault(config, vault_token)
+        vault = Vault(config, clean_token(vault_token, "VAULT_TOKEN"))
         try:
             info = vault.lookup_self("VAULT_TOKEN")
         except VaultDenied as exc:
@@ -185,7 +255,8 @@ def _mint(config: Config, options: Options, login: Login) -> dict[str, Any]:
             raise DriverError(
                 f"the token role {GENERATOR_ROLE} gives generator tokens a period of "
                 f"{human_duration(auth.get('lease_duration'))}, not {options.period}; change the role with "
-                f"`vaulttmpfs bootstrap --setup-vault --period {options.period}` (needs the {ADMIN_POLICY} policy)"
+                f"`vaulttmpfs bootstrap --setup-vault --period {options.period}` (a Vault operator's token with the "
+                f"{SETUP_POLICY} policy)"
             )
     return auth
 
@@ -196,7 +267,8 @@ def _mint_hint(error: str, login: Login) -> str:
         return (f"{who} may not mint generator tokens: it needs the {ADMIN_POLICY} policy "
                 f"(policies/{ADMIN_POLICY_FILE})")
     if "role" in error.lower():
-        return "is Vault set up for vaulttmpfs? run `vaulttmpfs bootstrap --setup-vault` once"
+        return (f"is Vault set up for vaulttmpfs? a Vault operator runs `vaulttmpfs bootstrap --setup-vault` once, "
+                f"with a token holding the {SETUP_POLICY} policy (policies/{SETUP_POLICY_FILE})")
     return "see Vault's answer above"
 
 
@@ -333,7 +405,7 @@ def renew_generator(config: Config) -> dict[str, Any]:
     except DriverError as exc:
         logger.error("renewal failed", error=str(exc))
         raise
-    result = {"path": path, "accessor": auth.get("accessor"), "ttl": auth.get("lease_duration"),
+    result = {"path": path, "accessor": log.accessor_hint(auth.get("accessor")), "ttl": auth.get("lease_duration"),
               "policies": auth.get("policies") or [], "renewable": auth.get("renewable")}
     logger.info("generator token renewed", **result)
     return result

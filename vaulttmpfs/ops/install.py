@@ -28,7 +28,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from ..engine import files
+from ..engine import files, trust
 from ..errors import DriverError
 
 DEFAULT_PLUGIN_DIR = "/usr/libexec/kubernetes/kubelet-plugins/volume/exec"
@@ -121,12 +121,14 @@ def install(plugin_dir: str, source: str) -> dict:
     digest = bundle_hash(source)
     bundle = BUNDLE_PREFIX + digest[:16]
     os.makedirs(plugin_dir, mode=0o755, exist_ok=True)
+    _check_plugin_dir(plugin_dir)
     driver_dir = os.path.join(plugin_dir, DRIVER_DIR)
     exe = os.path.join(driver_dir, EXE)
     with _locked(plugin_dir):
+        _secure_driver_dir(driver_dir)
         previous = current_bundle(driver_dir)
         intact = _intact(os.path.join(driver_dir, bundle), digest)
-        if previous == bundle and intact:
+        if previous == bundle and intact and _root_only(exe):
             verify(exe)
             return {"action": "unchanged", "bundle": bundle, "path": exe, "pruned": []}
         staging = os.path.join(plugin_dir, STAGING)
@@ -142,7 +144,45 @@ def install(plugin_dir: str, source: str) -> dict:
 
 
 def _intact(bundle_dir: str, digest: str) -> bool:
-    return os.path.isdir(bundle_dir) and not os.path.islink(bundle_dir) and bundle_hash(bundle_dir) == digest
+    """The bundle is there, unchanged, and nobody but root can change it (else it is copied anew)."""
+    if not os.path.isdir(bundle_dir) or os.path.islink(bundle_dir):
+        return False
+    paths = [bundle_dir, *(os.path.join(bundle_dir, p) for p in _walk(bundle_dir))]
+    return all(_root_only(p) for p in paths) and bundle_hash(bundle_dir) == digest
+
+
+def _root_only(path: str) -> bool:
+    """Owned by root and (unless a symlink, whose mode means nothing) not group/world-writable."""
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    return info.st_uid == 0 and (stat.S_ISLNK(info.st_mode) or not info.st_mode & 0o022)
+
+
+def _check_plugin_dir(plugin_dir: str) -> None:
+    # The kubelet's dir, not ours to chmod: whoever can write it can replace our driver dir.
+    try:
+        trust.check_dirs(plugin_dir, "plugin dir")
+    except DriverError as exc:
+        raise InstallError(f"{exc}; the kubelet runs what is in it as root, so nothing was installed") from None
+
+
+def _secure_driver_dir(driver_dir: str) -> None:
+    """The kubelet execs what is in here as root: root-owned, writable by root only, every time
+    (an upgrade must not keep a dir someone loosened). Changed only when wrong (a chmod is an event
+    the kubelet's watcher would see)."""
+    try:
+        info = os.lstat(driver_dir)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISDIR(info.st_mode):
+        raise InstallError(f"{driver_dir} is not a directory; remove it by hand (`rm {driver_dir}`), "
+                           "vaulttmpfs will not")
+    if info.st_uid != 0 or info.st_gid != 0:
+        os.chown(driver_dir, 0, 0)
+    if info.st_mode & 0o022:
+        os.chmod(driver_dir, stat.S_IMODE(info.st_mode) & ~0o022)
 
 
 def _place(source: str, staging: str, driver_dir: str, bundle: str, intact: bool) -> str:

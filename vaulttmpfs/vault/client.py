@@ -150,6 +150,10 @@ def translate_errors(action: str, addr: str, deadline: float | None = None) -> I
         raise VaultUnavailable(f"{action}: Vault at {addr} did not answer in time") from None
     except requests.exceptions.RetryError as exc:
         raise VaultUnavailable(f"{action}: Vault at {addr} kept failing: {_reason(exc)}") from None
+    except (requests.exceptions.InvalidHeader, requests.exceptions.InvalidURL):
+        # requests quotes the offending header value (the token) in these: never passed on.
+        raise DriverError(f"{action}: the request could not be sent (a header value, such as the token, "
+                          "holds characters HTTP does not allow); its details are not shown") from None
     except requests.exceptions.RequestException as exc:
         # A read timeout that is not retried (read=0) reaches us dressed as a connection error.
         if type(_innermost(exc)).__name__ == "ReadTimeoutError":
