@@ -6,6 +6,31 @@
 # so every uid/gid the demo and the tests use (fsGroup 1000 and 2000, nobody 65534, ...) exists
 # in the namespace and mount -o gid=..., chown and setuid behave as they do for real root.
 set -eu
+if [ "${1:-}" = --new-root ]; then
+    # Second stage, as root of the new namespaces. The host's / and /tmp belong to real root,
+    # which a user namespace cannot map (they show as uid 65534), and the driver trusts only
+    # paths whose every directory from / down is root's (sshd's rule). So: a / of our own (a
+    # tmpfs at $2 holding the host's top-level entries bound in, and a fresh 1777 /tmp), chroot.
+    root=$2 dir=$3
+    shift 3
+    mount -t tmpfs -o mode=0755 vaulttmpfs-root "$root"
+    for entry in /* /.[!.]*; do
+        name=${entry#/}
+        [ -e "$entry" ] || [ -L "$entry" ] || continue
+        if [ "$name" = tmp ] || [ "$entry" = "$root" ]; then
+            continue
+        elif [ -L "$entry" ]; then
+            ln -s "$(readlink "$entry")" "$root/$name"
+        elif [ -d "$entry" ]; then
+            mkdir "$root/$name" && mount --rbind "$entry" "$root/$name"
+        else
+            : >"$root/$name" && mount --bind "$entry" "$root/$name"
+        fi
+    done
+    mkdir -m 1777 "$root/tmp"
+    chroot=$(PATH="$PATH:/usr/sbin:/sbin" command -v chroot)
+    TMPDIR=/tmp exec "$chroot" "$root" /bin/sh -c 'cd "$0" && exec "$@"' "$dir" "$@"
+fi
 if [ "$(id -u)" = 0 ]; then
     # Real root needs no id mapping; a private mount namespace alone makes the run's tmpfs
     # mounts go away with it, even when it is killed (kill -9) before it could unmount them.
@@ -49,5 +74,10 @@ fi
 unshare --user true 2>/dev/null ||
     fail "unprivileged user namespaces are disabled here (sysctl kernel.unprivileged_userns_clone=0," \
         "kernel.apparmor_restrict_unprivileged_userns=1, or a container without them): run as root instead"
-exec unshare --map-root-user --map-users="${uids% *},1,${uids#* }" --map-groups="${gids% *},1,${gids#* }" \
-    --mount "$@"
+case $PWD/ in /tmp/*) fail "as a plain user the run gets a /tmp of its own: run it from a checkout outside /tmp" ;; esac
+mountpoint=$(mktemp -d /tmp/vaulttmpfs-root.XXXXXX)
+status=0
+unshare --map-root-user --map-users="${uids% *},1,${uids#* }" --map-groups="${gids% *},1,${gids#* }" \
+    --mount --propagation private "$0" --new-root "$mountpoint" "$PWD" "$@" || status=$?
+rmdir "$mountpoint"
+exit $status
