@@ -6,18 +6,22 @@ VENV    ?= .venv
 PY      := $(VENV)/bin/python
 EXE     := dist/vaulttmpfs/vaulttmpfs
 SOURCES := $(shell find vaulttmpfs -name '*.py' -o -name '*.proto') $(wildcard policies/*) build.spec pyproject.toml
+# The CSI stubs, generated from csi.proto by grpcio-tools (same release as the grpcio runtime, see
+# constraints.txt) and never committed (.gitignore); protoc run from the repo root makes the
+# generated import package-relative (`from vaulttmpfs.csi import csi_pb2`).
+CSI_STUBS := vaulttmpfs/csi/csi_pb2.py vaulttmpfs/csi/csi_pb2_grpc.py
 # The demo, the suite and the bench run in their own mount namespace (their tmpfs mounts end with
 # them, even on kill -9); when not root, as root of a user namespace that maps the user's
 # subordinate ids too (fsGroup gids, nobody). See tests/userns.sh.
 ISOLATED := tests/userns.sh
 
-.PHONY: all venv system-deps demo-deps build test demo bench clean ldap-bao lock
+.PHONY: all venv system-deps demo-deps build test demo bench clean ldap-bao lock csi-stubs
 
 all: build
 
 # The venv is made once per checkout and refreshed when the dependency lists change. PIP_CONSTRAINT
 # (not -c) also pins what pip's isolated build of our own package uses (setuptools).
-venv: $(VENV)/.installed
+venv: $(VENV)/.installed csi-stubs
 # A venv left half-made (no pip: e.g. Debian's python3 without python3.X-venv) is made again.
 $(VENV)/.installed: pyproject.toml constraints.txt
 	@PYTHON=$(PYTHON) tests/system-deps.sh venv
@@ -25,18 +29,22 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	PIP_CONSTRAINT=$(CURDIR)/constraints.txt $(PY) -m pip install -q --disable-pip-version-check -e '.[test]'
 	touch $@
 
+csi-stubs: $(CSI_STUBS)
+$(CSI_STUBS) &: vaulttmpfs/csi/csi.proto $(VENV)/.installed
+	$(PY) -m grpc_tools.protoc -I. --python_out=. --grpc_python_out=. vaulttmpfs/csi/csi.proto
+
 # Debian packages the suite needs (a real slapd for the LDAP bootstrap tests, openssl, git, and
 # unshare/newuidmap when not root): installed as root, else named in one apt-get line.
 system-deps:
 	@PYTHON=$(PYTHON) tests/system-deps.sh test
 
 build: venv $(EXE)
-$(EXE): $(SOURCES) $(VENV)/.installed
+$(EXE): $(SOURCES) $(CSI_STUBS) $(VENV)/.installed
 	$(PY) -m PyInstaller --noconfirm --clean --log-level WARN --distpath dist --workpath build/pyinstaller build.spec
 	@test -x $@ && $@ init
 
 # `make test PYTEST_ARGS=--collect-only` only lists the tests: no Debian packages, build or LDAP server.
-TEST_NEEDS := $(if $(findstring --collect-only,$(PYTEST_ARGS)),venv,system-deps build ldap-bao)
+TEST_NEEDS := $(if $(findstring --collect-only,$(PYTEST_ARGS)),venv,system-deps build ldap-bao csi-stubs)
 test: $(TEST_NEEDS)
 	$(ISOLATED) $(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
@@ -75,4 +83,4 @@ lock:
 	rm -rf build/lock-venv
 
 clean:
-	rm -rf build dist $(VENV) *.egg-info
+	rm -rf build dist $(VENV) *.egg-info $(CSI_STUBS)

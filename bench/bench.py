@@ -11,6 +11,10 @@ hits every column alike), times:
   mount       `<exe> mount <dir> <json>` and `<exe> unmount <dir>`, two ways:
   unmount       standalone  no agent socket: the call does the work itself (imports hvac, ...)
                 agent       `<exe> agent --relay` runs: the call hands the work to it (relay.py)
+              and the CSI front end:
+                csi         `<exe> agent --csi-endpoint unix://...` runs; NodePublishVolume and
+                            NodeUnpublishVolume are sent over its socket as the kubelet sends them
+                            (tests/csikubelet.py); wall = the RPC, CPU = the agent's during it
 
 Calls are exec'd as the kubelet does: no shell, stdin /dev/null, stdout+stderr as one buffer that
 must be one JSON object saying Success (anything else aborts the bench). Then a burst: --burst
@@ -58,6 +62,9 @@ WRAP_TTL = "5m"
 MS_NOSUID, MS_NODEV, MS_NOEXEC = 2, 4, 8
 GNU_TIME = "/usr/bin/time"
 # The issue's targets (medians, same machine, same run).
+CSI_SLACK_MS = 3.0  # CSI publish p50 <= floor + this (issue 11)
+CSI_RSS_MAX_MIB = 80.0  # the CSI agent's resident size after the burst
+CSI_RSS_SETTLE_MIB = 10.0  # "back to steady state" after the unpublishes: within this of before the burst
 INIT_MAX_MS = 20.0
 MOUNT_FLOOR_FACTOR, MOUNT_SLACK_MS = 2.0, 20.0
 RSS_MAX_MIB = 40.0
@@ -207,9 +214,9 @@ def exec_only(cmd: list[str]) -> Sample:
 class Agent:
     """`<exe> agent --relay` for the run; its CPU is read from /proc around each relayed call."""
 
-    def __init__(self, cmd: list[str], env: dict[str, str], socket_path: str):
+    def __init__(self, cmd: list[str], env: dict[str, str], socket_path: str, serve: tuple[str, ...] = ("--relay",)):
         self.socket_path = socket_path
-        self.proc = subprocess.Popen([*cmd, "agent", "--relay", "--health-addr", "", "--retry-interval", "1h"],
+        self.proc = subprocess.Popen([*cmd, "agent", *serve, "--health-addr", "", "--retry-interval", "1h"],
                                      env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.STDOUT, start_new_session=True,
                                      preexec_fn=dies_with_parent())
@@ -290,6 +297,59 @@ class Node:
         return sample
 
 
+class CsiNode:
+    """The CSI front end: its own agent (`--csi-endpoint`), called over gRPC as the kubelet calls it."""
+
+    def __init__(self, cmd: list[str], env: dict[str, str], pods_dir: Path, work: Path):
+        from tests.csikubelet import CsiKubelet
+
+        socket_path = work / "csi" / "csi.sock"
+        socket_path.parent.mkdir(mode=0o700)
+        env = {**env, "VAULTTMPFS_LOG_FILE": str(work / "csi-agent.log")}
+        self.agent = Agent(cmd, env, str(socket_path), ("--csi-endpoint", f"unix://{socket_path}"))
+        self.kubelet = CsiKubelet(str(socket_path), pods_dir, "bench-node")
+
+    def wait_ready(self) -> None:
+        try:
+            self.kubelet.wait_ready(timeout=60)
+        except Exception:
+            raise BenchError(f"the CSI agent did not come up (exit {self.agent.proc.poll()}); see csi-agent.log")
+
+    def publish(self, timed_cpu: bool = True) -> tuple[Sample, object]:
+        from tests.csikubelet import new_pod
+
+        pod = new_pod("bench")
+        request = self.kubelet.publish_request(pod, POD_OPTIONS)  # the kubelet's own work: not timed
+        before = self.agent.cpu_ms() if timed_cpu else 0.0
+        started = time.perf_counter()
+        self.kubelet.node.NodePublishVolume(request, timeout=120)
+        wall = (time.perf_counter() - started) * 1000
+        cpu = self.agent.cpu_ms() - before if timed_cpu else 0.0
+        if not (Path(request.target_path) / "vault-token").is_file():
+            raise BenchError(f"NodePublishVolume said OK but {request.target_path}/vault-token is missing")
+        return Sample(wall, cpu), pod
+
+    def unpublish(self, pod, timed_cpu: bool = True) -> Sample:
+        from tests.csikubelet import csi_pb2, volume_handle
+
+        target = self.kubelet.target_path(pod)
+        before = self.agent.cpu_ms() if timed_cpu else 0.0
+        started = time.perf_counter()
+        self.kubelet.node.NodeUnpublishVolume(csi_pb2.NodeUnpublishVolumeRequest(
+            volume_id=volume_handle(pod, "vault"), target_path=str(target)), timeout=120)
+        wall = (time.perf_counter() - started) * 1000
+        cpu = self.agent.cpu_ms() - before if timed_cpu else 0.0
+        if target.exists():
+            raise BenchError(f"NodeUnpublishVolume said OK but {target} is still there")
+        (target.parent / "vol_data.json").unlink()  # then what the kubelet removes itself
+        target.parent.rmdir()
+        return Sample(wall, cpu)
+
+    def stop(self) -> None:
+        self.kubelet.close()
+        self.agent.stop()
+
+
 def is_frozen(cmd: list[str]) -> bool:
     return len(cmd) == 1 and not os.path.basename(cmd[0]).startswith("python")
 
@@ -304,6 +364,8 @@ class Bench:
         self.floor = Floor(bao.addr, generator["client_token"])
         self.modes = args.modes
         self.agent: Agent | None = None
+        self.csi: CsiNode | None = None
+        self.csi_memory: dict[str, dict] = {}
         self.series: dict[str, Series] = {}
         self.rss: dict[str, list[int]] = {}
         self.bursts: dict[str, dict[str, list[float]]] = {}
@@ -317,6 +379,10 @@ class Bench:
         self.agent = Agent(self.args.cmd, env, self.node.agent_socket)
         self.agent.wait_ready()
 
+    def start_csi(self) -> None:
+        self.csi = CsiNode(self.args.cmd, self.node.env, self.node.kubelet.pods_dir, self.work)
+        self.csi.wait_ready()
+
     def round(self, record: bool) -> None:
         path, options = self.node.new_volume()
         mounted, accessor = self.floor.mount(path)
@@ -328,6 +394,15 @@ class Bench:
             self.s("floor unmount").add(unmounted)
             self.s("init").add(init)
         for mode in self.modes:
+            if mode == "csi":
+                mounted, pod = self.csi.publish()
+                unmounted = self.csi.unpublish(pod)
+                if record:
+                    self.s("mount csi").add(mounted)
+                    self.s("unmount csi").add(unmounted)
+                    self.s("mount csi").agent_cpu_ms.append(mounted.cpu_ms)
+                    self.s("unmount csi").agent_cpu_ms.append(unmounted.cpu_ms)
+                continue
             path, options = self.node.new_volume()
             before = self.agent.cpu_ms() if mode == "agent" else 0.0
             mounted = self.node.mount(mode, path, options)
@@ -347,7 +422,7 @@ class Bench:
             return
         for _ in range(runs):
             self.rss.setdefault("init", []).append(self.node.call("standalone", "init", rss=True).rss_kib)
-            for mode in self.modes:
+            for mode in (m for m in self.modes if m != "csi"):  # a CSI call is no process: see csi_memory
                 path, options = self.node.new_volume()
                 self.rss.setdefault(f"mount {mode}", []).append(self.node.mount(mode, path, options, rss=True).rss_kib)
                 self.rss.setdefault(f"unmount {mode}", []).append(self.node.unmount(mode, path, rss=True).rss_kib)
@@ -355,6 +430,9 @@ class Bench:
     def burst(self, size: int) -> None:
         for who in ("floor", *self.modes):
             volumes = [self.node.new_volume() for _ in range(size)]
+            if who == "csi":
+                self._csi_burst(size)
+                continue
             if who == "floor":
                 mounted = concurrently([lambda v=v: self.floor.mount(v[0]) for v in volumes])
                 accessors = [result[1] for result in mounted["results"]]
@@ -368,6 +446,21 @@ class Bench:
             self._record(who, mounted, unmounted)
         for name, cmd in REFERENCES.items():
             self._record(name, concurrently([lambda c=cmd: exec_only(c) for _ in range(size)]), None)
+
+    def _csi_burst(self, size: int) -> None:
+        """`size` pods at once: publishes, then unpublishes; the agent's CPU and memory around them."""
+        memory = {"before": self.csi.agent.memory()}
+        cpu = self.csi.agent.cpu_ms()
+        mounted = concurrently([lambda: self.csi.publish(timed_cpu=False) for _ in range(size)])
+        mounted["cpu_ms"], cpu = self.csi.agent.cpu_ms() - cpu, self.csi.agent.cpu_ms()
+        memory["after_burst"] = self.csi.agent.memory()
+        pods = [result[1] for result in mounted["results"]]
+        unmounted = concurrently([lambda p=p: self.csi.unpublish(p, timed_cpu=False) for p in pods])
+        unmounted["cpu_ms"] = self.csi.agent.cpu_ms() - cpu
+        memory["after_unpublish"] = self.csi.agent.memory()
+        self._record("csi", mounted, unmounted)
+        for when, values in memory.items():
+            self.csi_memory.setdefault(when, []).append(values["VmRSS"])
 
     def _record(self, who: str, mounted: dict, unmounted: dict | None) -> None:
         record = self.bursts.setdefault(who, {"mount_wall_ms": [], "unmount_wall_ms": [],
@@ -409,17 +502,29 @@ def concurrently(tasks: list) -> dict:
 
 # ---------------------------------------------------------------- verdicts and output
 
-def verdicts(summary: dict, rss: dict, bursts: dict, modes: list[str]) -> list[dict]:
+def verdicts(summary: dict, rss: dict, bursts: dict, modes: list[str], csi_memory: dict | None = None) -> list[dict]:
     floor_mount = summary["floor mount"]["wall_p50_ms"]
     out = [verdict("init p50 wall", None, summary["init"]["wall_p50_ms"], INIT_MAX_MS, f"<= {INIT_MAX_MS:.0f} ms")]
     mount_limit = MOUNT_FLOOR_FACTOR * floor_mount + MOUNT_SLACK_MS
     for mode in modes:
+        if mode == "csi":
+            limit = floor_mount + CSI_SLACK_MS
+            out.append(verdict("publish p50 wall (csi)", mode, summary["mount csi"]["wall_p50_ms"], limit,
+                               f"<= floor {floor_mount:.1f} + {CSI_SLACK_MS:.0f} = {limit:.1f} ms"))
+            continue
         out.append(verdict(f"mount p50 wall ({mode})", mode, summary[f"mount {mode}"]["wall_p50_ms"], mount_limit,
                            f"<= 2 x floor {floor_mount:.1f} + 20 = {mount_limit:.1f} ms"))
     for name, values in rss.items():
         mode = name.split()[-1] if name.split()[-1] in modes else None
         out.append(verdict(f"peak RSS {name}", mode, round(max(values) / 1024, 1), RSS_MAX_MIB,
                            f"<= {RSS_MAX_MIB:.0f} MiB (max of {len(values)})"))
+    if csi_memory and csi_memory.get("after_burst"):
+        peak = max(csi_memory["after_burst"])
+        out.append(verdict("csi agent RSS after burst", "csi", peak, CSI_RSS_MAX_MIB,
+                           f"<= {CSI_RSS_MAX_MIB:.0f} MiB (max of {len(csi_memory['after_burst'])})"))
+        steady, settled = csi_memory["before"][0], csi_memory["after_unpublish"][-1]
+        out.append(verdict("csi agent RSS after unpublish", "csi", settled, steady + CSI_RSS_SETTLE_MIB,
+                           f"<= steady {steady:.1f} + {CSI_RSS_SETTLE_MIB:.0f} MiB"))
     if "floor" in bursts:
         floor_burst = statistics.median(bursts["floor"]["mount_wall_ms"])
         for mode in modes:
@@ -443,9 +548,11 @@ def table(summary: dict, rss: dict, bursts: dict, checks: list[dict], burst_size
         verb = name.split()[0] if not name.startswith("floor") else name.split()[1]
         ratio = f"{row['wall_p50_ms'] / floor[verb]:.1f}x" if verb in floor else "-"
         rss_max = f"{max(rss[name]) / 1024:.1f}M" if name in rss else "-"
+        # A CSI call is no process of its own: its CPU is the agent's (mean, from /proc at 10 ms ticks).
+        cpu = "-" if name.endswith(" csi") else f"{row['cpu_p50_ms']:.1f}"
         agent_cpu = f"{row['agent_cpu_mean_ms']:.1f}" if "agent_cpu_mean_ms" in row else "-"
         lines.append(f"{name:<20}{row['n']:>4}{row['wall_p50_ms']:>10.1f}{row['wall_p95_ms']:>10.1f}"
-                     f"{row['cpu_p50_ms']:>9.1f}{agent_cpu:>10}{rss_max:>9}{ratio:>10}")
+                     f"{cpu:>9}{agent_cpu:>10}{rss_max:>9}{ratio:>10}")
     if bursts:
         lines += ["", f"burst of {burst_size} concurrent calls (median of {len(bursts['floor']['mount_wall_ms'])}; "
                       "ref rows: processes that only start and exit):",
@@ -477,16 +584,17 @@ def parse_args(argv: list[str] | None = None):
     parser.add_argument("--rss-runs", type=int, default=5, help="runs under GNU time per call [default: 5]")
     parser.add_argument("--burst", type=int, default=50, help="concurrent mounts per burst [default: 50]")
     parser.add_argument("--bursts", type=int, default=3, help="bursts per mode; the median counts [default: 3]")
-    parser.add_argument("--modes", default="agent,standalone",
-                        help="comma-separated: agent (fast path via `agent --relay`), standalone [default: both]")
+    parser.add_argument("--modes", default="agent,standalone,csi",
+                        help="comma-separated: agent (FlexVolume fast path via `agent --relay`), standalone, "
+                             "csi (the CSI node plugin over gRPC) [default: all three]")
     parser.add_argument("--json", default=str(REPO / "bench" / "results.json"), help="write results here")
     parser.add_argument("--fail-on-miss", action="store_true",
                         help="exit 1 when a target of the first mode misses (init, RSS, its mount and burst)")
     args = parser.parse_args(argv)
     args.cmd = shlex.split(args.exe)
     args.modes = [m for m in args.modes.split(",") if m]
-    if not set(args.modes) <= {"agent", "standalone"} or not args.modes:
-        parser.error("--modes takes agent and/or standalone")
+    if not set(args.modes) <= {"agent", "standalone", "csi"} or not args.modes:
+        parser.error("--modes takes agent, standalone and/or csi")
     return args
 
 
@@ -509,6 +617,8 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 if "agent" in args.modes:
                     bench.start_agent()
+                if "csi" in args.modes:
+                    bench.start_csi()
                 print(f"benchmarking {args.exe} ({args.warmup} warm-up + {args.runs} rounds, "
                       f"modes {', '.join(args.modes)}) against OpenBao at {bao.addr}", file=sys.stderr)
                 for i in range(args.warmup + args.runs):
@@ -520,6 +630,8 @@ def main(argv: list[str] | None = None) -> int:
             finally:
                 if bench.agent:
                     bench.agent.stop()
+                if bench.csi:
+                    bench.csi.stop()
                 bench.floor.revoke_wrapping_tokens(bao)
                 unmount_all(work)
                 bao.revoke_token(generator["client_token"])
@@ -528,7 +640,7 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(work, ignore_errors=True)
 
     summary = {name: series.summary() for name, series in bench.series.items()}
-    checks = verdicts(summary, bench.rss, bench.bursts, args.modes)
+    checks = verdicts(summary, bench.rss, bench.bursts, args.modes, bench.csi_memory)
     print(table(summary, bench.rss, bench.bursts, checks, args.burst))
     result = {
         "command": shlex.join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
@@ -540,6 +652,7 @@ def main(argv: list[str] | None = None) -> int:
         "summary": summary,
         "rss_kib": bench.rss,
         "agent_memory_mib": agent_memory,
+        "csi_agent_rss_mib": bench.csi_memory,  # VmRSS per burst: before it, after the publishes, after unpublish
         "bursts": {"size": args.burst, **bench.bursts},
         "targets": checks,
         "samples": {name: [asdict(s) for s in series.samples] for name, series in bench.series.items()},

@@ -79,7 +79,17 @@ def install(plugin_dir: str, source: str | None) -> None:
 @click.option("--relay/--no-relay", envvar="VAULTTMPFS_RELAY", default=False, show_default=True,
               help="Also do the driver's mount/unmount for it over VAULTTMPFS_AGENT_SOCKET (fast path; needs "
                    "a privileged agent with the kubelet's pods dir mounted with Bidirectional propagation).")
-def agent(renew_interval: float | None, retry_interval: float, health_addr: str, relay: bool) -> None:
+@click.option("--csi-endpoint", envvar="VAULTTMPFS_CSI_ENDPOINT", metavar="unix:///PATH",
+              help="Also serve the CSI node plugin (driver vaulttmpfs.cloudwatt.com) on this unix socket, e.g. "
+                   "unix:///csi/csi.sock (needs the same privileges and mount propagation as --relay).")
+@click.option("--csi-jwt-auth-mount", envvar="VAULTTMPFS_CSI_JWT_AUTH_MOUNT", metavar="MOUNT",
+              help="CSI: pods log in to Vault themselves with the service-account token the kubelet hands over "
+                   "(CSIDriver tokenRequests), at auth/MOUNT (a jwt or kubernetes method); Vault's role (the "
+                   "volume's vault/role) decides the policies. Default: tokens are minted with the generator token.")
+@click.option("--csi-jwt-audience", envvar="VAULTTMPFS_CSI_JWT_AUDIENCE", default="vault", show_default=True,
+              help="CSI: the tokenRequests audience whose token is used to log in.")
+def agent(renew_interval: float | None, retry_interval: float, health_addr: str, relay: bool,
+          csi_endpoint: str | None, csi_jwt_auth_mount: str | None, csi_jwt_audience: str) -> None:
     """Run the node agent: renew the generator token, retry revocations, serve health. Stop with SIGTERM."""
     from .node import agent as node_agent
     from . import log
@@ -89,10 +99,25 @@ def agent(renew_interval: float | None, retry_interval: float, health_addr: str,
     log.get(config.log_file, component="agent").info(
         "agent starting", renew_interval=renew_interval, retry_interval=retry_interval, health_addr=health_addr,
         vault_addr=config.vault_addr, generator_token_path=config.generator_token_path,
-        relay=config.agent_socket if relay else None)
-    services = node_agent.services(config, renew_interval, retry_interval, relay)
+        relay=config.agent_socket if relay else None, csi_endpoint=csi_endpoint, csi_jwt_auth_mount=csi_jwt_auth_mount)
+    jwt_login = None
+    if csi_endpoint and csi_jwt_auth_mount:
+        from .csi.servicers import JwtLogin
+
+        jwt_login = JwtLogin(_auth_mount(csi_jwt_auth_mount), csi_jwt_audience)
+    services = node_agent.services(config, renew_interval, retry_interval, relay, csi_endpoint, jwt_login)
     node_agent.Agent(services, health_addr or None).run()
     log.get().info("agent stopped")
+
+
+def _auth_mount(text: str) -> str:
+    """A Vault auth mount path: plain segments (`jwt`, `k8s/prod`), nothing that could climb out of auth/."""
+    from .config import SAFE_NAME
+
+    segments = text.strip("/").split("/")
+    if not all(SAFE_NAME.fullmatch(s) and s not in (".", "..") for s in segments):
+        raise click.BadParameter(f"{text!r} is not a Vault auth mount path (e.g. jwt)", param_hint="--csi-jwt-auth-mount")
+    return "/".join(segments)
 
 
 @cli.command()

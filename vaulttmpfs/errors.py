@@ -11,3 +11,11 @@ class VaultUnavailable(DriverError):
 
 class VaultDenied(DriverError):
     """Vault answered and refused (4xx): retrying the same request will not help."""
+
+
+class BadRequest(DriverError):
+    """The caller's request is malformed (an attribute, a path): the message names what to fix."""
+
+
+class Forbidden(DriverError):
+    """Well-formed, but this pod may not have it (policy bindings, a spoofed identity)."""

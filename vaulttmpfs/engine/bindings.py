@@ -31,7 +31,7 @@ import stat
 from dataclasses import dataclass
 
 from . import trust
-from ..errors import DriverError
+from ..errors import DriverError, Forbidden
 
 MAX_BYTES = 256 * 1024
 NAMESPACE = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")  # a DNS-1123 label
@@ -90,14 +90,14 @@ def check(bindings: Bindings, namespace: str, service_account: str, policies: li
                           f"{service_account!r} (option kubernetes.io/serviceAccount.name) is missing or invalid")
     covering = [b for b in bindings.rules if b.covers(namespace, service_account)]
     if not covering:
-        raise DriverError(f"no policy binding in {bindings.source} covers {who}: it may not ask for "
+        raise Forbidden(f"no policy binding in {bindings.source} covers {who}: it may not ask for "
                           f"{', '.join(policies)}; nothing was mounted")
     used = []
     for policy in policies:
         allowing = [b for b in covering if b.allows(policy, namespace, service_account)]
         if not allowing:
             rules = "; ".join(b.describe() for b in covering)
-            raise DriverError(f"policy {policy!r} is not bound to {who} by {bindings.source}: {rules}; "
+            raise Forbidden(f"policy {policy!r} is not bound to {who} by {bindings.source}: {rules}; "
                               "nothing was mounted")
         used.append(allowing[0].number)
     return ", ".join(f"binding #{n}" for n in sorted(set(used)))

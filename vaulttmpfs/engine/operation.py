@@ -13,18 +13,27 @@ import contextlib
 import hashlib
 import json
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .. import log
 from . import generator, volume
 from ..config import Config
-from ..errors import DriverError, VaultDenied
+from ..errors import DriverError, Forbidden, VaultDenied
+from .layout import FLEXVOLUME, Layout
 from .state import StateStore
 
 MOUNT_SOURCE = "vaulttmpfs"  # the tmpfs "device" name: how we recognise our own mounts
-PLUGIN_DIR = "cloudwatt~vaulttmpfs"  # <pods dir>/<pod uid>/volumes/<this>/<volume name>
+PLUGIN_DIR = FLEXVOLUME.plugin_dir  # <pods dir>/<pod uid>/volumes/<this>/<volume name>
 GENERATOR_CHECK_SECONDS = 3600  # how long "the generator token is not root" is trusted
+
+
+@dataclass(frozen=True)
+class PodLogin:
+    """The pod logs itself in to Vault with its own service-account JWT (CSI tokenRequests)."""
+
+    mount: str  # the Vault auth mount (jwt or kubernetes method), e.g. "jwt"
+    jwt: str = field(repr=False)
 
 
 @dataclass(frozen=True)
@@ -40,6 +49,8 @@ class MountRequest:
     fs_group: int | None = None
     read_only: bool = False
     unwrapped: bool = False  # vault/unwrap: the plain token in the volume, for apps that cannot unwrap
+    layout: Layout = FLEXVOLUME  # which kubelet path layout the mount dir follows (per front end)
+    login: PodLogin | None = None  # set: log in as the pod (Vault's role decides) instead of minting
 
     def token_metadata(self, node: str) -> dict[str, str]:
         meta = {
@@ -103,6 +114,8 @@ def _mint_and_write(config: Config, store: StateStore, request: MountRequest, to
     try:
         secret, info, accessor, wrapping_accessor = _mint(config, request, token)
     except VaultDenied as exc:
+        if request.login:
+            raise
         if "permission denied" in str(exc).lower():
             raise _generator_refused(config, exc, f"`auth/token/create/{request.role}`") from None
         raise
@@ -133,6 +146,10 @@ def _mint(config: Config, request: MountRequest, token: str) -> tuple[str, dict[
     """The volume's token, its metadata file's content, the pod token's accessor, the wrapping token's."""
     from ..vault.client import Vault
 
+    if request.login:  # the pod's own login, wrapped; the front end refuses it with vault/unwrap
+        log.secret(request.login.jwt)
+        wrap_info = Vault(config, None).login_jwt_wrapped(request.login.mount, request.role, request.login.jwt)
+        return wrap_info["token"], wrap_info, wrap_info["wrapped_accessor"], wrap_info.get("accessor")
     args = (request.role, request.policies, request.token_metadata(config.node_name), request.display_name())
     if request.unwrapped:
         auth = Vault(config, token).create_token(*args)
@@ -235,18 +252,15 @@ def retry_pending(config: Config) -> dict[str, int]:
 
 def _admit(config: Config, request: MountRequest, logger) -> MountRequest:
     """Who is asking, and may they? Decided before anything is read, mounted or minted."""
-    parts = volume.parts_below(request.mount_dir, config.pods_dir)
-    if not parts or len(parts) != 4 or parts[1:3] != ["volumes", PLUGIN_DIR]:
-        raise DriverError(
-            f"mount dir {request.mount_dir} is not a pod volume dir <pods dir>/<pod uid>/volumes/{PLUGIN_DIR}/<name> "
-            f"below VAULTTMPFS_PODS_DIR={config.pods_dir} (symlinks below it are refused); set "
-            "VAULTTMPFS_PODS_DIR when the kubelet runs with another --root-dir"
-        )
+    pod_uid, _volume = request.layout.parts(request.mount_dir, config.pods_dir)
     # The uid in the kubelet's path cannot be chosen by the pod; the pod's options can override any key.
-    if request.pod_uid and request.pod_uid != parts[0]:
-        raise DriverError(f"option kubernetes.io/pod.uid={request.pod_uid!r} does not match the pod uid "
-                          f"{parts[0]!r} in the mount dir: refusing a spoofed identity")
-    if config.policy_bindings:
+    if request.pod_uid and request.pod_uid != pod_uid:
+        raise Forbidden(f"the pod uid {request.pod_uid!r} given with the call does not match the pod uid "
+                        f"{pod_uid!r} in the mount dir: refusing a spoofed identity")
+    if request.login:
+        logger.info("the pod logs in with its service-account token: Vault's role decides its policies",
+                    auth_mount=request.login.mount, role=request.role)
+    elif config.policy_bindings:
         from . import bindings
 
         rule = bindings.check(bindings.load(config.policy_bindings), request.pod_namespace,
@@ -255,7 +269,7 @@ def _admit(config: Config, request: MountRequest, logger) -> MountRequest:
                     service_account=request.service_account)
     else:
         logger.warning("no VAULTTMPFS_POLICY_BINDINGS: any pod may ask for any policy the token role allows")
-    return replace(request, pod_uid=parts[0])
+    return replace(request, pod_uid=pod_uid)
 
 
 def _refuse_root_generator(config: Config, store: StateStore, token: str) -> None:

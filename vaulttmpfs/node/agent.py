@@ -245,7 +245,8 @@ def parse_addr(addr: str) -> tuple[str, int]:
 
 
 def services(config: Config, renew_interval: float | None = None,
-             retry_interval: float = DEFAULT_RETRY_INTERVAL, relay: bool = False) -> list[Service]:
+             retry_interval: float = DEFAULT_RETRY_INTERVAL, relay: bool = False,
+             csi_endpoint: str | None = None, csi_jwt_login=None) -> list[Service]:
     """What the agent runs besides its health server."""
     found = [GeneratorRenewal(config, renew_interval), RevocationRetry(config, retry_interval)]
     if relay:
@@ -253,6 +254,11 @@ def services(config: Config, renew_interval: float | None = None,
         from .relay_server import RelayServer
 
         found.append(RelayServer(config))
+    if csi_endpoint:
+        # Opt-in too, same needs; grpc is imported only here, never on the FlexVolume exec path.
+        from .csi_server import CsiServer
+
+        found.append(CsiServer(config, csi_endpoint, jwt_login=csi_jwt_login))
     return found
 
 

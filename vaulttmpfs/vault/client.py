@@ -226,6 +226,19 @@ class Vault:
             )
         return wrap_info
 
+    def login_jwt_wrapped(self, mount: str, role: str, jwt: str) -> dict[str, Any]:
+        """Log in AS THE POD with its service-account JWT (POST auth/<mount>/login, Vault's jwt or
+        kubernetes method): Vault's role decides the policies; only the wrapping token comes back."""
+        action = f"logging in with the pod's service-account token at auth/{mount} (role {role!r})"
+        with self._call(action):
+            response = self.client.adapter.post(f"/v1/auth/{mount}/login", json={"role": role, "jwt": jwt},
+                                                wrap_ttl=self.config.wrap_ttl)
+        wrap_info = (response or {}).get("wrap_info") if isinstance(response, dict) else None
+        if not wrap_info or not wrap_info.get("token") or not wrap_info.get("wrapped_accessor"):
+            raise VaultUnavailable(f"{action}: Vault did not return a wrapped token "
+                                   "(is a proxy stripping the X-Vault-Wrap-TTL header?)")
+        return wrap_info
+
     def revoke_accessor(self, accessor: str) -> bool:
         """Revoke by accessor; False when the token is already gone (that is fine)."""
         try:

@@ -1,0 +1,626 @@
+"""The CSI node plugin end to end: `vaulttmpfs agent --csi-endpoint` as a real process, called over its
+unix socket exactly as the kubelet calls it (tests/csikubelet.py), against real OpenBao and real tmpfs.
+
+The same behaviour list as the FlexVolume suite (test_driver.py), plus what CSI adds: identity from
+the kubelet's csi.storage.k8s.io/* keys that a pod cannot forge, gRPC status codes, the target dir
+the plugin creates and deletes, and an agent restart between publish and unpublish.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import pytest
+import yaml
+
+from vaulttmpfs.csi import csi_pb2
+
+from .conftest import BUILD_EXE, driver_env, remember_secret, source_cmd, unmount_everything_under
+from .csikubelet import CsiKubelet, new_pod, volume_handle
+from .kubelet import mount_entry
+from .test_agent import AgentProcess, closed_addr
+from .vaultserver import REPO
+
+NGINX = {"vault/policies": "nginx"}
+NODE_NAME = "csi-node-1"
+# Namespaces "shop" and "default" may have nginx; every namespace may have "other" and "app-*" (which the token role
+# does not allow: Vault itself refuses those).
+BINDINGS = {"bindings": [{"name": "shop", "namespaces": ["shop", "default"], "policies": ["nginx"]},
+                         {"name": "all", "namespaces": ["*"], "policies": ["other", "app-*"]}]}
+
+
+class CsiNode:
+    """One node: a kubelet root under a temp dir, an agent serving CSI on a short socket path."""
+
+    def __init__(self, cmd: list[str], bao, generator: dict, root: Path, log_dir: Path, **env: str):
+        self.root = root
+        self.sock_dir = Path(tempfile.mkdtemp(prefix="vtcsi", dir="/tmp"))  # unix paths max 108 bytes
+        self.socket = self.sock_dir / "csi.sock"
+        bindings = root / "bindings.json"
+        bindings.write_text(json.dumps(BINDINGS))
+        bindings.chmod(0o644)
+        self.env = driver_env(bao, generator, root, log_dir, VAULTTMPFS_NODE_NAME=NODE_NAME,
+                              VAULTTMPFS_POLICY_BINDINGS=str(bindings),
+                              VAULTTMPFS_CSI_ENDPOINT=f"unix://{self.socket}", **env)
+        self.cmd = cmd
+        self.agent: AgentProcess | None = None
+        self.kubelet = CsiKubelet(str(self.socket), root / "var/lib/kubelet/pods", NODE_NAME)
+        self.log_file = Path(self.env["VAULTTMPFS_LOG_FILE"])
+
+    def start(self) -> "CsiNode":
+        self.agent = AgentProcess(self.cmd, self.env, "--retry-interval", "1h")
+        self.agent.wait_for(lambda status, body: body["services"].get("csi", {}).get("serving"), "CSI serving")
+        self.kubelet.wait_ready()
+        return self
+
+    def kill(self) -> None:
+        self.agent.proc.send_signal(signal.SIGKILL)
+        self.agent.proc.wait()
+
+    def stop(self) -> None:
+        if self.agent and self.agent.proc.poll() is None:
+            assert self.agent.terminate() == 0
+        self.kubelet.close()
+        unmount_everything_under(self.root)
+        shutil.rmtree(self.sock_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def node(bao, generator, log_dir, tmp_path_factory):
+    node = CsiNode(source_cmd(), bao, generator, tmp_path_factory.mktemp("csi-node"), log_dir).start()
+    yield node
+    node.stop()
+
+
+@pytest.fixture
+def kubelet(node) -> CsiKubelet:
+    return node.kubelet
+
+
+def read_volume(path: Path) -> tuple[str, dict]:
+    token = remember_secret((path / "vault-token").read_text())
+    return token, json.loads((path / "vault-token.json").read_text())
+
+
+def unwrap(bao, path: Path) -> dict:
+    auth = bao.unwrap(read_volume(path)[0])["auth"]
+    remember_secret(auth["client_token"])
+    return auth
+
+
+def refused(call, code: grpc.StatusCode) -> str:
+    with pytest.raises(grpc.RpcError) as failure:
+        call()
+    assert failure.value.code() == code, failure.value.details()
+    return failure.value.details()
+
+
+def pod_tokens(bao) -> set[str]:
+    return {a for a in bao.accessors() if ((bao.lookup_accessor(a) or {}).get("meta") or {}).get("created_by")
+            == "vaulttmpfs"}
+
+
+def state_records(node: CsiNode) -> list[Path]:
+    return sorted((node.root / "state" / "volumes").glob("*.json"))
+
+
+def test_identity_capabilities_and_socket(node, kubelet):
+    info = kubelet.identity.GetPluginInfo(csi_pb2.GetPluginInfoRequest(), timeout=10)
+    assert info.name == "vaulttmpfs.cloudwatt.com" and info.vendor_version
+    assert kubelet.identity.Probe(csi_pb2.ProbeRequest(), timeout=10).ready.value is True
+    plugin_caps = kubelet.identity.GetPluginCapabilities(csi_pb2.GetPluginCapabilitiesRequest(), timeout=10)
+    assert list(plugin_caps.capabilities) == []  # node-only plugin
+    assert list(kubelet.controller.ControllerGetCapabilities(
+        csi_pb2.ControllerGetCapabilitiesRequest(), timeout=10).capabilities) == []
+    caps = kubelet.node.NodeGetCapabilities(csi_pb2.NodeGetCapabilitiesRequest(), timeout=10).capabilities
+    assert [c.rpc.type for c in caps] == [csi_pb2.NodeServiceCapability.RPC.VOLUME_MOUNT_GROUP]  # no staging
+    assert kubelet.node.NodeGetInfo(csi_pb2.NodeGetInfoRequest(), timeout=10).node_id == NODE_NAME
+    info = os.lstat(node.socket)
+    assert stat.S_ISSOCK(info.st_mode) and stat.S_IMODE(info.st_mode) == 0o600 and info.st_uid == 0
+    assert os.listdir(node.sock_dir) == ["csi.sock"]  # nothing else beside it (the spec's rule)
+
+
+def test_publish_writes_a_wrapped_token_for_the_pod(node, kubelet, bao):
+    pod = new_pod("nginx-1", namespace="shop", service_account="web")
+    assert kubelet.supports_mount_group()  # so the kubelet hands over fsGroup, as here
+    path = kubelet.publish(pod, NGINX, fs_group=2000, read_only=True)
+
+    entry = mount_entry(path)
+    assert entry["fstype"] == "tmpfs" and entry["source"] == "vaulttmpfs"
+    assert {"ro", "nosuid", "nodev", "noexec"} <= set(entry["options"])
+    assert "size=1024k" in entry["super_options"] and "mode=750" in entry["super_options"]
+    assert sorted(os.listdir(path)) == ["vault-token", "vault-token.json"]
+    for name in ("vault-token", "vault-token.json"):
+        info = (path / name).stat()
+        assert stat.S_IMODE(info.st_mode) == 0o440 and info.st_uid == 0 and info.st_gid == 2000
+    with pytest.raises(OSError):
+        (path / "x").write_text("")  # readOnly: really read-only
+
+    token, wrap_info = read_volume(path)
+    assert wrap_info["creation_path"] == "auth/token/create/applications" and wrap_info["ttl"] == 300
+    auth = unwrap(bao, path)
+    assert sorted(auth["policies"]) == ["default", "nginx"]
+    assert auth["accessor"] == wrap_info["wrapped_accessor"]
+    assert auth["metadata"] == {"created_by": "vaulttmpfs", "namespace": "shop", "pod": "nginx-1",
+                                "pod_uid": pod.uid, "service_account": "web", "volume": "vault",
+                                "node": NODE_NAME}
+
+    kubelet.unpublish(pod)
+    assert not path.exists()  # the plugin deletes the target path it created (CSI spec)
+    assert (path.parent / "vol_data.json").exists()  # the kubelet's own file is left to it
+    assert bao.lookup_accessor(auth["accessor"]) is None
+    assert bao.lookup_accessor(wrap_info["accessor"]) is None
+    kubelet.unpublish(pod)  # again: the kubelet retries until OK; nothing left is still OK
+    kubelet.teardown(pod)
+    assert not path.parent.exists() and state_records(node) == []
+
+
+def test_without_fsgroup_files_are_root_only_and_writable_mount(node, kubelet):
+    pod = new_pod()
+    path = kubelet.publish(pod, {"vault/policies": "other"})
+    entry = mount_entry(path)
+    assert "rw" in entry["options"] and "mode=700" in entry["super_options"]
+    for name in ("vault-token", "vault-token.json"):
+        info = (path / name).stat()
+        assert stat.S_IMODE(info.st_mode) == 0o400 and info.st_gid == 0
+    remember_secret((path / "vault-token").read_text())
+    kubelet.teardown(pod)
+
+
+def test_republish_mints_nothing(node, kubelet, bao):
+    pod = new_pod(namespace="shop")
+    path = kubelet.publish(pod, NGINX)
+    first = read_volume(path)
+    before = pod_tokens(bao)
+    assert kubelet.publish(pod, NGINX) == path  # same volume id and target path: OK, nothing new
+    assert read_volume(path) == first
+    assert pod_tokens(bao) == before
+    kubelet.teardown(pod)
+    assert bao.lookup_accessor(first[1]["wrapped_accessor"]) is None
+
+
+def test_republish_after_a_reboot_revokes_the_old_token_and_writes_a_fresh_one(node, kubelet, bao):
+    pod = new_pod(namespace="shop")
+    path = kubelet.publish(pod, NGINX)
+    old = read_volume(path)[1]
+    subprocess.run(["umount", str(path)], check=True)  # a reboot: the tmpfs is gone, dir and state stay
+    assert kubelet.publish(pod, NGINX) == path
+    new = read_volume(path)[1]
+    assert new["wrapped_accessor"] != old["wrapped_accessor"]
+    assert bao.lookup_accessor(old["wrapped_accessor"]) is None and bao.lookup_accessor(old["accessor"]) is None
+    kubelet.teardown(pod)
+    assert bao.lookup_accessor(new["wrapped_accessor"]) is None
+
+
+def test_unwrap_attribute_puts_the_plain_token_in_the_volume(node, kubelet, bao):
+    pod = new_pod(namespace="shop")
+    path = kubelet.publish(pod, {**NGINX, "vault/unwrap": "true"})
+    token, info = read_volume(path)
+    assert info["unwrapped"] is True and "client_token" not in info
+    looked_up = bao.request("GET", "auth/token/lookup-self", token=token)["data"]
+    assert sorted(looked_up["policies"]) == ["default", "nginx"] and looked_up["meta"]["pod_uid"] == pod.uid
+    kubelet.teardown(pod)
+    assert bao.lookup_accessor(info["accessor"]) is None
+
+
+def test_unpublish_of_a_volume_never_published_is_ok(kubelet):
+    kubelet.unpublish(new_pod())
+
+
+@pytest.mark.parametrize("attributes, kwargs, names", [
+    ({}, {}, "'vault/policies' is required"),
+    ({"vault/policies": " , "}, {}, "'vault/policies' is empty"),
+    ({"vault/policies": "ok,../etc"}, {}, "invalid policy name '../etc'"),
+    ({"vault/policies": "other", "vault/role": "a/b"}, {}, "'vault/role' has an invalid role name 'a/b'"),
+    ({"vault/polices": "other"}, {}, "unknown attribute 'vault/polices'"),
+    ({"vault/policies": "other"}, {"fs_group": "staff"}, "volume_mount_group 'staff' is not a group id"),
+    ({"vault/policies": "other", "vault/unwrap": "maybe"}, {}, "'vault/unwrap' must be \"true\" or \"false\""),
+    ({"vault/policies": "other"}, {"pod_info_on_mount": False}, "csi.storage.k8s.io/ephemeral"),
+])
+def test_bad_attributes_are_invalid_argument_naming_them(node, kubelet, bao, attributes, kwargs, names):
+    pod = new_pod()
+    before = pod_tokens(bao)
+    fs_group = kwargs.pop("fs_group", None)
+    request = kubelet.publish_request(pod, attributes, **kwargs)
+    if fs_group is not None:
+        request.volume_capability.mount.volume_mount_group = fs_group
+    message = refused(lambda: kubelet.node.NodePublishVolume(request, timeout=30), grpc.StatusCode.INVALID_ARGUMENT)
+    assert names in message
+    assert not kubelet.target_path(pod).exists()  # nothing created, nothing mounted
+    assert pod_tokens(bao) == before and state_records(node) == []
+
+
+def test_bad_request_fields_are_invalid_argument(node, kubelet):
+    pod = new_pod()
+    block = kubelet.publish_request(pod, NGINX)
+    block.volume_capability.ClearField("mount")
+    block.volume_capability.block.SetInParent()
+    wrong_id = kubelet.publish_request(pod, NGINX)
+    wrong_id.volume_id = volume_handle(new_pod(), "vault")
+    flex_layout = kubelet.publish_request(pod, NGINX)
+    flex_layout.target_path = str(kubelet.pods_dir / pod.uid / "volumes" / "cloudwatt~vaulttmpfs" / "vault")
+    cases = {"block volume": block, "is not the kubelet's handle": wrong_id,
+             "is not a pod volume dir <pods dir>/<pod uid>/volumes/kubernetes.io~csi/<name>/mount": flex_layout}
+    for expected, request in cases.items():
+        message = refused(lambda: kubelet.node.NodePublishVolume(request, timeout=30),
+                          grpc.StatusCode.INVALID_ARGUMENT)
+        assert expected in message
+    assert refused(lambda: kubelet.node.NodeUnpublishVolume(csi_pb2.NodeUnpublishVolumeRequest(
+        volume_id="x", target_path="/etc"), timeout=30), grpc.StatusCode.INVALID_ARGUMENT)
+    assert os.path.isdir("/etc")
+    assert not kubelet.target_path(pod).exists() and state_records(node) == []
+
+
+def test_disallowed_policy_is_permission_denied_without_mount_or_token(node, kubelet, bao):
+    before = pod_tokens(bao)
+    pod = new_pod(namespace="payments")
+    message = refused(lambda: kubelet.publish(pod, NGINX), grpc.StatusCode.PERMISSION_DENIED)
+    assert "policy 'nginx' is not bound to service account 'default' in namespace 'payments'" in message
+    # Allowed by the bindings, refused by Vault's token role: Vault's own words reach the pod's events.
+    message = refused(lambda: kubelet.publish(pod, {"vault/policies": "app-x"}), grpc.StatusCode.PERMISSION_DENIED)
+    assert "app-x" in message
+    assert not kubelet.target_path(pod).exists() and pod_tokens(bao) == before and state_records(node) == []
+
+
+def test_a_forged_kubelet_attribute_cannot_change_identity(node, kubelet, bao):
+    # The pod names itself into namespace "shop" (which may have nginx) in its own volumeAttributes.
+    pod = new_pod("intruder", namespace="payments", service_account="robot")
+    forged = {"csi.storage.k8s.io/pod.namespace": "shop", "csi.storage.k8s.io/serviceAccount.name": "web",
+              "csi.storage.k8s.io/pod.name": "shop-web", "csi.storage.k8s.io/pod.uid": new_pod().uid}
+    message = refused(lambda: kubelet.publish(pod, {**NGINX, **forged}), grpc.StatusCode.PERMISSION_DENIED)
+    assert "namespace 'payments'" in message  # the kubelet's keys won the merge
+    path = kubelet.publish(pod, {"vault/policies": "other", **forged})
+    meta = unwrap(bao, path)["metadata"]
+    assert (meta["namespace"], meta["pod"], meta["pod_uid"], meta["service_account"]) == \
+        ("payments", "intruder", pod.uid, "robot")
+    kubelet.teardown(pod)
+
+
+def test_forged_keys_without_pod_info_from_the_kubelet_are_refused(node, kubelet, bao):
+    """A CSIDriver without podInfoOnMount would let the pod's own keys through: the pod cannot know its
+    uid when it is written, so the uid check against the target path refuses them."""
+    pod = new_pod("intruder", namespace="payments")
+    forged = {"csi.storage.k8s.io/pod.namespace": "shop", "csi.storage.k8s.io/serviceAccount.name": "web",
+              "csi.storage.k8s.io/pod.name": "web", "csi.storage.k8s.io/pod.uid": new_pod().uid,
+              "csi.storage.k8s.io/ephemeral": "true"}
+    before = pod_tokens(bao)
+    message = refused(lambda: kubelet.publish(pod, {**NGINX, **forged}, pod_info_on_mount=False),
+                      grpc.StatusCode.PERMISSION_DENIED)
+    assert "does not match the pod uid" in message and "spoofed" in message
+    assert pod_tokens(bao) == before and not kubelet.target_path(pod).exists()
+
+
+def test_twenty_concurrent_publishes_then_unpublishes(node, kubelet, bao):
+    pods = [new_pod(f"web-{i}", namespace="shop") for i in range(20)]
+    with ThreadPoolExecutor(20) as pool:
+        paths = list(pool.map(lambda p: kubelet.publish(p, NGINX), pods))
+    accessors = [read_volume(p)[1] for p in paths]
+    assert len({a["wrapped_accessor"] for a in accessors}) == 20
+    assert all(mount_entry(p)["source"] == "vaulttmpfs" for p in paths)
+    with ThreadPoolExecutor(20) as pool:
+        list(pool.map(kubelet.teardown, pods))
+    assert all(bao.lookup_accessor(a["wrapped_accessor"]) is None for a in accessors)
+    assert all(bao.lookup_accessor(a["accessor"]) is None for a in accessors)
+    assert state_records(node) == []
+
+
+def test_service_account_tokens_in_the_volume_context_never_reach_the_log(node, kubelet):
+    """With CSIDriver tokenRequests the kubelet adds the pod's service-account JWT to the volume context."""
+    jwt = remember_secret("eyJhbGciOiJSUzI1NiJ9." + uuid.uuid4().hex + "." + uuid.uuid4().hex)
+    pod = new_pod(namespace="shop")
+    tokens = {"vault": {"token": jwt, "expirationTimestamp": "2030-01-01T00:00:00Z"}}
+    kubelet.publish(pod, NGINX, tokens=tokens)
+    remember_secret((kubelet.target_path(pod) / "vault-token").read_text())
+    refused(lambda: kubelet.publish(new_pod(), {"vault/polices": "x"}, tokens=tokens), grpc.StatusCode.INVALID_ARGUMENT)
+    kubelet.teardown(pod)
+    log = node.log_file.read_text()
+    assert pod.uid in log and jwt not in log and uuid.UUID(jwt.rsplit(".", 1)[1]).hex not in log
+
+
+def test_calls_are_logged_with_duration_and_outcome(node, kubelet):
+    pod = new_pod(namespace="shop")
+    kubelet.publish(pod, NGINX)
+    kubelet.teardown(pod)
+    lines = [json.loads(line) for line in node.log_file.read_text().splitlines() if '"component": "csi"' in line]
+    calls = [line for line in lines if line.get("rpc") in ("NodePublishVolume", "NodeUnpublishVolume")
+             and line.get("pod_uid", pod.uid) == pod.uid and line.get("target_path") == str(kubelet.target_path(pod))]
+    assert [c["rpc"] for c in calls] == ["NodePublishVolume", "NodeUnpublishVolume"]
+    assert all(c["code"] == "OK" and c["ms"] >= 0 for c in calls)
+    failed = [line for line in lines if line.get("code") == "INVALID_ARGUMENT"]
+    assert failed and all(line["error"] for line in failed)
+
+
+def test_vault_down_is_unavailable_and_nothing_is_mounted(bao, generator, log_dir, tmp_path):
+    node = CsiNode(source_cmd(), bao, generator, tmp_path, log_dir, VAULT_ADDR=closed_addr()).start()
+    try:
+        pod = new_pod(namespace="shop")
+        message = refused(lambda: node.kubelet.publish(pod, NGINX, timeout=60), grpc.StatusCode.UNAVAILABLE)
+        assert "127.0.0.1" in message
+        assert not node.kubelet.target_path(pod).exists() and state_records(node) == []
+    finally:
+        node.stop()
+
+
+def test_agent_restart_keeps_volumes_and_unpublish_still_revokes(bao, generator, log_dir, tmp_path):
+    node = CsiNode(source_cmd(), bao, generator, tmp_path, log_dir).start()
+    try:
+        pod = new_pod(namespace="shop")
+        path = node.kubelet.publish(pod, NGINX)
+        files = {name: (path / name).read_bytes() for name in os.listdir(path)}
+        auth = unwrap(bao, path)
+        node.kill()  # kill -9: no clean stop, the socket file stays behind
+        assert node.socket.exists() and os.path.ismount(path)
+        assert {name: (path / name).read_bytes() for name in os.listdir(path)} == files
+        assert bao.lookup_accessor(auth["accessor"]) is not None
+
+        node.start()  # replaces the stale socket
+        node.kubelet.publish(pod, NGINX)  # the kubelet may republish: still the same volume
+        assert {name: (path / name).read_bytes() for name in os.listdir(path)} == files
+        second = AgentProcess(source_cmd(), node.env)  # a live socket is never taken over
+        assert second.proc.wait(60) == 1 and b"already serves" in second.proc.stdout.read()
+        node.kubelet.teardown(pod)
+        assert bao.lookup_accessor(auth["accessor"]) is None
+    finally:
+        node.stop()
+    assert not node.socket.exists()  # a clean stop removes its own socket
+
+
+def test_the_pyinstaller_build_serves_csi(bao, generator, log_dir, tmp_path):
+    if not os.access(BUILD_EXE, os.X_OK):
+        pytest.fail(f"no PyInstaller build at {BUILD_EXE}: run `make build` first (make test does)")
+    node = CsiNode([str(BUILD_EXE)], bao, generator, tmp_path, log_dir).start()
+    try:
+        pod = new_pod("built", namespace="shop", service_account="web")
+        path = node.kubelet.publish(pod, NGINX, fs_group=3000, read_only=True)
+        assert {"ro", "nosuid", "nodev", "noexec"} <= set(mount_entry(path)["options"])
+        assert (path / "vault-token").stat().st_gid == 3000
+        auth = unwrap(bao, path)
+        assert sorted(auth["policies"]) == ["default", "nginx"] and auth["metadata"]["pod_uid"] == pod.uid
+        message = refused(lambda: node.kubelet.publish(new_pod(), {}), grpc.StatusCode.INVALID_ARGUMENT)
+        assert "vault/policies" in message
+        node.kubelet.teardown(pod)
+        assert bao.lookup_accessor(auth["accessor"]) is None and not path.exists()
+    finally:
+        node.stop()
+
+
+def test_the_flexvolume_exec_path_never_imports_grpc():
+    probe = ("import sys; from vaulttmpfs import entry; from vaulttmpfs.flexvolume import protocol, relay; "
+             "from vaulttmpfs.engine import operation; from vaulttmpfs.vault import client; "
+             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('grpc', 'google')))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+# --- Optional: the pod logs itself in with the kubelet's service-account token (tokenRequests) ---
+
+ISSUER = "https://kubernetes.default.svc.cluster.local"
+JWT_MOUNT = "csijwt"
+
+
+def b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+class ServiceAccountIssuer:
+    """Signs JWTs shaped like the kubelet's TokenRequest tokens (RS256), with the openssl CLI."""
+
+    def __init__(self, directory: Path):
+        self.key = directory / "sa.key"
+        subprocess.run(["openssl", "genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048",
+                        "-out", str(self.key)], check=True, capture_output=True)
+        self.public_pem = subprocess.run(["openssl", "pkey", "-in", str(self.key), "-pubout"], check=True,
+                                         capture_output=True, text=True).stdout
+
+    def token(self, pod, audience: str = "vault", ttl: int = 600, **override) -> str:
+        now = int(time.time())
+        claims = {"iss": ISSUER, "aud": [audience], "sub": f"system:serviceaccount:{pod.namespace}:{pod.service_account}",
+                  "iat": now, "nbf": now, "exp": now + ttl,
+                  "kubernetes.io": {"namespace": pod.namespace, "pod": {"name": pod.name, "uid": pod.uid},
+                                    "serviceaccount": {"name": pod.service_account, "uid": str(uuid.uuid4())}}}
+        claims.update(override)
+        signing_input = b64url(json.dumps({"alg": "RS256", "typ": "JWT"}).encode()) + "." + \
+            b64url(json.dumps(claims).encode())
+        signature = subprocess.run(["openssl", "dgst", "-sha256", "-sign", str(self.key)], input=signing_input.encode(),
+                                   check=True, capture_output=True).stdout
+        return remember_secret(signing_input + "." + b64url(signature))
+
+    @staticmethod
+    def tokens(jwt: str, audience: str = "vault") -> dict:
+        return {audience: {"token": jwt, "expirationTimestamp": "2030-01-01T00:00:00Z"}}
+
+
+@pytest.fixture(scope="module")
+def sa_issuer(bao, tmp_path_factory) -> ServiceAccountIssuer:
+    """OpenBao's real jwt auth at auth/csijwt trusting a test key, with a role for shop/web pods."""
+    issuer = ServiceAccountIssuer(tmp_path_factory.mktemp("sa-issuer"))
+    bao.request("POST", f"sys/auth/{JWT_MOUNT}", {"type": "jwt"})
+    bao.request("POST", f"auth/{JWT_MOUNT}/config", {"jwt_validation_pubkeys": [issuer.public_pem],
+                                                      "bound_issuer": ISSUER})
+    bao.request("POST", f"auth/{JWT_MOUNT}/role/shop-web", {
+        "role_type": "jwt", "bound_audiences": ["vault"], "user_claim": "sub",
+        "bound_subject": "system:serviceaccount:shop:web", "token_policies": ["nginx"], "token_ttl": "10m",
+        "claim_mappings": {"/kubernetes.io/pod/uid": "pod_uid", "/kubernetes.io/namespace": "namespace"}})
+    yield issuer
+    bao.request("DELETE", f"sys/auth/{JWT_MOUNT}")
+
+
+@pytest.fixture(scope="module")
+def jwt_node(bao, generator, log_dir, tmp_path_factory, sa_issuer):
+    node = CsiNode(source_cmd(), bao, generator, tmp_path_factory.mktemp("csi-jwt-node"), log_dir,
+                   VAULTTMPFS_CSI_JWT_AUTH_MOUNT=JWT_MOUNT).start()
+    yield node
+    node.stop()
+
+
+def test_the_pod_logs_itself_in_with_its_service_account_token(jwt_node, sa_issuer, bao):
+    kubelet = jwt_node.kubelet
+    pod = new_pod("web-1", namespace="shop", service_account="web")
+    jwt = sa_issuer.token(pod)
+    path = kubelet.publish(pod, {"vault/role": "shop-web"}, tokens=sa_issuer.tokens(jwt), fs_group=2000)
+    wrap_info = read_volume(path)[1]
+    assert wrap_info["creation_path"] == f"auth/{JWT_MOUNT}/login"  # a login, response-wrapped
+    assert (path / "vault-token").stat().st_gid == 2000
+    auth = unwrap(bao, path)
+    assert auth["policies"] == ["default", "nginx"]  # what Vault's role gives, not what the pod asked
+    assert auth["metadata"]["pod_uid"] == pod.uid and auth["metadata"]["namespace"] == "shop"
+    kubelet.teardown(pod)  # the generator token still revokes it
+    assert bao.lookup_accessor(auth["accessor"]) is None and bao.lookup_accessor(wrap_info["accessor"]) is None
+    assert jwt not in jwt_node.log_file.read_text()
+
+
+def test_pod_login_refusals(jwt_node, sa_issuer, bao):
+    kubelet = jwt_node.kubelet
+    before = pod_tokens(bao)
+    pod = new_pod("web-2", namespace="shop", service_account="web")
+    # Another pod's token (bound to its uid) is not this pod's.
+    other = sa_issuer.token(new_pod("web-3", namespace="shop", service_account="web"))
+    message = refused(lambda: kubelet.publish(pod, {"vault/role": "shop-web"}, tokens=sa_issuer.tokens(other)),
+                      grpc.StatusCode.PERMISSION_DENIED)
+    assert "bound to pod uid" in message
+    # Vault's role refuses another service account, in Vault's words.
+    robot = new_pod("robot", namespace="shop", service_account="robot")
+    message = refused(lambda: kubelet.publish(robot, {"vault/role": "shop-web"},
+                                              tokens=sa_issuer.tokens(sa_issuer.token(robot))),
+                      grpc.StatusCode.PERMISSION_DENIED)
+    assert "auth/csijwt" in message and "sub" in message.lower()
+    # No token for the audience: the CSIDriver lacks tokenRequests.
+    message = refused(lambda: kubelet.publish(pod, {"vault/role": "shop-web"}), grpc.StatusCode.INVALID_ARGUMENT)
+    assert "tokenRequests" in message
+    # vault/policies would be silently ignored here: refused instead.
+    message = refused(lambda: kubelet.publish(pod, {"vault/role": "shop-web", **NGINX},
+                                              tokens=sa_issuer.tokens(sa_issuer.token(pod))),
+                      grpc.StatusCode.INVALID_ARGUMENT)
+    assert "Vault role" in message
+    assert pod_tokens(bao) == before and state_records(jwt_node) == []
+    assert not kubelet.target_path(pod).exists() and not kubelet.target_path(robot).exists()
+
+
+# --- The installer's CSI variant and example, validated offline like tests/test_manifests.py ---
+
+CSI_VARIANT = REPO / "installer" / "k8s" / "variants" / "csi"
+
+
+def csi_variant() -> tuple[dict, dict]:
+    """(DaemonSet, CSIDriver) as `kubectl apply -k installer/k8s/variants/csi` would make them."""
+    from .test_manifests import K8S, apply_json_patch, documents, resource, validate
+
+    daemonset = resource("DaemonSet")
+    for variant in ("relay", "csi"):
+        kustomization = yaml.safe_load((K8S / "variants" / variant / "kustomization.yaml").read_text())
+        for patch in kustomization["patches"]:
+            assert patch["target"] == {"kind": "DaemonSet", "name": "vaulttmpfs"}
+            daemonset = apply_json_patch(daemonset, yaml.safe_load(patch["patch"]))
+    kustomization = yaml.safe_load((CSI_VARIANT / "kustomization.yaml").read_text())
+    assert (CSI_VARIANT / kustomization["resources"][0]).resolve() == (K8S / "variants" / "relay").resolve()
+    [driver] = [doc for name in kustomization["resources"][1:] for doc in documents(CSI_VARIANT / name)]
+    for doc in (daemonset, driver):
+        validate(doc)
+    return daemonset, driver
+
+
+def test_csidriver_tells_the_kubelet_what_the_plugin_needs():
+    from vaulttmpfs.csi import DRIVER_NAME
+
+    _, driver = csi_variant()
+    assert driver["kind"] == "CSIDriver" and driver["metadata"]["name"] == DRIVER_NAME
+    spec = driver["spec"]
+    assert spec["podInfoOnMount"] is True and spec["attachRequired"] is False
+    assert spec["volumeLifecycleModes"] == ["Ephemeral"] and spec["fsGroupPolicy"] == "File"
+
+
+def test_csi_variant_daemonset_serves_csi_and_the_relay_with_the_sidecars():
+    from click.testing import CliRunner
+
+    from vaulttmpfs.cli import cli
+    from vaulttmpfs.csi import DRIVER_NAME
+    from vaulttmpfs.node.csi_server import socket_path
+
+    daemonset, _ = csi_variant()
+    pod = daemonset["spec"]["template"]["spec"]
+    containers = {c["name"]: c for c in pod["containers"]}
+    assert set(containers) == {"vaulttmpfs", "node-driver-registrar", "liveness-probe"}
+    agent = containers["vaulttmpfs"]
+    env = {e["name"]: e.get("value") for e in agent["env"]}
+    assert env["VAULTTMPFS_RELAY"] == "true"  # one DaemonSet, both front ends
+    assert "VAULTTMPFS_CSI_ENDPOINT" in {p.envvar for p in cli.commands["agent"].params}
+    assert CliRunner().invoke(cli, ["agent", "--help"]).exit_code == 0
+    agent_socket = socket_path(env["VAULTTMPFS_CSI_ENDPOINT"])
+    assert agent["securityContext"]["privileged"] is True
+    volumes = {v["name"]: v for v in pod["volumes"]}
+
+    def mounts(container: dict) -> dict:
+        found = {m["name"]: m for m in container["volumeMounts"]}
+        assert set(found) <= set(volumes)
+        return found
+
+    agent_mounts = mounts(agent)
+    assert agent_mounts["pods-dir"]["mountPropagation"] == "Bidirectional"
+    assert agent_mounts["pods-dir"]["mountPath"] == volumes["pods-dir"]["hostPath"]["path"] == "/var/lib/kubelet/pods"
+    plugin_host_dir = volumes["csi-plugin-dir"]["hostPath"]["path"]
+    assert plugin_host_dir == f"/var/lib/kubelet/plugins/{DRIVER_NAME}"
+    socket_name = os.path.relpath(agent_socket, agent_mounts["csi-plugin-dir"]["mountPath"])
+    registrar, probe = containers["node-driver-registrar"], containers["liveness-probe"]
+    for sidecar in (registrar, probe):
+        sidecar_dir = mounts(sidecar)["csi-plugin-dir"]["mountPath"]
+        assert f"--csi-address={os.path.join(sidecar_dir, socket_name)}" in sidecar["args"]
+    assert f"--kubelet-registration-path={plugin_host_dir}/{socket_name}" in registrar["args"]
+    assert volumes["registration-dir"]["hostPath"]["path"] == "/var/lib/kubelet/plugins_registry"
+    assert mounts(registrar)["registration-dir"]["mountPath"] == "/registration"
+    # The livenessprobe sidecar's port is not the agent's health port (both on the host network).
+    assert "--health-port=9808" in probe["args"] and not env["VAULTTMPFS_HEALTH_ADDR"].endswith(":9808")
+
+
+def test_csi_example_pod_validates_and_its_volume_publishes(node, kubelet, bao):
+    from vaulttmpfs.csi import DRIVER_NAME
+
+    from .test_manifests import documents, validate
+
+    [example] = documents(REPO / "installer" / "examples" / "csi" / "pod.yaml")
+    validate(example)
+    [volume] = example["spec"]["volumes"]
+    assert volume["csi"]["driver"] == DRIVER_NAME
+    pod = new_pod(example["metadata"]["name"], example["metadata"]["namespace"])
+    fs_group = example["spec"]["securityContext"]["fsGroup"]
+    path = kubelet.publish(pod, volume["csi"]["volumeAttributes"], volume=volume["name"], fs_group=fs_group,
+                           read_only=volume["csi"]["readOnly"])
+    info = (path / "vault-token").stat()
+    assert info.st_gid == fs_group and stat.S_IMODE(info.st_mode) == 0o440  # readable by runAsUser 101
+    assert sorted(unwrap(bao, path)["policies"]) == ["default", "nginx"]
+    kubelet.teardown(pod, volume["name"])
+
+
+def test_generated_stubs_match_the_runtime_and_the_spec_numbers():
+    """csi_pb2 is generated at build time: it must load on this protobuf runtime without a version
+    warning, and keep the CSI spec's (csi.v1, container-storage-interface/spec csi.proto) numbers."""
+    out = subprocess.run([sys.executable, "-W", "error", "-c", "import vaulttmpfs.csi.csi_pb2_grpc"], cwd=REPO,
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    fields = lambda message: {f.name: f.number for f in message.DESCRIPTOR.fields}  # noqa: E731
+    assert csi_pb2.DESCRIPTOR.package == "csi.v1"
+    assert fields(csi_pb2.NodePublishVolumeRequest) == {
+        "volume_id": 1, "publish_context": 2, "staging_target_path": 3, "target_path": 4, "volume_capability": 5,
+        "readonly": 6, "secrets": 7, "volume_context": 8}
+    assert fields(csi_pb2.NodeUnpublishVolumeRequest) == {"volume_id": 1, "target_path": 2}
+    assert fields(csi_pb2.VolumeCapability.MountVolume) == {"fs_type": 1, "mount_flags": 2, "volume_mount_group": 3}
+    assert fields(csi_pb2.VolumeCapability) == {"block": 1, "mount": 2, "access_mode": 3}
+    assert fields(csi_pb2.GetPluginInfoResponse) == {"name": 1, "vendor_version": 2, "manifest": 3}
+    assert fields(csi_pb2.GetPluginCapabilitiesResponse) == {"capabilities": 1}
+    assert fields(csi_pb2.NodeGetInfoResponse) == {"node_id": 1, "max_volumes_per_node": 2}
+    assert csi_pb2.NodeServiceCapability.RPC.VOLUME_MOUNT_GROUP == 6
+    assert csi_pb2.VolumeCapability.AccessMode.SINGLE_NODE_WRITER == 1
+    services = {s.name: [m.name for m in s.methods] for s in csi_pb2.DESCRIPTOR.services_by_name.values()}
+    assert services["Node"] == ["NodePublishVolume", "NodeUnpublishVolume", "NodeGetCapabilities", "NodeGetInfo"]

@@ -1,0 +1,224 @@
+"""CSI Identity, Node and (empty) Controller services: each RPC is a short translation between the
+kubelet's request and the engine. Nothing here decides policy, mounts or talks to Vault.
+
+Identity comes from the keys the kubelet merges OVER the pod's own volume attributes
+(`csi.storage.k8s.io/*`, CSIDriver podInfoOnMount), so a pod cannot forge them; and the pod uid must
+also match the one in the target path, which proves the kubelet (not the pod) supplied them.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import errno
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+
+from google.protobuf import wrappers_pb2
+
+from .. import __version__, log
+from ..config import Config
+from ..engine import attributes, operation
+from ..engine.layout import CSI
+from ..errors import BadRequest, DriverError, Forbidden
+from . import DRIVER_NAME, csi_pb2, csi_pb2_grpc
+
+KUBELET = "csi.storage.k8s.io/"
+POD_NAME, POD_NAMESPACE, POD_UID = KUBELET + "pod.name", KUBELET + "pod.namespace", KUBELET + "pod.uid"
+SERVICE_ACCOUNT, EPHEMERAL = KUBELET + "serviceAccount.name", KUBELET + "ephemeral"
+SA_TOKENS = KUBELET + "serviceAccount.tokens"  # CSIDriver tokenRequests: {"<audience>": {"token": JWT, ...}}
+TARGET_MODE = 0o750  # as the kubelet makes the parent; the tmpfs mounted over it sets its own mode
+MAX_GID = 2**31 - 1
+
+
+class Identity(csi_pb2_grpc.IdentityServicer):
+    def GetPluginInfo(self, request, context):  # noqa: N802 -- the CSI spec's names
+        return csi_pb2.GetPluginInfoResponse(name=DRIVER_NAME, vendor_version=__version__)
+
+    def GetPluginCapabilities(self, request, context):  # noqa: N802
+        return csi_pb2.GetPluginCapabilitiesResponse()  # node-only: no controller service to call
+
+    def Probe(self, request, context):  # noqa: N802
+        return csi_pb2.ProbeResponse(ready=wrappers_pb2.BoolValue(value=True))
+
+
+class Controller(csi_pb2_grpc.ControllerServicer):
+    """Nothing to provision or attach: answers so that generic CSI suites (csi-sanity) can run."""
+
+    def ControllerGetCapabilities(self, request, context):  # noqa: N802
+        return csi_pb2.ControllerGetCapabilitiesResponse()
+
+
+@dataclass(frozen=True)
+class JwtLogin:
+    """Publish logs in as the pod with the kubelet's service-account token for `audience`."""
+
+    mount: str  # Vault auth mount of the jwt/kubernetes method
+    audience: str = "vault"
+
+
+class Node(csi_pb2_grpc.NodeServicer):
+    def __init__(self, config: Config, jwt_login: JwtLogin | None = None):
+        self.config = config
+        self.jwt_login = jwt_login
+
+    def NodeGetCapabilities(self, request, context):  # noqa: N802
+        # No STAGE_UNSTAGE_VOLUME: the kubelet publishes directly. VOLUME_MOUNT_GROUP: it hands us the
+        # pod's fsGroup instead of chgrp-ing the files itself (which would leave them group-writable).
+        rpc = csi_pb2.NodeServiceCapability.RPC
+        return csi_pb2.NodeGetCapabilitiesResponse(capabilities=[
+            csi_pb2.NodeServiceCapability(rpc=rpc(type=rpc.VOLUME_MOUNT_GROUP))])
+
+    def NodeGetInfo(self, request, context):  # noqa: N802
+        return csi_pb2.NodeGetInfoResponse(node_id=self.config.node_name)
+
+    def NodePublishVolume(self, request, context):  # noqa: N802
+        mount_request = publish_request(request, self.config, self.jwt_login)
+        created = _make_target(request.target_path)
+        try:
+            operation.mount(self.config, mount_request)
+        except BaseException:
+            if created:
+                _remove_target(request.target_path, missing_ok=True)
+            raise
+        return csi_pb2.NodePublishVolumeResponse()
+
+    def NodeUnpublishVolume(self, request, context):  # noqa: N802
+        _required(request, "volume_id", "target_path")
+        CSI.parts(request.target_path, self.config.pods_dir)  # only ever unmount/remove inside the layout
+        operation.unmount(self.config, request.target_path)
+        _remove_target(request.target_path, missing_ok=True)  # the spec: the SP deletes what it created
+        return csi_pb2.NodeUnpublishVolumeResponse()
+
+
+def publish_request(request, config: Config, jwt_login: JwtLogin | None = None) -> operation.MountRequest:
+    """The engine's request from the kubelet's, or BadRequest naming the field or attribute."""
+    _required(request, "volume_id", "target_path")
+    pod_uid, volume_name = CSI.parts(request.target_path, config.pods_dir)
+    context = dict(request.volume_context)
+    if context.get(EPHEMERAL) != "true":
+        raise BadRequest(f"attribute {EPHEMERAL!r} is not \"true\": vaulttmpfs serves ephemeral inline volumes "
+                         "only; the CSIDriver needs podInfoOnMount: true and volumeLifecycleModes: [Ephemeral]")
+    for key in (POD_UID, POD_NAMESPACE, POD_NAME, SERVICE_ACCOUNT):
+        if not context.get(key):
+            raise BadRequest(f"attribute {key!r} is missing: the CSIDriver {DRIVER_NAME} needs podInfoOnMount: true")
+    expected_id = "csi-" + hashlib.sha256((pod_uid + volume_name).encode()).hexdigest()
+    if request.volume_id != expected_id:
+        raise BadRequest(f"volume_id {request.volume_id!r} is not the kubelet's handle for volume "
+                         f"{volume_name!r} of pod {pod_uid} ({expected_id})")
+    unknown = sorted(k for k in context if k.startswith("vault/") and k not in attributes.KNOWN)
+    if unknown:
+        raise BadRequest(f"unknown attribute {unknown[0]!r}; vaulttmpfs reads {', '.join(attributes.KNOWN)}")
+    login = None
+    if jwt_login:
+        if attributes.POLICIES in context:
+            raise BadRequest(f"attribute {attributes.POLICIES!r} is not used: this node logs pods in with their "
+                             f"service-account token at auth/{jwt_login.mount}, where the Vault role "
+                             f"({attributes.ROLE!r}) decides the policies; remove it")
+        if attributes.flag(context, attributes.UNWRAP):
+            raise BadRequest(f"attribute {attributes.UNWRAP!r} is not supported when pods log in with their "
+                             "service-account token: the login is always response-wrapped")
+        jwt = _service_account_token(request, jwt_login.audience, pod_uid)
+        login = operation.PodLogin(jwt_login.mount, jwt)
+    return operation.MountRequest(
+        mount_dir=request.target_path,
+        policies=[] if login else attributes.policies(context.get(attributes.POLICIES)),
+        role=attributes.role(context.get(attributes.ROLE), config.role_name),
+        pod_namespace=context[POD_NAMESPACE],
+        pod_name=context[POD_NAME],
+        pod_uid=context[POD_UID],  # the engine refuses it unless it is the uid in the target path
+        service_account=context[SERVICE_ACCOUNT],
+        volume_name=volume_name,
+        fs_group=_mount_group(request.volume_capability),
+        read_only=request.readonly,
+        unwrapped=attributes.flag(context, attributes.UNWRAP),
+        layout=CSI,
+        login=login,
+    )
+
+
+def _service_account_token(request, audience: str, pod_uid: str) -> str:
+    """The pod's JWT for `audience`, from the volume context or (serviceAccountTokenInSecrets) the secrets."""
+    text = request.volume_context.get(SA_TOKENS) or request.secrets.get(SA_TOKENS)
+    if not text:
+        raise BadRequest(f"attribute {SA_TOKENS!r} is missing: the CSIDriver {DRIVER_NAME} needs "
+                         f"tokenRequests: [{{audience: {audience}}}] for pods to log in to Vault")
+    try:
+        entry = json.loads(text).get(audience) or {}
+        jwt = entry.get("token") if isinstance(entry, dict) else None
+    except (ValueError, AttributeError):
+        raise BadRequest(f"attribute {SA_TOKENS!r} is not the kubelet's JSON object of tokens") from None
+    if not isinstance(jwt, str) or not jwt:
+        raise BadRequest(f"attribute {SA_TOKENS!r} has no token for audience {audience!r}: add it to the "
+                         f"CSIDriver's tokenRequests")
+    log.secret(jwt)
+    # Vault checks the signature; this checks the token is this pod's (bound to its uid), not another's.
+    claims = _unverified_claims(jwt)
+    bound = ((claims.get("kubernetes.io") or {}).get("pod") or {}).get("uid") if isinstance(claims, dict) else None
+    if bound != pod_uid:
+        raise Forbidden(f"the service-account token for audience {audience!r} is bound to pod uid {bound!r}, "
+                        f"not to this pod ({pod_uid}): refusing it")
+    return jwt
+
+
+def _unverified_claims(jwt: str) -> dict:
+    try:
+        payload = jwt.split(".")[1]
+        return json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    except (IndexError, ValueError, binascii.Error):
+        raise BadRequest(f"attribute {SA_TOKENS!r} holds a token that is not a JWT") from None
+
+
+def _required(request, *fields: str) -> None:
+    for field in fields:
+        if not getattr(request, field):
+            raise BadRequest(f"{field} is required")
+    path = getattr(request, "target_path", "")
+    if not os.path.isabs(path):
+        raise BadRequest(f"target_path {path!r} is not an absolute path")
+
+
+def _mount_group(capability) -> int | None:
+    if not capability.HasField("mount"):
+        what = "a block volume" if capability.HasField("block") else "no access type"
+        raise BadRequest(f"volume_capability asks for {what}; vaulttmpfs volumes are mounted file systems")
+    mount = capability.mount
+    if mount.fs_type not in ("", "tmpfs"):
+        raise BadRequest(f"fsType {mount.fs_type!r} is not supported: the volume is always a tmpfs")
+    if mount.mount_flags:
+        raise BadRequest(f"mount options {list(mount.mount_flags)!r} are not supported: the tmpfs is always "
+                         "nosuid,nodev,noexec (and ro when the volume is readOnly)")
+    group = mount.volume_mount_group
+    if not group:
+        return None
+    if not group.isdigit() or int(group) > MAX_GID:
+        raise BadRequest(f"volume_mount_group {group!r} is not a group id")
+    return int(group)
+
+
+def _make_target(path: str) -> bool:
+    """Create the target dir (the plugin's job per the spec); True if this call created it."""
+    try:
+        os.mkdir(path, TARGET_MODE)
+    except FileExistsError:
+        return False
+    except FileNotFoundError:
+        raise BadRequest(f"the parent of target_path {path} does not exist (the kubelet creates it)") from None
+    return True
+
+
+def _remove_target(path: str, missing_ok: bool) -> None:
+    try:
+        os.rmdir(path)
+    except FileNotFoundError:
+        if not missing_ok:
+            raise
+    except OSError as exc:
+        if exc.errno in (errno.ENOTDIR, errno.ENOTEMPTY, errno.EBUSY):
+            raise DriverError(f"cannot remove target_path {path}: {exc.strerror}; leaving it for the operator") \
+                from None
+        raise
+
+

@@ -1,0 +1,32 @@
+"""The engine's typed errors as gRPC status codes. The kubelet puts the message in the pod's events,
+so it is the engine's own words: the attribute, path or Vault error to act on."""
+
+from __future__ import annotations
+
+import grpc
+
+from ..errors import BadRequest, DriverError, Forbidden, VaultDenied, VaultUnavailable
+
+# Most specific first: the typed errors are all DriverErrors.
+_CODES = (
+    (BadRequest, grpc.StatusCode.INVALID_ARGUMENT),
+    (Forbidden, grpc.StatusCode.PERMISSION_DENIED),
+    (VaultDenied, grpc.StatusCode.PERMISSION_DENIED),
+    (VaultUnavailable, grpc.StatusCode.UNAVAILABLE),  # the kubelet retries with backoff
+    (DriverError, grpc.StatusCode.INTERNAL),
+)
+
+
+def of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    """(code, message) for an exception raised while serving a call; False for a bug (log it)."""
+    for kind, code in _CODES:
+        if isinstance(exc, kind):
+            return code, str(exc)
+    if isinstance(exc, OSError):
+        where = f" ({exc.filename})" if exc.filename else ""
+        return grpc.StatusCode.INTERNAL, f"{exc.strerror or exc}{where}"
+    return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"
+
+
+def is_bug(exc: BaseException) -> bool:
+    return not isinstance(exc, (DriverError, OSError))
