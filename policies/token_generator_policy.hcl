@@ -7,6 +7,11 @@ path "auth/token/create/applications" {
   capabilities = ["create", "update"]
 }
 
+# Let `vaulttmpfs doctor` check the role exists and allows what the policy bindings allow.
+path "auth/token/roles/applications" {
+  capabilities = ["read"]
+}
+
 # Revoke a pod token (and its wrapping token) by accessor when the pod goes away.
 path "auth/token/revoke-accessor" {
   capabilities = ["update"]

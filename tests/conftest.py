@@ -75,6 +75,8 @@ def driver_env(bao: VaultServer, generator: dict, root: Path, log_dir: Path, **e
         "VAULTTMPFS_AGENT_SOCKET": str(root / "run/vaulttmpfs/agent.sock"),
         "VAULT_MAX_RETRIES": "1",
         "VAULT_CLIENT_TIMEOUT": "3s",
+        "VAULTTMPFS_METRICS_ADDR": "",  # an agent's /metrics is off unless a test asks (no fixed port clash)
+        "VAULTTMPFS_CONFIG_FILE": str(root / "etc/vaulttmpfs/config.env"),  # not the machine's
     }
     env.update(extra)
     return env

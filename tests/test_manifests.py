@@ -89,6 +89,8 @@ def apply_json_patch(doc: dict, operations: list[dict]) -> dict:
             target.append(op["value"])
         elif op["op"] == "add":
             target[last] = op["value"]
+        elif op["op"] == "remove":
+            del target[last]
         else:
             raise AssertionError(f"unexpected patch op {op['op']}")
     return doc
@@ -120,7 +122,9 @@ def test_daemonset_is_consistent_with_the_agent_and_the_driver():
     settings = {**resource("ConfigMap")["data"], **{k: v for k, v in env.items() if v is not None}}
     volumes = {v["name"]: v for v in pod["volumes"]}
     mounts = {m["name"]: m for m in container["volumeMounts"]}
-    assert set(mounts) == set(volumes)
+    # Every volume is mounted by some container (the config volumes by the install step only).
+    assert set(mounts) | {m["name"] for m in pod["initContainers"][0]["volumeMounts"]} == set(volumes)
+    assert set(mounts) <= set(volumes)
 
     # The plugin dir: the install init container writes it where its VAULTTMPFS_PLUGIN_DIR says,
     # default host path as in the code; the agent sees it read-only at the same place.
@@ -226,9 +230,12 @@ def test_agent_docs_match_the_cli_flags():
         assert CliRunner().invoke(cli, [name, "--help"]).exit_code == 0
     configmap = resource("ConfigMap")["data"]
     pod = resource("DaemonSet")["spec"]["template"]["spec"]
-    daemonset_env = {e["name"] for c in pod["containers"] + pod["initContainers"] for e in c["env"]}
+    container_env = [e for c in pod["containers"] + pod["initContainers"] for e in c["env"]]
+    daemonset_env = {e["name"] for e in container_env}
+    # Helpers only expanded into another value ($(POD_IP)) are Kubernetes', not ours.
+    expanded = {name for e in container_env for name in re.findall(r"\$\((\w+)\)", e.get("value") or "")}
     config_source = (REPO / "vaulttmpfs" / "config.py").read_text()
-    for setting in set(configmap) | daemonset_env:
+    for setting in (set(configmap) | daemonset_env) - expanded:
         assert setting in envvars or f'"{setting}"' in config_source, f"{setting} is read by nothing"
 
 
@@ -242,7 +249,7 @@ def test_relay_variant_gives_the_agent_what_mounting_for_the_kubelet_needs():
     assert container["securityContext"]["privileged"] is True  # mount(2) needs CAP_SYS_ADMIN
     volumes = {v["name"]: v for v in pod["volumes"]}
     mounts = {m["name"]: m for m in container["volumeMounts"]}
-    assert set(mounts) == set(volumes)
+    assert set(mounts) | {m["name"] for m in pod["initContainers"][0]["volumeMounts"]} == set(volumes)
     # A tmpfs the agent mounts must appear on the host, where the kubelet and the pod see it.
     pods = mounts["pods-dir"]
     assert pods["mountPropagation"] == "Bidirectional"
@@ -250,6 +257,57 @@ def test_relay_variant_gives_the_agent_what_mounting_for_the_kubelet_needs():
     # The driver on the host finds the agent's socket at the default path.
     socket_dir = os.path.dirname(Config.agent_socket)
     assert mounts["relay-socket"]["mountPath"] == volumes["relay-socket"]["hostPath"]["path"] == socket_dir
+
+
+def test_daemonset_writes_the_config_file_from_the_configmap_and_exposes_metrics():
+    from vaulttmpfs.config import DEFAULT_CONFIG_FILE
+
+    pod = resource("DaemonSet")["spec"]["template"]
+    container = pod["spec"]["containers"][0]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+    mounts = {m["name"]: m for m in container["volumeMounts"]}
+    # The install step reads the ConfigMap as files and writes the host's config file at the driver's path.
+    [install] = pod["spec"]["initContainers"]
+    install_env = {e["name"]: e.get("value") for e in install["env"]}
+    install_mounts = {m["name"]: m for m in install["volumeMounts"]}
+    assert volumes["configmap"]["configMap"]["name"] == resource("ConfigMap")["metadata"]["name"]
+    assert install_mounts["configmap"]["mountPath"] == install_env["VAULTTMPFS_CONFIG_FROM"]
+    config_dir = os.path.dirname(DEFAULT_CONFIG_FILE)
+    assert install_mounts["config"]["mountPath"] == volumes["config"]["hostPath"]["path"] == config_dir
+    assert not install_mounts["config"].get("readOnly") and "generator-token" not in install_mounts
+    # The agent reads the same file as the driver (one source, no envFrom), through its read-only view.
+    assert "envFrom" not in container and "config" not in mounts
+    assert Path(config_dir).is_relative_to(mounts["generator-token"]["mountPath"])
+    # Prometheus finds /metrics where the agent serves it.
+    port = int(env["VAULTTMPFS_METRICS_ADDR"].rsplit(":", 1)[1])
+    assert {"name": "metrics", "containerPort": port, "hostPort": port, "protocol": "TCP"} in container["ports"]
+    assert pod["metadata"]["annotations"]["prometheus.io/port"] == str(port)
+    monitor = documents(INSTALLER / "examples" / "monitoring" / "podmonitor.yaml")[0]
+    assert monitor["spec"]["podMetricsEndpoints"][0]["port"] == "metrics"
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+
+
+def test_jwt_bootstrap_variant_gives_the_agent_its_service_account_token():
+    from vaulttmpfs.config import Config
+
+    kustomization = yaml.safe_load((K8S / "variants" / "jwt-bootstrap" / "kustomization.yaml").read_text())
+    docs = {"DaemonSet": resource("DaemonSet"), "ConfigMap": resource("ConfigMap")}
+    for patch in kustomization["patches"]:
+        kind = patch["target"]["kind"]
+        docs[kind] = apply_json_patch(docs[kind], yaml.safe_load(patch["patch"]))
+        validate(docs[kind])
+    container = docs["DaemonSet"]["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    config = Config.from_env({**docs["ConfigMap"]["data"], **{k: v for k, v in env.items() if v}})
+    assert config.auth_role and config.auth_mount
+    volumes = {v["name"]: v for v in docs["DaemonSet"]["spec"]["template"]["spec"]["volumes"]}
+    mounts = {m["name"]: m for m in container["volumeMounts"]}
+    source = volumes["sa-token"]["projected"]["sources"][0]["serviceAccountToken"]
+    assert os.path.join(mounts["sa-token"]["mountPath"], source["path"]) == config.auth_jwt_path
+    # The agent writes the generator token where it can (the state dir), and the driver reads it there.
+    assert config.generator_token_path.startswith(mounts["state"]["mountPath"] + "/")
+    assert not mounts["state"].get("readOnly")
 
 
 # --- least privilege of the DaemonSet, in every variant (issue 15, items 10 and 11) ------------------
@@ -313,8 +371,31 @@ def test_no_container_mounts_more_of_the_hosts_etc_than_the_generator_tokens_dir
     for volume, path in host_paths.items():
         # Not /etc/kubernetes (admin.conf, pki/*.key on control planes), nor anything above or in it.
         assert not Path("/etc/kubernetes").is_relative_to(path) and not Path(path).is_relative_to("/etc/kubernetes")
-        assert path.startswith("/etc/") == (volume == "generator-token"), volume
+        assert path.startswith("/etc/") == (volume in ("generator-token", "config")), volume
+    # The config file's own dir inside vaulttmpfs' (the install step writes it; nobody else mounts it).
+    assert Path(host_paths["config"]).parent == Path(host_paths["generator-token"])
     for container in pod["initContainers"] + pod["containers"]:
         for mount in container.get("volumeMounts", []):
             if mount["name"] == "generator-token":
                 assert mount.get("readOnly") is True and mount["mountPath"] == host_paths["generator-token"]
+            if mount["name"] == "config":
+                assert container in pod["initContainers"] and mount["mountPath"] == host_paths["config"]
+
+
+def test_uninstall_variant_runs_uninstall_once_per_node_and_then_idles():
+    pod = variant_daemonset("uninstall")["spec"]["template"]["spec"]
+    [step] = pod["initContainers"]
+    bundle = re.search(r"^COPY --from=build /dist/vaulttmpfs (\S+)$", (INSTALLER / "Dockerfile").read_text(), re.M)[1]
+    assert step["command"] == [f"{bundle}/vaulttmpfs", "uninstall"]
+    mounts = {m["name"]: m for m in step["volumeMounts"]}
+    host = {v["name"]: v["hostPath"]["path"] for v in pod["volumes"] if "hostPath" in v}
+    # It needs the plugin dir, the generator token (to revoke it and delete it), the config file
+    # (Vault's address) and the state dir (which volumes are still mounted), each where the driver has it.
+    for name in ("plugin-dir", "generator-token", "state"):
+        assert not mounts[name].get("readOnly"), name
+    for name in ("generator-token", "state", "config"):
+        assert mounts[name]["mountPath"] == host[name]
+    [agent] = pod["containers"]
+    assert agent["command"] == ["sleep", "infinity"]  # no agent: nothing renews or reinstalls
+    assert "readinessProbe" not in agent and "livenessProbe" not in agent
+    assert {m["name"]: m for m in agent["volumeMounts"]}["plugin-dir"]["readOnly"] is True

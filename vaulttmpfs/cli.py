@@ -15,6 +15,21 @@ def cli() -> None:
     """
 
 
+def _setting(name: str, default: str):
+    """A click default read from the environment, else the config file (click's envvar sees only the former)."""
+
+    def read() -> str:
+        import os
+
+        if name in os.environ:  # even empty: "" turns a listener off
+            return os.environ[name]
+        from .config import setting
+
+        return setting(name, default)
+
+    return read
+
+
 @cli.command()
 def version() -> None:
     """Print the version."""
@@ -42,6 +57,8 @@ class _Duration(click.ParamType):
 
         if isinstance(value, (int, float)):
             return float(value)
+        if value == "":
+            return None  # unset: the command's own default
         try:
             seconds = parse_duration(value, param.opts[0] if param else "duration")
         except DriverError as exc:
@@ -52,14 +69,25 @@ class _Duration(click.ParamType):
 
 
 @cli.command()
-@click.option("--plugin-dir", envvar="VAULTTMPFS_PLUGIN_DIR", show_default=True,
-              default="/usr/libexec/kubernetes/kubelet-plugins/volume/exec",
-              help="The kubelet's --volume-plugin-dir (env VAULTTMPFS_PLUGIN_DIR).")
+@click.option("--plugin-dir", envvar="VAULTTMPFS_PLUGIN_DIR",
+              default=_setting("VAULTTMPFS_PLUGIN_DIR", "/usr/libexec/kubernetes/kubelet-plugins/volume/exec"),
+              help="The kubelet's --volume-plugin-dir (VAULTTMPFS_PLUGIN_DIR) "
+                   "[default: /usr/libexec/kubernetes/kubelet-plugins/volume/exec].")
 @click.option("--source", type=click.Path(exists=True, file_okay=False),
               help="Bundle dir to install [default: the running bundle, or dist/vaulttmpfs].")
-def install(plugin_dir: str, source: str | None) -> None:
+@click.option("--config-from", envvar="VAULTTMPFS_CONFIG_FROM", type=click.Path(exists=True, file_okay=False),
+              help="Also write the node's config file (VAULTTMPFS_CONFIG_FILE) from this dir: the DaemonSet's "
+                   "ConfigMap mounted as a volume (VAULTTMPFS_CONFIG_FROM).")
+def install(plugin_dir: str, source: str | None, config_from: str | None) -> None:
     """Install the driver into the kubelet's plugin dir, atomically; a no-op if already installed."""
     from .ops import install as installer
+
+    if config_from:
+        from .config import config_file_path
+        from .ops import configfile
+
+        dest = config_file_path()
+        click.echo(f"config file {dest}: {configfile.write(config_from, dest)} from {config_from}")
 
     try:
         result = installer.install(plugin_dir, source or installer.default_source())
@@ -69,27 +97,41 @@ def install(plugin_dir: str, source: str | None) -> None:
     click.echo(f"{result['action']}: {result['path']} -> {result['bundle']}{pruned}")
 
 
+# Each agent flag's default comes from its VAULTTMPFS_* variable, in the environment or the config file.
 @cli.command()
 @click.option("--renew-interval", type=_Duration(), envvar="VAULTTMPFS_RENEW_INTERVAL",
-              help="Renew the generator token this often [default: half its period/TTL].")
-@click.option("--retry-interval", type=_Duration(), envvar="VAULTTMPFS_RETRY_INTERVAL", default="60s",
-              show_default=True, help="Retry queued revocations this often.")
-@click.option("--health-addr", envvar="VAULTTMPFS_HEALTH_ADDR", default="127.0.0.1:9829", show_default=True,
-              help="host:port for GET /healthz and /livez; empty to disable.")
-@click.option("--relay/--no-relay", envvar="VAULTTMPFS_RELAY", default=False, show_default=True,
+              default=_setting("VAULTTMPFS_RENEW_INTERVAL", ""),
+              help="Renew the generator token this often (VAULTTMPFS_RENEW_INTERVAL) [default: half its period/TTL].")
+@click.option("--retry-interval", type=_Duration(), envvar="VAULTTMPFS_RETRY_INTERVAL",
+              default=_setting("VAULTTMPFS_RETRY_INTERVAL", "60s"),
+              help="Retry queued revocations this often (VAULTTMPFS_RETRY_INTERVAL) [default: 60s].")
+@click.option("--health-addr", envvar="VAULTTMPFS_HEALTH_ADDR",
+              default=_setting("VAULTTMPFS_HEALTH_ADDR", "127.0.0.1:9829"),
+              help="host:port for GET /healthz and /livez; empty to disable (VAULTTMPFS_HEALTH_ADDR) "
+                   "[default: 127.0.0.1:9829].")
+@click.option("--metrics-addr", envvar="VAULTTMPFS_METRICS_ADDR",
+              default=_setting("VAULTTMPFS_METRICS_ADDR", "127.0.0.1:9830"),
+              help="host:port for GET /metrics (Prometheus); empty to disable (VAULTTMPFS_METRICS_ADDR) "
+                   "[default: 127.0.0.1:9830].")
+@click.option("--relay/--no-relay", envvar="VAULTTMPFS_RELAY",
+              default=_setting("VAULTTMPFS_RELAY", "false"),
               help="Also do the driver's mount/unmount for it over VAULTTMPFS_AGENT_SOCKET (fast path; needs "
-                   "a privileged agent with the kubelet's pods dir mounted with Bidirectional propagation).")
+                   "a privileged agent with the kubelet's pods dir mounted with Bidirectional propagation) "
+                   "(VAULTTMPFS_RELAY) [default: off].")
 @click.option("--csi-endpoint", envvar="VAULTTMPFS_CSI_ENDPOINT", metavar="unix:///PATH",
+              default=_setting("VAULTTMPFS_CSI_ENDPOINT", ""),
               help="Also serve the CSI node plugin (driver vaulttmpfs.cloudwatt.com) on this unix socket, e.g. "
                    "unix:///csi/csi.sock (needs the same privileges and mount propagation as --relay).")
 @click.option("--csi-jwt-auth-mount", envvar="VAULTTMPFS_CSI_JWT_AUTH_MOUNT", metavar="MOUNT",
+              default=_setting("VAULTTMPFS_CSI_JWT_AUTH_MOUNT", ""),
               help="CSI: pods log in to Vault themselves with the service-account token the kubelet hands over "
                    "(CSIDriver tokenRequests), at auth/MOUNT (a jwt or kubernetes method); Vault's role (the "
                    "volume's vault/role) decides the policies. Default: tokens are minted with the generator token.")
-@click.option("--csi-jwt-audience", envvar="VAULTTMPFS_CSI_JWT_AUDIENCE", default="vault", show_default=True,
-              help="CSI: the tokenRequests audience whose token is used to log in.")
-def agent(renew_interval: float | None, retry_interval: float, health_addr: str, relay: bool,
-          csi_endpoint: str | None, csi_jwt_auth_mount: str | None, csi_jwt_audience: str) -> None:
+@click.option("--csi-jwt-audience", envvar="VAULTTMPFS_CSI_JWT_AUDIENCE",
+              default=_setting("VAULTTMPFS_CSI_JWT_AUDIENCE", "vault"),
+              help="CSI: the tokenRequests audience whose token is used to log in [default: vault].")
+def agent(renew_interval: float | None, retry_interval: float, health_addr: str, metrics_addr: str,
+          relay: bool, csi_endpoint: str | None, csi_jwt_auth_mount: str | None, csi_jwt_audience: str) -> None:
     """Run the node agent: renew the generator token, retry revocations, serve health. Stop with SIGTERM."""
     from .node import agent as node_agent
     from . import log
@@ -105,8 +147,9 @@ def agent(renew_interval: float | None, retry_interval: float, health_addr: str,
         from .csi.servicers import JwtLogin
 
         jwt_login = JwtLogin(_auth_mount(csi_jwt_auth_mount), csi_jwt_audience)
-    services = node_agent.services(config, renew_interval, retry_interval, relay, csi_endpoint, jwt_login)
-    node_agent.Agent(services, health_addr or None).run()
+    services = node_agent.services(config, renew_interval, retry_interval, relay, csi_endpoint or None, jwt_login,
+                                   metrics_addr=metrics_addr or None)
+    node_agent.Agent(services, health_addr or None, settings=config.public()).run()
     log.get().info("agent stopped")
 
 
@@ -221,6 +264,61 @@ def renew_generator() -> None:
     from .config import Config
 
     click.echo(node_bootstrap.renew_summary(node_bootstrap.renew_generator(Config.from_env())))
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="One JSON object, for scripts.")
+@click.option("--health-addr", default=_setting("VAULTTMPFS_HEALTH_ADDR", "127.0.0.1:9829"),
+              help="The agent's health endpoint [default: $VAULTTMPFS_HEALTH_ADDR, else 127.0.0.1:9829].")
+@click.option("--kubelet-pid", type=int, help="Take the driver's environment from this process "
+              "[default: the process named kubelet, else this command's environment].")
+def doctor(as_json: bool, health_addr: str, kubelet_pid: int | None) -> None:
+    """Check this node, read-only: one line per check, each FAIL with its fix; exit 1 on any FAIL."""
+    from .ops import doctor as node_doctor
+
+    checks = node_doctor.run(health_addr=health_addr or None, kubelet_pid=kubelet_pid)
+    result = node_doctor.report(checks)
+    if as_json:
+        import json
+
+        click.echo(json.dumps(result, indent=2))
+    else:
+        for check in checks:
+            click.echo(check.line())
+    if not result["ok"]:
+        raise SystemExit(1)
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="One JSON object, for scripts.")
+def status(as_json: bool) -> None:
+    """The volumes this node holds and the revocations it still owes (from the state dir, no Vault call)."""
+    from .ops import status as node_status
+    from .config import Config
+
+    report = node_status.collect(Config.from_env())
+    if as_json:
+        import json
+
+        click.echo(json.dumps(report, indent=2))
+    else:
+        for line in node_status.render(report):
+            click.echo(line)
+
+
+@cli.command()
+@click.option("--plugin-dir", envvar="VAULTTMPFS_PLUGIN_DIR",
+              default=_setting("VAULTTMPFS_PLUGIN_DIR", "/usr/libexec/kubernetes/kubelet-plugins/volume/exec"),
+              help="The kubelet's --volume-plugin-dir (VAULTTMPFS_PLUGIN_DIR).")
+@click.option("--keep-token", is_flag=True, help="Leave the node's generator token alive (e.g. to reinstall).")
+def uninstall(plugin_dir: str, keep_token: bool) -> None:
+    """Remove the driver from this node: refused while a volume is mounted; revokes the generator token."""
+    from .ops import uninstall as remover
+    from .config import Config
+
+    result = remover.uninstall(Config.from_env(), plugin_dir, revoke=not keep_token)
+    for line in remover.summary(result):  # nothing imported from here on: the bundle may be gone
+        click.echo(line)
 
 
 def main(argv: list[str]) -> int:

@@ -1,12 +1,16 @@
-"""Settings, read once from the environment the kubelet passes us.
+"""Settings, read once: the root-owned config file the DaemonSet installs, overridden by the environment.
 
-Names match the Go original (and Vault's own CLI) so vaulttmpfs is a drop-in.
+Names match the Go original (and Vault's own CLI) so vaulttmpfs is a drop-in: a kubelet drop-in
+that sets them keeps working, and wins over the file. The file (VAULTTMPFS_CONFIG_FILE, default
+/etc/vaulttmpfs/config/config.env) holds the same names as KEY=VALUE lines; it decides where tokens go,
+so it is read only when root owns it and its directories and nobody else can write them (sshd's rule).
 """
 
 from __future__ import annotations
 
 import os
 import re
+import stat
 from dataclasses import dataclass
 
 from .errors import DriverError
@@ -51,6 +55,96 @@ def safe_name(text: str, setting: str) -> str:
     return text
 
 
+CONFIG_FILE_ENV = "VAULTTMPFS_CONFIG_FILE"
+DEFAULT_CONFIG_FILE = "/etc/vaulttmpfs/config/config.env"
+MAX_CONFIG_BYTES = 64 * 1024
+_LINE = re.compile(r"(?:export\s+)?([A-Z_][A-Z0-9_]*)\s*=\s*(.*)")
+# Which names a config file may set: ours and Vault's, never a credential.
+_FILE_PREFIXES = ("VAULT_", "VAULTTMPFS_")
+_FILE_NAMES = {"NODE_NAME"}
+_NOT_IN_FILE = {"VAULT_TOKEN", CONFIG_FILE_ENV}
+_file_cache: dict[str, tuple[tuple, dict[str, str]]] = {}
+
+
+def config_file_path(env=None) -> str:
+    env = os.environ if env is None else env
+    return env.get(CONFIG_FILE_ENV) or DEFAULT_CONFIG_FILE
+
+
+def file_values(path: str) -> dict[str, str]:
+    """The config file's settings ({} when there is none); a DriverError when it is untrusted or malformed.
+
+    Parsed once per process and version of the file (the agent sees an edited file at its next call).
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    except FileNotFoundError:
+        return {}
+    except OSError as exc:
+        raise DriverError(f"cannot read config file {path}: {exc.strerror}") from None
+    with os.fdopen(fd, "rb") as handle:
+        info = os.fstat(handle.fileno())
+        identity = (info.st_dev, info.st_ino, info.st_mtime_ns, info.st_size)
+        cached = _file_cache.get(path)
+        if cached and cached[0] == identity:
+            return cached[1]
+        if not stat.S_ISREG(info.st_mode):
+            raise DriverError(f"config file {path} is not a regular file")
+        check_trusted(path, info)
+        data = handle.read(MAX_CONFIG_BYTES + 1)
+    if len(data) > MAX_CONFIG_BYTES:
+        raise DriverError(f"config file {path} is larger than {MAX_CONFIG_BYTES} bytes")
+    values = parse_config_text(data.decode("utf-8", errors="replace"), path)
+    _file_cache[path] = (identity, values)
+    return values
+
+
+def check_trusted(path: str, info: os.stat_result | None = None) -> None:
+    """Root-owned and writable by root only: the file and every directory above it (sshd's rule)."""
+    info = info or os.stat(path)
+    if info.st_uid != 0 or info.st_mode & 0o022:
+        raise DriverError(f"config file {path} must be owned by root and not group/world-writable (owner uid "
+                          f"{info.st_uid}, mode {stat.S_IMODE(info.st_mode):04o}); fix it with: "
+                          f"chown root:root {path} && chmod 644 {path}")
+    from .engine import trust
+
+    trust.check_dirs(os.path.dirname(os.path.realpath(path)), f"config file {path}")
+
+
+def parse_config_text(text: str, source: str = "config file") -> dict[str, str]:
+    """KEY=VALUE lines (as in an env file or a systemd EnvironmentFile); `#` comments; quotes optional."""
+    values: dict[str, str] = {}
+    for number, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        match = _LINE.fullmatch(line)
+        if not match:
+            raise DriverError(f"{source} line {number}: expected NAME=VALUE, got {line[:60]!r}")
+        name, value = match.group(1), match.group(2).strip()
+        if not (name.startswith(_FILE_PREFIXES) or name in _FILE_NAMES) or name in _NOT_IN_FILE:
+            raise DriverError(f"{source} line {number}: {name} is not a vaulttmpfs setting "
+                              "(VAULT_* and VAULTTMPFS_* only; never VAULT_TOKEN)")
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
+            value = value[1:-1]
+        if name in values:
+            raise DriverError(f"{source} line {number}: {name} is set twice")
+        values[name] = value
+    return values
+
+
+def settings(env=None) -> dict[str, str]:
+    """Every setting as the driver sees it: the config file, then the environment's non-empty values on top."""
+    env = os.environ if env is None else env
+    merged = dict(file_values(config_file_path(env)))
+    merged.update((k, v) for k, v in env.items() if v)
+    return merged
+
+
+def setting(name: str, default: str | None = None, env=None) -> str | None:
+    return settings(env).get(name) or default
+
+
 @dataclass(frozen=True)
 class Config:
     generator_token_path: str = "/etc/vaulttmpfs/vaulttoken"  # a dir of its own: mount only it
@@ -75,10 +169,17 @@ class Config:
     allow_insecure: bool = False  # VAULT_SKIP_VERIFY is refused unless this is set
     pods_dir: str = "/var/lib/kubelet/pods"  # the kubelet's (--root-dir)/pods: mount dirs must be below it
     policy_bindings: str | None = None  # which namespaces/service accounts may ask for which policies
+    plugin_dir: str = "/usr/libexec/kubernetes/kubelet-plugins/volume/exec"  # the kubelet's --volume-plugin-dir
+    log_level: str = "info"
+    log_max_bytes: int = 10 * 1024 * 1024  # the log file is rotated to <file>.1 past this; 0: never
+    # The agent's own login for the generator token (Vault's jwt or kubernetes auth); off unless a role is set.
+    auth_role: str | None = None
+    auth_mount: str = "jwt"
+    auth_jwt_path: str = "/var/run/secrets/kubernetes.io/serviceaccount/token"
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> "Config":
-        env = os.environ if env is None else env
+        env = settings(env)
         get = lambda name, default=None: env.get(name) or default  # noqa: E731
         wrap_ttl = get("VAULT_WRAP_TTL", cls.wrap_ttl)
         if parse_duration(wrap_ttl, "VAULT_WRAP_TTL") <= 0:
@@ -115,4 +216,38 @@ class Config:
             allow_insecure=parse_bool(get("VAULTTMPFS_ALLOW_INSECURE", ""), "VAULTTMPFS_ALLOW_INSECURE"),
             pods_dir=get("VAULTTMPFS_PODS_DIR", cls.pods_dir),
             policy_bindings=get("VAULTTMPFS_POLICY_BINDINGS"),
+            plugin_dir=get("VAULTTMPFS_PLUGIN_DIR", cls.plugin_dir),
+            log_level=log_level(get("VAULTTMPFS_LOG_LEVEL", cls.log_level)),
+            log_max_bytes=byte_size(get("VAULTTMPFS_LOG_MAX_BYTES", str(cls.log_max_bytes)),
+                                    "VAULTTMPFS_LOG_MAX_BYTES"),
+            auth_role=get("VAULTTMPFS_AUTH_ROLE") and safe_name(get("VAULTTMPFS_AUTH_ROLE"), "VAULTTMPFS_AUTH_ROLE"),
+            auth_mount=get("VAULTTMPFS_AUTH_MOUNT", cls.auth_mount).strip("/"),
+            auth_jwt_path=get("VAULTTMPFS_AUTH_JWT_PATH", cls.auth_jwt_path),
         )
+
+    def public(self) -> dict:
+        """Every setting by field name (no credential is a setting): for doctor and the agent's report."""
+        from dataclasses import asdict
+
+        return asdict(self)
+
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+_SIZE = re.compile(r"(\d+)\s*([kmg]i?b?)?", re.IGNORECASE)
+
+
+def log_level(text: str) -> str:
+    level = text.strip().lower()
+    level = "warning" if level == "warn" else level
+    if level not in LOG_LEVELS:
+        raise DriverError(f"VAULTTMPFS_LOG_LEVEL={text!r} is not one of {', '.join(LOG_LEVELS)}")
+    return level
+
+
+def byte_size(text: str, setting: str) -> int:
+    """ "10485760", "10m", "10MiB" -> bytes."""
+    match = _SIZE.fullmatch(text.strip())
+    if not match:
+        raise DriverError(f"{setting}={text!r} is not a size (examples: 1048576, 512k, 10m)")
+    unit = (match.group(2) or "").lower()[:1]
+    return int(match.group(1)) * {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}[unit]

@@ -5,7 +5,8 @@ from __future__ import annotations
 import sys
 
 # Operator commands; every other first argument is a kubelet verb (unknown ones: "Not supported").
-CLI_COMMANDS = {"bootstrap", "renew-generator", "agent", "install", "retry-revocations", "version", "token"}
+CLI_COMMANDS = {"bootstrap", "renew-generator", "agent", "install", "retry-revocations", "version",
+                "doctor", "status", "uninstall", "token"}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,11 +2,17 @@
 
 If the log file cannot be opened, logging degrades to nothing rather than failing a mount.
 Token values registered with `secret()` are masked wherever they appear in an event.
+VAULTTMPFS_LOG_LEVEL (debug, info, warning, error) drops lines below it. The file is kept under
+VAULTTMPFS_LOG_MAX_BYTES: past it, whichever process writes next renames it to <file>.1 (one
+generation kept) and every writer moves to the new file; SIGHUP makes the agent reopen it
+(for logrotate's postrotate).
 """
 
 from __future__ import annotations
 
 import os
+import sys
+import threading
 from typing import Any
 
 _secrets: dict[str, None] = {}  # insertion-ordered: the oldest go first when the cap is reached
@@ -68,26 +74,101 @@ class _NullLogger:
         return self
 
 
-def _open(path: str):
-    if path == STDERR:  # pod-side commands: a container's log is its stderr
-        import sys
+LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
+_file: "_LogFile | None" = None
 
-        return sys.stderr
-    try:
-        parent = os.path.dirname(path)
+
+class _LogFile:
+    """An append-only log file shared by many processes, rotated by size without losing a line."""
+
+    def __init__(self, path: str, max_bytes: int):
+        self.path = path
+        self.max_bytes = max_bytes
+        self.lock = threading.Lock()
+        self.reopen_requested = False
+        self.fd = self._open()
+
+    def _open(self) -> int:
+        parent = os.path.dirname(self.path)
         if parent:
             os.makedirs(parent, mode=0o755, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-        return os.fdopen(fd, "a", buffering=1, encoding="utf-8")
-    except OSError:
-        return None
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        import stat
+
+        self.regular = stat.S_ISREG(os.fstat(fd).st_mode)  # not /dev/stdout: never rotated
+        return fd
+
+    def write(self, text: str) -> None:
+        data = text.encode("utf-8", errors="replace")
+        with self.lock:
+            if self.reopen_requested or (self.max_bytes and self.regular and self._moved()):
+                self._reopen()
+            os.write(self.fd, data)
+            if self.max_bytes and self.regular and os.fstat(self.fd).st_size > self.max_bytes:
+                self._rotate()
+
+    def flush(self) -> None:
+        pass  # every line is one write(2)
+
+    def _moved(self) -> bool:
+        # Another process rotated the file (or logrotate moved it): follow it to the new one.
+        try:
+            now, ours = os.stat(self.path), os.fstat(self.fd)
+        except FileNotFoundError:
+            return True
+        return (now.st_dev, now.st_ino) != (ours.st_dev, ours.st_ino)
+
+    def _rotate(self) -> None:
+        import fcntl
+
+        fcntl.flock(self.fd, fcntl.LOCK_EX)  # two writers past the limit: only one renames
+        try:
+            if not self._moved():
+                os.replace(self.path, self.path + ".1")
+        finally:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+        self._reopen()
+
+    def _reopen(self) -> None:
+        self.reopen_requested = False
+        try:
+            fd = self._open()
+        except OSError:
+            return  # keep writing where we were
+        os.close(self.fd)
+        self.fd = fd
+
+
+def reopen() -> None:
+    """Reopen the log file at its path on the next line (the agent's SIGHUP handler; async-signal safe)."""
+    if _file is not None:
+        _file.reopen_requested = True
+
+
+def _options() -> tuple[int, int]:
+    """(level, max bytes) from the settings; defaults when they cannot be read (a log must not fail a call)."""
+    try:
+        from .config import Config, byte_size, log_level, setting
+
+        level = log_level(setting("VAULTTMPFS_LOG_LEVEL", Config.log_level))
+        max_bytes = byte_size(setting("VAULTTMPFS_LOG_MAX_BYTES", str(Config.log_max_bytes)),
+                              "VAULTTMPFS_LOG_MAX_BYTES")
+        return LEVELS[level], max_bytes
+    except Exception:  # noqa: BLE001
+        return LEVELS["info"], 10 * 1024 * 1024
 
 
 def get(log_file: str | None = None, **context: Any):
     """The process-wide logger (configured on first use), bound to `context`."""
-    global _logger
+    global _logger, _file
     if _logger is None:
-        handle = _open(log_file) if log_file else None
+        level, max_bytes = _options()
+        try:
+            _file = _LogFile(log_file, max_bytes) if log_file and log_file != STDERR else None
+        except OSError:
+            _file = None
+        # pod-side commands: a container's log is its stderr
+        handle = sys.stderr if log_file == STDERR else _file
         if handle is None:
             _logger = _NullLogger()
         else:
@@ -95,6 +176,7 @@ def get(log_file: str | None = None, **context: Any):
 
             _logger = structlog.wrap_logger(
                 structlog.WriteLogger(handle),
+                wrapper_class=structlog.make_filtering_bound_logger(level),
                 processors=[
                     structlog.processors.add_log_level,
                     structlog.processors.TimeStamper(fmt="iso", utc=True),

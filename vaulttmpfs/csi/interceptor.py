@@ -8,7 +8,7 @@ import time
 
 import grpc
 
-from .. import log
+from .. import log, telemetry
 from . import status
 
 # Volume context keys worth a log field (who asked); everything else stays out of the log.
@@ -39,12 +39,19 @@ class LogAndMap(grpc.ServerInterceptor):
         method = handler_call_details.method.rsplit("/", 1)[-1]
         inner = handler.unary_unary
 
+        verb = _COUNTED.get(method)
+
         def serve(request, context):
             started = time.monotonic()
             logger = log.get(self.log_file, component="csi", rpc=method, **call_fields(request))
+            if verb:
+                telemetry.begin()
             try:
                 response = inner(request, context)
             except Exception as exc:  # noqa: BLE001 -- every failure becomes a status, never a stack
+                if verb:
+                    telemetry.failed(exc)
+                    telemetry.finish(verb, False, time.monotonic() - started, via="agent", front_end="csi")
                 code, message = status.of(exc)
                 elapsed = round((time.monotonic() - started) * 1000, 1)
                 if status.is_bug(exc):
@@ -52,6 +59,8 @@ class LogAndMap(grpc.ServerInterceptor):
                 else:
                     logger.warning("csi call failed", code=code.name, error=message, ms=elapsed)
                 context.abort(code, message)
+            if verb:
+                telemetry.finish(verb, True, time.monotonic() - started, via="agent", front_end="csi")
             if method not in _QUIET:
                 logger.info("csi call", code="OK", ms=round((time.monotonic() - started) * 1000, 1))
             return response
@@ -61,5 +70,7 @@ class LogAndMap(grpc.ServerInterceptor):
             response_serializer=handler.response_serializer)
 
 
+# Counted in the agent's /metrics like the FlexVolume verbs (front_end="csi").
+_COUNTED = {"NodePublishVolume": "mount", "NodeUnpublishVolume": "unmount"}
 # The livenessprobe sidecar calls Probe every few seconds: not worth a line each when it succeeds.
 _QUIET = {"Probe"}

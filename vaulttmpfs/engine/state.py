@@ -69,6 +69,21 @@ class StateStore:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self._volume_path(mount_dir, suffix))
 
+    def list_volumes(self) -> list[dict[str, Any]]:
+        """Every volume record (with `since`: when it was written), oldest first."""
+        try:
+            names = [n for n in os.listdir(self.volumes) if n.endswith(".json")]
+        except FileNotFoundError:
+            return []
+        records = []
+        for name in names:
+            path = os.path.join(self.volumes, name)
+            record = _read_json(path)
+            if record and record.get("mount_dir"):
+                with contextlib.suppress(FileNotFoundError):
+                    records.append({**record, "since": os.stat(path).st_mtime})
+        return sorted(records, key=lambda r: r["since"])
+
     def add_pending(self, accessor: str, record: dict[str, Any]) -> None:
         self._ensure(self.pending)
         _write_json(os.path.join(self.pending, _safe(accessor) + ".json"),

@@ -151,7 +151,17 @@ def handle(argv: list[str], env: dict[str, str] | None = None) -> dict:
     try:
         return verb(argv[1:], env)
     except BaseException as exc:  # noqa: BLE001 -- the answer must always be JSON
+        _note_failure(exc)
         return answer(FAILURE, _describe(exc))
+
+
+def _note_failure(exc: BaseException) -> None:
+    try:
+        from .. import telemetry
+
+        telemetry.failed(exc)
+    except BaseException:  # noqa: BLE001
+        pass
 
 
 def _describe(exc: BaseException) -> str:
@@ -188,15 +198,50 @@ def encode(reply: dict) -> tuple[bytes, int]:
 
 def main(argv: list[str]) -> int:
     reply_fd = _silence_std_streams()
+    counted = bool(argv) and argv[0] in ("mount", "unmount")  # not init: it runs on every probe
+    relayed = None
     try:
+        started = _now() if counted else 0.0
         relayed = _relay(argv)
+        if relayed is None and counted:
+            _begin()  # only now: a relayed call is the agent's to count, and threading costs ~4 ms
         payload, code = relayed if relayed is not None else encode(handle(argv))
     except BaseException as exc:  # noqa: BLE001 -- a bug in the relay client still answers JSON
         payload, code = encode(answer(FAILURE, _describe(exc)))
     os.write(reply_fd, payload)
+    if counted and relayed is None:  # a relayed call is counted by the agent that did it
+        _finish(argv[0], code == 0, started)
     # The answer is out and nothing is left to flush (log lines are flushed one by one, state files
     # are fsynced and closed): skip the interpreter's teardown, ~3 ms of every kubelet call.
     os._exit(code)
+
+
+def _now() -> float:
+    import time  # built in: no file to load
+
+    return time.monotonic()
+
+
+def _begin() -> None:
+    try:
+        from .. import telemetry
+
+        telemetry.begin()
+    except BaseException:  # noqa: BLE001 -- counting must never fail the call
+        pass
+
+
+def _finish(verb: str, ok: bool, started: float) -> None:
+    """One record for the agent's /metrics, spooled in the state dir (see telemetry); never fails the call."""
+    try:
+        import time
+
+        from .. import telemetry
+        from . import relay
+
+        telemetry.finish(verb, ok, time.monotonic() - started, relay="fallback" if relay.fell_back else "")
+    except BaseException:  # noqa: BLE001
+        pass
 
 
 def _relay(argv: list[str]) -> tuple[bytes, int] | None:

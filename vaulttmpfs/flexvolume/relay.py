@@ -36,6 +36,9 @@ FORWARDED_NAMES = {"NODE_NAME"}
 NOT_FORWARDED = {"VAULT_TOKEN"}  # never read by the driver; no reason to carry a credential around
 
 
+fell_back = False  # this call found a relay socket but no agent took the call (counted in /metrics)
+
+
 class Refused(Exception):
     """The agent did not take the call; nothing was sent, so doing it here is safe."""
 
@@ -46,15 +49,18 @@ def forward(argv: list[str], env: dict[str, str] | None = None) -> tuple[bytes, 
     """The agent's answer (one JSON line, exit code); None when no agent took the call."""
     env = os.environ if env is None else env
     path = env.get(SOCKET_ENV) or DEFAULT_SOCKET
+    global fell_back
     try:
         sock = _connect(path)
-    except (OSError, Refused):
+    except (OSError, Refused) as exc:
+        fell_back = not isinstance(exc, FileNotFoundError)  # no socket at all: no agent meant to relay
         return None
     committed = False
     try:
         try:
             sock.sendall(encode_request(argv, env, os.uname().nodename))
         except OSError:
+            fell_back = True
             return None  # the frame did not arrive whole: the agent drops incomplete frames
         committed = True
         sock.settimeout(REPLY_TIMEOUT)

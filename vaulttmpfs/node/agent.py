@@ -92,7 +92,7 @@ class GeneratorRenewal(Loop):
         super().__init__()
         self.config = config
         self.interval = interval
-        self.state: dict[str, Any] = {"valid": False, "renewals": 0, "last_error": "not renewed yet"}
+        self.state: dict[str, Any] = {"valid": False, "renewals": 0, "failures": 0, "last_error": "not renewed yet"}
         self._valid_until: float | None = None
 
     def run_once(self) -> float:
@@ -108,13 +108,17 @@ class GeneratorRenewal(Loop):
         except Exception as exc:  # noqa: BLE001 -- e.g. an odd answer from a proxy: report it, keep going
             logger.error("unexpected error renewing the generator token", exc_info=exc)
             return self._failed(logger, f"unexpected error: {type(exc).__name__}: {exc}")
+        return self._renewed(logger, auth)
+
+    def _renewed(self, logger, auth: dict[str, Any], event: str = "generator token renewed",
+                 renewal: bool = True) -> float:
         lease = float(auth.get("lease_duration") or 0)
         next_in = self.interval or max(lease / 2, MIN_INTERVAL)
         self._valid_until = time.time() + lease if lease else None
-        self.state.update(valid=True, renewals=self.state["renewals"] + 1, last_error=None,
+        self.state.update(valid=True, renewals=self.state["renewals"] + renewal, last_error=None,
                           last_renewal=_iso(time.time()), lease_duration=lease, renew_interval=next_in,
                           policies=auth.get("policies") or [])
-        logger.info("generator token renewed", lease_duration=lease, next_in=next_in,
+        logger.info(event, lease_duration=lease, next_in=next_in,
                     accessor=log.accessor_hint(auth.get("accessor")))  # any generator may revoke by accessor
         return next_in
 
@@ -136,7 +140,8 @@ class GeneratorRenewal(Loop):
 
     def _failed(self, logger, message: str) -> float:
         still_valid = self._valid_until is not None and time.time() < self._valid_until
-        self.state.update(valid=still_valid, last_error=message, last_failure=_iso(time.time()))
+        self.state.update(valid=still_valid, last_error=message, last_failure=_iso(time.time()),
+                          failures=self.state["failures"] + 1)
         logger.warning("generator token renewal failed", error=message)
         return min(self.interval or FAILURE_RETRY, FAILURE_RETRY)
 
@@ -246,9 +251,17 @@ def parse_addr(addr: str) -> tuple[str, int]:
 
 def services(config: Config, renew_interval: float | None = None,
              retry_interval: float = DEFAULT_RETRY_INTERVAL, relay: bool = False,
-             csi_endpoint: str | None = None, csi_jwt_login=None) -> list[Service]:
+             csi_endpoint: str | None = None, csi_jwt_login=None,
+             metrics_addr: str | None = None) -> list[Service]:
     """What the agent runs besides its health server."""
-    found = [GeneratorRenewal(config, renew_interval), RevocationRetry(config, retry_interval)]
+    if config.auth_role:
+        # The agent logs in itself (service-account JWT) and keeps the token it gets alive.
+        from .generator_login import GeneratorLogin
+
+        keeper: Service = GeneratorLogin(config, renew_interval)
+    else:
+        keeper = GeneratorRenewal(config, renew_interval)
+    found = [keeper, RevocationRetry(config, retry_interval)]
     if relay:
         # Opt-in: the agent then mounts for the kubelet, so it needs privileges and mount propagation.
         from .relay_server import RelayServer
@@ -259,12 +272,18 @@ def services(config: Config, renew_interval: float | None = None,
         from .csi_server import CsiServer
 
         found.append(CsiServer(config, csi_endpoint, jwt_login=csi_jwt_login))
+    if metrics_addr:  # last: it reports on the services above
+        from .metrics import MetricsServer
+
+        found.append(MetricsServer(config, metrics_addr, found))
     return found
 
 
 class Agent:
-    def __init__(self, services: list[Service], health_addr: str | None = DEFAULT_HEALTH_ADDR):
+    def __init__(self, services: list[Service], health_addr: str | None = DEFAULT_HEALTH_ADDR,
+                 settings: dict[str, Any] | None = None):
         self.services = list(services)
+        self.settings = settings  # reported so `vaulttmpfs doctor` can compare them with the driver's
         self.health = HealthServer(health_addr, self.report) if health_addr else None
         self.stopping = threading.Event()
 
@@ -272,13 +291,17 @@ class Agent:
         statuses = {s.name: s.status() for s in self.services}
         healthy = all(s.healthy() for s in self.services)
         alive = all(s.alive() for s in self.services) and not self.stopping.is_set()
-        return healthy, alive, {"services": statuses}
+        body: dict[str, Any] = {"services": statuses}
+        if self.settings is not None:
+            body["settings"] = self.settings
+        return healthy, alive, body
 
     def run(self, handle_signals: bool = True) -> None:
         """Start everything, wait for SIGTERM/SIGINT (or `stopping`), stop everything."""
         if handle_signals:
             for signum in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(signum, lambda *_: self.stopping.set())
+            signal.signal(signal.SIGHUP, lambda *_: log.reopen())  # logrotate's postrotate
         started: list[Service] = []
         try:
             for service in ([self.health] if self.health else []) + self.services:

@@ -12,9 +12,18 @@ from ..flexvolume.relay import (BANNER, MAX_FRAME, Refused, _connect, decode_req
 
 def handle_call(argv: list[str], env: dict[str, str]) -> tuple[bytes, int]:
     """Run one kubelet call in this process, as the driver would with the caller's settings."""
+    import time
+
+    from .. import telemetry
     from ..flexvolume import protocol
 
-    return protocol.encode(protocol.handle(argv, env))
+    telemetry.begin()
+    started = time.monotonic()
+    payload, code = protocol.encode(protocol.handle(argv, env))
+    if argv and argv[0] in ("mount", "unmount"):
+        telemetry.finish(argv[0], code == 0, time.monotonic() - started, via="relay",
+                         state_dir=env.get("VAULTTMPFS_STATE_DIR"))
+    return payload, code
 
 
 class RelayServer:

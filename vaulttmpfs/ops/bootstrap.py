@@ -36,6 +36,7 @@ SETUP_POLICY = "vaulttmpfs-setup"
 SETUP_POLICY_FILE = "vaulttmpfs_setup_policy.hcl"
 # The shipped policy names the default pod-token role; another VAULTTMPFS_ROLE_NAME is put in its place.
 SHIPPED_CREATE_PATH = '"auth/token/create/applications"'
+SHIPPED_ROLE_PATH = '"auth/token/roles/applications"'  # read, for `vaulttmpfs doctor`
 _MOUNT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)*")
 _DURATION_FIELDS = {"token_period", "token_explicit_max_ttl", "token_ttl", "token_max_ttl"}
 
@@ -323,7 +324,8 @@ class PolicyFiles:
             return text
         if SHIPPED_CREATE_PATH not in text:
             raise DriverError(f"{self.root / POLICY_FILE} has no {SHIPPED_CREATE_PATH} to point at role {role!r}")
-        return text.replace(SHIPPED_CREATE_PATH, f'"auth/token/create/{role}"')
+        return text.replace(SHIPPED_CREATE_PATH, f'"auth/token/create/{role}"').replace(
+            SHIPPED_ROLE_PATH, f'"auth/token/roles/{role}"')
 
 
 def default_policies_dir() -> Path:

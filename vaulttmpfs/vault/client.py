@@ -201,10 +201,21 @@ class Vault:
             session=_session(config),
         )
 
-    def _call(self, action: str):
+    @contextlib.contextmanager
+    def _call(self, action: str) -> Iterator[None]:
+        import time
+
+        from .. import telemetry
+
         # Every attempt may take the full timeout; one more for connects and backoff.
         deadline = self.config.timeout * (self.config.max_retries + 2)
-        return translate_errors(action, self.config.vault_addr, deadline)
+        started, ok = time.monotonic(), False
+        try:
+            with translate_errors(action, self.config.vault_addr, deadline):
+                yield
+            ok = True
+        finally:
+            telemetry.vault_call(action, time.monotonic() - started, ok)
 
     def create_wrapped_token(
         self, role: str, policies: list[str], metadata: dict[str, str], display_name: str
@@ -260,6 +271,17 @@ class Vault:
     def renew_self(self, increment: str | None = None, what: str = "the generator token") -> dict[str, Any]:
         with self._call(f"renewing {what}"):
             return self.client.auth.token.renew_self(increment=increment)["auth"]
+
+    def health(self) -> dict[str, Any]:
+        """sys/health (no token needed): initialized, sealed, version."""
+        with self._call("reading sys/health"):
+            answer = self.client.sys.read_health_status(method="GET")
+        return answer if isinstance(answer, dict) else {}
+
+    def jwt_login(self, role: str, jwt: str, mount: str = "jwt") -> dict[str, Any]:
+        """auth/<mount>/login with a JWT (Vault's jwt and kubernetes auth take the same body)."""
+        with self._call(f"logging in with a service-account JWT as role {role!r} (auth/{mount})"):
+            return self.client.auth.jwt.jwt_login(role=role, jwt=jwt, use_token=False, path=mount)["auth"]
 
     # --- for `vaulttmpfs bootstrap` ---
     def ldap_login(self, username: str, password: str, mount: str = "ldap") -> dict[str, Any]:

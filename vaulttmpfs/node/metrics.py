@@ -1,0 +1,192 @@
+"""The agent's GET /metrics (Prometheus text format, prometheus-client).
+
+Counted here: every mount/unmount (by verb, front end, path -- the driver on its own or relayed
+through the agent --, outcome and a reason from a fixed set), their durations, each Vault round
+trip's duration, relay connections and fallbacks, and from the node's state at scrape time:
+pending revocations, volumes held, the generator token's remaining TTL and last renewal result.
+Driver processes spool their records in the state dir (see telemetry); they are folded in before
+every scrape and every FOLD_INTERVAL, so calls made without the agent are counted too.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from .. import log, telemetry
+from ..config import Config
+from ..errors import DriverError
+from .agent import Loop, parse_addr
+
+FOLD_INTERVAL = 15.0
+FRONT_ENDS = ("flexvolume", "csi")  # label values are a fixed set, whatever a spool line says
+VIAS = ("driver", "relay", "agent")
+CALL_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+VAULT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
+
+
+class Metrics:
+    """The counters and histograms; `telemetry`'s sink inside the agent."""
+
+    def __init__(self, registry):
+        from prometheus_client import Counter, Histogram
+
+        self.lock = threading.Lock()
+        self.operations = Counter("vaulttmpfs_volume_operations", "Volume calls (mount/unmount) by outcome",
+                                  ["verb", "front_end", "via", "outcome", "reason"], registry=registry)
+        self.durations = Histogram("vaulttmpfs_volume_operation_duration_seconds", "Duration of volume calls",
+                                   ["verb", "front_end", "via"], buckets=CALL_BUCKETS, registry=registry)
+        self.vault = Histogram("vaulttmpfs_vault_request_duration_seconds", "Duration of Vault round trips",
+                               ["call", "outcome"], buckets=VAULT_BUCKETS, registry=registry)
+        self.fallbacks = Counter("vaulttmpfs_relay_fallbacks",
+                                 "Driver calls that found the relay socket but no agent, and did the work themselves",
+                                 registry=registry)
+        self.spooled = Counter("vaulttmpfs_spooled_records", "Records folded in from driver processes",
+                               registry=registry)
+
+    def call(self, record: dict[str, Any]) -> None:
+        reason = record.get("reason") if record.get("reason") in telemetry.REASONS else "internal"
+        verb = record.get("verb") if record.get("verb") in ("mount", "unmount") else "other"
+        front_end = record.get("front_end") if record.get("front_end") in FRONT_ENDS else "other"
+        via = record.get("via") if record.get("via") in VIAS else "other"
+        labels = (verb, front_end, via)
+        outcome = "success" if record.get("outcome") == "success" else "failure"
+        self.operations.labels(*labels, outcome, reason).inc()
+        self.durations.labels(*labels).observe(float(record.get("seconds") or 0))
+        for entry in record.get("vault") or []:
+            if isinstance(entry, list) and len(entry) == 3:
+                self.vault_call(str(entry[0]), float(entry[1]), bool(entry[2]))
+        if record.get("relay") == "fallback":
+            self.fallbacks.inc()
+
+    def vault_call(self, kind: str, seconds: float, ok: bool) -> None:
+        kind = kind if kind in set(telemetry.VAULT_CALLS.values()) | {"other"} else "other"
+        self.vault.labels(kind, "ok" if ok else "error").observe(seconds)
+
+
+class NodeState:
+    """Gauges read at scrape time from the state dir and the agent's services."""
+
+    def __init__(self, config: Config, services: list):
+        self.config = config
+        self.services = services
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        from ..engine.state import StateStore
+
+        store = StateStore(self.config.state_dir)
+        yield GaugeMetricFamily("vaulttmpfs_pending_revocations", "Pod tokens queued for revocation",
+                                value=len(store.list_pending()))
+        yield GaugeMetricFamily("vaulttmpfs_volumes", "Volumes this node holds (state records)",
+                                value=len(store.list_volumes()))
+        for service in self.services:
+            if service.name == "generator":
+                yield from _generator(service.status())
+            elif service.name == "relay":
+                counts = CounterMetricFamily("vaulttmpfs_relay_connections", "Relay connections by result",
+                                             labels=["result"])
+                for result, count in service.status().items():
+                    if result in ("relayed", "refused", "dropped", "failed"):
+                        counts.add_metric([result], count)
+                yield counts
+
+
+def _generator(status: dict[str, Any]):
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+    if status.get("expires_in") is not None:
+        yield GaugeMetricFamily("vaulttmpfs_generator_token_ttl_seconds",
+                                "Seconds the generator token stays valid without another renewal",
+                                value=status["expires_in"])
+    yield GaugeMetricFamily("vaulttmpfs_generator_renewal_ok", "1 if the last renewal (or login) succeeded",
+                            value=1 if status.get("last_error") is None else 0)
+    renewals = CounterMetricFamily("vaulttmpfs_generator_renewals", "Generator token renewals by result",
+                                   labels=["result"])
+    renewals.add_metric(["success"], status.get("renewals", 0))
+    renewals.add_metric(["failure"], status.get("failures", 0))
+    yield renewals
+
+
+class MetricsServer(Loop):
+    """Serves /metrics and folds the driver processes' spool every FOLD_INTERVAL."""
+
+    name = "metrics"
+
+    def __init__(self, config: Config, addr: str, services: list):
+        super().__init__()
+        from prometheus_client import CollectorRegistry
+
+        self.config = config
+        self.addr = addr
+        self.registry = CollectorRegistry()
+        self.metrics = Metrics(self.registry)
+        self.registry.register(NodeState(config, services))
+        self._fold_lock = threading.Lock()
+        self._server = None
+        self.folded = 0
+
+    def fold(self) -> None:
+        with self._fold_lock:
+            records = telemetry.fold(self.config.state_dir)
+            for record in records:
+                try:
+                    self.metrics.call(record)
+                except (TypeError, ValueError):  # a garbled line costs that line, not the scrape
+                    continue
+            self.metrics.spooled.inc(len(records))
+            self.folded += len(records)
+
+    def run_once(self) -> float:
+        self.fold()
+        return FOLD_INTERVAL
+
+    def start(self) -> None:
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802 -- http.server's naming
+                if self.path.split("?", 1)[0] != "/metrics":
+                    self.send_error(404, "try /metrics")
+                    return
+                try:
+                    server.fold()
+                except OSError as exc:
+                    log.get().warning("metrics spool fold failed", error=str(exc))
+                data = generate_latest(server.registry)
+                self.send_response(200)
+                self.send_header("Content-Type", CONTENT_TYPE_LATEST)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *_args):
+                pass
+
+        host, port = parse_addr(self.addr)
+        try:
+            self._server = ThreadingHTTPServer((host, port), Handler)
+        except OSError as exc:
+            raise DriverError(f"metrics server cannot listen on {self.addr}: {exc.strerror}") from None
+        self._server.daemon_threads = True
+        threading.Thread(target=self._server.serve_forever, name="metrics-http", daemon=True).start()
+        telemetry.set_sink(self.metrics)
+        super().start()
+
+    def stop(self) -> None:
+        super().stop()
+        telemetry.set_sink(None)
+        if self._server:
+            self._server.shutdown()
+            self._server.server_close()
+
+    def status(self) -> dict[str, Any]:
+        return {"addr": self.addr, "folded": self.folded}

@@ -1,0 +1,50 @@
+"""The node's config file from the DaemonSet's ConfigMap: `vaulttmpfs install --config-from DIR`.
+
+DIR is the ConfigMap mounted as a volume (one file per key). Its VAULT_*/VAULTTMPFS_* keys become
+KEY=VALUE lines of the config file the driver reads on the host (VAULTTMPFS_CONFIG_FILE, default
+/etc/vaulttmpfs/config/config.env), written root-owned 0644 in a root-owned 0755 dir, atomically: a
+kubelet call reads the old file or the new one, never a mix. Unchanged content is not rewritten.
+"""
+
+from __future__ import annotations
+
+import os
+
+from ..config import check_trusted, parse_config_text
+from ..engine import files
+from ..errors import DriverError
+
+MAX_VALUE_BYTES = 4096
+
+
+def render(source_dir: str) -> str:
+    lines = ["# Written by `vaulttmpfs install --config-from` from the DaemonSet's ConfigMap; edit the ConfigMap."]
+    for name in sorted(os.listdir(source_dir)):
+        path = os.path.join(source_dir, name)
+        if name.startswith(".") or not os.path.isfile(path):  # a ConfigMap volume's ..data links
+            continue
+        with open(path, "rb") as handle:
+            value = handle.read(MAX_VALUE_BYTES + 1).decode("utf-8", errors="replace").strip()
+        if len(value) > MAX_VALUE_BYTES or "\n" in value:
+            raise DriverError(f"ConfigMap key {name} must be one line of at most {MAX_VALUE_BYTES} bytes")
+        lines.append(f"{name}={value}")
+    text = "\n".join(lines) + "\n"
+    parse_config_text(text, f"ConfigMap in {source_dir}")  # refuse what the driver would refuse, now
+    return text
+
+
+def write(source_dir: str, dest: str) -> str:
+    """'written' or 'unchanged'."""
+    text = render(source_dir)
+    parent = os.path.dirname(os.path.abspath(dest))
+    os.makedirs(parent, mode=0o755, exist_ok=True)
+    try:
+        with open(dest, encoding="utf-8") as handle:
+            if handle.read() == text:
+                check_trusted(dest)
+                return "unchanged"
+    except FileNotFoundError:
+        pass
+    files.replace(dest, text.encode(), 0o644, gid=0)
+    check_trusted(dest)  # e.g. a dir above it others can write: say so at install, not at the first mount
+    return "written"

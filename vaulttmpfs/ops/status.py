@@ -1,0 +1,76 @@
+"""`vaulttmpfs status`: the volumes this node holds and the revocations it still owes, from the state dir.
+
+Read-only and offline (no Vault call): it answers even while Vault is down, which is when it matters.
+Accessors are shown as a prefix, enough to find the token in Vault's audit log, not to act on it.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from ..config import Config
+from ..engine import volume
+from ..engine.state import StateStore
+
+ACCESSOR_PREFIX = 8
+
+
+def collect(config: Config, now: float | None = None) -> dict[str, Any]:
+    now = time.time() if now is None else now
+    store = StateStore(config.state_dir)
+    volumes = [_volume(record, now) for record in store.list_volumes()]
+    pending = [_pending(record, now) for record in store.list_pending()]
+    return {"node": config.node_name, "state_dir": config.state_dir, "volumes": volumes, "pending": pending}
+
+
+def _volume(record: dict[str, Any], now: float) -> dict[str, Any]:
+    return {
+        "pod": record.get("pod", ""),
+        "namespace": record.get("namespace", ""),
+        "pod_uid": record.get("pod_uid", ""),
+        "policies": record.get("policies") or [],
+        "role": record.get("role", ""),
+        "accessor": _prefix(record.get("accessor")),
+        "age_seconds": max(0, round(now - record["since"])),
+        "mounted": volume.is_mount_point(record["mount_dir"]),
+        "mount_dir": record["mount_dir"],
+    }
+
+
+def _pending(record: dict[str, Any], now: float) -> dict[str, Any]:
+    return {
+        "accessor": _prefix(record.get("accessor")),
+        "pod_uid": record.get("pod_uid", ""),
+        "why": record.get("why", ""),
+        "error": record.get("error", ""),
+        "age_seconds": max(0, round(now - float(record.get("since") or now))),
+    }
+
+
+def _prefix(accessor: str | None) -> str:
+    return (accessor or "")[:ACCESSOR_PREFIX]
+
+
+def age(seconds: int) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
+def render(report: dict[str, Any]) -> list[str]:
+    lines = [f"node {report['node']}: {len(report['volumes'])} volume(s), "
+             f"{len(report['pending'])} pending revocation(s) (state dir {report['state_dir']})"]
+    if report["volumes"]:
+        lines.append(f"{'NAMESPACE':<20} {'POD':<32} {'POLICIES':<24} {'ACCESSOR':<10} {'AGE':>5}  MOUNTED")
+        for v in report["volumes"]:
+            lines.append(f"{v['namespace'] or '-':<20} {v['pod'] or v['pod_uid'] or '-':<32} "
+                         f"{','.join(v['policies']):<24} {v['accessor']:<10} {age(v['age_seconds']):>5}  "
+                         f"{'yes' if v['mounted'] else 'NO (record only)'}")
+    if report["pending"]:
+        lines.append("pending revocations (the agent retries them; `vaulttmpfs retry-revocations` now):")
+        for p in report["pending"]:
+            lines.append(f"  {p['accessor']:<10} pod {p['pod_uid'] or '-'} {age(p['age_seconds'])} ago: "
+                         f"{p['why']}: {p['error']}")
+    return lines

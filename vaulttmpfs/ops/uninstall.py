@@ -1,0 +1,142 @@
+"""`vaulttmpfs uninstall`: take the driver off this node, leaving no token and no file behind.
+
+Refused while any volume is mounted (the kubelet could no longer unmount it, and its pod token
+would outlive the pod) or any revocation is still owed. Then the node's generator token is
+revoked and its file removed, and the driver dir leaves the kubelet's plugin dir in one rename
+(to a dot name the kubelet's watcher ignores) before it is deleted. When this runs from the
+installed bundle itself, the removal is the last thing it does: nothing is imported after it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Any
+
+from .. import log
+from ..config import Config
+from ..engine import generator, volume
+from ..engine.state import StateStore
+from ..errors import DriverError, VaultDenied
+from . import install
+
+TRASH = ".vaulttmpfs-uninstall.tmp"
+
+
+def held_volumes(config: Config) -> list[dict[str, Any]]:
+    """Volumes still mounted: the state records, and our tmpfs mounts this mount namespace shows."""
+    from ..engine.operation import MOUNT_SOURCE
+
+    held = {r["mount_dir"]: r for r in StateStore(config.state_dir).list_volumes()}
+    prefix = os.path.realpath(config.pods_dir) + "/"
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as table:
+        for line in table:
+            fields = line.split()
+            sep = fields.index("-")
+            target = volume._unescape(fields[4])
+            if fields[sep + 1] == "tmpfs" and fields[sep + 2] == MOUNT_SOURCE and target.startswith(prefix):
+                held.setdefault(target, {"mount_dir": target, "pod_uid": target[len(prefix):].split("/")[0]})
+    return list(held.values())
+
+
+def _gone(config: Config, record: dict[str, Any]) -> bool:
+    """A record whose pod dir the kubelet already removed (e.g. a tmpfs lost with a reboot): nothing
+    mounts there any more, so its token can be revoked now. Unknowable (and kept) where this mount
+    namespace does not show the kubelet's pods dir, e.g. in the agent's container."""
+    if not os.path.isdir(config.pods_dir) or volume.is_mount_point(record["mount_dir"]):
+        return False
+    uid = record.get("pod_uid") or ""
+    return bool(uid) and "/" not in uid and not os.path.lexists(os.path.join(config.pods_dir, uid))
+
+
+def _who(record: dict[str, Any]) -> str:
+    name = "/".join(p for p in (record.get("namespace"), record.get("pod")) if p)
+    return f"{name or 'pod'} (uid {record.get('pod_uid') or '?'})"
+
+
+def uninstall(config: Config, plugin_dir: str, revoke: bool = True) -> dict[str, Any]:
+    from ..engine import operation
+
+    logger = log.get(config.log_file, command="uninstall", plugin_dir=plugin_dir)
+    held = held_volumes(config)
+    for record in [r for r in held if _gone(config, r)]:
+        logger.info("revoking the token of a pod that is gone", pod_uid=record.get("pod_uid"))
+        operation.unmount(config, record["mount_dir"])  # revokes (or queues) and forgets the record
+        held.remove(record)
+    if held:
+        raise DriverError(f"{len(held)} vaulttmpfs volume(s) still mounted, held by: "
+                          f"{', '.join(sorted(_who(r) for r in held))}; delete those pods (or drain the node) "
+                          "and run uninstall again")
+    if operation.retry_pending(config)["pending"]:
+        raise DriverError("some pod tokens could not be revoked yet (Vault unreachable?); nothing was removed: "
+                          "make Vault reachable and run uninstall again (`vaulttmpfs status` lists them)")
+    token = _revoke_generator(config) if revoke else {"path": config.generator_token_path, "kept": True}
+    removed = _remove_driver(plugin_dir)  # last: it may delete the bundle this process runs from
+    logger.info("uninstalled", removed=removed, generator_revoked=token.get("revoked"),
+                accessor=log.accessor_hint(token.get("accessor")))
+    return {"removed": removed, "generator": token, "plugin_dir": plugin_dir}
+
+
+def _revoke_generator(config: Config) -> dict[str, Any]:
+    from ..vault.client import Vault
+
+    path = config.generator_token_path
+    token = generator.existing_token(path)
+    result: dict[str, Any] = {"path": path, "revoked": False, "file_removed": False}
+    if token:
+        log.secret(token)
+        client = Vault(config, token)
+        try:
+            try:
+                result["accessor"] = client.lookup_self().get("accessor", "")
+            except VaultDenied:
+                result["already_invalid"] = True  # expired or revoked: nothing left to revoke
+            else:
+                # By accessor: the generator policy allows revoke-accessor (for pod tokens), not revoke-self.
+                result["revoked"] = client.revoke_accessor(result["accessor"])
+        except DriverError as exc:
+            raise DriverError(f"cannot revoke the generator token in {path}: {exc}; nothing was removed") from None
+    try:
+        os.unlink(path)
+        result["file_removed"] = True
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        result["file_error"] = f"{exc.strerror}; delete {path} on the node"
+    return result
+
+
+def _remove_driver(plugin_dir: str) -> list[str]:
+    driver_dir = os.path.join(plugin_dir, install.DRIVER_DIR)
+    if not os.path.isdir(plugin_dir):
+        return []
+    removed = []
+    with install._locked(plugin_dir):
+        trash = os.path.join(plugin_dir, TRASH)
+        install._remove(trash)
+        if os.path.lexists(driver_dir):
+            os.rename(driver_dir, trash)  # the one change the kubelet sees: the driver is gone, whole
+            removed.append(driver_dir)
+        for leftover in (trash, os.path.join(plugin_dir, install.STAGING)):
+            install._remove(leftover)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(os.path.join(plugin_dir, install.LOCK))
+    return removed
+
+
+def summary(result: dict[str, Any]) -> list[str]:
+    token = result["generator"]
+    if token.get("kept"):
+        line = f"generator token kept (--keep-token): {token['path']}"
+        removed = ", ".join(result["removed"]) or f"nothing (no driver in {result['plugin_dir']})"
+        return [line, f"removed {removed}"]
+    if token.get("revoked"):
+        line = f"generator token revoked (accessor {token.get('accessor', '')[:8]})"
+    elif token.get("already_invalid"):
+        line = "generator token was already expired or revoked"
+    else:
+        line = "no generator token revoked"
+    line += f"; {token['path']} " + ("removed" if token.get("file_removed") else
+                                     f"left: {token['file_error']}" if token.get("file_error") else "absent")
+    removed = ", ".join(result["removed"]) or f"nothing (no driver in {result['plugin_dir']})"
+    return [line, f"removed {removed}"]

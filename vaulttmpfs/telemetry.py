@@ -1,0 +1,133 @@
+"""What each volume call did (outcome, reason, duration, Vault round trips), for the agent's /metrics.
+
+Stdlib only and cheap: it runs inside the kubelet's calls. A driver process appends one JSON line
+per call to <state dir>/metrics/calls.jsonl (root-only, under flock, capped in size) and the
+agent folds the file into its counters, so calls made without the agent are counted too. Inside
+the agent (relayed calls, its own Vault calls) a sink set by `node.metrics` takes them directly.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+
+SPOOL_DIR = "metrics"
+SPOOL_FILE = "calls.jsonl"
+MAX_SPOOL_BYTES = 1 << 20  # ~5000 calls; past it (no agent folding) further records are dropped
+# The reason label: a small fixed set, so a Prometheus series never carries a message.
+REASONS = ("ok", "bad_request", "refused", "denied", "vault_unavailable", "os_error", "internal")
+VAULT_CALLS = {"creating": "create", "revoking": "revoke", "looking": "lookup", "renewing": "renew",
+               "logging": "login", "reading": "read", "writing": "write"}
+
+_sink = None  # node.metrics.Metrics in the agent; None in a driver process
+_local = threading.local()
+
+
+def set_sink(sink) -> None:
+    global _sink
+    _sink = sink
+
+
+def begin() -> None:
+    """A volume call starts on this thread: its Vault round trips are kept with it."""
+    _local.vault = []
+    _local.reason = "ok"
+
+
+def failed(exc: BaseException) -> None:
+    """The call on this thread failed with `exc` (the front end turns it into an answer)."""
+    _local.reason = reason(exc)
+
+
+def reason(exc: BaseException) -> str:
+    from .errors import BadRequest, DriverError, VaultDenied, VaultUnavailable
+
+    if isinstance(exc, VaultUnavailable):
+        return "vault_unavailable"
+    if isinstance(exc, VaultDenied):
+        return "denied"
+    if isinstance(exc, BadRequest) or type(exc).__name__ == "BadCall":
+        return "bad_request"
+    if isinstance(exc, DriverError):
+        return "refused"  # admission, bindings, settings, a mount that is not ours
+    if isinstance(exc, OSError):
+        return "os_error"
+    return "internal"
+
+
+def vault_call(action: str, seconds: float, ok: bool) -> None:
+    kind = VAULT_CALLS.get(action.split(" ", 1)[0], "other")
+    if _sink is not None:
+        _sink.vault_call(kind, seconds, ok)
+    elif getattr(_local, "vault", None) is not None:
+        _local.vault.append([kind, round(seconds, 6), 1 if ok else 0])
+
+
+def finish(verb: str, ok: bool, seconds: float, via: str = "driver", front_end: str = "flexvolume",
+           relay: str = "", state_dir: str | None = None) -> None:
+    """Record the call that began on this thread; never raises (metrics must not fail a mount)."""
+    record = {"verb": verb, "front_end": front_end, "via": via, "outcome": "success" if ok else "failure",
+              "reason": "ok" if ok else getattr(_local, "reason", "internal"), "seconds": round(seconds, 6),
+              "vault": getattr(_local, "vault", None) or [], "relay": relay}
+    if not ok and record["reason"] == "ok":
+        record["reason"] = "internal"
+    _local.vault = None
+    try:
+        if _sink is not None:
+            _sink.call(record)
+        else:
+            _append(state_dir or _state_dir(), record)
+    except Exception:  # noqa: BLE001
+        pass
+
+
+def _state_dir() -> str:
+    from .config import Config, setting
+
+    return setting("VAULTTMPFS_STATE_DIR", Config.state_dir)
+
+
+def _append(state_dir: str, record: dict) -> None:
+    import fcntl
+    import json
+
+    directory = os.path.join(state_dir, SPOOL_DIR)
+    if not os.path.isdir(directory):
+        os.makedirs(state_dir, mode=0o700, exist_ok=True)  # makedirs' mode covers only the last level
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+    fd = os.open(os.path.join(directory, SPOOL_FILE),
+                 os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # the agent empties the file under the same lock: nothing lost
+        if os.fstat(fd).st_size < MAX_SPOOL_BYTES:
+            os.write(fd, json.dumps(record, separators=(",", ":")).encode() + b"\n")
+    finally:
+        os.close(fd)
+
+
+def fold(state_dir: str) -> list[dict]:
+    """Take every record the driver processes spooled (the agent calls this); the file is left empty."""
+    import fcntl
+    import json
+
+    try:
+        fd = os.open(os.path.join(state_dir, SPOOL_DIR, SPOOL_FILE), os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        return []
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        chunks = []
+        while chunk := os.read(fd, 1 << 16):
+            chunks.append(chunk)
+        os.ftruncate(fd, 0)
+    finally:
+        os.close(fd)
+    records = []
+    for line in b"".join(chunks).splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
