@@ -122,12 +122,12 @@ class LdapServer:
         Path(self.workdir, "data.ldif").write_text(self._ldif())
         subprocess.run([find_program("slapadd"), "-q", "-f", str(conf), "-l", str(Path(self.workdir, "data.ldif"))],
                        check=True, capture_output=True, timeout=60)
-        log = open(Path(self.workdir, "slapd.log"), "wb")
         # -d keeps slapd in the foreground (no fork) so Popen owns the real server process.
-        self.proc = subprocess.Popen(
-            [find_program("slapd"), "-f", str(conf), "-h", f"{self.url}/", "-d", "0"],
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
-            preexec_fn=dies_with_parent())
+        with open(Path(self.workdir, "slapd.log"), "wb") as log:  # slapd keeps its own copy of the fd
+            self.proc = subprocess.Popen(
+                [find_program("slapd"), "-f", str(conf), "-h", f"{self.url}/", "-d", "0"],
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+                preexec_fn=dies_with_parent())
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

@@ -331,7 +331,9 @@ def test_entrypoint_configures_driver_and_agent_from_one_configmap(bao, generato
     port = free_port()
     container_env = {**{k: v for k, v in env.items() if k not in ("PYTHONPATH",)},
                      "VAULTTMPFS_BUNDLE": str(REPO / "dist" / "vaulttmpfs"), "VAULTTMPFS_CONFIG_FROM": str(configmap),
-                     "VAULTTMPFS_HEALTH_ADDR": f"127.0.0.1:{port}"}
+                     "VAULTTMPFS_HEALTH_ADDR": f"127.0.0.1:{port}",
+                     # As in the DaemonSet's container: without it the install went to the machine's real plugin dir.
+                     "VAULTTMPFS_PLUGIN_DIR": plugin_dir}
     proc = subprocess.Popen([str(REPO / "installer" / "entrypoint.sh"), "--retry-interval", "1h"], env=container_env,
                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             preexec_fn=dies_with_parent())

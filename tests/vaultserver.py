@@ -101,17 +101,17 @@ class VaultServer:
         return self._start(timeout)
 
     def _start(self, timeout: float) -> "VaultServer":
-        log = open(self.log_path, "wb")
         env = {**os.environ, "HOME": self.workdir}
         for name in ("VAULT_ADDR", "VAULT_TOKEN", "BAO_ADDR", "BAO_TOKEN"):
             env.pop(name, None)
-        self.proc = subprocess.Popen(
-            [self.binary, "server", "-dev", "-dev-no-store-token",
-             f"-dev-root-token-id={self.root_token}", f"-dev-listen-address=127.0.0.1:{self.port}",
-             *self.extra_args],
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-            start_new_session=True, preexec_fn=dies_with_parent(),
-        )
+        with open(self.log_path, "wb") as log:  # the server keeps its own copy of the fd
+            self.proc = subprocess.Popen(
+                [self.binary, "server", "-dev", "-dev-no-store-token",
+                 f"-dev-root-token-id={self.root_token}", f"-dev-listen-address=127.0.0.1:{self.port}",
+                 *self.extra_args],
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                start_new_session=True, preexec_fn=dies_with_parent(),
+            )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
