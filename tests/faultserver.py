@@ -21,7 +21,10 @@ LOOKUP_SELF = "/v1/auth/token/lookup-self"
 @dataclass
 class Rule:
     path: str  # a request path prefix
-    action: str  # "error" | "hang" | "hold-answer" | "drip"
+    # "error" | "hang" | "hold-answer" | "drip" | "forward-then-error" (Vault acts, the gateway answers
+    # `status`) | "strip-wrap-ttl" (forwarded without X-Vault-Wrap-TTL) | "delay" (Vault acts at once, its
+    # answer is passed on only when released)
+    action: str
     times: int | None = None  # None: every time
     status: int = 500
 
@@ -100,7 +103,16 @@ def _handler(server: FaultServer):
                 server.release.wait(120)
                 self.close_connection = True
                 return None
-            answer = server.forward(self.command, self.path, self.headers, body)
+            headers = self.headers
+            if action == "strip-wrap-ttl":
+                headers = {k: v for k, v in headers.items() if k.lower() != "x-vault-wrap-ttl"}
+            answer = server.forward(self.command, self.path, headers, body)
+            if action == "forward-then-error":
+                return self._answer(rule.status, "text/html", b"<html>502 Bad Gateway</html>")
+            if action == "delay":
+                server.arrived.set()
+                server.release.wait(120)
+                return self._answer(*answer)
             if action == "hold-answer":  # Vault has acted; its answer is held back
                 server.arrived.set()
                 server.release.wait(120)

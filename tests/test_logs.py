@@ -56,7 +56,8 @@ def test_log_file_is_rotated_by_size_without_torn_lines(bao, generator, driver_c
     assert rotated.exists() and log_file.exists()
     assert os.path.getsize(rotated) <= 2048 + 1024  # the limit plus the line that crossed it
     assert os.path.getsize(log_file) <= 2048 + 1024
-    assert lines(log_file)[-1]["event"] == "unmounted"  # the newest line is in the current file
+    newest = lines(log_file)[-1]  # the newest line is in the current file: the last call's outcome line
+    assert newest["event"] == "driver call" and newest["verb"] == "unmount"
     assert all("event" in e for e in lines(rotated))  # every line whole (json.loads would fail otherwise)
     assert (log_file.stat().st_mode & 0o777) == 0o600
 

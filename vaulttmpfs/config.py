@@ -15,7 +15,8 @@ from dataclasses import dataclass
 
 from .errors import DriverError
 
-_DURATION = re.compile(r"(\d+)(h|m|s|ms)?")
+# "ms" before "m": alternation takes the first that matches, and 1500ms is not 1500 minutes.
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)?")
 _UNIT_SECONDS = {"h": 3600, "m": 60, "s": 1, "ms": 0.001, None: 1}
 _TRUE = {"1", "t", "true", "yes", "on"}
 _FALSE = {"", "0", "f", "false", "no", "off"}
@@ -31,7 +32,7 @@ def parse_duration(text: str, setting: str) -> float:
         match = _DURATION.match(text, pos)
         if not match:
             break
-        total += int(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+        total += float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
         pos = match.end()
     if not text or pos != len(text):
         raise DriverError(f"{setting}={text!r} is not a duration (examples: 300, 90s, 5m, 1h)")
@@ -53,6 +54,31 @@ def safe_name(text: str, setting: str) -> str:
             f"{setting}={text!r} must be a plain name (letters, digits, '.', '_', '-'; no '/' or '..')"
         )
     return text
+
+
+_TMPFS_SIZE = re.compile(r"(\d+)([kmg]?)", re.IGNORECASE)  # what tmpfs's size= takes (no %: bounded here)
+_SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+# A page at least; a token, its metadata and a CA bundle need far less than the top.
+TMPFS_SIZE_RANGE = (4 << 10, 64 << 20)
+MAX_RETRIES_RANGE = (0, 10)
+TIMEOUT_RANGE = (0.1, 300.0)  # seconds; the kubelet waits for us with no timeout of its own
+
+
+def parse_size(text: str, setting: str, low: int, high: int) -> str:
+    """A tmpfs size (bytes, or with k/m/g) within [low, high]; returned as given."""
+    match = _TMPFS_SIZE.fullmatch(text.strip())
+    if not match:
+        raise DriverError(f"{setting}={text!r} is not a size (examples: 64k, 1m)")
+    size = int(match.group(1)) * _SIZE_UNITS[match.group(2).lower()]
+    if not low <= size <= high:
+        raise DriverError(f"{setting}={text!r} is outside {low >> 10}k..{high >> 20}m")
+    return text.strip()
+
+
+def in_range(value: float, setting: str, text: str, low: float, high: float) -> float:
+    if not low <= value <= high:
+        raise DriverError(f"{setting}={text!r} is outside {low:g}..{high:g}")
+    return value
 
 
 CONFIG_FILE_ENV = "VAULTTMPFS_CONFIG_FILE"
@@ -187,10 +213,13 @@ class Config:
         # VAULT_MAX_RETRIES is Vault's name; the original documented VAULT_MAX_RETRY.
         retries_text = get("VAULT_MAX_RETRIES", get("VAULT_MAX_RETRY", str(cls.max_retries)))
         try:
-            max_retries = max(0, int(retries_text))
+            max_retries = int(retries_text)
         except ValueError:
             raise DriverError(f"VAULT_MAX_RETRIES={retries_text!r} is not an integer") from None
-        timeout = parse_duration(get("VAULT_CLIENT_TIMEOUT", "10s"), "VAULT_CLIENT_TIMEOUT")
+        in_range(max_retries, "VAULT_MAX_RETRIES", retries_text, *MAX_RETRIES_RANGE)
+        timeout_text = get("VAULT_CLIENT_TIMEOUT", "10s")
+        timeout = in_range(parse_duration(timeout_text, "VAULT_CLIENT_TIMEOUT"), "VAULT_CLIENT_TIMEOUT",
+                           timeout_text, *TIMEOUT_RANGE)
         return cls(
             generator_token_path=get("VAULTTMPFS_GENERATOR_TOKEN_PATH", cls.generator_token_path),
             token_filename=safe_name(
@@ -207,10 +236,11 @@ class Config:
             namespace=get("VAULT_NAMESPACE"),
             wrap_ttl=wrap_ttl,
             max_retries=max_retries,
-            timeout=timeout if timeout > 0 else cls.timeout,
+            timeout=timeout,
             state_dir=get("VAULTTMPFS_STATE_DIR", cls.state_dir),
             log_file=get("VAULTTMPFS_LOG_FILE", cls.log_file),
-            tmpfs_size=get("VAULTTMPFS_TMPFS_SIZE", cls.tmpfs_size),
+            tmpfs_size=parse_size(get("VAULTTMPFS_TMPFS_SIZE", cls.tmpfs_size), "VAULTTMPFS_TMPFS_SIZE",
+                                  *TMPFS_SIZE_RANGE),
             agent_socket=get("VAULTTMPFS_AGENT_SOCKET", cls.agent_socket),
             node_name=get("VAULTTMPFS_NODE_NAME", get("NODE_NAME", os.uname().nodename)),
             allow_insecure=parse_bool(get("VAULTTMPFS_ALLOW_INSECURE", ""), "VAULTTMPFS_ALLOW_INSECURE"),

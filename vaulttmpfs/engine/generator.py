@@ -11,7 +11,8 @@ from ..errors import DriverError
 
 def read_token(path: str) -> str:
     try:
-        fd = os.open(path, os.O_RDONLY)
+        # Non-blocking: a FIFO (or a device) put there must not hang the call; its type is checked next.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
     except FileNotFoundError:
         raise DriverError(
             f"generator token file {path} does not exist; run `vaulttmpfs bootstrap` on this node "
@@ -22,7 +23,8 @@ def read_token(path: str) -> str:
     with os.fdopen(fd, "rb") as handle:
         info = os.fstat(handle.fileno())
         if not stat.S_ISREG(info.st_mode):
-            raise DriverError(f"generator token file {path} is not a regular file")
+            raise DriverError(f"generator token file {path} is not a regular file; run `vaulttmpfs bootstrap` "
+                              "on this node to write one")
         if info.st_uid != os.geteuid():
             raise DriverError(
                 f"generator token file {path} is owned by uid {info.st_uid}, not {os.geteuid()}; "

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 import time
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -51,6 +52,7 @@ class MountRequest:
     unwrapped: bool = False  # vault/unwrap: the plain token in the volume, for apps that cannot unwrap
     layout: Layout = FLEXVOLUME  # which kubelet path layout the mount dir follows (per front end)
     login: PodLogin | None = None  # set: log in as the pod (Vault's role decides) instead of minting
+    real_dir: str = ""  # the mount dir's resolved path, as admission approved it (set by admission)
 
     def token_metadata(self, node: str) -> dict[str, str]:
         meta = {
@@ -75,26 +77,15 @@ def is_our_mount(mount_dir: str) -> bool:
 
 
 def mount(config: Config, request: MountRequest) -> str:
-    mount_dir = request.mount_dir
-    volume.check_target(mount_dir)
+    volume.check_target(request.mount_dir)
     store = StateStore(config.state_dir)
-    logger = log.get(config.log_file, verb="mount", dir=mount_dir, pod_uid=request.pod_uid)
+    logger = log.get(config.log_file, verb="mount", dir=request.mount_dir)
     request = _admit(config, request, logger)
+    logger = logger.bind(pod_uid=request.pod_uid)
+    mount_dir = request.mount_dir
     with store.locked(mount_dir):
-        record = store.read_volume(mount_dir)
-        if volume.is_mount_point(mount_dir):
-            if not is_our_mount(mount_dir):
-                raise DriverError(
-                    f"{mount_dir} is already a mount point that vaulttmpfs does not own; leaving it untouched"
-                )
-            if record and volume.holds_files(mount_dir, [config.token_filename]):
-                logger.info("already mounted", accessor=record.get("accessor"))
-                return "already mounted"
-            volume.unmount(mount_dir)  # ours but half-made (the driver was killed mid-mount)
-        if record:
-            # A mount that died half-way, or a tmpfs lost with a reboot: its token is orphaned.
-            _revoke_or_queue(config, store, record, logger, why="stale volume record")
-            store.forget_volume(mount_dir)
+        if _already_mounted(config, store, mount_dir, logger):
+            return "already mounted"
         token = generator.read_token(config.generator_token_path)
         log.secret(token)
         _refuse_root_generator(config, store, token)
@@ -110,7 +101,52 @@ def mount(config: Config, request: MountRequest) -> str:
     return f"token for policies {','.join(request.policies)} mounted"
 
 
+def _already_mounted(config: Config, store: StateStore, mount_dir: str, logger) -> bool:
+    """True for a complete volume; otherwise undo what an earlier mount left (killed, or lost in a reboot)."""
+    record = _volume_record(config, store, mount_dir)
+    if volume.is_mount_point(mount_dir):
+        if not is_our_mount(mount_dir):
+            raise DriverError(
+                f"{mount_dir} is already a mount point that vaulttmpfs does not own; leaving it untouched"
+            )
+        if record and volume.holds_files(mount_dir, [config.token_filename]):
+            logger.info("already mounted", accessor=record.get("accessor"))
+            return True
+        volume.unmount(mount_dir)  # ours but half-made (the driver was killed mid-mount)
+    if record:
+        # A mount that died half-way, or a tmpfs lost with a reboot: its token is orphaned.
+        _revoke_or_queue(config, store, record, logger, why="stale volume record")
+        store.forget_volume(mount_dir)
+    return False
+
+
+def _volume_record(config: Config, store: StateStore, mount_dir: str) -> dict[str, Any] | None:
+    """What was minted for this volume: the state record, else the volume's own metadata file
+    (the record may be lost or corrupt; the token it names must not be)."""
+    record = store.read_volume(mount_dir)
+    if record or not volume.is_mount_point(mount_dir) or not is_our_mount(mount_dir):
+        return record
+    try:
+        meta = json.loads(volume.read_small_file(os.path.join(mount_dir, config.token_filename + ".json"),
+                                                 64 * 1024, follow=False))
+    except (OSError, ValueError):
+        return None
+    return _record_from_metadata(meta) if isinstance(meta, dict) else None
+
+
+def _record_from_metadata(meta: dict[str, Any]) -> dict[str, Any] | None:
+    # Wrapped: wrap_info (wrapped_accessor: the pod token; accessor: the wrapping token). Unwrapped: auth.
+    pod, wrapping = (meta.get("accessor"), None) if meta.get("unwrapped") else (meta.get("wrapped_accessor"),
+                                                                                  meta.get("accessor"))
+    if not isinstance(pod, str) or not pod:
+        return None
+    return {"accessor": pod, "wrapping_accessor": wrapping if isinstance(wrapping, str) else None,
+            "source": "volume metadata"}
+
+
 def _mint_and_write(config: Config, store: StateStore, request: MountRequest, token: str, logger) -> str:
+    from ..vault.client import TokenNotWrapped
+
     try:
         secret, info, accessor, wrapping_accessor = _mint(config, request, token)
     except VaultDenied as exc:
@@ -119,6 +155,11 @@ def _mint_and_write(config: Config, store: StateStore, request: MountRequest, to
         if "permission denied" in str(exc).lower():
             raise _generator_refused(config, exc, f"`auth/token/create/{request.role}`") from None
         raise
+    except TokenNotWrapped as exc:
+        # A token the pod will not get is a token nobody would revoke: revoke it before answering.
+        outcome = _revoke_or_queue(config, store, {"accessor": exc.accessor, "pod_uid": request.pod_uid}, logger,
+                                   why="Vault returned the token unwrapped")
+        raise DriverError(f"{exc}; that token was not given to the pod: {outcome}") from None
     log.secret(secret)
     record = {
         "accessor": accessor,
@@ -131,10 +172,11 @@ def _mint_and_write(config: Config, store: StateStore, request: MountRequest, to
     }
     try:
         store.write_volume(request.mount_dir, record)
-        volume.mount_tmpfs(request.mount_dir, config.tmpfs_size, request.fs_group)
-        _write_files(config, request, secret, info)
-        if request.read_only:
-            volume.remount_readonly(request.mount_dir)
+        volume.mount_tmpfs(request.mount_dir, request.real_dir, config.tmpfs_size, request.fs_group)
+        with volume.opened_mount(request.mount_dir, request.real_dir) as tmpfs:
+            _write_files(config, request, secret, info, tmpfs)
+            if request.read_only:
+                volume.remount_readonly(tmpfs)
     except BaseException:
         _revoke_or_queue(config, store, record, logger, why="mount failed after the token was created")
         store.forget_volume(request.mount_dir)
@@ -160,7 +202,7 @@ def _mint(config: Config, request: MountRequest, token: str) -> tuple[str, dict[
     return wrap_info["token"], wrap_info, wrap_info["wrapped_accessor"], wrap_info.get("accessor")
 
 
-def _write_files(config: Config, request: MountRequest, secret: str, info: dict[str, Any]) -> None:
+def _write_files(config: Config, request: MountRequest, secret: str, info: dict[str, Any], tmpfs: str) -> None:
     mode = 0o440 if request.fs_group is not None else 0o400
     name = config.token_filename
     files = {
@@ -169,13 +211,12 @@ def _write_files(config: Config, request: MountRequest, secret: str, info: dict[
     }
     if config.cacert:
         try:
-            with open(config.cacert, "rb") as handle:
-                files = {"ca.crt": handle.read(), **files}
+            files = {"ca.crt": volume.read_small_file(config.cacert), **files}
         except OSError as exc:
             raise DriverError(f"cannot read VAULT_CACERT {config.cacert}: {exc.strerror}") from None
     for filename, data in files.items():
         try:
-            volume.write_file(request.mount_dir, filename, data, mode, request.fs_group)
+            volume.write_file(tmpfs, filename, data, mode, request.fs_group)
         except OSError as exc:
             raise DriverError(f"cannot write {filename} ({len(data)} bytes) into {request.mount_dir}: "
                               f"{exc.strerror}; is VAULTTMPFS_TMPFS_SIZE={config.tmpfs_size} too small?") from None
@@ -185,7 +226,7 @@ def unmount(config: Config, mount_dir: str) -> str:
     store = StateStore(config.state_dir)
     logger = log.get(config.log_file, verb="unmount", dir=mount_dir)
     with store.locked(mount_dir):
-        record = store.read_volume(mount_dir)
+        record = _volume_record(config, store, mount_dir)
         message = "nothing to revoke"
         if record:
             message = _revoke_or_queue(config, store, record, logger, why="unmount")
@@ -269,7 +310,7 @@ def _admit(config: Config, request: MountRequest, logger) -> MountRequest:
                     service_account=request.service_account)
     else:
         logger.warning("no VAULTTMPFS_POLICY_BINDINGS: any pod may ask for any policy the token role allows")
-    return replace(request, pod_uid=pod_uid)
+    return replace(request, pod_uid=pod_uid, real_dir=os.path.realpath(request.mount_dir))
 
 
 def _refuse_root_generator(config: Config, store: StateStore, token: str) -> None:

@@ -4,7 +4,11 @@ Layout under the state dir (0700, never the kubelet's plugin dir):
   volumes/<key>.json   one per mounted volume: its dir, the pod token's accessor, the pod
   volumes/<key>.lock   flock held while a verb works on that volume
   pending/<accessor>.json  revocations that failed (Vault down) and are to be retried
+  corrupt/<key>.<time>.json  records that could not be read, kept for an operator
   <name>.json          small cached facts (generator-check: is the generator token root?)
+
+<key> is a hash of the volume dir's resolved path (bytes): every spelling of one dir (a
+symlinked kubelet root, the real path) finds the same record and the same lock.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import os
 import time
 from typing import Any, Iterator
 
-from . import files
+from . import files, trust
 
 
 class StateStore:
@@ -25,52 +29,75 @@ class StateStore:
         self.root = root
         self.volumes = os.path.join(root, "volumes")
         self.pending = os.path.join(root, "pending")
+        self._trusted = False
 
     def _ensure(self, path: str) -> None:
+        self.trust()
+        os.makedirs(self.root, mode=0o700, exist_ok=True)
+        os.chmod(self.root, 0o700)  # records name accessors: not for other users to read
         os.makedirs(path, mode=0o700, exist_ok=True)
-        os.chmod(self.root, 0o700)
+
+    def trust(self) -> None:
+        """Refuse a state dir someone else could write to, as sshd refuses such a config: a planted
+        record or pending revocation would make the driver revoke a token of the planter's choosing.
+        Reading creates nothing: a missing state dir is checked up to its deepest existing parent."""
+        if not self._trusted:
+            trust.check_dirs(self.root, f"state dir VAULTTMPFS_STATE_DIR={self.root} (its records decide what "
+                                        "is revoked)")
+            self._trusted = True
 
     @staticmethod
     def key(mount_dir: str) -> str:
-        return hashlib.sha256(os.path.normpath(mount_dir).encode()).hexdigest()[:40]
+        return hashlib.sha256(os.fsencode(os.path.realpath(mount_dir))).hexdigest()[:40]
 
     def _volume_path(self, mount_dir: str, suffix: str) -> str:
         return os.path.join(self.volumes, self.key(mount_dir) + suffix)
 
     @contextlib.contextmanager
     def locked(self, mount_dir: str) -> Iterator[None]:
-        """Serialise verbs on one volume; released by the kernel even on kill -9."""
+        """Serialise verbs on one volume; released by the kernel even on kill -9.
+
+        The lock file is removed only by its holder, just before it lets go, and only once the volume
+        has no record; whoever waited on the removed file sees it is gone and locks the current one.
+        """
         self._ensure(self.volumes)
         path = self._volume_path(mount_dir, ".lock")
-        while True:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            # forget_volume() may have unlinked the file we waited on: lock the current one.
-            try:
-                if os.fstat(fd).st_ino == os.stat(path).st_ino:
-                    break
-            except FileNotFoundError:
-                pass
-            os.close(fd)
+        fd = _lock(path)
         try:
             yield
         finally:
+            if not os.path.exists(self._volume_path(mount_dir, ".json")):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
             os.close(fd)
 
     def read_volume(self, mount_dir: str) -> dict[str, Any] | None:
-        return _read_json(self._volume_path(mount_dir, ".json"))
+        """The volume's record; a corrupt one is moved aside (kept for an operator) and reads as None."""
+        path = self._volume_path(mount_dir, ".json")
+        try:
+            return _read_json(path, strict=True)
+        except ValueError:
+            self._set_aside(path)
+            return None
+
+    def _set_aside(self, path: str) -> None:
+        corrupt = os.path.join(self.root, "corrupt")
+        os.makedirs(corrupt, mode=0o700, exist_ok=True)
+        name = f"{os.path.basename(path)[:-5]}.{time.time():.0f}.json"
+        os.replace(path, os.path.join(corrupt, name))
 
     def write_volume(self, mount_dir: str, record: dict[str, Any]) -> None:
         self._ensure(self.volumes)
-        _write_json(self._volume_path(mount_dir, ".json"), {"mount_dir": mount_dir, **record})
+        _write_json(self._volume_path(mount_dir, ".json"), {"mount_dir": os.fsdecode(mount_dir), **record})
 
     def forget_volume(self, mount_dir: str) -> None:
-        for suffix in (".json", ".lock"):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self._volume_path(mount_dir, suffix))
+        # Only the record: the lock file goes when its holder releases it (see locked()).
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._volume_path(mount_dir, ".json"))
 
     def list_volumes(self) -> list[dict[str, Any]]:
         """Every volume record (with `since`: when it was written), oldest first."""
+        self.trust()
         try:
             names = [n for n in os.listdir(self.volumes) if n.endswith(".json")]
         except FileNotFoundError:
@@ -90,6 +117,7 @@ class StateStore:
                     {"accessor": accessor, "since": time.time(), **record})
 
     def list_pending(self) -> list[dict[str, Any]]:
+        self.trust()
         try:
             names = sorted(os.listdir(self.pending))
         except FileNotFoundError:
@@ -103,6 +131,7 @@ class StateStore:
 
     def read_note(self, name: str) -> dict[str, Any] | None:
         """A small cached fact (e.g. the generator check) in the root-only state dir."""
+        self.trust()
         return _read_json(os.path.join(self.root, _safe(name) + ".json"))
 
     def write_note(self, name: str, value: dict[str, Any]) -> None:
@@ -110,17 +139,39 @@ class StateStore:
         _write_json(os.path.join(self.root, _safe(name) + ".json"), value)
 
 
+def _lock(path: str) -> int:
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        # The holder before us may have removed the file we waited on: lock the current one.
+        try:
+            if os.fstat(fd).st_ino == os.stat(path).st_ino:
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+
+
 def _safe(accessor: str) -> str:
     return "".join(c for c in accessor if c.isalnum() or c in "._-")[:128] or "unnamed"
 
 
-def _read_json(path: str) -> dict[str, Any] | None:
+def _read_json(path: str, strict: bool = False) -> dict[str, Any] | None:
+    """None when there is no file; a file that is not a JSON object is None, or ValueError if strict."""
     try:
         with open(path, encoding="utf-8") as handle:
             value = json.load(handle)
-    except (FileNotFoundError, ValueError):
+    except FileNotFoundError:
         return None
-    return value if isinstance(value, dict) else None
+    except ValueError:
+        if strict:
+            raise
+        return None
+    if not isinstance(value, dict):
+        if strict:
+            raise ValueError(f"{path} is not a JSON object")
+        return None
+    return value
 
 
 def _write_json(path: str, value: dict[str, Any]) -> None:

@@ -6,10 +6,12 @@ process can keep the kubelet's pipes open, and it saves an exec per call.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import os
 import stat
+from typing import Iterator
 
 from . import files
 from ..errors import DriverError
@@ -32,23 +34,34 @@ def _check(result: int, what: str) -> None:
         raise OSError(err, f"{what}: {os.strerror(err)}")
 
 
-def mount_info(path: str) -> dict[str, str] | None:
-    """The /proc/self/mountinfo entry mounted exactly at `path`, if any (last one wins)."""
-    found = None
-    target = os.path.realpath(path)
-    with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as table:
+def mounts() -> list[dict[str, str]]:
+    """Every mount this mount namespace shows (target, fstype, source, options, dev), mountinfo's
+    octal escapes decoded over bytes: a path with a space or non-UTF-8 bytes reads as on disk."""
+    found = []
+    with open("/proc/self/mountinfo", "rb") as table:
         for line in table:
             fields = line.split()
-            mount_point = _unescape(fields[4])
-            if mount_point == target:
-                sep = fields.index("-")
-                found = {"fstype": fields[sep + 1], "source": fields[sep + 2], "options": fields[5]}
+            sep = fields.index(b"-")
+            found.append({"target": os.fsdecode(_unescape(fields[4])), "fstype": os.fsdecode(fields[sep + 1]),
+                          "source": os.fsdecode(_unescape(fields[sep + 2])), "options": os.fsdecode(fields[5]),
+                          "dev": os.fsdecode(fields[2])})
     return found
 
 
-def _unescape(field: str) -> str:
-    # mountinfo escapes space, tab, newline and backslash as octal.
-    return field.encode().decode("unicode_escape") if "\\" in field else field
+def mount_info(path: str) -> dict[str, str] | None:
+    """The /proc/self/mountinfo entry mounted exactly at `path`, if any (last one wins)."""
+    target = os.path.realpath(path)
+    entries = [entry for entry in mounts() if entry["target"] == target]
+    return entries[-1] if entries else None
+
+
+def _unescape(field: bytes) -> bytes:
+    # mountinfo escapes space, tab, newline and backslash as \ooo; every other byte is as it is on disk.
+    if b"\\" not in field:
+        return field
+    import re
+
+    return re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m.group(1), 8)]), field)
 
 
 def is_mount_point(path: str) -> bool:
@@ -85,16 +98,53 @@ def parts_below(path: str, root: str) -> list[str] | None:
     return parts if os.path.normpath(path).split(os.sep)[-len(parts):] == parts else None
 
 
-def mount_tmpfs(path: str, size: str, gid: int | None) -> None:
-    """A private, non-executable tmpfs: root-only, or group-readable by the pod's fsGroup."""
+def open_dir(path: str) -> int:
+    """An O_PATH handle on the directory `path` names right now (not a symlink to one)."""
+    try:
+        return os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise DriverError(f"mount dir {path}: {exc.strerror}") from None
+
+
+def mount_tmpfs(path: str, real_path: str, size: str, gid: int | None) -> None:
+    """A private, non-executable tmpfs on the dir `path` names, which must resolve to `real_path`.
+
+    The check and the mount use one handle on the dir (mount(2) on /proc/self/fd/N), so a symlink
+    swapped into the path after the check cannot move the mount somewhere else.
+    """
     mode = "0750" if gid is not None else "0700"
     options = f"size={size},mode={mode},uid=0,gid={gid if gid is not None else 0}"
     flags = MS_NOSUID | MS_NODEV | MS_NOEXEC
-    result = _sys().mount(b"vaulttmpfs", os.fsencode(path), b"tmpfs", flags, options.encode())
+    fd = open_dir(path)
     try:
-        _check(result, f"mounting tmpfs at {path}")
-    except OSError as exc:
-        raise DriverError(str(exc)) from None
+        handle = f"/proc/self/fd/{fd}"
+        if os.readlink(handle) != real_path:
+            raise DriverError(f"mount dir {path} now resolves to {os.readlink(handle)}, not {real_path}: "
+                              "a path component was swapped for a symlink; refusing to mount")
+        result = _sys().mount(b"vaulttmpfs", handle.encode(), b"tmpfs", flags, options.encode())
+        try:
+            _check(result, f"mounting tmpfs at {path}")
+        except OSError as exc:
+            raise DriverError(str(exc)) from None
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def opened_mount(path: str, real_path: str) -> Iterator[str]:
+    """A path (/proc/self/fd/N) to the root of the tmpfs just mounted at `path`, checked to be ours
+    and to sit at `real_path`: the files go there even if `path` is swapped for a symlink meanwhile."""
+    fd = open_dir(path)
+    try:
+        dev = os.fstat(fd).st_dev
+        entry = mount_info(real_path)
+        if (os.readlink(f"/proc/self/fd/{fd}") != real_path or not entry or entry["source"] != "vaulttmpfs"
+                or entry["dev"] != f"{os.major(dev)}:{os.minor(dev)}"):
+            raise DriverError(f"mount dir {path} no longer leads to the tmpfs just mounted at {real_path}; "
+                              "refusing to write the token")
+        yield f"/proc/self/fd/{fd}"
+    finally:
+        os.close(fd)
 
 
 def remount_readonly(path: str) -> None:
@@ -121,3 +171,19 @@ def write_file(directory: str, name: str, data: bytes, mode: int, gid: int | Non
 
 def holds_files(directory: str, names: list[str]) -> bool:
     return all(os.path.isfile(os.path.join(directory, name)) for name in names)
+
+
+def read_small_file(path: str, limit: int = 1 << 20, follow: bool = True) -> bytes:
+    """A regular file's bytes, at most `limit`. Opened non-blocking and checked before reading:
+    a FIFO or a device named by a setting must fail the call, not hang it."""
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC | (0 if follow else os.O_NOFOLLOW)
+    fd = os.open(path, flags)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", path)
+        data = os.read(fd, limit + 1)
+    finally:
+        os.close(fd)
+    if len(data) > limit:
+        raise OSError(errno.EFBIG, f"larger than {limit} bytes", path)
+    return data

@@ -144,15 +144,65 @@ def handle(argv: list[str], env: dict[str, str] | None = None) -> dict:
     """One call to one answer. Every exception becomes a Failure; nothing propagates.
 
     `env`: the settings to use instead of this process's environment (the node agent's relay).
+    Every call but `init` (a fixed answer the kubelet probes with, kept free of imports) leaves
+    one outcome line in the log.
     """
     verb = VERBS.get(argv[0]) if argv else None
+    if verb is init:
+        return INIT_ANSWER
+    started = _now()
     if verb is None:
-        return answer(NOT_SUPPORTED, f"verb {argv[0]!r} is not supported" if argv else "no verb given")
+        reply = answer(NOT_SUPPORTED, f"verb {argv[0]!r} is not supported" if argv else "no verb given")
+    else:
+        try:
+            reply = verb(argv[1:], env)
+        except BaseException as exc:  # noqa: BLE001 -- the answer must always be JSON
+            _note_failure(exc)
+            reply = answer(FAILURE, _describe(exc, env))
+    _log_outcome(argv, env, reply, _now() - started)
+    return reply
+
+
+def _log_outcome(argv: list[str], env, reply: dict, seconds: float) -> None:
+    """verb, dir, pod, result, duration, error: what an operator looks for first. Never raises."""
     try:
-        return verb(argv[1:], env)
-    except BaseException as exc:  # noqa: BLE001 -- the answer must always be JSON
-        _note_failure(exc)
-        return answer(FAILURE, _describe(exc))
+        from .. import log
+
+        verb, args = (argv[0], argv[1:]) if argv else ("", [])
+        # Only a path: an unknown verb's first argument may be the options, secrets included.
+        path = args[0] if args and args[0].startswith("/") else None
+        fields = {"verb": verb, "dir": path, **_pod_of(verb, args), "result": reply["status"],
+                  "ms": round(seconds * 1000, 1)}
+        if reply["status"] != SUCCESS:
+            fields["error"] = reply.get("message")
+        logger = log.get(_log_file(env))
+        (logger.info if reply["status"] == SUCCESS else logger.warning)("driver call", **fields)
+    except BaseException:  # noqa: BLE001 -- a log that cannot be written must not change the answer
+        pass
+
+
+def _pod_of(verb: str, args: list[str]) -> dict[str, str]:
+    """The pod as the kubelet names it: the options' namespace/name, and the uid in the volume dir
+    (<pods dir>/<pod uid>/volumes/<driver>/<volume>; an option cannot choose it)."""
+    parts = args[0].rstrip("/").split("/") if args else []
+    pod = {"pod_uid": parts[-4]} if len(parts) >= 4 and parts[-3] == "volumes" else {}
+    if verb == "mount" and len(args) in (2, 3):
+        try:
+            options = parse_options(args[-1])
+        except BadCall:
+            return pod
+        name = "/".join(p for p in (options.get(K8S + "pod.namespace"), options.get(K8S + "pod.name")) if p)
+        pod.update({"pod": name} if name else {})
+    return pod
+
+
+def _log_file(env) -> str:
+    from ..config import Config, setting
+
+    try:
+        return setting("VAULTTMPFS_LOG_FILE", Config.log_file, env)  # the config file's, or the environment's
+    except Exception:  # noqa: BLE001 -- e.g. an untrusted config file: that call's answer says so
+        return (os.environ if env is None else env).get("VAULTTMPFS_LOG_FILE") or Config.log_file
 
 
 def _note_failure(exc: BaseException) -> None:
@@ -164,7 +214,7 @@ def _note_failure(exc: BaseException) -> None:
         pass
 
 
-def _describe(exc: BaseException) -> str:
+def _describe(exc: BaseException, env=None) -> str:
     from ..errors import DriverError
 
     if isinstance(exc, (BadCall, DriverError)):
@@ -174,9 +224,8 @@ def _describe(exc: BaseException) -> str:
     # A bug: say what it is; the traceback goes to the log.
     try:
         from .. import log
-        from ..config import Config
 
-        log.get(os.environ.get("VAULTTMPFS_LOG_FILE", Config.log_file)).error("unexpected error", exc_info=exc)
+        log.get(_log_file(env)).error("unexpected error", exc_info=exc)
     except BaseException:  # noqa: BLE001
         pass
     return f"internal error: {type(exc).__name__}: {exc}"

@@ -16,7 +16,7 @@ from typing import Any
 from .. import log, telemetry
 from ..config import Config
 from ..errors import DriverError
-from .agent import Loop, parse_addr
+from .agent import Loop, bounded_server, parse_addr
 
 FOLD_INTERVAL = 15.0
 FRONT_ENDS = ("flexvolume", "csi")  # label values are a fixed set, whatever a spool line says
@@ -173,11 +173,10 @@ class MetricsServer(Loop):
 
         host, port = parse_addr(self.addr)
         try:
-            self._server = ThreadingHTTPServer((host, port), Handler)
+            self._server = bounded_server(ThreadingHTTPServer, Handler, (host, port))
         except OSError as exc:
             raise DriverError(f"metrics server cannot listen on {self.addr}: {exc.strerror}") from None
-        self._server.daemon_threads = True
-        threading.Thread(target=self._server.serve_forever, name="metrics-http", daemon=True).start()
+        threading.Thread(target=self._server.serve_forever, args=(0.25,), name="metrics-http", daemon=True).start()
         telemetry.set_sink(self.metrics)
         super().start()
 

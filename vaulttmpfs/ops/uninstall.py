@@ -29,13 +29,10 @@ def held_volumes(config: Config) -> list[dict[str, Any]]:
 
     held = {r["mount_dir"]: r for r in StateStore(config.state_dir).list_volumes()}
     prefix = os.path.realpath(config.pods_dir) + "/"
-    with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as table:
-        for line in table:
-            fields = line.split()
-            sep = fields.index("-")
-            target = volume._unescape(fields[4])
-            if fields[sep + 1] == "tmpfs" and fields[sep + 2] == MOUNT_SOURCE and target.startswith(prefix):
-                held.setdefault(target, {"mount_dir": target, "pod_uid": target[len(prefix):].split("/")[0]})
+    for entry in volume.mounts():
+        target = entry["target"]
+        if entry["fstype"] == "tmpfs" and entry["source"] == MOUNT_SOURCE and target.startswith(prefix):
+            held.setdefault(target, {"mount_dir": target, "pod_uid": target[len(prefix):].split("/")[0]})
     return list(held.values())
 
 

@@ -24,7 +24,10 @@ _STATUS = {"InvalidRequest": 400, "Unauthorized": 401, "Forbidden": 403, "Invali
            "VaultNotInitialized": 501, "BadGateway": 502, "VaultDown": 503}
 
 
-def _session(config: Config):
+def _session(config: Config, resend: bool):
+    """resend=False for a call that mints a token: once it may have reached Vault it is never sent
+    again (a gateway that forwards the create and then answers 502 would get two tokens minted).
+    Only a connection that failed before the request went out is retried."""
     import requests
     from requests.adapters import HTTPAdapter
     from urllib3.util.retry import Retry
@@ -44,8 +47,9 @@ def _session(config: Config):
         connect=config.max_retries,
         # A request Vault may already have acted on is not sent twice (it would mint twice).
         read=0,
-        status=config.max_retries,
-        status_forcelist=RETRY_STATUSES,
+        other=0,
+        status=config.max_retries if resend else 0,
+        status_forcelist=RETRY_STATUSES if resend else (),
         allowed_methods=None,
         backoff_factor=0.1,
         raise_on_status=False,
@@ -89,6 +93,21 @@ def _client_cert(config: Config) -> tuple[str, str] | str | None:
     if not config.client_cert:
         return None
     return (config.client_cert, config.client_key) if config.client_key else config.client_cert
+
+
+def _check_files(config: Config) -> None:
+    """OpenSSL opens these with blocking reads: a FIFO or a device named here would hang the call."""
+    import os
+    import stat
+
+    for setting, path in (("VAULT_CACERT", config.cacert), ("VAULT_CLIENT_CERT", config.client_cert),
+                          ("VAULT_CLIENT_KEY", config.client_key)):
+        try:
+            regular = path is None or stat.S_ISREG(os.stat(path).st_mode)
+        except OSError:
+            continue  # missing: the TLS layer says so in its own words
+        if not regular:
+            raise DriverError(f"{setting}={path} is not a regular file")
 
 
 def _vault_errors(exc: Exception) -> str:
@@ -177,6 +196,14 @@ def _innermost(exc: Exception) -> Exception:
     return inner
 
 
+class TokenNotWrapped(VaultUnavailable):
+    """Vault answered with a plain token (something stripped X-Vault-Wrap-TTL): not for the pod."""
+
+    def __init__(self, message: str, accessor: str | None):
+        super().__init__(message)
+        self.accessor = accessor
+
+
 class Vault:
     """One authenticated client; plain dicts in and out."""
 
@@ -188,18 +215,34 @@ class Vault:
                 "give it Vault's CA with VAULT_CACERT or VAULT_CAPATH, or set VAULTTMPFS_ALLOW_INSECURE=true "
                 "to accept the risk"
             )
+        _check_files(config)
+        self.config = config
+        self.token = token
+        self.client = self._client(resend=True)  # idempotent calls: lookups, renewals, revocations
+        self._minting = None
+
+    def _client(self, resend: bool):
         import hvac
 
-        self.config = config
-        self.client = hvac.Client(
-            url=config.vault_addr,
-            token=token,
-            cert=_client_cert(config),
-            verify=_verify(config),
-            timeout=config.timeout,
-            namespace=config.namespace,
-            session=_session(config),
+        # Every argument explicit: hvac falls back to VAULT_TOKEN, ~/.vault-token, VAULT_CLIENT_CERT,
+        # VAULT_CACERT... of this process when one is None, and in the node agent those are the
+        # agent's, not the settings the driver forwarded with a relayed call.
+        return hvac.Client(
+            url=self.config.vault_addr,
+            token=self.token or "",
+            cert=_client_cert(self.config) or False,
+            verify=_verify(self.config),
+            timeout=self.config.timeout,
+            namespace=self.config.namespace,
+            session=_session(self.config, resend),
         )
+
+    @property
+    def minting(self):
+        """The client for calls that create a token: never resent once they may have reached Vault."""
+        if self._minting is None:
+            self._minting = self._client(resend=False)
+        return self._minting
 
     @contextlib.contextmanager
     def _call(self, action: str) -> Iterator[None]:
@@ -222,33 +265,23 @@ class Vault:
     ) -> dict[str, Any]:
         """Create a token against `role`; only the response-wrapping token comes back."""
         with self._call(f"creating a token with role {role!r} for policies {','.join(policies)}"):
-            response = self.client.auth.token.create(
+            response = self.minting.auth.token.create(
                 role_name=role,
                 policies=policies,
                 meta=metadata,
                 display_name=display_name,
                 wrap_ttl=self.config.wrap_ttl,
             )
-        wrap_info = (response or {}).get("wrap_info") if isinstance(response, dict) else None
-        if not wrap_info or not wrap_info.get("token") or not wrap_info.get("wrapped_accessor"):
-            raise VaultUnavailable(
-                f"creating a token with role {role!r}: Vault did not return a wrapped token "
-                "(is a proxy stripping the X-Vault-Wrap-TTL header?)"
-            )
-        return wrap_info
+        return _wrap_info(f"creating a token with role {role!r}", response)
 
     def login_jwt_wrapped(self, mount: str, role: str, jwt: str) -> dict[str, Any]:
         """Log in AS THE POD with its service-account JWT (POST auth/<mount>/login, Vault's jwt or
         kubernetes method): Vault's role decides the policies; only the wrapping token comes back."""
         action = f"logging in with the pod's service-account token at auth/{mount} (role {role!r})"
         with self._call(action):
-            response = self.client.adapter.post(f"/v1/auth/{mount}/login", json={"role": role, "jwt": jwt},
-                                                wrap_ttl=self.config.wrap_ttl)
-        wrap_info = (response or {}).get("wrap_info") if isinstance(response, dict) else None
-        if not wrap_info or not wrap_info.get("token") or not wrap_info.get("wrapped_accessor"):
-            raise VaultUnavailable(f"{action}: Vault did not return a wrapped token "
-                                   "(is a proxy stripping the X-Vault-Wrap-TTL header?)")
-        return wrap_info
+            response = self.minting.adapter.post(f"/v1/auth/{mount}/login", json={"role": role, "jwt": jwt},
+                                                 wrap_ttl=self.config.wrap_ttl)
+        return _wrap_info(action, response)
 
     def revoke_accessor(self, accessor: str) -> bool:
         """Revoke by accessor; False when the token is already gone (that is fine)."""
@@ -281,7 +314,7 @@ class Vault:
     def jwt_login(self, role: str, jwt: str, mount: str = "jwt") -> dict[str, Any]:
         """auth/<mount>/login with a JWT (Vault's jwt and kubernetes auth take the same body)."""
         with self._call(f"logging in with a service-account JWT as role {role!r} (auth/{mount})"):
-            return self.client.auth.jwt.jwt_login(role=role, jwt=jwt, use_token=False, path=mount)["auth"]
+            return self.minting.auth.jwt.jwt_login(role=role, jwt=jwt, use_token=False, path=mount)["auth"]
 
     # --- for `vaulttmpfs bootstrap` ---
     def ldap_login(self, username: str, password: str, mount: str = "ldap") -> dict[str, Any]:
@@ -289,15 +322,17 @@ class Vault:
         action = f"logging in as LDAP user {username!r} (auth/{mount})"
         try:
             with self._call(action):
-                return self.client.auth.ldap.login(username=username, password=password, mount_point=mount)["auth"]
+                auth = self.minting.auth.ldap.login(username=username, password=password, mount_point=mount)["auth"]
         except VaultDenied as exc:
             raise VaultDenied(_ldap_problem(str(exc), action, mount, self.config.vault_addr)) from None
+        self.token = self.client.token = self.minting.token = auth["client_token"]
+        return auth
 
     def create_token(self, role: str, policies: list[str], metadata: dict[str, str],
                      display_name: str) -> dict[str, Any]:
         """Create a token against `role` and return its auth block (client_token, accessor, ...)."""
         with self._call(f"creating a token with role {role!r} for policies {','.join(policies)}"):
-            return self.client.auth.token.create(
+            return self.minting.auth.token.create(
                 role_name=role, policies=policies, meta=metadata, display_name=display_name
             )["auth"]
 
@@ -309,9 +344,9 @@ class Vault:
     def unwrap_self(self) -> dict[str, Any]:
         """sys/wrapping/unwrap with this client's token as the wrapping token: the wrapped response.
 
-        Single use, so never resent: a client built with max_retries=0 is the caller's choice."""
+        Single use, so never resent once it may have reached Vault (as a create is not)."""
         with self._call("unwrapping the volume's token"):
-            return self.client.sys.unwrap()
+            return self.minting.sys.unwrap()
 
     def read_policy(self, name: str) -> str | None:
         """An ACL policy's text, None when there is no such policy."""
@@ -342,6 +377,21 @@ class Vault:
 
         with self._call(f"writing token role {name!r}"):
             self.client.adapter.post(utils.format_url("/v1/auth/token/roles/{name}", name=name), json=params)
+
+
+def _wrap_info(action: str, response) -> dict[str, Any]:
+    """The wrap_info of an answer that must be wrapped; a plain token in its place is TokenNotWrapped."""
+    from .. import log
+
+    response = response if isinstance(response, dict) else {}
+    wrap_info = response.get("wrap_info")
+    if wrap_info and wrap_info.get("token") and wrap_info.get("wrapped_accessor"):
+        return wrap_info
+    auth = response.get("auth") if isinstance(response.get("auth"), dict) else {}
+    log.secret(auth.get("client_token"))  # a live token in our hands: never into a log line
+    what = "a plain token instead of a wrapped one" if auth.get("client_token") else "no wrapped token"
+    raise TokenNotWrapped(f"{action}: Vault returned {what} (is a proxy stripping the X-Vault-Wrap-TTL header?)",
+                          auth.get("accessor"))
 
 
 def _ldap_problem(error: str, action: str, mount: str, addr: str) -> str:
