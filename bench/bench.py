@@ -54,7 +54,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from tests.kubelet import Kubelet  # noqa: E402  -- the kubelet's layout and option keys
-from tests.vaultserver import VaultServer, stop_process  # noqa: E402
+from tests.vaultserver import VaultServer, dies_with_parent, stop_process  # noqa: E402
 
 ROLE = "applications"
 POD_OPTIONS = {"vault/policies": "nginx"}
@@ -218,7 +218,8 @@ class Agent:
         self.socket_path = socket_path
         self.proc = subprocess.Popen([*cmd, "agent", *serve, "--health-addr", "", "--retry-interval", "1h"],
                                      env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
+                                     stderr=subprocess.STDOUT, start_new_session=True,
+                                     preexec_fn=dies_with_parent())
         self.tick_ms = 1000 / os.sysconf("SC_CLK_TCK")
 
     def wait_ready(self, timeout: float = 60.0) -> None:

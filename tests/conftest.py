@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from . import idmap
 from .kubelet import Kubelet
 from .vaultserver import REPO, VaultServer
 
@@ -19,10 +20,9 @@ SEEN_SECRETS: set[str] = set()
 
 
 def pytest_configure(config):
-    if os.geteuid() != 0:
-        raise pytest.UsageError(
-            "the suite mounts real tmpfs: run as root, or inside `unshare --user --map-root-user --mount`"
-        )
+    # Up front, in one line: else every fsGroup mount fails later with a bare EINVAL.
+    if why := idmap.problem():
+        raise pytest.UsageError(f"the suite cannot run here: {why}")
 
 
 @pytest.fixture(scope="session")

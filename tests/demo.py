@@ -1,7 +1,8 @@
 """`make demo`: the whole flow, kubelet-style, against a throwaway OpenBao dev server.
 
 init -> mount -> the files in the tmpfs -> unwrap (policies + pod metadata) -> unmount ->
-the token is revoked. Needs root (or `unshare --user --map-root-user --mount`, which make uses).
+the token is revoked. Needs root, or a user namespace mapping the ids it uses (make runs it
+through tests/userns.sh when not root).
 """
 
 from __future__ import annotations
@@ -17,11 +18,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from tests import idmap  # noqa: E402
 from tests.vaultserver import VaultServer  # noqa: E402
 
 
+def styled(text: str, sgr: str) -> str:
+    """`text` in bold/colour on a terminal; plain in a log or a pipe."""
+    return f"\033[{sgr}m{text}\033[0m" if sys.stdout.isatty() else text
+
+
 def step(title: str) -> None:
-    print(f"\n\033[1m== {title}\033[0m", flush=True)
+    print("\n" + styled(f"== {title}", "1"), flush=True)
 
 
 def masked(value: str) -> str:
@@ -44,8 +51,8 @@ def call(cmd: list[str], env: dict[str, str], *args: str) -> dict:
 
 
 def main() -> int:
-    if os.geteuid() != 0:
-        print("the demo mounts a tmpfs: run it as root or via `make demo` (which uses unshare -rm)")
+    if why := idmap.problem():
+        print(f"the demo cannot run here: {why}")
         return 2
     work = Path(tempfile.mkdtemp(prefix="vaulttmpfs-demo-"))
     cmd = driver_command()
@@ -95,15 +102,21 @@ def main() -> int:
         call(cmd, env, "mount", str(volume), json.dumps(options))
         step("kubelet: unmount (pod deleted)")
         call(cmd, env, "unmount", str(volume))
-        alive = bao.lookup_accessor(auth["accessor"])
-        print(f"token {auth['accessor']}: {'STILL ALIVE' if alive else 'revoked'}; "
-              f"volume mounted: {os.path.ismount(volume)}")
+        alive = bao.lookup_accessor(auth["accessor"]) is not None
+        mounted = os.path.ismount(volume)
+        print(f"token {auth['accessor']}: {'STILL ALIVE' if alive else 'revoked'}; volume mounted: {mounted}")
         bao.revoke_token(generator["client_token"])
         step(f"driver log: {env['VAULTTMPFS_LOG_FILE']} (JSON lines, no token values)")
         print(Path(env["VAULTTMPFS_LOG_FILE"]).read_text().strip())
-    shutil.rmtree(work, ignore_errors=True)
-    step("OpenBao stopped; done")
-    return 0 if not alive else 1
+    if not mounted:
+        shutil.rmtree(work, ignore_errors=True)
+    step("OpenBao stopped")
+    if alive or mounted:
+        print(styled(f"DEMO FAILED: the pod's token is {'still alive' if alive else 'revoked'}, "
+                     f"its tmpfs is {'still mounted' if mounted else 'gone'}", "1;31"))
+        return 1
+    print(styled("DEMO OK: the pod's token was minted on mount and revoked on unmount; its tmpfs is gone.", "1;32"))
+    return 0
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .vaultserver import free_port, stop_process
+from .vaultserver import dies_with_parent, free_port, stop_process
 
 SBIN_DIRS = ("/usr/sbin", "/usr/local/sbin", "/sbin", "/usr/libexec")
 MODULE_DIRS = ("/usr/lib/ldap", "/usr/lib/x86_64-linux-gnu/openldap", "/usr/lib64/openldap", "/usr/lib/openldap",
@@ -122,11 +122,12 @@ class LdapServer:
         Path(self.workdir, "data.ldif").write_text(self._ldif())
         subprocess.run([find_program("slapadd"), "-q", "-f", str(conf), "-l", str(Path(self.workdir, "data.ldif"))],
                        check=True, capture_output=True, timeout=60)
-        log = open(Path(self.workdir, "slapd.log"), "wb")
         # -d keeps slapd in the foreground (no fork) so Popen owns the real server process.
-        self.proc = subprocess.Popen(
-            [find_program("slapd"), "-f", str(conf), "-h", f"{self.url}/", "-d", "0"],
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        with open(Path(self.workdir, "slapd.log"), "wb") as log:  # slapd keeps its own copy of the fd
+            self.proc = subprocess.Popen(
+                [find_program("slapd"), "-f", str(conf), "-h", f"{self.url}/", "-d", "0"],
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+                preexec_fn=dies_with_parent())
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

@@ -1,14 +1,33 @@
 #!/bin/sh
-# The Debian packages the suite needs: installed when we are root, else named in one line to run.
+# The Debian packages make needs, installed when we are root, else named in one `apt-get install`
+# line for root to run. Argument: venv (the interpreter PYTHON can make .venv: Debian's python3
+# needs python3.X-venv for ensurepip), demo (that, plus mount tools and, when not root, the user
+# namespace tools), test (that, plus slapd, ldap-utils, openssl and git for the suite).
 set -eu
+need=${1:-test}
+PYTHON=${PYTHON:-python3}
+pairs=""
+if [ "$need" != venv ]; then
+    # make runs the demo and the suite under tests/userns.sh (unshare); not as root, it also needs
+    # the setuid id mappers.
+    pairs="findmnt:util-linux unshare:util-linux mount:mount"
+    [ "$(id -u)" = 0 ] || pairs="$pairs newuidmap:uidmap newgidmap:uidmap"
+fi
+# The suite also checks tests/userns.sh's answer to a plain user, so uidmap even as root.
+[ "$need" != test ] || pairs="$pairs slapd:slapd ldapadd:ldap-utils openssl:openssl git:git newuidmap:uidmap"
+
 missing=""
-for pair in slapd:slapd ldapadd:ldap-utils unshare:util-linux openssl:openssl; do
+for pair in $pairs; do
     tool=${pair%%:*}; package=${pair#*:}
+    case " $missing " in *" $package "*) continue ;; esac
     PATH="$PATH:/usr/sbin:/sbin" command -v "$tool" >/dev/null 2>&1 || missing="$missing $package"
 done
+if ! "$PYTHON" -c 'import ensurepip, venv' 2>/dev/null; then
+    missing="$missing $("$PYTHON" -c 'import sys; print("python%d.%d-venv" % sys.version_info[:2])')"
+fi
 [ -z "$missing" ] && exit 0
 if [ "$(id -u)" != 0 ]; then
-    echo "the suite needs Debian packages that are not installed; as root run:" >&2
+    echo "make $need needs Debian packages that are not installed; as root run:" >&2
     echo "  apt-get update && apt-get install -y --no-install-recommends$missing" >&2
     exit 1
 fi

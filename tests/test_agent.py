@@ -19,7 +19,7 @@ import pytest
 
 from .conftest import driver_env, remember_secret
 from .kubelet import is_mount_point
-from .vaultserver import free_port
+from .vaultserver import dies_with_parent, free_port
 
 NGINX = {"vault/policies": "nginx"}
 
@@ -32,6 +32,7 @@ class AgentProcess:
         self.proc = subprocess.Popen(
             [*driver_cmd, "agent", "--health-addr", f"127.0.0.1:{self.port}", *args],
             env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            preexec_fn=dies_with_parent(),
         )
 
     def __enter__(self) -> "AgentProcess":

@@ -29,7 +29,7 @@ from vaulttmpfs.ops import install as installer
 
 from .conftest import BUILD_EXE, driver_env, source_cmd, unmount_everything_under
 from .kubelet import Kubelet, is_mount_point
-from .vaultserver import REPO, free_port
+from .vaultserver import REPO, dies_with_parent, free_port
 
 DRIVER = installer.DRIVER_DIR
 EXE = installer.EXE
@@ -425,7 +425,7 @@ def test_container_entrypoint_installs_then_becomes_the_agent(bundle, tmp_path):
            "VAULTTMPFS_GENERATOR_TOKEN_PATH": str(tmp_path / "no-token-yet"),
            "VAULTTMPFS_LOG_FILE": str(tmp_path / "agent.log"), "VAULT_ADDR": f"http://127.0.0.1:{free_port()}"}
     proc = subprocess.Popen([str(REPO / "installer" / "entrypoint.sh")], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=dies_with_parent())
     try:
         status, body = _wait_for_health(port, proc, lambda b: "last_failure" in b["services"]["generator"])
         # Not bootstrapped yet: the driver is installed, the agent runs and says what is missing.

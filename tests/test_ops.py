@@ -16,7 +16,7 @@ import pytest
 from .conftest import driver_env, remember_secret, source_cmd
 from .kubelet import Kubelet
 from .test_agent import AgentProcess, closed_addr
-from .vaultserver import REPO, free_port
+from .vaultserver import REPO, dies_with_parent, free_port
 
 NGINX = {"vault/policies": "nginx"}
 # What the DaemonSet's ConfigMap carries; the kubelet's environment then needs none of it.
@@ -331,9 +331,12 @@ def test_entrypoint_configures_driver_and_agent_from_one_configmap(bao, generato
     port = free_port()
     container_env = {**{k: v for k, v in env.items() if k not in ("PYTHONPATH",)},
                      "VAULTTMPFS_BUNDLE": str(REPO / "dist" / "vaulttmpfs"), "VAULTTMPFS_CONFIG_FROM": str(configmap),
-                     "VAULTTMPFS_HEALTH_ADDR": f"127.0.0.1:{port}"}
+                     "VAULTTMPFS_HEALTH_ADDR": f"127.0.0.1:{port}",
+                     # As in the DaemonSet's container: without it the install went to the machine's real plugin dir.
+                     "VAULTTMPFS_PLUGIN_DIR": plugin_dir}
     proc = subprocess.Popen([str(REPO / "installer" / "entrypoint.sh"), "--retry-interval", "1h"], env=container_env,
-                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            preexec_fn=dies_with_parent())
     try:
         deadline = time.monotonic() + 60
         while True:
@@ -363,7 +366,7 @@ def test_doctor_reads_the_kubelets_environment_and_reports_its_drift(doctor_node
     """The driver gets the kubelet's environment: a drop-in there that disagrees with the ConfigMap is drift."""
     kubelet_env = {"PATH": os.environ["PATH"], "VAULTTMPFS_CONFIG_FILE": str(doctor_node.config),
                    "VAULT_ADDR": "https://vault.old.example:8200"}  # a stale drop-in
-    kubelet = subprocess.Popen(["sleep", "60"], env=kubelet_env)  # stands in for the kubelet process
+    kubelet = subprocess.Popen(["sleep", "60"], env=kubelet_env, preexec_fn=dies_with_parent())  # stands in for the kubelet process
     try:
         code, report, text = doctor_node.doctor("--kubelet-pid", str(kubelet.pid))
     finally:

@@ -22,7 +22,7 @@ from .conftest import driver_env, remember_secret, token_file, unmount_everythin
 from .faultserver import FaultServer
 from .kubelet import Kubelet
 from .pki import issue, make_ca
-from .vaultserver import REPO, VaultHTTPError, VaultServer, bao_binary, free_port, stop_process
+from .vaultserver import REPO, VaultHTTPError, VaultServer, bao_binary, dies_with_parent, free_port, stop_process
 
 EXAMPLES = REPO / "installer" / "examples" / "pod-side"
 EXAMPLE_FILES = sorted(EXAMPLES.glob("*.yaml"))
@@ -77,7 +77,8 @@ def run_token(driver_cmd, bao, volume, out, *flags, vault_addr: str | None = Non
 
 def start_token(driver_cmd, bao, volume, out, *flags, vault_addr: str | None = None) -> subprocess.Popen:
     return subprocess.Popen(token_argv(driver_cmd, volume, out, *flags), env=pod_env(vault_addr or bao.addr),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, umask=0)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, umask=0,
+                            preexec_fn=dies_with_parent())
 
 
 def log_lines(stderr: str) -> list[dict]:
@@ -404,7 +405,8 @@ def test_the_openbao_agent_renders_a_kv_secret_from_our_token_file(kubelet, bao,
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(tmp_path)}
     with open(tmp_path / "agent.log", "wb") as agent_log:
         agent = subprocess.Popen([bao_binary(), "agent", f"-config={tmp_path / 'agent.hcl'}"], env=env,
-                                 stdout=agent_log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+                                 stdout=agent_log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                 preexec_fn=dies_with_parent())
         try:
             rendered = wait_for(lambda: (rendered_dir / "config.env").exists()
                                 and (rendered_dir / "config.env").read_text(), 30, "the agent's template")

@@ -6,10 +6,12 @@ before the project's own dependencies are importable.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -26,6 +28,27 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+# Resolved before any fork: the child between fork and exec should only make the syscall.
+_prctl = ctypes.CDLL(None, use_errno=True).prctl
+PR_SET_PDEATHSIG = 1
+
+
+def dies_with_parent():
+    """A Popen preexec_fn: the child gets SIGKILL when the process that started it dies, even by
+    kill -9 (an interrupted test run), so a test server or agent never outlives its run.
+    The kernel sends it when the *thread* that forked exits: start long-lived children from the
+    main thread (fixtures do)."""
+    parent = os.getpid()
+
+    def preexec() -> None:
+        if _prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+            os._exit(126)
+        if os.getppid() != parent:  # the parent died before the signal was armed
+            os._exit(1)
+
+    return preexec
 
 
 def stop_process(proc: subprocess.Popen | None, grace: float = 10.0) -> None:
@@ -78,17 +101,17 @@ class VaultServer:
         return self._start(timeout)
 
     def _start(self, timeout: float) -> "VaultServer":
-        log = open(self.log_path, "wb")
         env = {**os.environ, "HOME": self.workdir}
         for name in ("VAULT_ADDR", "VAULT_TOKEN", "BAO_ADDR", "BAO_TOKEN"):
             env.pop(name, None)
-        self.proc = subprocess.Popen(
-            [self.binary, "server", "-dev", "-dev-no-store-token",
-             f"-dev-root-token-id={self.root_token}", f"-dev-listen-address=127.0.0.1:{self.port}",
-             *self.extra_args],
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-            start_new_session=True,
-        )
+        with open(self.log_path, "wb") as log:  # the server keeps its own copy of the fd
+            self.proc = subprocess.Popen(
+                [self.binary, "server", "-dev", "-dev-no-store-token",
+                 f"-dev-root-token-id={self.root_token}", f"-dev-listen-address=127.0.0.1:{self.port}",
+                 *self.extra_args],
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                start_new_session=True, preexec_fn=dies_with_parent(),
+            )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
