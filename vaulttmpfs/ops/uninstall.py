@@ -36,30 +36,19 @@ def held_volumes(config: Config) -> list[dict[str, Any]]:
     return list(held.values())
 
 
-def _gone(config: Config, record: dict[str, Any]) -> bool:
-    """A record whose pod dir the kubelet already removed (e.g. a tmpfs lost with a reboot): nothing
-    mounts there any more, so its token can be revoked now. Unknowable (and kept) where this mount
-    namespace does not show the kubelet's pods dir, e.g. in the agent's container."""
-    if not os.path.isdir(config.pods_dir) or volume.is_mount_point(record["mount_dir"]):
-        return False
-    uid = record.get("pod_uid") or ""
-    return bool(uid) and "/" not in uid and not os.path.lexists(os.path.join(config.pods_dir, uid))
-
-
 def _who(record: dict[str, Any]) -> str:
     name = "/".join(p for p in (record.get("namespace"), record.get("pod")) if p)
     return f"{name or 'pod'} (uid {record.get('pod_uid') or '?'})"
 
 
 def uninstall(config: Config, plugin_dir: str, revoke: bool = True) -> dict[str, Any]:
-    from ..engine import operation
+    from ..engine import operation, reconcile
 
     logger = log.get(config.log_file, command="uninstall", plugin_dir=plugin_dir)
+    # Volumes whose dir the kubelet already removed (e.g. a tmpfs lost with a reboot) hold no pod:
+    # their tokens go now, by the agent's own rule (nothing where the pods dir is not visible).
+    reconcile.reconcile(config)
     held = held_volumes(config)
-    for record in [r for r in held if _gone(config, r)]:
-        logger.info("revoking the token of a pod that is gone", pod_uid=record.get("pod_uid"))
-        operation.unmount(config, record["mount_dir"])  # revokes (or queues) and forgets the record
-        held.remove(record)
     if held:
         raise DriverError(f"{len(held)} vaulttmpfs volume(s) still mounted, held by: "
                           f"{', '.join(sorted(_who(r) for r in held))}; delete those pods (or drain the node) "
