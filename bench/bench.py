@@ -52,6 +52,8 @@ from urllib.parse import urlsplit
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+# The csi mode holds gRPC channels while it forks agents with a preexec_fn: see tests/conftest.py.
+os.environ["GRPC_ENABLE_FORK_SUPPORT"] = "0"
 
 from tests.kubelet import Kubelet  # noqa: E402  -- the kubelet's layout and option keys
 from tests.vaultserver import VaultServer, dies_with_parent, stop_process  # noqa: E402

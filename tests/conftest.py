@@ -10,6 +10,12 @@ from pathlib import Path
 
 import pytest
 
+# Children are forked with a preexec_fn (vaultserver.dies_with_parent) while CSI tests hold gRPC channels
+# in this process: gRPC's fork handlers then run in the child before its exec and can crash it (seen:
+# SIGSEGV/SIGABRT "epoll_wait error: Bad file descriptor"). The children exec at once and never use this
+# process's gRPC, so the handlers are not wanted. Set before any test module imports grpc.
+os.environ["GRPC_ENABLE_FORK_SUPPORT"] = "0"
+
 from . import idmap
 from .kubelet import Kubelet
 from .vaultserver import REPO, VaultServer
