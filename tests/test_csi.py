@@ -8,7 +8,6 @@ the plugin creates and deletes, and an agent restart between publish and unpubli
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import shutil
@@ -17,7 +16,6 @@ import stat
 import subprocess
 import sys
 import tempfile
-import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -30,6 +28,7 @@ from vaulttmpfs.csi import csi_pb2
 
 from .conftest import BUILD_EXE, driver_env, remember_secret, source_cmd, unmount_everything_under
 from .csikubelet import CsiKubelet, new_pod, volume_handle
+from .jwtsign import Signer
 from .kubelet import mount_entry
 from .test_agent import AgentProcess, closed_addr
 from .vaultserver import REPO
@@ -411,32 +410,15 @@ ISSUER = "https://kubernetes.default.svc.cluster.local"
 JWT_MOUNT = "csijwt"
 
 
-def b64url(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+class ServiceAccountIssuer(Signer):
+    """Signs JWTs shaped like the kubelet's TokenRequest tokens (RS256): bound to a pod's uid."""
 
-
-class ServiceAccountIssuer:
-    """Signs JWTs shaped like the kubelet's TokenRequest tokens (RS256), with the openssl CLI."""
-
-    def __init__(self, directory: Path):
-        self.key = directory / "sa.key"
-        subprocess.run(["openssl", "genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048",
-                        "-out", str(self.key)], check=True, capture_output=True)
-        self.public_pem = subprocess.run(["openssl", "pkey", "-in", str(self.key), "-pubout"], check=True,
-                                         capture_output=True, text=True).stdout
-
-    def token(self, pod, audience: str = "vault", ttl: int = 600, **override) -> str:
-        now = int(time.time())
-        claims = {"iss": ISSUER, "aud": [audience], "sub": f"system:serviceaccount:{pod.namespace}:{pod.service_account}",
-                  "iat": now, "nbf": now, "exp": now + ttl,
-                  "kubernetes.io": {"namespace": pod.namespace, "pod": {"name": pod.name, "uid": pod.uid},
-                                    "serviceaccount": {"name": pod.service_account, "uid": str(uuid.uuid4())}}}
-        claims.update(override)
-        signing_input = b64url(json.dumps({"alg": "RS256", "typ": "JWT"}).encode()) + "." + \
-            b64url(json.dumps(claims).encode())
-        signature = subprocess.run(["openssl", "dgst", "-sha256", "-sign", str(self.key)], input=signing_input.encode(),
-                                   check=True, capture_output=True).stdout
-        return remember_secret(signing_input + "." + b64url(signature))
+    def pod_token(self, pod, audience: str = "vault", ttl: int = 600, **override) -> str:
+        bound = {"namespace": pod.namespace, "pod": {"name": pod.name, "uid": pod.uid},
+                 "serviceaccount": {"name": pod.service_account, "uid": str(uuid.uuid4())}}
+        claims = {"iss": ISSUER, "kubernetes.io": bound, **override}
+        subject = f"system:serviceaccount:{pod.namespace}:{pod.service_account}"
+        return remember_secret(self.token(subject, audience, ttl, **claims))
 
     @staticmethod
     def tokens(jwt: str, audience: str = "vault") -> dict:
@@ -469,7 +451,7 @@ def jwt_node(bao, generator, log_dir, tmp_path_factory, sa_issuer):
 def test_the_pod_logs_itself_in_with_its_service_account_token(jwt_node, sa_issuer, bao):
     kubelet = jwt_node.kubelet
     pod = new_pod("web-1", namespace="shop", service_account="web")
-    jwt = sa_issuer.token(pod)
+    jwt = sa_issuer.pod_token(pod)
     path = kubelet.publish(pod, {"vault/role": "shop-web"}, tokens=sa_issuer.tokens(jwt), fs_group=2000)
     wrap_info = read_volume(path)[1]
     assert wrap_info["creation_path"] == f"auth/{JWT_MOUNT}/login"  # a login, response-wrapped
@@ -487,14 +469,14 @@ def test_pod_login_refusals(jwt_node, sa_issuer, bao):
     before = pod_tokens(bao)
     pod = new_pod("web-2", namespace="shop", service_account="web")
     # Another pod's token (bound to its uid) is not this pod's.
-    other = sa_issuer.token(new_pod("web-3", namespace="shop", service_account="web"))
+    other = sa_issuer.pod_token(new_pod("web-3", namespace="shop", service_account="web"))
     message = refused(lambda: kubelet.publish(pod, {"vault/role": "shop-web"}, tokens=sa_issuer.tokens(other)),
                       grpc.StatusCode.PERMISSION_DENIED)
     assert "bound to pod uid" in message
     # Vault's role refuses another service account, in Vault's words.
     robot = new_pod("robot", namespace="shop", service_account="robot")
     message = refused(lambda: kubelet.publish(robot, {"vault/role": "shop-web"},
-                                              tokens=sa_issuer.tokens(sa_issuer.token(robot))),
+                                              tokens=sa_issuer.tokens(sa_issuer.pod_token(robot))),
                       grpc.StatusCode.PERMISSION_DENIED)
     assert "auth/csijwt" in message and "sub" in message.lower()
     # No token for the audience: the CSIDriver lacks tokenRequests.
@@ -502,7 +484,7 @@ def test_pod_login_refusals(jwt_node, sa_issuer, bao):
     assert "tokenRequests" in message
     # vault/policies would be silently ignored here: refused instead.
     message = refused(lambda: kubelet.publish(pod, {"vault/role": "shop-web", **NGINX},
-                                              tokens=sa_issuer.tokens(sa_issuer.token(pod))),
+                                              tokens=sa_issuer.tokens(sa_issuer.pod_token(pod))),
                       grpc.StatusCode.INVALID_ARGUMENT)
     assert "Vault role" in message
     assert pod_tokens(bao) == before and state_records(jwt_node) == []
