@@ -98,11 +98,13 @@ def test_a_vaulttmpfs_admin_token_still_bootstraps_a_node(node, cluster):
 
 
 def test_setup_vault_needs_the_operators_setup_policy(node, cluster):
+    admin_only = admin_token(cluster)
     before, tokens = vault_setup(cluster), set(cluster.accessors())
-    refused = node.run("bootstrap", "--setup-vault", VAULT_TOKEN=admin_token(cluster))
+    refused = node.run("bootstrap", "--setup-vault", VAULT_TOKEN=admin_only)
     assert refused.returncode == 1
     assert "vaulttmpfs-setup" in refused.stderr and "vaulttmpfs_setup_policy.hcl" in refused.stderr
     assert "Nothing was minted" in refused.stderr and not node.token_path.exists()
+    assert set(cluster.accessors()) == tokens
     assert vault_setup(cluster) == before
     admin = token_with(cluster, "vaulttmpfs-setup", "vaulttmpfs-admin")  # a Vault operator's own, short-lived
     done = node.run("bootstrap", "--setup-vault", VAULT_TOKEN=admin)

@@ -42,7 +42,6 @@ def test_metrics_count_every_call_with_and_without_the_agent(bao, driver_cmd, tm
     token_path = tmp_path / "vaulttoken"
     generator_file(bao, token_path, ttl="1h")
     env = driver_env(bao, {"path": str(token_path)}, root, log_dir)
-    relay_socket = env["VAULTTMPFS_AGENT_SOCKET"]
     standalone = {**env, "VAULTTMPFS_AGENT_SOCKET": str(root / "no-agent.sock")}
     node = Kubelet(driver_cmd, standalone, root)
     metrics_port = free_port()
