@@ -17,6 +17,7 @@ import pytest
 os.environ["GRPC_ENABLE_FORK_SUPPORT"] = "0"
 
 from . import idmap
+from .faultserver import FaultServer
 from .kubelet import Kubelet
 from .vaultserver import REPO, VaultServer
 
@@ -51,6 +52,20 @@ def generator(bao, tmp_path_factory) -> dict:
     path = token_file(tmp_path_factory.mktemp("generator"), auth["client_token"])
     yield {"token": auth["client_token"], "accessor": auth["accessor"], "path": path}
     bao.revoke_token(auth["client_token"])
+
+
+@pytest.fixture
+def fault(bao):
+    """A loopback server in front of the real OpenBao that misbehaves on demand (tests/faultserver.py)."""
+    with FaultServer(bao.addr) as server:
+        yield server
+
+
+@pytest.fixture
+def faulty(kubelet, fault):
+    """The kubelet stand-in whose driver reaches Vault through `fault`."""
+    kubelet.env["VAULT_ADDR"] = fault.addr
+    return kubelet
 
 
 def source_cmd() -> list[str]:

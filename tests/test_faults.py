@@ -51,18 +51,6 @@ def all_clear(kubelet: Kubelet, server: VaultServer, before: int) -> None:
 
 # --- 500s, hangs, drips: a loopback server in front of the real one ---------------------------
 
-@pytest.fixture
-def fault(bao):
-    with FaultServer(bao.addr) as server:
-        yield server
-
-
-@pytest.fixture
-def faulty(kubelet, fault):
-    kubelet.env["VAULT_ADDR"] = fault.addr
-    return kubelet
-
-
 def test_vault_answering_500_then_recovering_is_retried_and_mints_once(faulty, fault, bao):
     # Retried where resending is harmless (the generator check, a lookup); the create itself is
     # never resent (see test_review_faults: a gateway may answer 5xx after Vault minted).

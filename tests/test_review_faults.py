@@ -35,18 +35,6 @@ FLOCK_SYSCALL = {"x86_64": 73, "aarch64": 32}.get(os.uname().machine)
 NOBODY = 65534
 
 
-@pytest.fixture
-def fault(bao):
-    with FaultServer(bao.addr) as server:
-        yield server
-
-
-@pytest.fixture
-def faulty(kubelet, fault):
-    kubelet.env["VAULT_ADDR"] = fault.addr
-    return kubelet
-
-
 def read_volume(path: Path) -> dict:
     wrap = json.loads((path / "vault-token.json").read_text())
     remember_secret(wrap["token"])

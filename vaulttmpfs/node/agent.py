@@ -253,7 +253,7 @@ class HealthServer(Service):
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
-        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        from http.server import BaseHTTPRequestHandler
 
         report = self.report
 
@@ -277,14 +277,7 @@ class HealthServer(Service):
             def log_message(self, *_args):  # probes every few seconds: not worth a log line each
                 pass
 
-        host, port = parse_addr(self.addr)
-        try:
-            self._server = bounded_server(ThreadingHTTPServer, Handler, (host, port))
-        except OSError as exc:
-            raise DriverError(f"health server cannot listen on {self.addr}: {exc.strerror}") from None
-        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.25,), name=self.name,
-                                        daemon=True)
-        self._thread.start()
+        self._server, self._thread = serve_http(self.addr, Handler, "health server")
 
     def stop(self) -> None:
         if self._server:
@@ -300,6 +293,20 @@ class HealthServer(Service):
 MAX_CONNECTIONS = 16
 IDLE_SECONDS = 2.0
 MAX_SECONDS = 5.0
+
+
+def serve_http(addr: str, handler, what: str):
+    """(server, thread): `handler` on host:port `addr`, connections bounded, served from a daemon thread."""
+    from http.server import ThreadingHTTPServer
+
+    host, port = parse_addr(addr)
+    try:
+        server = bounded_server(ThreadingHTTPServer, handler, (host, port))
+    except OSError as exc:
+        raise DriverError(f"{what} cannot listen on {addr}: {exc.strerror}") from None
+    thread = threading.Thread(target=server.serve_forever, args=(0.25,), name=what, daemon=True)
+    thread.start()
+    return server, thread
 
 
 def bounded_server(base, handler, address):

@@ -15,8 +15,7 @@ from typing import Any
 
 from .. import log, telemetry
 from ..config import Config
-from ..errors import DriverError
-from .agent import Loop, bounded_server, parse_addr
+from .agent import Loop, serve_http
 
 FOLD_INTERVAL = 15.0
 FRONT_ENDS = ("flexvolume", "csi")  # label values are a fixed set, whatever a spool line says
@@ -163,7 +162,7 @@ class MetricsServer(Loop):
         return FOLD_INTERVAL
 
     def start(self) -> None:
-        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        from http.server import BaseHTTPRequestHandler
 
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -188,12 +187,7 @@ class MetricsServer(Loop):
             def log_message(self, *_args):
                 pass
 
-        host, port = parse_addr(self.addr)
-        try:
-            self._server = bounded_server(ThreadingHTTPServer, Handler, (host, port))
-        except OSError as exc:
-            raise DriverError(f"metrics server cannot listen on {self.addr}: {exc.strerror}") from None
-        threading.Thread(target=self._server.serve_forever, args=(0.25,), name="metrics-http", daemon=True).start()
+        self._server, _thread = serve_http(self.addr, Handler, "metrics server")
         telemetry.set_sink(self.metrics)
         super().start()
 
