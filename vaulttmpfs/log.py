@@ -16,6 +16,15 @@ import threading
 from typing import Any
 
 _secrets: dict[str, None] = {}  # insertion-ordered: the oldest go first when the cap is reached
+# Secrets indexed by the WINDOW-character slices ending at their last WINDOW positions: a line is
+# then looked up every WINDOW characters, whatever the number of secrets (any secret at least
+# 2*WINDOW-1 long that occurs in it covers one of those slices). Not by their first characters:
+# Vault tokens share a prefix ("hvs.CAESI..."). Shorter secrets are searched for one by one.
+WINDOW = 8
+_index: dict[str, dict[str, None]] = {}
+_short: dict[str, None] = {}
+_registry_lock = threading.Lock()
+FEW_SECRETS = 100  # up to this many, a plain search per secret is faster than the index
 _logger = None
 REDACTED = "<redacted>"
 STDERR = "-"  # as a log file name: standard error
@@ -25,22 +34,48 @@ MIN_SECRET = 4  # shorter derived forms are not masked (they would blank unrelat
 
 
 def secret(value: str | None) -> None:
-    """Register a value that must never reach the log, in the forms it may be written in: as is,
-    stripped, and escaped as repr() or JSON would (a "token\\n" quoted inside an error message)."""
+    """Register a value that must never reach the log (a "token\\n" quoted inside an error message
+    included: see _forms)."""
     if not value:
         return
-    for form in _forms(value):
-        _secrets.pop(form, None)  # re-registered (the generator token): now among the newest
-        _secrets[form] = None
-    while len(_secrets) > MAX_SECRETS:
-        _secrets.pop(next(iter(_secrets)), None)
+    with _registry_lock:
+        for form in _forms(value):
+            _forget(form)  # re-registered (the generator token): now among the newest
+            _secrets[form] = None
+            if len(form) >= 2 * WINDOW - 1:
+                for window in _windows(form):
+                    _index.setdefault(window, {})[form] = None
+            else:
+                _short[form] = None
+        while len(_secrets) > MAX_SECRETS:
+            _forget(next(iter(_secrets)))
+
+
+def _forget(form: str) -> None:
+    if _secrets.pop(form, 0) is not None:
+        return  # not registered
+    _short.pop(form, None)
+    if len(form) >= 2 * WINDOW - 1:
+        for window in _windows(form):
+            bucket = _index.get(window, {})
+            bucket.pop(form, None)
+            if not bucket:
+                _index.pop(window, None)
+
+
+def _windows(form: str) -> set[str]:
+    return {form[len(form) - back - WINDOW:len(form) - back] for back in range(WINDOW)}
 
 
 def _forms(value: str) -> list[str]:
+    """The value as it may appear on a written line: as is or stripped, inside a repr(), and each
+    of those JSON-escaped (lines are masked as rendered, after JSON added its escapes)."""
     import json
 
-    derived = [value.strip(), repr(value)[1:-1], json.dumps(value)[1:-1]]
-    return list(dict.fromkeys([value, *(f for f in derived if len(f) >= MIN_SECRET)]))
+    plain = {value, value.strip()}
+    quoted = plain | {repr(form)[1:-1] for form in plain}
+    written = quoted | {json.dumps(form)[1:-1] for form in quoted}
+    return list(dict.fromkeys([value, *sorted(f for f in written if len(f) >= MIN_SECRET)]))
 
 
 def accessor_hint(accessor: str | None) -> str:
@@ -49,21 +84,24 @@ def accessor_hint(accessor: str | None) -> str:
     return f"{accessor[:8]}..." if accessor else "unknown"
 
 
-def _redact(value: Any) -> Any:
-    if isinstance(value, str):
-        for token in tuple(_secrets):  # a snapshot: agent threads register secrets concurrently
-            if token in value:
-                value = value.replace(token, REDACTED)
-        return value
-    if isinstance(value, dict):
-        return {k: _redact(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_redact(v) for v in value]
-    return value
+def _mask(text: str) -> str:
+    # Snapshots (tuple() of a dict is atomic): agent threads register secrets concurrently.
+    if len(_secrets) <= FEW_SECRETS:
+        found = [token for token in tuple(_secrets) if token in text]
+    else:
+        found = [token for token in tuple(_short) if token in text]
+        get = _index.get
+        for end in range(WINDOW, len(text) + 1, WINDOW):
+            bucket = get(text[end - WINDOW:end])
+            if bucket:
+                found += [token for token in tuple(bucket) if token in text]
+    for token in sorted(set(found), key=len, reverse=True):  # a secret inside a longer one: the longer first
+        text = text.replace(token, REDACTED)
+    return text
 
 
-def _redact_processor(_logger, _name, event_dict):
-    return _redact(event_dict)
+def _redact_processor(_logger, _name, line: str) -> str:
+    return _mask(line) if _secrets else line
 
 
 class _NullLogger:
@@ -181,9 +219,8 @@ def get(log_file: str | None = None, **context: Any):
                     structlog.processors.add_log_level,
                     structlog.processors.TimeStamper(fmt="iso", utc=True),
                     structlog.processors.format_exc_info,
-                    _redact_processor,
                     structlog.processors.JSONRenderer(sort_keys=False),
-                    _redact_processor,  # again on the line as written: escapes JSON added included
+                    _redact_processor,  # on the line as written: one search, each escaped form registered
                 ],
                 context_class=dict,
                 cache_logger_on_first_use=True,

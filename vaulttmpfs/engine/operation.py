@@ -310,7 +310,7 @@ def _admit(config: Config, request: MountRequest, logger) -> MountRequest:
                     service_account=request.service_account)
     else:
         logger.warning("no VAULTTMPFS_POLICY_BINDINGS: any pod may ask for any policy the token role allows")
-    return replace(request, pod_uid=pod_uid, real_dir=os.path.realpath(request.mount_dir))
+    return replace(request, pod_uid=pod_uid, real_dir=volume.resolve(request.mount_dir))
 
 
 def _refuse_root_generator(config: Config, store: StateStore, token: str) -> None:

@@ -22,7 +22,7 @@ import time
 from typing import Any, Iterator
 
 from .. import trust
-from . import files
+from . import files, volume
 
 
 class StateStore:
@@ -31,12 +31,19 @@ class StateStore:
         self.volumes = os.path.join(root, "volumes")
         self.pending = os.path.join(root, "pending")
         self._trusted = False
+        # A store lives for one verb: each volume dir is resolved, each dir made and checked, once.
+        self._keys: dict[str, str] = {}
+        self._ensured: set[str] = set()
+
 
     def _ensure(self, path: str) -> None:
+        if path in self._ensured:
+            return
         self.trust()
         os.makedirs(self.root, mode=0o700, exist_ok=True)
         os.chmod(self.root, 0o700)  # records name accessors: not for other users to read
         os.makedirs(path, mode=0o700, exist_ok=True)
+        self._ensured.add(path)
 
     def trust(self) -> None:
         """Refuse a state dir someone else could write to, as sshd refuses such a config: a planted
@@ -47,9 +54,11 @@ class StateStore:
                                         "is revoked)")
             self._trusted = True
 
-    @staticmethod
-    def key(mount_dir: str) -> str:
-        return hashlib.sha256(os.fsencode(os.path.realpath(mount_dir))).hexdigest()[:40]
+    def key(self, mount_dir: str) -> str:
+        key = self._keys.get(mount_dir)
+        if key is None:
+            key = self._keys[mount_dir] = hashlib.sha256(os.fsencode(volume.resolve(mount_dir))).hexdigest()[:40]
+        return key
 
     def _volume_path(self, mount_dir: str, suffix: str) -> str:
         return os.path.join(self.volumes, self.key(mount_dir) + suffix)

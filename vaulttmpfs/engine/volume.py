@@ -37,22 +37,53 @@ def _check(result: int, what: str) -> None:
 def mounts() -> list[dict[str, str]]:
     """Every mount this mount namespace shows (target, fstype, source, options, dev), mountinfo's
     octal escapes decoded over bytes: a path with a space or non-UTF-8 bytes reads as on disk."""
-    found = []
     with open("/proc/self/mountinfo", "rb") as table:
-        for line in table:
-            fields = line.split()
-            sep = fields.index(b"-")
-            found.append({"target": os.fsdecode(_unescape(fields[4])), "fstype": os.fsdecode(fields[sep + 1]),
-                          "source": os.fsdecode(_unescape(fields[sep + 2])), "options": os.fsdecode(fields[5]),
-                          "dev": os.fsdecode(fields[2])})
-    return found
+        return [_entry(line.split()) for line in table]
+
+
+def _entry(fields: list[bytes]) -> dict[str, str]:
+    sep = fields.index(b"-")
+    return {"target": os.fsdecode(_unescape(fields[4])), "fstype": os.fsdecode(fields[sep + 1]),
+            "source": os.fsdecode(_unescape(fields[sep + 2])), "options": os.fsdecode(fields[5]),
+            "dev": os.fsdecode(fields[2])}
+
+
+def resolve(path: str) -> str:
+    """os.path.realpath(path), from the kernel when the path exists: two syscalls, not an lstat and
+    a Python loop per component (this runs several times in every call the agent serves)."""
+    try:
+        fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+    except (OSError, ValueError):
+        return os.path.realpath(path)
+    try:
+        real = os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        real = ""
+    finally:
+        os.close(fd)
+    # Not a path (no /proc; an unreachable or deleted dir): the library's answer.
+    return real if real.startswith("/") and not real.endswith(" (deleted)") else os.path.realpath(path)
 
 
 def mount_info(path: str) -> dict[str, str] | None:
     """The /proc/self/mountinfo entry mounted exactly at `path`, if any (last one wins)."""
-    target = os.path.realpath(path)
-    entries = [entry for entry in mounts() if entry["target"] == target]
-    return entries[-1] if entries else None
+    # Only lines holding the path as mountinfo writes it are parsed: a node has hundreds of mounts.
+    target = _escape(os.fsencode(resolve(path)))
+    needle = b" " + target + b" "
+    found = None
+    with open("/proc/self/mountinfo", "rb") as table:
+        for line in table.read().splitlines():
+            if needle in line:
+                fields = line.split()
+                if fields[4] == target:
+                    found = fields
+    return _entry(found) if found else None
+
+
+def _escape(path: bytes) -> bytes:
+    for char in b"\\ \t\n":  # backslash first: the escapes added after it hold one
+        path = path.replace(bytes([char]), b"\\%03o" % char)
+    return path
 
 
 def _unescape(field: bytes) -> bytes:
@@ -91,7 +122,7 @@ def parts_below(path: str, root: str) -> list[str] | None:
     `root` itself may be a symlink (a kubelet root moved to another disk); nothing below it may
     be: the components must read the same before and after resolving.
     """
-    rel = os.path.relpath(os.path.realpath(path), os.path.realpath(root))
+    rel = os.path.relpath(resolve(path), resolve(root))
     if rel == "." or rel == os.pardir or rel.startswith(os.pardir + os.sep):
         return None
     parts = rel.split(os.sep)

@@ -7,6 +7,8 @@ verb really talks to Vault.
 from __future__ import annotations
 
 import contextlib
+import threading
+import time
 import warnings
 from typing import Any, Iterator
 
@@ -196,6 +198,52 @@ def _innermost(exc: Exception) -> Exception:
     return inner
 
 
+def _new_client(config: Config, token: str | None, resend: bool):
+    import hvac
+
+    # Every argument explicit: hvac falls back to VAULT_TOKEN, ~/.vault-token, VAULT_CLIENT_CERT,
+    # VAULT_CACERT... of this process when one is None, and in the node agent those are the
+    # agent's, not the settings the driver forwarded with a relayed call.
+    return hvac.Client(
+        url=config.vault_addr,
+        token=token or "",
+        cert=_client_cert(config) or False,
+        verify=_verify(config),
+        timeout=config.timeout,
+        namespace=config.namespace,
+        session=_session(config, resend),
+    )
+
+
+# The node agent serves call after call: each of its threads keeps its last few clients, and their
+# kept-alive connections, instead of building hvac + requests + a TCP (and TLS) connection per call.
+KEEP_CLIENTS = 4  # per thread: the generator token's two clients, and room for a rotated token
+CLIENT_MAX_AGE = 300.0  # then rebuilt: VAULT_CAPATH re-read, the address looked up again
+# A token create is never resent, so it must not go out on a connection the server (or a gateway)
+# may be closing for idleness right then: one idle longer than this is replaced first.
+MINT_IDLE = 2.0
+_warm = threading.local()
+
+
+def _warm_client(config: Config, token: str | None, resend: bool):
+    clients = getattr(_warm, "clients", None)
+    if clients is None:
+        clients = _warm.clients = {}
+    key = (config, token or "", resend)
+    now = time.monotonic()
+    entry = clients.pop(key, None)  # re-inserted last: the dict's order is least recently used first
+    if entry and (now - entry[1] > CLIENT_MAX_AGE or (not resend and now - entry[2] > MINT_IDLE)):
+        entry[0].adapter.close()
+        entry = None
+    if entry is None:
+        entry = [_new_client(config, token, resend), now, now]
+    entry[2] = now
+    clients[key] = entry
+    while len(clients) > KEEP_CLIENTS:
+        clients.pop(next(iter(clients)))[0].adapter.close()
+    return entry[0]
+
+
 class TokenNotWrapped(VaultUnavailable):
     """Vault answered with a plain token (something stripped X-Vault-Wrap-TTL): not for the pod."""
 
@@ -218,36 +266,19 @@ class Vault:
         _check_files(config)
         self.config = config
         self.token = token
-        self.client = self._client(resend=True)  # idempotent calls: lookups, renewals, revocations
-        self._minting = None
 
-    def _client(self, resend: bool):
-        import hvac
-
-        # Every argument explicit: hvac falls back to VAULT_TOKEN, ~/.vault-token, VAULT_CLIENT_CERT,
-        # VAULT_CACERT... of this process when one is None, and in the node agent those are the
-        # agent's, not the settings the driver forwarded with a relayed call.
-        return hvac.Client(
-            url=self.config.vault_addr,
-            token=self.token or "",
-            cert=_client_cert(self.config) or False,
-            verify=_verify(self.config),
-            timeout=self.config.timeout,
-            namespace=self.config.namespace,
-            session=_session(self.config, resend),
-        )
+    @property
+    def client(self):
+        """The client for idempotent calls (lookups, renewals, revocations): resent on a 5xx."""
+        return _warm_client(self.config, self.token, resend=True)
 
     @property
     def minting(self):
         """The client for calls that create a token: never resent once they may have reached Vault."""
-        if self._minting is None:
-            self._minting = self._client(resend=False)
-        return self._minting
+        return _warm_client(self.config, self.token, resend=False)
 
     @contextlib.contextmanager
     def _call(self, action: str) -> Iterator[None]:
-        import time
-
         from .. import telemetry
 
         # Every attempt may take the full timeout; one more for connects and backoff.
@@ -325,7 +356,7 @@ class Vault:
                 auth = self.minting.auth.ldap.login(username=username, password=password, mount_point=mount)["auth"]
         except VaultDenied as exc:
             raise VaultDenied(_ldap_problem(str(exc), action, mount, self.config.vault_addr)) from None
-        self.token = self.client.token = self.minting.token = auth["client_token"]
+        self.token = auth["client_token"]  # from now on this object's clients carry the login token
         return auth
 
     def create_token(self, role: str, policies: list[str], metadata: dict[str, str],
