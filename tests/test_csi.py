@@ -191,6 +191,29 @@ def test_republish_mints_nothing(node, kubelet, bao):
     assert bao.lookup_accessor(first[1]["wrapped_accessor"]) is None
 
 
+@pytest.mark.parametrize("first, second", [
+    ({"read_only": False}, {"read_only": True}),
+    ({"read_only": True, "fs_group": 2000}, {"read_only": True, "fs_group": 3000}),
+    ({"fs_group": 2000}, {}),
+])
+def test_republish_asking_for_another_readonly_or_fsgroup_is_already_exists(node, kubelet, bao, first, second):
+    """The spec: published at this target path but incompatible with the capability or readonly flag."""
+    pod = new_pod(namespace="shop")
+    path = kubelet.publish(pod, NGINX, **first)
+    made = read_volume(path)
+    options = mount_entry(path)["options"]
+    before = pod_tokens(bao)
+    message = refused(lambda: kubelet.publish(pod, NGINX, **second), grpc.StatusCode.ALREADY_EXISTS)
+    assert "already published with" in message and "unpublish it first" in message
+    assert ("readOnly=true" in message) == (first.get("read_only") or second.get("read_only", False))
+    # Nothing was remade, minted or revoked: the pod keeps the volume it has.
+    assert os.path.ismount(path) and read_volume(path) == made and mount_entry(path)["options"] == options
+    assert pod_tokens(bao) == before and bao.lookup_accessor(made[1]["wrapped_accessor"]) is not None
+    assert kubelet.publish(pod, NGINX, **first) == path  # the same request again is still OK
+    kubelet.teardown(pod)
+    assert bao.lookup_accessor(made[1]["wrapped_accessor"]) is None
+
+
 def test_republish_after_a_reboot_revokes_the_old_token_and_writes_a_fresh_one(node, kubelet, bao):
     pod = new_pod(namespace="shop")
     path = kubelet.publish(pod, NGINX)

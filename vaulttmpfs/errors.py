@@ -19,3 +19,7 @@ class BadRequest(DriverError):
 
 class Forbidden(DriverError):
     """Well-formed, but this pod may not have it (policy bindings, a spoofed identity)."""
+
+
+class Conflict(DriverError):
+    """The volume is already there, made for a different request (readOnly, fsGroup): not remade."""

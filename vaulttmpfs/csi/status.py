@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import grpc
 
-from ..errors import BadRequest, DriverError, Forbidden, VaultDenied, VaultUnavailable
+from ..errors import BadRequest, Conflict, DriverError, Forbidden, VaultDenied, VaultUnavailable
 
 # Most specific first: the typed errors are all DriverErrors.
 _CODES = (
     (BadRequest, grpc.StatusCode.INVALID_ARGUMENT),
+    (Conflict, grpc.StatusCode.ALREADY_EXISTS),  # the spec's answer to an incompatible republish
     (Forbidden, grpc.StatusCode.PERMISSION_DENIED),
     (VaultDenied, grpc.StatusCode.PERMISSION_DENIED),
     (VaultUnavailable, grpc.StatusCode.UNAVAILABLE),  # the kubelet retries with backoff

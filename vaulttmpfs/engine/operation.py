@@ -20,7 +20,7 @@ from typing import Any
 from .. import log
 from . import generator, volume
 from ..config import Config
-from ..errors import DriverError, Forbidden, VaultDenied
+from ..errors import Conflict, DriverError, Forbidden, VaultDenied
 from .layout import FLEXVOLUME, Layout
 from .state import StateStore
 
@@ -84,7 +84,7 @@ def mount(config: Config, request: MountRequest) -> str:
     logger = logger.bind(pod_uid=request.pod_uid)
     mount_dir = request.mount_dir
     with store.locked(mount_dir):
-        if _already_mounted(config, store, mount_dir, logger):
+        if _already_mounted(config, store, request, logger):
             return "already mounted"
         token = generator.read_token(config.generator_token_path)
         log.secret(token)
@@ -101,8 +101,10 @@ def mount(config: Config, request: MountRequest) -> str:
     return f"token for policies {','.join(request.policies)} mounted"
 
 
-def _already_mounted(config: Config, store: StateStore, mount_dir: str, logger) -> bool:
-    """True for a complete volume; otherwise undo what an earlier mount left (killed, or lost in a reboot)."""
+def _already_mounted(config: Config, store: StateStore, request: MountRequest, logger) -> bool:
+    """True for a complete volume made for this request; otherwise undo what an earlier mount left
+    (killed, or lost in a reboot). A complete volume made otherwise (readOnly, fsGroup) is a Conflict."""
+    mount_dir = request.mount_dir
     record = _volume_record(config, store, mount_dir)
     if volume.is_mount_point(mount_dir):
         if not is_our_mount(mount_dir):
@@ -110,6 +112,7 @@ def _already_mounted(config: Config, store: StateStore, mount_dir: str, logger) 
                 f"{mount_dir} is already a mount point that vaulttmpfs does not own; leaving it untouched"
             )
         if record and volume.holds_files(mount_dir, [config.token_filename]):
+            _refuse_if_made_otherwise(record, request)
             logger.info("already mounted", accessor=record.get("accessor"))
             return True
         volume.unmount(mount_dir)  # ours but half-made (the driver was killed mid-mount)
@@ -118,6 +121,20 @@ def _already_mounted(config: Config, store: StateStore, mount_dir: str, logger) 
         _revoke_or_queue(config, store, record, logger, why="stale volume record")
         store.forget_volume(mount_dir)
     return False
+
+
+def _refuse_if_made_otherwise(record: dict[str, Any], request: MountRequest) -> None:
+    # Records written before these fields were kept say nothing: such a volume is taken as it is.
+    made = {"readOnly": record.get("read_only", request.read_only),
+            "fsGroup": record.get("fs_group", request.fs_group)}
+    asked = {"readOnly": request.read_only, "fsGroup": request.fs_group}
+    if made != asked:
+        raise Conflict(f"{request.mount_dir} is already published with {_describe(made)}; this call asks for "
+                       f"{_describe(asked)}: unpublish it first (the volume and its token are left as they are)")
+
+
+def _describe(options: dict[str, Any]) -> str:
+    return ", ".join(f"{name}={'none' if value is None else str(value).lower()}" for name, value in options.items())
 
 
 def _volume_record(config: Config, store: StateStore, mount_dir: str) -> dict[str, Any] | None:
@@ -169,6 +186,8 @@ def _mint_and_write(config: Config, store: StateStore, request: MountRequest, to
         "pod_uid": request.pod_uid,
         "namespace": request.pod_namespace,
         "pod": request.pod_name,
+        "read_only": request.read_only,
+        "fs_group": request.fs_group,
     }
     try:
         store.write_volume(request.mount_dir, record)
