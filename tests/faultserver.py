@@ -23,17 +23,21 @@ class Rule:
     path: str  # a request path prefix
     # "error" | "hang" | "hold-answer" | "drip" | "forward-then-error" (Vault acts, the gateway answers
     # `status`) | "strip-wrap-ttl" (forwarded without X-Vault-Wrap-TTL) | "delay" (Vault acts at once, its
-    # answer is passed on only when released)
+    # answer is passed on only when released) | "answer-then-close" (answered as if the connection stays
+    # open, then closed: a server or gateway ending an idle kept-alive connection)
     action: str
     times: int | None = None  # None: every time
     status: int = 500
 
 
 class FaultServer:
-    def __init__(self, upstream: str):
+    def __init__(self, upstream: str, keep_alive: bool = False):
+        """keep_alive: speak HTTP/1.1 and keep connections open between requests (else one per request)."""
         self.upstream = urllib.parse.urlsplit(upstream)
+        self.keep_alive = keep_alive
         self.rules: list[Rule] = []
         self.seen: list[tuple[str, str]] = []
+        self.connections: list[tuple[str, int]] = []  # (path, connection number) per request
         self.arrived = threading.Event()  # a hang / hold-answer rule has caught a request
         self.release = threading.Event()  # let held requests go (closed without an answer)
         self.lock = threading.Lock()
@@ -87,13 +91,23 @@ class FaultServer:
 
 
 def _handler(server: FaultServer):
+    numbers = iter(range(1, 1 << 30))
+
     class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1" if server.keep_alive else "HTTP/1.0"
+
         def log_message(self, *args) -> None:  # quiet
             pass
+
+        def setup(self) -> None:
+            super().setup()
+            self.number = next(numbers)
 
         def _handle(self) -> None:
             length = int(self.headers.get("Content-Length") or 0)
             body = self.rfile.read(length) if length else b""
+            with server.lock:
+                server.connections.append((self.path, self.number))
             rule = server._take(self.command, self.path)
             action = rule.action if rule else "forward"
             if action == "error":
@@ -120,6 +134,8 @@ def _handler(server: FaultServer):
                 return None
             if action == "drip":  # headers now, then the body one byte a second
                 return self._drip(*answer)
+            if action == "answer-then-close":
+                self.close_connection = True
             return self._answer(*answer)
 
         def _answer(self, status: int, content_type: str, data: bytes) -> None:

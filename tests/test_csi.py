@@ -28,6 +28,7 @@ from vaulttmpfs.csi import csi_pb2
 
 from .conftest import BUILD_EXE, driver_env, remember_secret, source_cmd, unmount_everything_under
 from .csikubelet import CsiKubelet, new_pod, volume_handle
+from .faultserver import CREATE, FaultServer
 from .jwtsign import Signer
 from .kubelet import mount_entry
 from .test_agent import AgentProcess, closed_addr
@@ -374,6 +375,32 @@ def test_vault_down_is_unavailable_and_nothing_is_mounted(bao, generator, log_di
         assert not node.kubelet.target_path(pod).exists() and state_records(node) == []
     finally:
         node.stop()
+
+
+def test_vault_connections_are_kept_alive_and_one_the_server_closed_never_costs_a_token(bao, generator, log_dir,
+                                                                                        tmp_path):
+    """The agent reuses its Vault connections between calls; a kept-alive connection the server (or a
+    gateway) has closed is replaced before a token create goes out, and each publish creates once."""
+    with FaultServer(bao.addr, keep_alive=True) as proxy:
+        node = CsiNode(source_cmd(), bao, generator, tmp_path, log_dir, VAULT_ADDR=proxy.addr).start()
+        try:
+            pods = [new_pod(namespace="shop") for _ in range(4)]
+            for pod in pods[:2]:  # one after the other: served by the same worker thread
+                node.kubelet.publish(pod, NGINX)
+            creates = [number for path, number in proxy.connections if path.startswith(CREATE)]
+            assert len(creates) == 2 and creates[0] == creates[1], proxy.connections  # one connection, reused
+            proxy.add(CREATE, "answer-then-close")
+            for pod in pods[2:]:
+                node.kubelet.publish(pod, NGINX)
+            creates = [number for path, number in proxy.connections if path.startswith(CREATE)]
+            assert len(creates) == 4 and creates[2] != creates[3], proxy.connections  # never resent, new connection
+            for pod in pods:
+                info = read_volume(node.kubelet.target_path(pod))[1]
+                assert unwrap(bao, node.kubelet.target_path(pod))["metadata"]["pod_uid"] == pod.uid
+                node.kubelet.teardown(pod)
+                assert bao.lookup_accessor(info["wrapped_accessor"]) is None
+        finally:
+            node.stop()
 
 
 def test_agent_restart_keeps_volumes_and_unpublish_still_revokes(bao, generator, log_dir, tmp_path):
