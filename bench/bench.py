@@ -56,7 +56,7 @@ sys.path.insert(0, str(REPO))
 os.environ["GRPC_ENABLE_FORK_SUPPORT"] = "0"
 
 from tests.kubelet import Kubelet  # noqa: E402  -- the kubelet's layout and option keys
-from tests.vaultserver import VaultServer, dies_with_parent, stop_process  # noqa: E402
+from tests.vaultserver import VaultServer, dies_with_parent, free_port, stop_process  # noqa: E402
 
 ROLE = "applications"
 POD_OPTIONS = {"vault/policies": "nginx"}
@@ -218,10 +218,13 @@ class Agent:
 
     def __init__(self, cmd: list[str], env: dict[str, str], socket_path: str, serve: tuple[str, ...] = ("--relay",)):
         self.socket_path = socket_path
-        self.proc = subprocess.Popen([*cmd, "agent", *serve, "--health-addr", "", "--retry-interval", "1h"],
-                                     env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.STDOUT, start_new_session=True,
-                                     preexec_fn=dies_with_parent())
+        # Metrics on, as a DaemonSet runs it (each agent on a port of its own).
+        env = {**env, "VAULTTMPFS_METRICS_ADDR": f"127.0.0.1:{free_port()}"}
+        # Its own stdout and stderr (a crash before logging says why there) go beside its log file.
+        with open(env["VAULTTMPFS_LOG_FILE"] + ".out", "ab") as output:
+            self.proc = subprocess.Popen([*cmd, "agent", *serve, "--health-addr", "", "--retry-interval", "1h"],
+                                         env=env, stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT,
+                                         start_new_session=True, preexec_fn=dies_with_parent())
         self.tick_ms = 1000 / os.sysconf("SC_CLK_TCK")
 
     def wait_ready(self, timeout: float = 60.0) -> None:
@@ -307,7 +310,8 @@ class CsiNode:
 
         socket_path = work / "csi" / "csi.sock"
         socket_path.parent.mkdir(mode=0o700)
-        env = {**env, "VAULTTMPFS_LOG_FILE": str(work / "csi-agent.log")}
+        self.log_file = work / "csi-agent.log"
+        env = {**env, "VAULTTMPFS_LOG_FILE": str(self.log_file)}
         self.agent = Agent(cmd, env, str(socket_path), ("--csi-endpoint", f"unix://{socket_path}"))
         self.kubelet = CsiKubelet(str(socket_path), pods_dir, "bench-node")
 
@@ -315,7 +319,10 @@ class CsiNode:
         try:
             self.kubelet.wait_ready(timeout=60)
         except Exception:
-            raise BenchError(f"the CSI agent did not come up (exit {self.agent.proc.poll()}); see csi-agent.log")
+            log = [line for path in (self.log_file, Path(f"{self.log_file}.out")) if path.exists()
+                   for line in path.read_text(errors="replace").splitlines()[-5:]]
+            raise BenchError(f"the CSI agent did not come up (exit {self.agent.proc.poll()}); the end of its log:\n"
+                             + "\n".join(log))
 
     def publish(self, timed_cpu: bool = True) -> tuple[Sample, object]:
         from tests.csikubelet import new_pod

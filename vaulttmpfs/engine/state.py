@@ -25,6 +25,9 @@ from .. import trust
 from . import files, volume
 
 
+_TRUSTED_ROOTS: set[str] = set()
+
+
 class StateStore:
     def __init__(self, root: str):
         self.root = root
@@ -48,11 +51,16 @@ class StateStore:
     def trust(self) -> None:
         """Refuse a state dir someone else could write to, as sshd refuses such a config: a planted
         record or pending revocation would make the driver revoke a token of the planter's choosing.
-        Reading creates nothing: a missing state dir is checked up to its deepest existing parent."""
-        if not self._trusted:
+        Reading creates nothing: a missing state dir is checked up to its deepest existing parent.
+
+        A dir found trusted stays so for the process (the agent's calls skip the walk): only root
+        can make a root-owned, not group/world-writable dir writable by others again."""
+        if not self._trusted and self.root not in _TRUSTED_ROOTS:
             trust.check_dirs(self.root, f"state dir VAULTTMPFS_STATE_DIR={self.root} (its records decide what "
                                         "is revoked)")
-            self._trusted = True
+            if os.path.isdir(self.root):  # a missing dir's parents were checked, not the dir we will make
+                _TRUSTED_ROOTS.add(self.root)
+        self._trusted = True
 
     def key(self, mount_dir: str) -> str:
         key = self._keys.get(mount_dir)

@@ -96,10 +96,16 @@ def _unescape(field: bytes) -> bytes:
 
 
 def is_mount_point(path: str) -> bool:
+    """os.path.ismount's test (another device than its parent's, or the root) without its realpath()
+    of the parent: the kernel resolves `path/..` itself."""
     try:
-        return os.path.ismount(path)
-    except OSError:
+        here = os.lstat(path)
+        if stat.S_ISLNK(here.st_mode):
+            return False
+        parent = os.lstat(os.path.join(path, ".."))
+    except (OSError, ValueError):
         return False
+    return here.st_dev != parent.st_dev or here.st_ino == parent.st_ino
 
 
 def check_target(path: str) -> None:
