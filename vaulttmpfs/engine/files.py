@@ -20,28 +20,61 @@ def replace(path: str, data: bytes, mode: int = 0o600, gid: int | None = None, d
 
     durable: fsync the file and its directory (state that must outlive a crash); a tmpfs needs neither.
     """
+    os.close(_replace(path, data, mode, gid, fsync_first=durable))
+    if durable:
+        fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+def replace_then_sync(path: str, data: bytes, mode: int = 0o600, gid: int | None = None) -> "Sync":
+    """For a new file: replace() now, and the fsyncs that make it survive a crash run meanwhile in
+    another thread, so the caller gets on with its work; wait() on the result before relying on it.
+    (The rename comes before the data's fsync: a crash in between may leave the name with nothing in
+    it, which replace() never does. A reader must take an empty or torn file as no file.)"""
+    return Sync(_replace(path, data, mode, gid, fsync_first=False), os.path.dirname(os.path.abspath(path)))
+
+
+class Sync:
+    def __init__(self, fd: int, directory: str):
+        self.error: OSError | None = None
+        self.thread = threading.Thread(target=self._run, args=(fd, directory), name="fsync", daemon=True)
+        self.thread.start()
+
+    def _run(self, fd: int, directory: str) -> None:
+        try:
+            os.fsync(fd)
+            fsync_dir(directory)
+        except OSError as exc:
+            self.error = exc
+        finally:
+            os.close(fd)
+
+    def wait(self) -> None:
+        self.thread.join()
+        if self.error:
+            raise self.error
+
+
+def _replace(path: str, data: bytes, mode: int, gid: int | None, fsync_first: bool) -> int:
+    """The temp file's write (and fsync) and rename; returns its fd, still open (to fsync that inode)."""
     directory = os.path.dirname(os.path.abspath(path))
     # Per thread, not only per process: the node agent's relay writes from many threads at once.
     temp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.{threading.get_ident()}.tmp")
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
-        try:
-            view = memoryview(data)
-            while view:  # a nearly full tmpfs takes part of a write: finish it, or get ENOSPC
-                view = view[os.write(fd, view):]
-            if gid is not None:
-                os.fchown(fd, 0, gid)
-            os.fchmod(fd, mode)
-            if durable:
-                os.fsync(fd)
-        finally:
-            os.close(fd)
+        view = memoryview(data)
+        while view:  # a nearly full tmpfs takes part of a write: finish it, or get ENOSPC
+            view = view[os.write(fd, view):]
+        if gid is not None:
+            os.fchown(fd, 0, gid)
+        os.fchmod(fd, mode)
+        if fsync_first:
+            os.fsync(fd)
         os.replace(temp, path)
     except BaseException:
+        os.close(fd)
         try:
             os.unlink(temp)
         except OSError:
             pass
         raise
-    if durable:
-        fsync_dir(directory)
+    return fd

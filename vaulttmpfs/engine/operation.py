@@ -27,6 +27,7 @@ from .state import StateStore
 MOUNT_SOURCE = "vaulttmpfs"  # the tmpfs "device" name: how we recognise our own mounts
 PLUGIN_DIR = FLEXVOLUME.plugin_dir  # <pods dir>/<pod uid>/volumes/<this>/<volume name>
 GENERATOR_CHECK_SECONDS = 3600  # how long "the generator token is not root" is trusted
+_generator_checks: dict[str, dict[str, Any]] = {}  # token hash -> that check, in this process
 
 
 @dataclass(frozen=True)
@@ -190,12 +191,15 @@ def _mint_and_write(config: Config, store: StateStore, request: MountRequest, to
         "fs_group": request.fs_group,
     }
     try:
-        store.write_volume(request.mount_dir, record)
-        volume.mount_tmpfs(request.mount_dir, request.real_dir, config.tmpfs_size, request.fs_group)
-        with volume.opened_mount(request.mount_dir, request.real_dir) as tmpfs:
-            _write_files(config, request, secret, info, tmpfs)
-            if request.read_only:
-                volume.remount_readonly(tmpfs)
+        written = store.write_volume(request.mount_dir, record)
+        try:
+            volume.mount_tmpfs(request.mount_dir, request.real_dir, config.tmpfs_size, request.fs_group)
+            with volume.opened_mount(request.mount_dir, request.real_dir) as tmpfs:
+                _write_files(config, request, secret, info, tmpfs)
+                if request.read_only:
+                    volume.remount_readonly(tmpfs)
+        finally:
+            written.wait()  # the record is on disk before the kubelet hears of the volume
     except BaseException:
         _revoke_or_queue(config, store, record, logger, why="mount failed after the token was created")
         store.forget_volume(request.mount_dir)
@@ -342,7 +346,9 @@ def _refuse_root_generator(config: Config, store: StateStore, token: str) -> Non
     from ..vault.client import Vault
 
     key = hashlib.sha256(token.encode()).hexdigest()
-    known = store.read_note("generator-check")
+    known = _generator_checks.get(key)  # the agent's calls skip the state dir read too
+    if not known or not 0 <= time.time() - known.get("at", 0) < GENERATOR_CHECK_SECONDS:
+        known = store.read_note("generator-check")
     if not known or known.get("key") != key or not 0 <= time.time() - known.get("at", 0) < GENERATOR_CHECK_SECONDS:
         try:
             policies = Vault(config, token).lookup_self().get("policies") or []
@@ -352,6 +358,7 @@ def _refuse_root_generator(config: Config, store: StateStore, token: str) -> Non
             ) from None
         known = {"key": key, "at": time.time(), "policies": sorted(policies)}
         store.write_note("generator-check", known)
+    _generator_checks[key] = known
     if "root" in known["policies"]:
         raise DriverError(
             f"the generator token in {config.generator_token_path} carries the root policy: vaulttmpfs refuses "

@@ -104,9 +104,12 @@ class StateStore:
         name = f"{os.path.basename(path)[:-5]}.{time.time():.0f}.json"
         os.replace(path, os.path.join(corrupt, name))
 
-    def write_volume(self, mount_dir: str, record: dict[str, Any]) -> None:
+    def write_volume(self, mount_dir: str, record: dict[str, Any]) -> files.Sync:
+        """The volume's record, in place now and durable once the result's wait() returns (a mount
+        does its work meanwhile). A record torn by a crash before that reads as corrupt (see read_volume)."""
         self._ensure(self.volumes)
-        _write_json(self._volume_path(mount_dir, ".json"), {"mount_dir": os.fsdecode(mount_dir), **record})
+        data = json.dumps({"mount_dir": os.fsdecode(mount_dir), **record}).encode()
+        return files.replace_then_sync(self._volume_path(mount_dir, ".json"), data, 0o600)
 
     def forget_volume(self, mount_dir: str) -> None:
         # Only the record: the lock file goes when its holder releases it (see locked()).

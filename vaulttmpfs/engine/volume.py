@@ -53,6 +53,12 @@ def resolve(path: str) -> str:
     a Python loop per component (this runs several times in every call the agent serves)."""
     try:
         fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+    except FileNotFoundError:
+        head, leaf = os.path.split(path)
+        # A missing last component (a CSI target before the plugin makes it) is joined as realpath joins it.
+        if leaf not in ("", ".", "..") and head != path and not os.path.lexists(path):
+            return os.path.join(resolve(head), leaf)
+        return os.path.realpath(path)
     except (OSError, ValueError):
         return os.path.realpath(path)
     try:
