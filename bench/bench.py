@@ -393,37 +393,54 @@ class Bench:
         self.csi.wait_ready()
 
     def round(self, record: bool) -> None:
-        path, options = self.node.new_volume()
+        self.floor_round(record)
+        self.init_round(record)
+        for mode in self.modes:
+            self.mode_round(mode, record)
+
+    def floor_round(self, record: bool) -> None:
+        path, _options = self.node.new_volume()
         mounted, accessor = self.floor.mount(path)
         unmounted = self.floor.unmount(path, accessor)
         path.rmdir()
-        init = self.node.call("standalone", "init")
         if record:
             self.s("floor mount").add(mounted)
             self.s("floor unmount").add(unmounted)
+
+    def init_round(self, record: bool) -> None:
+        init = self.node.call("standalone", "init")
+        if record:
             self.s("init").add(init)
-        for mode in self.modes:
-            if mode == "csi":
-                mounted, pod = self.csi.publish()
-                unmounted = self.csi.unpublish(pod)
-                if record:
-                    self.s("mount csi").add(mounted)
-                    self.s("unmount csi").add(unmounted)
-                    self.s("mount csi").agent_cpu_ms.append(mounted.cpu_ms)
-                    self.s("unmount csi").agent_cpu_ms.append(unmounted.cpu_ms)
-                continue
-            path, options = self.node.new_volume()
-            before = self.agent.cpu_ms() if mode == "agent" else 0.0
-            mounted = self.node.mount(mode, path, options)
-            between = self.agent.cpu_ms() if mode == "agent" else 0.0
-            unmounted = self.node.unmount(mode, path)
-            after = self.agent.cpu_ms() if mode == "agent" else 0.0
+
+    def mode_round(self, mode: str, record: bool) -> None:
+        if mode == "csi":
+            mounted, pod = self.csi.publish()
+            unmounted = self.csi.unpublish(pod)
             if record:
-                self.s(f"mount {mode}").add(mounted)
-                self.s(f"unmount {mode}").add(unmounted)
-                if mode == "agent":
-                    self.s("mount agent").agent_cpu_ms.append(between - before)
-                    self.s("unmount agent").agent_cpu_ms.append(after - between)
+                self.s("mount csi").add(mounted)
+                self.s("unmount csi").add(unmounted)
+                self.s("mount csi").agent_cpu_ms.append(mounted.cpu_ms)
+                self.s("unmount csi").agent_cpu_ms.append(unmounted.cpu_ms)
+            return
+        path, options = self.node.new_volume()
+        before = self.agent.cpu_ms() if mode == "agent" else 0.0
+        mounted = self.node.mount(mode, path, options)
+        between = self.agent.cpu_ms() if mode == "agent" else 0.0
+        unmounted = self.node.unmount(mode, path)
+        after = self.agent.cpu_ms() if mode == "agent" else 0.0
+        if record:
+            self.s(f"mount {mode}").add(mounted)
+            self.s(f"unmount {mode}").add(unmounted)
+            if mode == "agent":
+                self.s("mount agent").agent_cpu_ms.append(between - before)
+                self.s("unmount agent").agent_cpu_ms.append(after - between)
+
+    def blocks(self, rounds: int, warmup: int) -> None:
+        """--no-interleave: every call of a kind back to back (what a warm process costs when nothing
+        else ran in between), the floor's first."""
+        for step in (self.floor_round, self.init_round, *(lambda r, m=m: self.mode_round(m, r) for m in self.modes)):
+            for i in range(warmup + rounds):
+                step(i >= warmup)
 
     def rss_pass(self, runs: int) -> None:
         if not os.access(GNU_TIME, os.X_OK):
@@ -596,6 +613,8 @@ def parse_args(argv: list[str] | None = None):
     parser.add_argument("--modes", default="agent,standalone,csi",
                         help="comma-separated: agent (FlexVolume fast path via `agent --relay`), standalone, "
                              "csi (the CSI node plugin over gRPC) [default: all three]")
+    parser.add_argument("--no-interleave", dest="interleave", action="store_false",
+                        help="time each kind of call back to back instead of in interleaved rounds")
     parser.add_argument("--json", default=str(REPO / "bench" / "results.json"), help="write results here")
     parser.add_argument("--fail-on-miss", action="store_true",
                         help="exit 1 when a target of the first mode misses (init, RSS, its mount and burst)")
@@ -628,10 +647,14 @@ def main(argv: list[str] | None = None) -> int:
                     bench.start_agent()
                 if "csi" in args.modes:
                     bench.start_csi()
-                print(f"benchmarking {args.exe} ({args.warmup} warm-up + {args.runs} rounds, "
-                      f"modes {', '.join(args.modes)}) against OpenBao at {bao.addr}", file=sys.stderr)
-                for i in range(args.warmup + args.runs):
-                    bench.round(record=i >= args.warmup)
+                print(f"benchmarking {args.exe} ({args.warmup} warm-up + {args.runs} rounds, modes "
+                      f"{', '.join(args.modes)}, {'interleaved' if args.interleave else 'back to back'}) "
+                      f"against OpenBao at {bao.addr}", file=sys.stderr)
+                if args.interleave:
+                    for i in range(args.warmup + args.runs):
+                        bench.round(record=i >= args.warmup)
+                else:
+                    bench.blocks(args.runs, args.warmup)
                 bench.rss_pass(args.rss_runs)
                 for _ in range(args.bursts):
                     bench.burst(args.burst)
@@ -655,6 +678,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": shlex.join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
         "driver": args.exe, "commit": git_commit(), "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "machine": {"cpus": os.cpu_count(), "kernel": platform.release(), "python": platform.python_version()},
+        "interleaved": args.interleave,
         "floor_method": "in-process: http.client POST auth/token/create/<role> with X-Vault-Wrap-TTL over a new "
                         "TCP connection + mount(2) tmpfs; unmount: revoke-accessor (new connection) + umount2(2)",
         "rss_method": f"{GNU_TIME} -f %M (peak RSS of the call itself, KiB)",

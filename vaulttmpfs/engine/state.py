@@ -38,7 +38,6 @@ class StateStore:
         self._keys: dict[str, str] = {}
         self._ensured: set[str] = set()
 
-
     def _ensure(self, path: str) -> None:
         if path in self._ensured:
             return
