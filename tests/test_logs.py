@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -12,6 +14,7 @@ from .conftest import driver_env
 from .kubelet import Kubelet
 from .test_agent import AgentProcess, generator_file
 from .test_ops import write_config
+from .vaultserver import REPO
 
 NGINX = {"vault/policies": "nginx"}
 
@@ -82,3 +85,35 @@ def test_agent_reopens_its_log_on_sighup(bao, driver_cmd, tmp_path, log_dir):
         assert agent.proc.poll() is None
         assert agent.terminate() == 0
     assert any(e["event"] == "generator token renewed" for e in lines(moved))
+
+
+def test_masking_holds_with_thousands_of_registered_secrets(tmp_path):
+    """The agent registers a token per call; past a few dozen secrets an index finds them in a line.
+    Every registered secret is masked wherever it sits in a line, as is or escaped by repr() and JSON."""
+    log_file = tmp_path / "many.log"
+    script = f"""
+import json, random, secrets, sys
+from vaulttmpfs import log
+tokens = ["hvs.CAESI" + secrets.token_urlsafe(60) for _ in range(log.MAX_SECRETS - 100)]
+for token in tokens:
+    log.secret(token)
+odd = 'ab"c\\\\\\\\d\\\\nefghijklmnop\\\\u00e9'  # quotes, a backslash, a newline, non-ASCII
+log.secret(odd)
+logger = log.get({str(log_file)!r})
+rng = random.Random(7)
+for _ in range(400):
+    token = rng.choice(tokens)
+    where = rng.choice(["error", "quoted", "nested"])  # one occurrence per line, at a random offset
+    value = "y" * rng.randint(0, 30) + token + "z" * rng.randint(0, 9)
+    field = {{"error": value, "quoted": repr(value + "\\n"), "nested": {{"k": [value]}}}}[where]
+    logger.info("x" * rng.randint(0, 9), **{{where: field}})
+logger.info("odd", value=odd, quoted=repr(odd), error=f"bad value: {{odd!r}}")
+json.dump({{"registered": len(log._secrets), "tokens": tokens}}, sys.stdout)
+"""
+    result = subprocess.run([sys.executable, "-c", script], check=True, cwd=REPO, capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    facts = json.loads(result.stdout)
+    assert facts["registered"] > 100 * 10  # far past the few a kubelet call registers: the index searched
+    written = log_file.read_text()
+    assert len(written.splitlines()) == 401 and written.count("<redacted>") >= 400 + 3
+    assert "CAESI" not in written and "efghijklmnop" not in written
