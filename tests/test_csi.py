@@ -340,6 +340,25 @@ def test_twenty_concurrent_publishes_then_unpublishes(node, kubelet, bao):
     assert state_records(node) == []
 
 
+def test_concurrent_publishes_of_one_volume_mint_once_and_mount_once(node, kubelet, bao):
+    """The kubelet retries a publish whose answer it has not had yet: the calls for one volume
+    serialise on its lock, one mints, the others find it mounted; unpublish leaves nothing behind."""
+    pod = new_pod(namespace="shop")
+    before = pod_tokens(bao)
+    with ThreadPoolExecutor(6) as pool:
+        paths = set(pool.map(lambda _: kubelet.publish(pod, NGINX), range(6)))
+    [path] = paths
+    minted = pod_tokens(bao) - before
+    info = read_volume(path)[1]
+    assert minted == {info["wrapped_accessor"]}, minted  # one pod token (its wrapping token aside)
+    stacked = [line for line in Path("/proc/self/mountinfo").read_text().splitlines()
+               if line.split()[4] == os.path.realpath(path)]
+    assert len(stacked) == 1, stacked
+    kubelet.teardown(pod)
+    assert bao.lookup_accessor(info["wrapped_accessor"]) is None and bao.lookup_accessor(info["accessor"]) is None
+    assert not kubelet.target_path(pod).exists() and state_records(node) == []
+
+
 def test_service_account_tokens_in_the_volume_context_never_reach_the_log(node, kubelet):
     """With CSIDriver tokenRequests the kubelet adds the pod's service-account JWT to the volume context."""
     jwt = remember_secret("eyJhbGciOiJSUzI1NiJ9." + uuid.uuid4().hex + "." + uuid.uuid4().hex)
