@@ -347,9 +347,9 @@ def _refuse_root_generator(config: Config, store: StateStore, token: str) -> Non
 
     key = hashlib.sha256(token.encode()).hexdigest()
     known = _generator_checks.get(key)  # the agent's calls skip the state dir read too
-    if not known or not 0 <= time.time() - known.get("at", 0) < GENERATOR_CHECK_SECONDS:
+    if not _checked_lately(known, key):
         known = store.read_note("generator-check")
-    if not known or known.get("key") != key or not 0 <= time.time() - known.get("at", 0) < GENERATOR_CHECK_SECONDS:
+    if not _checked_lately(known, key):
         try:
             policies = Vault(config, token).lookup_self().get("policies") or []
         except VaultDenied as exc:
@@ -365,6 +365,10 @@ def _refuse_root_generator(config: Config, store: StateStore, token: str) -> Non
             "to mint pod tokens with it (a copy of that file would own all of Vault); run `vaulttmpfs bootstrap` "
             "for a token with the token_generator policy only"
         )
+
+
+def _checked_lately(known: dict[str, Any] | None, key: str) -> bool:
+    return bool(known) and known.get("key") == key and 0 <= time.time() - known.get("at", 0) < GENERATOR_CHECK_SECONDS
 
 
 def _generator_refused(config: Config, exc: Exception, needs: str) -> DriverError:
