@@ -108,7 +108,6 @@ def kubelet(bao, generator, driver_cmd, tmp_path, log_dir):
     root = tmp_path / "node"
     root.mkdir()
     node = Kubelet(driver_cmd, driver_env(bao, generator, root, log_dir), root)
-    node.root = root
     yield node
     unmount_everything_under(root)
 

@@ -18,28 +18,19 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import uuid
-from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 
 from vaulttmpfs.csi import csi_pb2, csi_pb2_grpc
 
+from .kubelet import Kubelet, Pod
+
 DRIVER = "vaulttmpfs.cloudwatt.com"
 CSI_PLUGIN_DIR = "kubernetes.io~csi"
 
 
-@dataclass
-class Pod:
-    uid: str
-    name: str
-    namespace: str = "default"
-    service_account: str = "default"
-
-
-def new_pod(name: str = "web", namespace: str = "default", service_account: str = "default") -> Pod:
-    return Pod(str(uuid.uuid4()), name, namespace, service_account)
+new_pod = Kubelet.new_pod  # the same pods as the FlexVolume harness's
 
 
 def volume_handle(pod: Pod, volume: str) -> str:

@@ -44,6 +44,7 @@ class Kubelet:
     def __init__(self, driver_cmd: list[str], env: dict[str, str], root: Path):
         self.driver_cmd = driver_cmd
         self.env = env
+        self.root = root
         self.pods_dir = root / "var/lib/kubelet/pods"
         self.pods_dir.mkdir(parents=True, exist_ok=True)
 

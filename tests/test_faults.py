@@ -39,7 +39,6 @@ def node(server: VaultServer, token_path: str, driver_cmd, tmp_path: Path, log_d
     root = tmp_path / "node"
     root.mkdir(exist_ok=True)
     kubelet = Kubelet(driver_cmd, driver_env(server, {"path": token_path}, root, log_dir, **extra), root)
-    kubelet.root = root
     return kubelet
 
 

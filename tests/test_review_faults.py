@@ -249,7 +249,6 @@ def test_6_mount_through_a_symlinked_root_and_unmount_through_the_real_path(bao,
     (root / "var" / "lib").mkdir(parents=True)
     (root / "var" / "lib" / "kubelet").symlink_to(root / "disk" / "kubelet")
     kubelet = Kubelet(driver_cmd, driver_env(bao, generator, root, log_dir), root)
-    kubelet.root = root
     try:
         before = len(bao.accessors())
         reply, path = kubelet.mount(kubelet.new_pod(), NGINX)
@@ -298,7 +297,6 @@ def mtls_node(mtls_bao, driver_cmd, tmp_path, log_dir):  # noqa: F811
     env = driver_env(mtls_bao["server"], mtls_bao["generator"], root, log_dir, VAULT_ADDR=mtls_bao["addr"],
                      VAULT_CACERT=str(mtls_bao["pki"] / "ca.pem"))
     node = Kubelet(driver_cmd, env, root)
-    node.root = root
     yield node
     unmount_everything_under(root)
 
@@ -344,7 +342,6 @@ def test_9_a_pods_dir_with_a_space_and_non_ascii_mounts_and_unmounts(bao, genera
     root = tmp_path / "nœud de test"
     root.mkdir()
     kubelet = Kubelet(driver_cmd, driver_env(bao, generator, root, log_dir), root)
-    kubelet.root = root
     try:
         before = len(bao.accessors())
         reply, path = kubelet.mount(kubelet.new_pod(), NGINX)
