@@ -23,8 +23,9 @@ from .vaultserver import REPO, VaultServer, bao_binary
 
 INSTALLER = REPO / "installer"
 K8S = INSTALLER / "k8s"
+BASE = K8S / "base"
 VERSIONS = ["1.25.0", kubernetes_validate.utils.latest_version()]  # oldest supported, newest known
-MANIFESTS = sorted(p for p in [*K8S.glob("*.yaml"), *(INSTALLER / "examples").glob("*.yaml")]
+MANIFESTS = sorted(p for p in [*BASE.glob("*.yaml"), *(INSTALLER / "examples").glob("*.yaml")]
                    if p.name != "kustomization.yaml")
 VARIANTS = {"gke": "/home/kubernetes/flexvolume", "volumeplugins": "/var/lib/kubelet/volumeplugins"}
 
@@ -65,10 +66,10 @@ def test_validation_is_strict_enough_to_catch_mistakes():
 
 
 def test_kustomization_lists_every_manifest():
-    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    kustomization = yaml.safe_load((BASE / "kustomization.yaml").read_text())
     listed = kustomization["resources"]
-    assert sorted(listed) == sorted(p.name for p in K8S.glob("*.yaml") if p.name != "kustomization.yaml")
-    names = {doc["metadata"]["namespace"] for p in listed for doc in documents(K8S / p) if doc["kind"] != "Namespace"}
+    assert sorted(listed) == sorted(p.name for p in BASE.glob("*.yaml") if p.name != "kustomization.yaml")
+    names = {doc["metadata"]["namespace"] for p in listed for doc in documents(BASE / p) if doc["kind"] != "Namespace"}
     assert names == {kustomization["namespace"]} == {resource("Namespace")["metadata"]["name"]}
 
 
@@ -100,7 +101,7 @@ def variant_daemonset(name: str) -> dict:
     """The DaemonSet as kustomize renders the variant: its base (the manifests, or another variant) patched."""
     kustomization = yaml.safe_load((K8S / "variants" / name / "kustomization.yaml").read_text())
     base = (K8S / "variants" / name / kustomization["resources"][0]).resolve()
-    if base == K8S.resolve():
+    if base == BASE.resolve():
         daemonset = resource("DaemonSet")
     else:
         assert base.parent == (K8S / "variants").resolve(), base
