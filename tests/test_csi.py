@@ -22,7 +22,6 @@ from pathlib import Path
 
 import grpc
 import pytest
-import yaml
 
 from vaulttmpfs.csi import csi_pb2
 
@@ -31,6 +30,7 @@ from .csikubelet import CsiKubelet, new_pod, volume_handle
 from .faultserver import CREATE, FaultServer
 from .jwtsign import Signer
 from .kubelet import mount_entry
+from .manifests import documents, render, rendered, validate
 from .test_agent import AgentProcess, closed_addr
 from .vaultserver import REPO
 
@@ -560,27 +560,38 @@ def test_pod_login_refusals(jwt_node, sa_issuer, bao):
     assert not kubelet.target_path(pod).exists() and not kubelet.target_path(robot).exists()
 
 
-# --- The installer's CSI variant and example, validated offline like tests/test_manifests.py ---
+# --- The installer's CSI variant and example, as the real kustomize renders them (see tests/manifests.py) ---
 
 CSI_VARIANT = REPO / "installer" / "k8s" / "variants" / "csi"
+RELAY_VARIANT = REPO / "installer" / "k8s" / "variants" / "relay"
 
 
 def csi_variant() -> tuple[dict, dict]:
-    """(DaemonSet, CSIDriver) as `kubectl apply -k installer/k8s/variants/csi` would make them."""
-    from .test_manifests import K8S, apply_json_patch, documents, resource, validate
-
-    daemonset = resource("DaemonSet")
-    for variant in ("relay", "csi"):
-        kustomization = yaml.safe_load((K8S / "variants" / variant / "kustomization.yaml").read_text())
-        for patch in kustomization["patches"]:
-            assert patch["target"] == {"kind": "DaemonSet", "name": "vaulttmpfs"}
-            daemonset = apply_json_patch(daemonset, yaml.safe_load(patch["patch"]))
-    kustomization = yaml.safe_load((CSI_VARIANT / "kustomization.yaml").read_text())
-    assert (CSI_VARIANT / kustomization["resources"][0]).resolve() == (K8S / "variants" / "relay").resolve()
-    [driver] = [doc for name in kustomization["resources"][1:] for doc in documents(CSI_VARIANT / name)]
+    """(DaemonSet, CSIDriver) as `kubectl apply -k installer/k8s/variants/csi` makes them."""
+    daemonset, driver = rendered(CSI_VARIANT, "DaemonSet"), rendered(CSI_VARIANT, "CSIDriver")
     for doc in (daemonset, driver):
         validate(doc)
     return daemonset, driver
+
+
+def extends(small, big) -> bool:
+    """BIG is SMALL with fields added and items appended, nothing changed or taken away."""
+    if isinstance(small, dict):
+        return isinstance(big, dict) and all(key in big and extends(value, big[key]) for key, value in small.items())
+    if isinstance(small, list):
+        return isinstance(big, list) and len(small) <= len(big) and all(map(extends, small, big))
+    return small == big
+
+
+def test_csi_variant_is_the_relay_variant_plus_the_csi_node_plugin():
+    """The CSI front end needs all that the relay gives the agent (privileged, the pods dir Bidirectional):
+    every object of the relay variant is in the CSI variant, only added to."""
+    relay, csi = render(RELAY_VARIANT), render(CSI_VARIANT)
+    by_identity = {(doc["kind"], doc["metadata"]["name"]): doc for doc in csi}
+    for doc in relay:
+        assert extends(doc, by_identity.pop((doc["kind"], doc["metadata"]["name"]))), doc["kind"]
+    assert [kind for kind, _ in by_identity] == ["CSIDriver"]
+    assert not extends(rendered(CSI_VARIANT, "DaemonSet"), rendered(RELAY_VARIANT, "DaemonSet"))  # it adds
 
 
 def test_csidriver_tells_the_kubelet_what_the_plugin_needs():
@@ -637,8 +648,6 @@ def test_csi_variant_daemonset_serves_csi_and_the_relay_with_the_sidecars():
 
 def test_csi_example_pod_validates_and_its_volume_publishes(node, kubelet, bao):
     from vaulttmpfs.csi import DRIVER_NAME
-
-    from .test_manifests import documents, validate
 
     [example] = documents(REPO / "installer" / "examples" / "csi" / "pod.yaml")
     validate(example)

