@@ -1,4 +1,5 @@
-"""A real 3-node OpenBao cluster with Raft storage on loopback: one address per node.
+"""A real 3-node OpenBao cluster with Raft storage on loopback: one address per node (127.0.0.1, an
+API and a cluster port each).
 
 Each node is `bao server -config=...` with its own Raft data dir under the run's temp dir (real
 files, fsync'd by bbolt), initialised and unsealed through the API (one Shamir share), the others
@@ -28,7 +29,8 @@ from .vaultserver import PortTaken, VaultServer, bao_binary, free_port, stop_pro
 class RaftNode(VaultServer):
     """One Raft node; the admin helpers of VaultServer (request, write_policy, ...) against it."""
 
-    def __init__(self, name: str, workdir: str, binary: str | None = None):  # noqa: super: no dev server dir
+    def __init__(self, name: str, workdir: str, binary: str | None = None):
+        # Not VaultServer.__init__: that makes a dev server's temp dir and root token.
         self.binary = binary or bao_binary()
         self.name = name
         self.workdir = os.path.join(workdir, name)  # in the cluster's dir, removed with it

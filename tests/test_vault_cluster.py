@@ -52,6 +52,7 @@ def pod_accessor(path: Path) -> str:
 
 
 def test_a_standby_address_mounts_and_unmounts(cluster, node):
+    assert node.env["VAULT_ADDR"] in {n.addr for n in cluster.standbys()}
     reply, path = node.mount(node.new_pod(), NGINX)
     assert reply.ok, reply.body
     accessor = pod_accessor(path)
