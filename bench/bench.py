@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """`make bench`: the built driver, called exactly as the kubelet calls it, against the physical floor.
 
-Starts a throwaway OpenBao (tests/vaultserver.py), then, over --runs interleaved rounds (so drift
-hits every column alike), times:
+Starts a throwaway OpenBao (tests/vaultserver.py; with --vault raft, a 3-node Raft cluster from
+tests/raftcluster.py, the driver pointed at a standby), then, over --runs interleaved rounds (so
+drift hits every column alike), times:
 
   floor       in this process: one raw HTTP token-create round trip (role, wrap header, a NEW TCP
               connection each time, as a fresh driver process has) + a bare tmpfs mount(2) at the
@@ -56,6 +57,7 @@ sys.path.insert(0, str(REPO))
 os.environ["GRPC_ENABLE_FORK_SUPPORT"] = "0"
 
 from tests.kubelet import Kubelet  # noqa: E402  -- the kubelet's layout and option keys
+from tests.raftcluster import RaftCluster  # noqa: E402
 from tests.vaultserver import VaultServer, dies_with_parent, free_port, stop_process  # noqa: E402
 
 ROLE = "applications"
@@ -615,6 +617,10 @@ def parse_args(argv: list[str] | None = None):
                              "csi (the CSI node plugin over gRPC) [default: all three]")
     parser.add_argument("--no-interleave", dest="interleave", action="store_false",
                         help="time each kind of call back to back instead of in interleaved rounds")
+    parser.add_argument("--vault", choices=["dev", "raft"], default="dev",
+                        help="dev: one `bao server -dev`; raft: a 3-node Raft cluster on loopback "
+                             "(tests/raftcluster.py), the driver pointed at a standby, which forwards writes "
+                             "to the active node [default: dev]")
     parser.add_argument("--json", default=str(REPO / "bench" / "results.json"), help="write results here")
     parser.add_argument("--fail-on-miss", action="store_true",
                         help="exit 1 when a target of the first mode misses (init, RSS, its mount and burst)")
@@ -635,7 +641,7 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="vaulttmpfs-bench-"))
     bench = None
     try:
-        with VaultServer() as bao:
+        with vault_server(args.vault) as bao:
             bao.setup_driver()
             generator = bao.generator_token(ttl="2h")
             generator_path = work / "vaulttoken"
@@ -679,6 +685,7 @@ def main(argv: list[str] | None = None) -> int:
         "driver": args.exe, "commit": git_commit(), "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "machine": {"cpus": os.cpu_count(), "kernel": platform.release(), "python": platform.python_version()},
         "interleaved": args.interleave,
+        "vault": args.vault,
         "floor_method": "in-process: http.client POST auth/token/create/<role> with X-Vault-Wrap-TTL over a new "
                         "TCP connection + mount(2) tmpfs; unmount: revoke-accessor (new connection) + umount2(2)",
         "rss_method": f"{GNU_TIME} -f %M (peak RSS of the call itself, KiB)",
@@ -695,6 +702,17 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nJSON: {args.json}")
     missed = [c for c in checks if c["result"] == "FAIL" and c["mode"] in (None, args.modes[0])]
     return 1 if args.fail_on_miss and missed else 0
+
+
+@contextlib.contextmanager
+def vault_server(kind: str):
+    """The OpenBao the driver is pointed at: the dev server, or one standby of a Raft cluster."""
+    if kind == "dev":
+        with VaultServer() as bao:
+            yield bao
+    else:
+        with RaftCluster() as cluster:
+            yield cluster.standbys()[0]
 
 
 def unmount_all(root: Path) -> None:

@@ -104,30 +104,34 @@ class VaultServer:
         env = {**os.environ, "HOME": self.workdir}
         for name in ("VAULT_ADDR", "VAULT_TOKEN", "BAO_ADDR", "BAO_TOKEN"):
             env.pop(name, None)
-        with open(self.log_path, "wb") as log:  # the server keeps its own copy of the fd
-            self.proc = subprocess.Popen(
-                [self.binary, "server", "-dev", "-dev-no-store-token",
-                 f"-dev-root-token-id={self.root_token}", f"-dev-listen-address=127.0.0.1:{self.port}",
-                 *self.extra_args],
-                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                start_new_session=True, preexec_fn=dies_with_parent(),
-            )
+        self._spawn([self.binary, "server", "-dev", "-dev-no-store-token", f"-dev-root-token-id={self.root_token}",
+                     f"-dev-listen-address=127.0.0.1:{self.port}", *self.extra_args], env)
+        self._wait_until(lambda health: health.get("initialized") and not health.get("sealed"), timeout,
+                         "bao dev server")
+        return self
+
+    def _spawn(self, argv: list[str], env: dict[str, str], log_mode: str = "wb") -> None:
+        with open(self.log_path, log_mode) as log:  # the server keeps its own copy of the fd
+            self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                         env=env, start_new_session=True, preexec_fn=dies_with_parent())
+
+    def _wait_until(self, ready, timeout: float, what: str) -> None:
+        """Until ready(sys/health's answer); PortTaken or RuntimeError if the server exits first."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 output = Path(self.log_path).read_text()[-2000:]
                 if "address already in use" in output:
                     raise PortTaken(output)
-                raise RuntimeError(f"bao exited early: {output}")
+                raise RuntimeError(f"{what} exited early: {output}")
             try:
-                health = self.request("GET", "sys/health", token=None)
-                if health.get("initialized") and not health.get("sealed"):
-                    return self
+                if ready(self.request("GET", "sys/health", token=None)):
+                    return
             except (OSError, urllib.error.URLError, ValueError):
                 pass
             time.sleep(0.1)
         self.stop()
-        raise RuntimeError("bao dev server did not become ready")
+        raise RuntimeError(f"{what} did not become ready")
 
     def stop(self) -> None:
         stop_process(self.proc)

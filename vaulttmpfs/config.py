@@ -103,20 +103,15 @@ def file_values(path: str) -> dict[str, str]:
     Parsed once per process and version of the file (the agent sees an edited file at its next call).
     """
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+        handle = _open_trusted(path)
     except FileNotFoundError:
-        return {}
-    except OSError as exc:
-        raise DriverError(f"cannot read config file {path}: {exc.strerror}") from None
-    with os.fdopen(fd, "rb") as handle:
+        return {}  # but a missing file under a dir others can change was refused: they could have moved it
+    with handle:
         info = os.fstat(handle.fileno())
         identity = (info.st_dev, info.st_ino, info.st_mtime_ns, info.st_size)
         cached = _file_cache.get(path)
         if cached and cached[0] == identity:
             return cached[1]
-        if not stat.S_ISREG(info.st_mode):
-            raise DriverError(f"config file {path} is not a regular file")
-        check_trusted(path, info)
         data = handle.read(MAX_CONFIG_BYTES + 1)
     if len(data) > MAX_CONFIG_BYTES:
         raise DriverError(f"config file {path} is larger than {MAX_CONFIG_BYTES} bytes")
@@ -125,16 +120,35 @@ def file_values(path: str) -> dict[str, str]:
     return values
 
 
-def check_trusted(path: str, info: os.stat_result | None = None) -> None:
-    """Root-owned and writable by root only: the file and every directory above it (sshd's rule)."""
-    info = info or os.stat(path)
+def check_trusted(path: str) -> None:
+    """Root-owned and writable by root only: the file and every directory and symlink on the way to it
+    (sshd's rule, see trust.py); a DriverError saying which and how to fix it otherwise."""
+    try:
+        _open_trusted(path).close()
+    except FileNotFoundError:
+        raise DriverError(f"config file {path} does not exist") from None
+
+
+def _open_trusted(path: str):
+    """The file opened for reading once trusted; FileNotFoundError when there is none."""
+    from . import trust
+
+    try:
+        fd = trust.open_file(path, f"config file {path}", os.O_RDONLY | os.O_NONBLOCK)
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        raise DriverError(f"cannot read config file {path}: {exc.strerror}") from None
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+        os.close(fd)
+        raise DriverError(f"config file {path} is not a regular file")
     if info.st_uid != 0 or info.st_mode & 0o022:
+        os.close(fd)
         raise DriverError(f"config file {path} must be owned by root and not group/world-writable (owner uid "
                           f"{info.st_uid}, mode {stat.S_IMODE(info.st_mode):04o}); fix it with: "
                           f"chown root:root {path} && chmod 644 {path}")
-    from . import trust
-
-    trust.check_dirs(os.path.dirname(os.path.realpath(path)), f"config file {path}")
+    return os.fdopen(fd, "rb")
 
 
 def parse_config_text(text: str, source: str = "config file") -> dict[str, str]:

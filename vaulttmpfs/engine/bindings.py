@@ -112,7 +112,8 @@ def load(path: str) -> Bindings:
 def _read_trusted(path: str) -> str:
     fix = f"fix it with: chown root:root {path} && chmod 644 {path}"
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+        # Every directory and symlink on the way, as given, like sshd: a writable one lets its owner swap the dir.
+        fd = trust.open_file(path, f"policy bindings {path}", os.O_RDONLY | os.O_NONBLOCK)
     except OSError as exc:
         raise DriverError(f"cannot read VAULTTMPFS_POLICY_BINDINGS {path}: {exc.strerror}; "
                           "refusing every mount until it is readable") from None
@@ -121,10 +122,6 @@ def _read_trusted(path: str) -> str:
         if not stat.S_ISREG(info.st_mode):
             raise DriverError(f"policy bindings {path} is not a regular file")
         _require_root_only(path, info, fix)
-        # Every directory up to /, like sshd: a writable grandparent lets its owner swap the whole dir.
-        # The dir of the name given and, if that is a symlink, of its target: either could be swapped.
-        for folder in {os.path.dirname(os.path.abspath(path)), os.path.dirname(os.path.realpath(path))}:
-            trust.check_dirs(folder, f"policy bindings {path}")
         data = handle.read(MAX_BYTES + 1)
     if len(data) > MAX_BYTES:
         raise DriverError(f"policy bindings {path} is larger than {MAX_BYTES} bytes")

@@ -6,13 +6,15 @@ import os
 import stat
 
 from . import files
+from .. import trust
 from ..errors import DriverError
 
 
 def read_token(path: str) -> str:
     try:
         # Non-blocking: a FIFO (or a device) put there must not hang the call; its type is checked next.
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+        # Through directories and symlinks only root can change: else another user could swap in a token.
+        fd = trust.open_file(path, f"generator token file {path}", os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
     except FileNotFoundError:
         raise DriverError(
             f"generator token file {path} does not exist; run `vaulttmpfs bootstrap` on this node "

@@ -43,6 +43,9 @@ class StateStore:
             return
         self.trust()
         os.makedirs(self.root, mode=0o700, exist_ok=True)
+        if self.root not in _TRUSTED_ROOTS:  # missing when checked: in a sticky dir another user may have made it
+            self._trusted = False
+            self.trust()
         os.chmod(self.root, 0o700)  # records name accessors: not for other users to read
         os.makedirs(path, mode=0o700, exist_ok=True)
         self._ensured.add(path)

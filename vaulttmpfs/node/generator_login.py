@@ -97,9 +97,9 @@ def _write(path: str, token: str) -> None:
     from .. import trust
     from ..engine import generator
 
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, mode=0o700, exist_ok=True)
-    trust.check_dirs(parent, "generator token path")
+    trust.check_parent(path, "generator token path")  # and again once made: another user may have made it first
+    os.makedirs(os.path.dirname(os.path.abspath(path)), mode=0o700, exist_ok=True)
+    trust.check_parent(path, "generator token path")
     generator.write_token(path, token)
 
 

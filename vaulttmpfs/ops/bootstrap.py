@@ -139,10 +139,10 @@ def _setup_or_explain(login: Login, config: Config, options: Options, files) -> 
 
 
 def _make_token_dir(token_path: str) -> None:
-    # Created 0700 if missing, then checked again: in a sticky dir another user could have made it first.
-    parent = os.path.dirname(os.path.abspath(token_path))
-    os.makedirs(parent, mode=0o700, exist_ok=True)
-    trust.check_dirs(parent, "generator token path")
+    # Checked, created 0700 if missing, then checked again: in a sticky dir another user could have made it first.
+    trust.check_parent(token_path, "generator token path")
+    os.makedirs(os.path.dirname(os.path.abspath(token_path)), mode=0o700, exist_ok=True)
+    trust.check_parent(token_path, "generator token path")
 
 
 def _check(options: Options) -> None:
@@ -154,7 +154,7 @@ def _check(options: Options) -> None:
     if not _MOUNT.fullmatch(options.ldap_mount) or ".." in options.ldap_mount.split("/"):
         raise DriverError(f"--ldap-mount={options.ldap_mount!r} is not a Vault mount path (example: ldap)")
     # Root writes (and may revoke) what is there: no one else may be able to swap the dir or the file.
-    trust.check_dirs(os.path.dirname(os.path.abspath(options.token_path)), "generator token path")
+    trust.check_parent(options.token_path, "generator token path")
 
 
 def _live_token(config: Config, options: Options) -> dict[str, str] | None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 
+from .. import trust
 from ..config import check_trusted, parse_config_text
 from ..engine import files
 from ..errors import DriverError
@@ -38,6 +39,7 @@ def write(source_dir: str, dest: str) -> str:
     text = render(source_dir)
     parent = os.path.dirname(os.path.abspath(dest))
     os.makedirs(parent, mode=0o755, exist_ok=True)
+    trust.check_dirs(parent, f"config file {dest}")  # not even written where another user could swap it
     try:
         with open(dest, encoding="utf-8") as handle:
             if handle.read() == text:
