@@ -15,7 +15,7 @@ import pytest
 from vaulttmpfs.config import Config
 from vaulttmpfs.engine import operation
 from vaulttmpfs.engine.operation import Engine, MountRequest, PodLogin
-from vaulttmpfs.engine.record import MadeWith, Revocation, VolumeRecord
+from vaulttmpfs.engine.record import GONE, NOTHING, QUEUED, REVOKED, MadeWith, Revocation, VolumeRecord
 from vaulttmpfs.errors import Conflict, DriverError, Forbidden
 
 from .engine_fakes import FakeFilesystem, Injected, Journal, MemoryStore, VaultDouble
@@ -292,9 +292,9 @@ def test_a_record_with_fields_of_the_wrong_type_reads_them_as_absent():
 
 
 def test_revocation_messages_are_the_ones_operators_read():
-    assert str(Revocation(Revocation.NOTHING)) == "nothing to revoke"
-    assert str(Revocation(Revocation.REVOKED, "a1")) == "token revoked (accessor a1)"
-    assert str(Revocation(Revocation.GONE, "a1")) == "token already gone (accessor a1)"
-    queued = Revocation(Revocation.QUEUED, "a1", "Vault is down")
+    assert str(Revocation(NOTHING)) == "nothing to revoke"
+    assert str(Revocation(REVOKED, "a1")) == "token revoked (accessor a1)"
+    assert str(Revocation(GONE, "a1")) == "token already gone (accessor a1)"
+    queued = Revocation(QUEUED, "a1", "Vault is down")
     assert queued.queued and str(queued) == "could not revoke the pod token (accessor a1) now, queued for retry: " \
                                             "Vault is down"

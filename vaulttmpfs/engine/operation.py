@@ -19,18 +19,20 @@ import json
 import os
 import time
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from .. import log
 from . import generator, volume
 from ..config import Config
 from ..errors import Conflict, DriverError, Forbidden, VaultDenied
 from ..vault.client import TokenNotWrapped, Vault  # hvac itself is imported only when a call is made
-from .interfaces import Filesystem, Store, VaultFactory
 from .layout import FLEXVOLUME, Layout
-from .record import FROM_METADATA, MadeWith, Minted, Revocation, VolumeRecord
+from .record import FROM_METADATA, GONE, NOTHING, QUEUED, REVOKED, MadeWith, Minted, Revocation, VolumeRecord
 from .state import StateStore
 from .volume import MOUNT_SOURCE  # noqa: F401 -- ops.uninstall reads it here
+
+if TYPE_CHECKING:  # annotations only: the exec path need not build the Protocol classes
+    from .interfaces import Filesystem, Store, VaultFactory
 
 PLUGIN_DIR = FLEXVOLUME.plugin_dir  # <pods dir>/<pod uid>/volumes/<this>/<volume name>
 GENERATOR_CHECK_SECONDS = 3600  # how long "the generator token is not root" is trusted
@@ -271,7 +273,7 @@ class Engine:
         logger = log.get(self.config.log_file, verb="unmount", dir=mount_dir)
         with self.store.locked(mount_dir):
             record = self._volume_record(mount_dir)
-            outcome = self.revoke_or_queue(record, logger, why="unmount") if record else Revocation(Revocation.NOTHING)
+            outcome = self.revoke_or_queue(record, logger, why="unmount") if record else Revocation(NOTHING)
             if fs.is_mount_point(mount_dir):
                 if not _ours(fs.mount_info(self.real(mount_dir))):
                     raise DriverError(f"{mount_dir} is a mount point vaulttmpfs does not own; leaving it untouched")
@@ -287,8 +289,8 @@ class Engine:
         """Revoke the pod's tokens; what Vault cannot take now is queued for the agent to retry."""
         accessors = record.accessors()
         if not accessors:
-            return Revocation(Revocation.NOTHING)
-        client, failures, outcome = None, [], Revocation.REVOKED
+            return Revocation(NOTHING)
+        client, failures, outcome = None, [], REVOKED
         for accessor in accessors:
             try:
                 if client is None:
@@ -304,9 +306,9 @@ class Engine:
             self.store.drop_pending(accessor)
             logger.info("token revoked" if revoked else "token already gone", accessor=accessor, why=why)
             if accessor == accessors[0] and not revoked:
-                outcome = Revocation.GONE
+                outcome = GONE
         if failures:
-            return Revocation(Revocation.QUEUED, accessors[0], failures[0])
+            return Revocation(QUEUED, accessors[0], failures[0])
         return Revocation(outcome, accessors[0])
 
     def retry_pending(self) -> dict[str, int]:
@@ -358,9 +360,8 @@ class Engine:
             try:
                 policies = self.vault(config, token).lookup_self().get("policies") or []
             except VaultDenied as exc:
-                raise _generator_refused(
-                    config, exc, "`auth/token/lookup-self` (read), which vaulttmpfs needs to check it is not a root token"
-                ) from None
+                raise _generator_refused(config, exc, "`auth/token/lookup-self` (read), which vaulttmpfs needs to "
+                                                      "check it is not a root token") from None
             known = {"key": key, "at": time.time(), "policies": sorted(policies)}
             store.write_note("generator-check", known)
         _generator_checks[key] = known
