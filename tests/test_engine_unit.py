@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
@@ -144,6 +145,14 @@ def test_a_second_mount_of_a_complete_volume_mints_nothing(node):
     assert node.mount(request) == "already mounted"
     assert node.since(mark) == ["lock", "unlock"]
     assert node.files(request.mount_dir) == files and len(node.vault.alive) == 2
+
+
+def test_concurrent_mounts_of_one_volume_mint_one_token(node):
+    request = node.request()
+    with ThreadPoolExecutor(6) as pool:
+        answers = sorted(pool.map(lambda _: node.mount(request), range(6)))
+    assert answers == ["already mounted"] * 5 + ["token for policies nginx mounted"]
+    assert node.journal.names().count("create token") == 1 and len(node.vault.alive) == 2
 
 
 def test_a_republish_asking_for_another_read_only_or_fs_group_is_a_conflict(node):
