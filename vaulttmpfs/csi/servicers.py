@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import binascii
 import errno
+import functools
 import hashlib
 import json
 import os
@@ -77,12 +78,9 @@ class Node(csi_pb2_grpc.NodeServicer):
     def NodePublishVolume(self, request, context):  # noqa: N802
         mount_request = publish_request(request, self.config, self.jwt_login)
         created = _make_target(request.target_path)
-        try:
-            operation.mount(self.config, mount_request)
-        except BaseException:
-            if created:
-                _remove_target(request.target_path, missing_ok=True)
-            raise
+        # The target dir joins the engine's undo: removed, after the engine's own steps, if the mount fails.
+        undo = functools.partial(_remove_target, request.target_path, missing_ok=True) if created else None
+        operation.mount(self.config, mount_request, undo_prepared=undo)
         return csi_pb2.NodePublishVolumeResponse()
 
     def NodeUnpublishVolume(self, request, context):  # noqa: N802

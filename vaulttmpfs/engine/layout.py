@@ -21,9 +21,10 @@ class Layout:
     def describe(self) -> str:
         return f"<pods dir>/<pod uid>/volumes/{self.plugin_dir}/<name>" + (f"/{self.leaf}" if self.leaf else "")
 
-    def parts(self, path: str, pods_dir: str) -> tuple[str, str]:
-        """(pod uid, volume name) from a volume path, or BadRequest saying what the path must be."""
-        parts = volume.parts_below(path, pods_dir)
+    def parts(self, path: str, pods_dir: str, real_path: str | None = None) -> tuple[str, str]:
+        """(pod uid, volume name) from a volume path (resolved already: `real_path`), or BadRequest
+        saying what the path must be."""
+        parts = volume.parts_below(path, pods_dir, real_path)
         tail = [self.leaf] if self.leaf else []
         if not parts or len(parts) != 4 + len(tail) or parts[1:3] != ["volumes", self.plugin_dir] or \
                 parts[4:] != tail:

@@ -23,6 +23,7 @@ from typing import Any
 from .. import log
 from ..config import Config
 from . import operation, volume
+from .record import VolumeRecord
 from .state import StateStore
 
 REVOKE, KEEP = "revoke", "keep"
@@ -86,8 +87,8 @@ def reconcile(config: Config, dry_run: bool = False) -> dict[str, Any]:
             "dry_run": dry_run, "volumes": [asdict(o) for o in outcomes]}
 
 
-def _one(config: Config, store: StateStore, record: dict[str, Any], dry_run: bool, logger) -> Outcome:
-    mount_dir = record["mount_dir"]
+def _one(config: Config, store: StateStore, record: VolumeRecord, dry_run: bool, logger) -> Outcome:
+    mount_dir = record.mount_dir
     action, reason = examine(config, mount_dir)
     if action == KEEP or dry_run:
         return _outcome(record, "would revoke" if action == REVOKE else "kept", reason)
@@ -108,9 +109,9 @@ def _revoke_locked(config: Config, store: StateStore, mount_dir: str, logger) ->
     if action == KEEP:
         return _outcome(record, "kept", reason)
     logger.warning("revoking the token of a volume whose pod is gone", reason=reason, why=REASONS[reason],
-                   dir=mount_dir, accessor=record.get("accessor"), pod_uid=record.get("pod_uid"),
-                   namespace=record.get("namespace"), pod=record.get("pod"))
-    message = operation.revoke_or_queue(config, store, record, logger, why=f"reconcile: {reason}")
+                   dir=mount_dir, accessor=record.accessor, pod_uid=record.pod_uid, namespace=record.namespace,
+                   pod=record.pod)
+    revocation = operation.revoke_or_queue(config, store, record, logger, why=f"reconcile: {reason}")
     if operation.is_our_mount(mount_dir):  # e.g. a stale mount still listed at a path that is gone
         try:
             volume.unmount(mount_dir)
@@ -118,13 +119,12 @@ def _revoke_locked(config: Config, store: StateStore, mount_dir: str, logger) ->
             logger.error("reconcile could not unmount", dir=mount_dir, error=str(exc))
             return _outcome(record, "error", reason, str(exc))
     store.forget_volume(mount_dir)
-    return _outcome(record, "queued" if message.startswith("could not") else "revoked", reason, message)
+    return _outcome(record, "queued" if revocation.queued else "revoked", reason, str(revocation))
 
 
-def _outcome(record: dict[str, Any], action: str, reason: str, detail: str = "") -> Outcome:
-    return Outcome(record["mount_dir"], action, reason, str(record.get("pod_uid") or ""),
-                   str(record.get("namespace") or ""), str(record.get("pod") or ""),
-                   str(record.get("accessor") or ""), detail or REASONS[reason])
+def _outcome(record: VolumeRecord, action: str, reason: str, detail: str = "") -> Outcome:
+    return Outcome(record.mount_dir, action, reason, record.pod_uid, record.namespace, record.pod,
+                   record.accessor or "", detail or REASONS[reason])
 
 
 def summary(result: dict[str, Any]) -> list[str]:

@@ -19,18 +19,23 @@ import hashlib
 import json
 import os
 import time
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from .. import trust
 from . import files, volume
+from .record import VolumeRecord
 
 
 _TRUSTED_ROOTS: set[str] = set()
 
 
 class StateStore:
-    def __init__(self, root: str):
+    """The engine's Store (interfaces.py) on disk. `resolve`: how a volume dir becomes its key's path
+    (the engine hands in the resolutions it made for the call)."""
+
+    def __init__(self, root: str, resolve: Callable[[str], str] = volume.resolve):
         self.root = root
+        self._resolve = resolve
         self.volumes = os.path.join(root, "volumes")
         self.pending = os.path.join(root, "pending")
         self._trusted = False
@@ -67,7 +72,7 @@ class StateStore:
     def key(self, mount_dir: str) -> str:
         key = self._keys.get(mount_dir)
         if key is None:
-            key = self._keys[mount_dir] = hashlib.sha256(os.fsencode(volume.resolve(mount_dir))).hexdigest()[:40]
+            key = self._keys[mount_dir] = hashlib.sha256(os.fsencode(self._resolve(mount_dir))).hexdigest()[:40]
         return key
 
     def _volume_path(self, mount_dir: str, suffix: str) -> str:
@@ -91,14 +96,15 @@ class StateStore:
                     os.unlink(path)
             os.close(fd)
 
-    def read_volume(self, mount_dir: str) -> dict[str, Any] | None:
+    def read_volume(self, mount_dir: str) -> VolumeRecord | None:
         """The volume's record; a corrupt one is moved aside (kept for an operator) and reads as None."""
         path = self._volume_path(mount_dir, ".json")
         try:
-            return _read_json(path, strict=True)
+            value = _read_json(path, strict=True)
         except ValueError:
             self._set_aside(path)
             return None
+        return VolumeRecord.from_json(value) if value is not None else None
 
     def _set_aside(self, path: str) -> None:
         corrupt = os.path.join(self.root, "corrupt")
@@ -106,11 +112,11 @@ class StateStore:
         name = f"{os.path.basename(path)[:-5]}.{time.time():.0f}.json"
         os.replace(path, os.path.join(corrupt, name))
 
-    def write_volume(self, mount_dir: str, record: dict[str, Any]) -> files.Sync:
+    def write_volume(self, mount_dir: str, record: VolumeRecord) -> files.Sync:
         """The volume's record, in place now and durable once the result's wait() returns (a mount
         does its work meanwhile). A record torn by a crash before that reads as corrupt (see read_volume)."""
         self._ensure(self.volumes)
-        data = json.dumps({"mount_dir": os.fsdecode(mount_dir), **record}).encode()
+        data = json.dumps({**record.to_json(), "mount_dir": os.fsdecode(mount_dir)}).encode()
         return files.replace_then_sync(self._volume_path(mount_dir, ".json"), data, 0o600)
 
     def forget_volume(self, mount_dir: str) -> None:
@@ -118,7 +124,7 @@ class StateStore:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self._volume_path(mount_dir, ".json"))
 
-    def list_volumes(self) -> list[dict[str, Any]]:
+    def list_volumes(self) -> list[VolumeRecord]:
         """Every volume record (with `since`: when it was written), oldest first."""
         self.trust()
         try:
@@ -131,8 +137,8 @@ class StateStore:
             record = _read_json(path)
             if record and record.get("mount_dir"):
                 with contextlib.suppress(FileNotFoundError):
-                    records.append({**record, "since": os.stat(path).st_mtime})
-        return sorted(records, key=lambda r: r["since"])
+                    records.append(VolumeRecord.from_json(record, since=os.stat(path).st_mtime))
+        return sorted(records, key=lambda r: r.since)
 
     def add_pending(self, accessor: str, record: dict[str, Any]) -> None:
         self._ensure(self.pending)

@@ -18,6 +18,8 @@ from ..errors import DriverError
 
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT = 1, 2, 4, 8, 32
 MNT_DETACH = 2
+MOUNT_SOURCE = "vaulttmpfs"  # the tmpfs "device" name: how we recognise our own mounts
+_SOURCE = MOUNT_SOURCE.encode()
 _libc = None
 
 
@@ -71,10 +73,11 @@ def resolve(path: str) -> str:
     return real if real.startswith("/") and not real.endswith(" (deleted)") else os.path.realpath(path)
 
 
-def mount_info(path: str) -> dict[str, str] | None:
-    """The /proc/self/mountinfo entry mounted exactly at `path`, if any (last one wins)."""
+def mount_info(real_path: str) -> dict[str, str] | None:
+    """The /proc/self/mountinfo entry mounted exactly at `real_path` (resolved: see resolve()), if any
+    (last one wins)."""
     # Only lines holding the path as mountinfo writes it are parsed: a node has hundreds of mounts.
-    target = _escape(os.fsencode(resolve(path)))
+    target = _escape(os.fsencode(real_path))
     needle = b" " + target + b" "
     found = None
     with open("/proc/self/mountinfo", "rb") as table:
@@ -128,13 +131,14 @@ def check_target(path: str) -> None:
         raise DriverError(f"mount dir {path} is not a directory")
 
 
-def parts_below(path: str, root: str) -> list[str] | None:
+def parts_below(path: str, root: str, real_path: str | None = None) -> list[str] | None:
     """`path`'s components below `root` once symlinks are resolved; None if it is not below it.
 
     `root` itself may be a symlink (a kubelet root moved to another disk); nothing below it may
-    be: the components must read the same before and after resolving.
+    be: the components must read the same before and after resolving. `real_path`: `path` resolved
+    already by the caller.
     """
-    rel = os.path.relpath(resolve(path), resolve(root))
+    rel = os.path.relpath(real_path or resolve(path), resolve(root))
     if rel == "." or rel == os.pardir or rel.startswith(os.pardir + os.sep):
         return None
     parts = rel.split(os.sep)
@@ -164,7 +168,7 @@ def mount_tmpfs(path: str, real_path: str, size: str, gid: int | None) -> None:
         if os.readlink(handle) != real_path:
             raise DriverError(f"mount dir {path} now resolves to {os.readlink(handle)}, not {real_path}: "
                               "a path component was swapped for a symlink; refusing to mount")
-        result = _sys().mount(b"vaulttmpfs", handle.encode(), b"tmpfs", flags, options.encode())
+        result = _sys().mount(_SOURCE, handle.encode(), b"tmpfs", flags, options.encode())
         try:
             _check(result, f"mounting tmpfs at {path}")
         except OSError as exc:
@@ -181,7 +185,7 @@ def opened_mount(path: str, real_path: str) -> Iterator[str]:
     try:
         dev = os.fstat(fd).st_dev
         entry = mount_info(real_path)
-        if (os.readlink(f"/proc/self/fd/{fd}") != real_path or not entry or entry["source"] != "vaulttmpfs"
+        if (os.readlink(f"/proc/self/fd/{fd}") != real_path or not entry or entry["source"] != MOUNT_SOURCE
                 or entry["dev"] != f"{os.major(dev)}:{os.minor(dev)}"):
             raise DriverError(f"mount dir {path} no longer leads to the tmpfs just mounted at {real_path}; "
                               "refusing to write the token")
@@ -192,7 +196,7 @@ def opened_mount(path: str, real_path: str) -> Iterator[str]:
 
 def remount_readonly(path: str) -> None:
     flags = MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC
-    _check(_sys().mount(b"vaulttmpfs", os.fsencode(path), b"tmpfs", flags, None), f"remounting {path} read-only")
+    _check(_sys().mount(_SOURCE, os.fsencode(path), b"tmpfs", flags, None), f"remounting {path} read-only")
 
 
 def unmount(path: str) -> None:

@@ -11,6 +11,7 @@ from typing import Any
 
 from ..config import Config
 from ..engine import volume
+from ..engine.record import VolumeRecord
 from ..engine.state import StateStore
 
 ACCESSOR_PREFIX = 8
@@ -24,17 +25,17 @@ def collect(config: Config, now: float | None = None) -> dict[str, Any]:
     return {"node": config.node_name, "state_dir": config.state_dir, "volumes": volumes, "pending": pending}
 
 
-def _volume(record: dict[str, Any], now: float) -> dict[str, Any]:
+def _volume(record: VolumeRecord, now: float) -> dict[str, Any]:
     return {
-        "pod": record.get("pod", ""),
-        "namespace": record.get("namespace", ""),
-        "pod_uid": record.get("pod_uid", ""),
-        "policies": record.get("policies") or [],
-        "role": record.get("role", ""),
-        "accessor": _prefix(record.get("accessor")),
-        "age_seconds": max(0, round(now - record["since"])),
-        "mounted": volume.is_mount_point(record["mount_dir"]),
-        "mount_dir": record["mount_dir"],
+        "pod": record.pod,
+        "namespace": record.namespace,
+        "pod_uid": record.pod_uid,
+        "policies": list(record.policies),
+        "role": record.role,
+        "accessor": _prefix(record.accessor),
+        "age_seconds": max(0, round(now - (record.since or now))),
+        "mounted": volume.is_mount_point(record.mount_dir),
+        "mount_dir": record.mount_dir,
     }
 
 

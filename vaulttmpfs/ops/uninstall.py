@@ -16,6 +16,7 @@ from typing import Any
 from .. import log
 from ..config import Config
 from ..engine import generator, volume
+from ..engine.record import VolumeRecord
 from ..engine.state import StateStore
 from ..errors import DriverError, VaultDenied
 from . import install
@@ -23,22 +24,22 @@ from . import install
 TRASH = ".vaulttmpfs-uninstall.tmp"
 
 
-def held_volumes(config: Config) -> list[dict[str, Any]]:
+def held_volumes(config: Config) -> list[VolumeRecord]:
     """Volumes still mounted: the state records, and our tmpfs mounts this mount namespace shows."""
     from ..engine.operation import MOUNT_SOURCE
 
-    held = {r["mount_dir"]: r for r in StateStore(config.state_dir).list_volumes()}
+    held = {r.mount_dir: r for r in StateStore(config.state_dir).list_volumes()}
     prefix = os.path.realpath(config.pods_dir) + "/"
     for entry in volume.mounts():
         target = entry["target"]
         if entry["fstype"] == "tmpfs" and entry["source"] == MOUNT_SOURCE and target.startswith(prefix):
-            held.setdefault(target, {"mount_dir": target, "pod_uid": target[len(prefix):].split("/")[0]})
+            held.setdefault(target, VolumeRecord(None, mount_dir=target, pod_uid=target[len(prefix):].split("/")[0]))
     return list(held.values())
 
 
-def _who(record: dict[str, Any]) -> str:
-    name = "/".join(p for p in (record.get("namespace"), record.get("pod")) if p)
-    return f"{name or 'pod'} (uid {record.get('pod_uid') or '?'})"
+def _who(record: VolumeRecord) -> str:
+    name = "/".join(p for p in (record.namespace, record.pod) if p)
+    return f"{name or 'pod'} (uid {record.pod_uid or '?'})"
 
 
 def uninstall(config: Config, plugin_dir: str, revoke: bool = True) -> dict[str, Any]:

@@ -1,0 +1,309 @@
+"""The engine in-process, over the doubles of tests/engine_fakes.py: the order of a mount's steps, the
+undo of each step a failure leaves done, idempotency, unmount, and every record shape earlier versions
+wrote. No root, no OpenBao, no tmpfs: a few seconds. The integration suite checks the same verbs for
+real (test_driver, test_csi, test_faults...)."""
+
+from __future__ import annotations
+
+import json
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from vaulttmpfs.config import Config
+from vaulttmpfs.engine import operation
+from vaulttmpfs.engine.operation import Engine, MountRequest, PodLogin
+from vaulttmpfs.engine.record import GONE, NOTHING, QUEUED, REVOKED, MadeWith, Revocation, VolumeRecord
+from vaulttmpfs.errors import Conflict, DriverError, Forbidden
+
+from .engine_fakes import FakeFilesystem, Injected, Journal, MemoryStore, VaultDouble
+
+POD_UID = "0f1e2d3c-aaaa-bbbb-cccc-000000000001"
+FILES = ["write vault-token.json", "write vault-token"]
+TOKEN_UNDO = ["revoke", "revoke", "forget record"]  # the pod token, its wrapping token, then the record
+
+# Each shape of volumes/<key>.json a released version wrote (the state dir outlives an upgrade).
+RECORD_BEFORE_MADE_WITH = {  # 23f2ea3 .. e6a30eb: no read_only / fs_group
+    "mount_dir": f"/var/lib/kubelet/pods/{POD_UID}/volumes/cloudwatt~vaulttmpfs/vault",
+    "accessor": "pod-acc", "wrapping_accessor": "wrap-acc", "role": "applications", "policies": ["nginx"],
+    "pod_uid": POD_UID, "namespace": "default", "pod": "nginx",
+}
+RECORD_WITH_MADE_WITH = {**RECORD_BEFORE_MADE_WITH, "read_only": True, "fs_group": 2000}  # e6a30eb ..
+RECORD_UNWRAPPED = {**RECORD_BEFORE_MADE_WITH, "wrapping_accessor": None, "read_only": False, "fs_group": None}
+
+
+class Node:
+    """A node's engine over the doubles; a fresh Engine per call, as the front ends make one."""
+
+    def __init__(self, tmp_path: Path):
+        self.journal = Journal()
+        self.store = MemoryStore(self.journal)
+        self.vault = VaultDouble(self.journal)
+        self.fs = FakeFilesystem(self.journal)
+        self.pods = tmp_path / "pods"
+        generator = tmp_path / "generator-token"
+        generator.write_text("s.generator-token\n")
+        generator.chmod(0o600)
+        self.config = Config(generator_token_path=str(generator), state_dir=str(tmp_path / "state"), log_file="",
+                             pods_dir=str(self.pods), node_name="node-1")
+
+    def engine(self) -> Engine:
+        return Engine(self.config, store=self.store, vault=self.vault, fs=self.fs)
+
+    def volume_dir(self, name: str = "vault", pod_uid: str = POD_UID) -> str:
+        path = self.pods / pod_uid / "volumes" / "cloudwatt~vaulttmpfs" / name
+        path.mkdir(parents=True, exist_ok=True)
+        return str(path)
+
+    def request(self, **changes) -> MountRequest:
+        base = MountRequest(mount_dir=changes.pop("mount_dir", None) or self.volume_dir(), policies=["nginx"],
+                            role="applications", pod_namespace="default", pod_name="nginx",
+                            service_account="default", volume_name="vault")
+        return replace(base, **changes)
+
+    def mount(self, request: MountRequest | None = None, **kwargs) -> str:
+        return self.engine().mount(request or self.request(), **kwargs)
+
+    def files(self, mount_dir: str) -> dict[str, bytes]:
+        return self.fs.mounts[os.path.realpath(mount_dir)]
+
+    def since(self, mark: int) -> list[str]:
+        return self.journal.names()[mark:]
+
+
+@pytest.fixture
+def node(tmp_path, monkeypatch) -> Node:
+    monkeypatch.setattr(operation, "_generator_checks", {})  # each test checks its generator afresh
+    return Node(tmp_path)
+
+
+def test_a_mount_mints_then_records_then_mounts_then_writes(node):
+    request = node.request(read_only=True, fs_group=2000)
+    assert node.mount(request) == "token for policies nginx mounted"
+    assert node.journal.names() == ["lock", "create token", "write record", "mount tmpfs", "open tmpfs", *FILES,
+                                    "remount read-only", "unlock"]
+    files = node.files(request.mount_dir)
+    info = json.loads(files["vault-token.json"])
+    assert files["vault-token"] == info["token"].encode() and info["wrapped_accessor"] in node.vault.alive
+    record = node.store.volumes[request.mount_dir]
+    assert (record.accessor, record.wrapping_accessor) == (info["wrapped_accessor"], info["accessor"])
+    assert record.made_with == MadeWith(read_only=True, fs_group=2000) and record.pod_uid == POD_UID
+    assert set(node.vault.tokens_used) == {"s.generator-token"}  # the generator check, then the create
+
+
+def test_the_mount_dir_is_resolved_once_per_call(node):
+    request = node.request()
+    node.mount(request)
+    assert node.fs.resolved == [request.mount_dir]
+    node.fs.resolved.clear()
+    node.engine().unmount(request.mount_dir)
+    assert node.fs.resolved == [request.mount_dir]
+
+
+STEPS = ["create token", "write record", "mount tmpfs", "open tmpfs", *FILES, "remount read-only"]
+
+
+@pytest.mark.parametrize("step, undo", [
+    ("create token", []),
+    ("write record", TOKEN_UNDO),
+    ("mount tmpfs", TOKEN_UNDO),  # nothing mounted: nothing to unmount
+    ("open tmpfs", ["unmount", *TOKEN_UNDO]),
+    ("write vault-token.json", ["unmount", *TOKEN_UNDO]),
+    ("write vault-token", ["unmount", *TOKEN_UNDO]),
+    ("remount read-only", ["unmount", *TOKEN_UNDO]),
+])
+def test_a_failing_step_undoes_every_step_before_it_newest_first_under_the_lock(node, step, undo):
+    node.journal.fail_at = step
+    with pytest.raises(Injected):
+        node.mount(node.request(read_only=True))
+    done = STEPS[:STEPS.index(step)]
+    assert node.journal.names() == ["lock", *done, *undo, "unlock"]  # the lock goes after the undo
+    assert not node.vault.alive and not node.store.volumes and not node.fs.mounts and not node.store.held
+    revoked = [event[1] for event in node.journal.events if event[0] == "revoke"]
+    assert [a.split("-")[0] for a in revoked] == (["pod", "wrapping"] if done else [])
+
+
+def test_a_token_vault_cannot_revoke_during_undo_is_queued_before_its_record_goes(node):
+    node.journal.fail_at = "write vault-token"
+    node.vault.unreachable = True
+    with pytest.raises(Injected):
+        node.mount()
+    assert sorted(node.store.pending) == sorted(node.vault.alive)  # both tokens wait for the agent's retry
+    assert node.since(0)[-3:] == ["queue revocation", "forget record", "unlock"]
+    node.vault.unreachable = False
+    assert node.engine().retry_pending() == {"revoked": 2, "pending": 0}
+    assert not node.vault.alive and not node.store.pending
+
+
+def test_a_second_mount_of_a_complete_volume_mints_nothing(node):
+    request = node.request()
+    node.mount(request)
+    files, mark = dict(node.files(request.mount_dir)), len(node.journal.events)
+    assert node.mount(request) == "already mounted"
+    assert node.since(mark) == ["lock", "unlock"]
+    assert node.files(request.mount_dir) == files and len(node.vault.alive) == 2
+
+
+def test_concurrent_mounts_of_one_volume_mint_one_token(node):
+    request = node.request()
+    with ThreadPoolExecutor(6) as pool:
+        answers = sorted(pool.map(lambda _: node.mount(request), range(6)))
+    assert answers == ["already mounted"] * 5 + ["token for policies nginx mounted"]
+    assert node.journal.names().count("create token") == 1 and len(node.vault.alive) == 2
+
+
+def test_a_republish_asking_for_another_read_only_or_fs_group_is_a_conflict(node):
+    request = node.request(fs_group=2000)
+    node.mount(request)
+    alive = set(node.vault.alive)
+    with pytest.raises(Conflict, match="readOnly=false, fsGroup=2000; this call asks for readOnly=true"):
+        node.mount(replace(request, read_only=True))
+    assert node.vault.alive == alive and request.mount_dir in node.store.volumes
+
+
+def test_a_record_from_before_made_with_takes_the_volume_as_it_is(node):
+    request = node.request()
+    node.mount(request)
+    old = VolumeRecord.from_json({**RECORD_BEFORE_MADE_WITH, "mount_dir": request.mount_dir,
+                                  "accessor": node.store.volumes[request.mount_dir].accessor})
+    node.store.volumes[request.mount_dir] = old
+    assert node.mount(replace(request, read_only=True, fs_group=3000)) == "already mounted"
+
+
+def test_a_stale_record_is_revoked_before_the_new_token_is_minted(node):
+    """A tmpfs lost with a reboot: the record names a token nobody holds any more."""
+    request = node.request()
+    node.mount(request)
+    stale = set(node.vault.alive)
+    node.fs.mounts.clear()
+    mark = len(node.journal.events)
+    node.mount(request)
+    assert node.since(mark)[:5] == ["lock", "revoke", "revoke", "forget record", "create token"]
+    assert not stale & node.vault.alive and len(node.vault.alive) == 2
+
+
+def test_a_half_made_tmpfs_of_ours_is_unmounted_and_its_token_revoked(node):
+    request = node.request()
+    node.mount(request)
+    del node.files(request.mount_dir)["vault-token"]  # killed before the token file was written
+    stale, mark = set(node.vault.alive), len(node.journal.events)
+    node.mount(request)
+    assert node.since(mark)[:6] == ["lock", "unmount", "revoke", "revoke", "forget record", "create token"]
+    assert not stale & node.vault.alive and "vault-token" in node.files(request.mount_dir)
+
+
+def test_someone_elses_mount_point_is_left_alone_and_nothing_is_minted(node):
+    request = node.request()
+    node.fs.foreign.add(os.path.realpath(request.mount_dir))
+    with pytest.raises(DriverError, match="does not own"):
+        node.mount(request)
+    assert node.journal.names() == ["lock", "unlock"] and not node.vault.alive
+
+
+def test_a_plain_token_where_a_wrapped_one_was_asked_for_is_revoked_and_never_written(node):
+    node.vault.strip_wrapping = True
+    with pytest.raises(DriverError, match="that token was not given to the pod: token revoked"):
+        node.mount()
+    assert not node.vault.alive and not node.fs.mounts and not node.store.volumes
+
+
+def test_unwrapped_the_metadata_file_never_holds_the_token(node):
+    request = node.request(unwrapped=True)
+    node.mount(request)
+    files = node.files(request.mount_dir)
+    info = json.loads(files["vault-token.json"])
+    assert "client_token" not in info and info["unwrapped"] is True
+    assert files["vault-token"].decode() not in files["vault-token.json"].decode()
+    assert node.store.volumes[request.mount_dir].wrapping_accessor is None
+
+
+def test_a_pod_login_uses_no_generator_token_for_the_token(node):
+    node.mount(node.request(login=PodLogin("jwt", "header.payload.signature"), policies=[]))
+    assert "login" in node.journal.names() and "create token" not in node.journal.names()
+    assert None in node.vault.tokens_used  # the login carries the pod's JWT, not the generator token
+
+
+def test_a_root_generator_token_is_refused_before_anything_is_minted(node):
+    node.vault.generator_policies = ["root"]
+    with pytest.raises(DriverError, match="carries the root policy"):
+        node.mount()
+    assert node.journal.names() == ["lock", "unlock"]
+
+
+def test_admission_refuses_a_spoofed_pod_uid_before_the_lock(node):
+    with pytest.raises(Forbidden, match="spoofed identity"):
+        node.mount(node.request(pod_uid="another-pod"))
+    assert node.journal.names() == []
+
+
+def test_the_front_ends_own_step_is_undone_last_and_only_on_failure(node):
+    """CSI makes the target dir before the call: its removal joins the engine's undo."""
+    undone: list[list[str]] = []
+    prepared = lambda: undone.append(node.journal.names())  # noqa: E731
+    node.mount(node.request(), undo_prepared=prepared)
+    assert undone == []
+    node.journal.fail_at = "write vault-token"
+    with pytest.raises(Injected):
+        node.mount(node.request(mount_dir=node.volume_dir("other")), undo_prepared=prepared)
+    assert undone and undone[0][-1] == "unlock"  # after the engine's undo and the lock
+    with pytest.raises(Forbidden):  # a failure before the lock undoes it too
+        node.mount(node.request(pod_uid="another-pod"), undo_prepared=prepared)
+    assert len(undone) == 2
+
+
+def test_unmount_revokes_both_tokens_then_unmounts_then_forgets(node):
+    request = node.request()
+    node.mount(request)
+    mark = len(node.journal.events)
+    message = node.engine().unmount(request.mount_dir)
+    assert message.startswith("unmounted; token revoked (accessor pod-")
+    assert node.since(mark) == ["lock", "revoke", "revoke", "unmount", "forget record", "unlock"]
+    assert not node.vault.alive and not node.fs.mounts and not node.store.volumes
+
+
+def test_unmount_of_an_unknown_volume_revokes_nothing_and_succeeds(node):
+    assert node.engine().unmount(node.volume_dir("never-mounted")) == "unmounted; nothing to revoke"
+    assert node.journal.names() == ["lock", "forget record", "unlock"] and node.vault.tokens_used == []
+
+
+def test_unmount_without_a_record_revokes_what_the_volumes_metadata_names(node):
+    request = node.request()
+    node.mount(request)
+    node.store.volumes.clear()  # the record was lost or set aside as corrupt
+    assert node.engine().unmount(request.mount_dir).startswith("unmounted; token revoked")
+    assert not node.vault.alive
+
+
+def test_unmount_with_vault_down_queues_both_tokens(node):
+    request = node.request()
+    node.mount(request)
+    node.vault.unreachable = True
+    message = node.engine().unmount(request.mount_dir)
+    assert message.startswith("unmounted; could not revoke the pod token (accessor pod-")
+    assert sorted(node.store.pending) == sorted(node.vault.alive) and not node.fs.mounts
+
+
+@pytest.mark.parametrize("shape", [RECORD_BEFORE_MADE_WITH, RECORD_WITH_MADE_WITH, RECORD_UNWRAPPED])
+def test_every_record_shape_reads_and_writes_back_as_it_was(shape):
+    record = VolumeRecord.from_json(json.loads(json.dumps(shape)))
+    assert record.accessor == "pod-acc" and record.pod_uid == POD_UID and record.policies == ("nginx",)
+    assert record.made_with == (MadeWith(shape["read_only"], shape["fs_group"]) if "read_only" in shape else None)
+    assert record.to_json() == shape and list(record.to_json()) == list(shape)
+
+
+def test_a_record_with_fields_of_the_wrong_type_reads_them_as_absent():
+    record = VolumeRecord.from_json({"mount_dir": "/x", "accessor": 5, "policies": "nginx", "fs_group": True,
+                                     "read_only": "yes"})
+    assert record.accessors() == [] and record.policies == () and record.made_with == MadeWith(False, None)
+
+
+def test_revocation_messages_are_the_ones_operators_read():
+    assert str(Revocation(NOTHING)) == "nothing to revoke"
+    assert str(Revocation(REVOKED, "a1")) == "token revoked (accessor a1)"
+    assert str(Revocation(GONE, "a1")) == "token already gone (accessor a1)"
+    queued = Revocation(QUEUED, "a1", "Vault is down")
+    assert queued.queued and str(queued) == "could not revoke the pod token (accessor a1) now, queued for retry: " \
+                                            "Vault is down"

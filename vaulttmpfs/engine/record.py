@@ -1,0 +1,104 @@
+"""The typed values the engine passes around: a volume's record, a minted token, a revocation's outcome.
+
+A record's JSON is the one every version wrote (csi-lib's metadata.Metadata, here with the fields
+unmount needs to revoke): from_json reads each older shape, to_json writes today's keys only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+FROM_METADATA = "volume metadata"  # a record rebuilt from the volume's own metadata file
+REVOKED, GONE, QUEUED, NOTHING = "revoked", "already gone", "queued", "nothing"  # Revocation.outcome
+
+
+class MadeWith(NamedTuple):  # NamedTuple, not dataclass: the exec path builds it at import, ~0.5 ms less
+    """How the volume was mounted, to refuse a republish that asks otherwise."""
+
+    read_only: bool
+    fs_group: int | None
+
+
+@dataclass(frozen=True)
+class VolumeRecord:
+    accessor: str | None  # the pod token's: what unmount revokes
+    wrapping_accessor: str | None = None  # the wrapping token's (alive until unwrapped or its TTL ends)
+    mount_dir: str = ""
+    role: str = ""
+    policies: tuple[str, ...] = ()
+    pod_uid: str = ""
+    namespace: str = ""
+    pod: str = ""
+    made_with: MadeWith | None = None  # None: written before read_only/fs_group were kept
+    source: str = ""  # FROM_METADATA when rebuilt from the volume, not read from the state dir
+    since: float | None = None  # when the record was written (list_volumes: the file's mtime)
+
+    def accessors(self) -> list[str]:
+        """The pod token, then its wrapping token."""
+        return [a for a in (self.accessor, self.wrapping_accessor) if a]
+
+    def to_json(self) -> dict[str, Any]:
+        value = {"mount_dir": self.mount_dir, "accessor": self.accessor, "wrapping_accessor": self.wrapping_accessor,
+                 "role": self.role, "policies": list(self.policies), "pod_uid": self.pod_uid,
+                 "namespace": self.namespace, "pod": self.pod}
+        if self.made_with:
+            value.update(read_only=self.made_with.read_only, fs_group=self.made_with.fs_group)
+        return value
+
+    @classmethod
+    def from_json(cls, value: dict[str, Any], since: float | None = None) -> VolumeRecord:
+        """Any record a version of vaulttmpfs wrote; a field of the wrong type reads as absent."""
+        made_with = None
+        if "read_only" in value or "fs_group" in value:
+            group = value.get("fs_group")
+            made_with = MadeWith(value.get("read_only") is True,
+                                 group if isinstance(group, int) and not isinstance(group, bool) else None)
+        policies = value.get("policies")
+        return cls(
+            accessor=_text(value, "accessor") or None,
+            wrapping_accessor=_text(value, "wrapping_accessor") or None,
+            mount_dir=_text(value, "mount_dir"),
+            role=_text(value, "role"),
+            policies=tuple(p for p in policies if isinstance(p, str)) if isinstance(policies, list) else (),
+            pod_uid=_text(value, "pod_uid"),
+            namespace=_text(value, "namespace"),
+            pod=_text(value, "pod"),
+            made_with=made_with,
+            source=_text(value, "source"),
+            since=since,
+        )
+
+
+def _text(value: dict[str, Any], key: str) -> str:
+    found = value.get(key)
+    return found if isinstance(found, str) else ""
+
+
+@dataclass(frozen=True)
+class Minted:
+    """A new token for a volume, as Vault answered."""
+
+    secret: str = field(repr=False)  # the token file's content: the wrapping token (the plain one with vault/unwrap)
+    info: dict[str, Any] = field(repr=False)  # the metadata file's content; never the plain token
+    accessor: str  # the pod token's
+    wrapping_accessor: str | None  # None when unwrapped
+
+
+class Revocation(NamedTuple):
+    """What became of a volume's tokens: revoked, already gone, queued for the agent, or nothing to do."""
+
+    outcome: str  # REVOKED, GONE, QUEUED or NOTHING
+    accessor: str | None = None  # the pod token's
+    error: str = ""  # why it was queued
+
+    @property
+    def queued(self) -> bool:
+        return self.outcome == QUEUED
+
+    def __str__(self) -> str:
+        if self.outcome == NOTHING:
+            return "nothing to revoke"
+        if self.queued:
+            return f"could not revoke the pod token (accessor {self.accessor}) now, queued for retry: {self.error}"
+        return f"token {self.outcome} (accessor {self.accessor})"
