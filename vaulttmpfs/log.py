@@ -183,46 +183,43 @@ def reopen() -> None:
         _file.reopen_requested = True
 
 
-def _options() -> tuple[int, int]:
-    """(level, max bytes) from the settings; defaults when they cannot be read (a log must not fail a call)."""
-    try:
-        from .config import Config, byte_size, log_level, setting
-
-        level = log_level(setting("VAULTTMPFS_LOG_LEVEL", Config.log_level))
-        max_bytes = byte_size(setting("VAULTTMPFS_LOG_MAX_BYTES", str(Config.log_max_bytes)),
-                              "VAULTTMPFS_LOG_MAX_BYTES")
-        return LEVELS[level], max_bytes
-    except Exception:  # noqa: BLE001
-        return LEVELS["info"], 10 * 1024 * 1024
-
-
-def get(log_file: str | None = None, **context: Any):
-    """The process-wide logger (configured on first use), bound to `context`."""
+def configure(config) -> None:
+    """Where this process's lines go, from its settings (`config.log_file`, `log_level`,
+    `log_max_bytes`): once, by the front end that read them (a driver call, an operator command,
+    the agent, the pod's command). A file that cannot be opened turns logging off, never a call."""
     global _logger, _file
-    if _logger is None:
-        level, max_bytes = _options()
-        try:
-            _file = _LogFile(log_file, max_bytes) if log_file and log_file != STDERR else None
-        except OSError:
-            _file = None
-        # pod-side commands: a container's log is its stderr
-        handle = sys.stderr if log_file == STDERR else _file
-        if handle is None:
-            _logger = _NullLogger()
-        else:
-            import structlog
+    if _file is not None:
+        os.close(_file.fd)
+    log_file = config.log_file
+    try:
+        _file = _LogFile(log_file, config.log_max_bytes) if log_file and log_file != STDERR else None
+    except OSError:
+        _file = None
+    handle = sys.stderr if log_file == STDERR else _file  # pod-side commands: a container's log is its stderr
+    if handle is None:
+        _logger = _NullLogger()
+        return
+    import structlog  # here: ~20 ms, and `init` (which logs nothing) never configures
 
-            _logger = structlog.wrap_logger(
-                structlog.WriteLogger(handle),
-                wrapper_class=structlog.make_filtering_bound_logger(level),
-                processors=[
-                    structlog.processors.add_log_level,
-                    structlog.processors.TimeStamper(fmt="iso", utc=True),
-                    structlog.processors.format_exc_info,
-                    structlog.processors.JSONRenderer(sort_keys=False),
-                    _redact_processor,  # on the line as written: one search, each escaped form registered
-                ],
-                context_class=dict,
-                cache_logger_on_first_use=True,
-            ).bind(pid=os.getpid())
-    return _logger.bind(**context) if context else _logger
+    _logger = structlog.wrap_logger(
+        structlog.WriteLogger(handle),
+        wrapper_class=structlog.make_filtering_bound_logger(LEVELS.get(config.log_level, LEVELS["info"])),
+        processors=[
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            structlog.processors.JSONRenderer(sort_keys=False),
+            _redact_processor,  # on the line as written: one search, each escaped form registered
+        ],
+        context_class=dict,
+        cache_logger_on_first_use=True,
+    ).bind(pid=os.getpid())
+
+
+def get(_log_file: str | None = None, /, **context: Any):
+    """The process's logger, bound to `context`; one that writes nothing until `configure()`.
+
+    `_log_file` is ignored (configure() decides): engine/ and csi/ call sites still pass it.
+    """
+    logger = _logger if _logger is not None else _NullLogger()
+    return logger.bind(**context) if context else logger

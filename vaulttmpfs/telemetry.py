@@ -63,9 +63,10 @@ def vault_call(action: str, seconds: float, ok: bool) -> None:
         _local.vault.append([kind, round(seconds, 6), 1 if ok else 0])
 
 
-def finish(verb: str, ok: bool, seconds: float, via: str = "driver", front_end: str = "flexvolume",
-           relay: str = "", state_dir: str | None = None) -> None:
-    """Record the call that began on this thread; never raises (metrics must not fail a mount)."""
+def finish(verb: str, ok: bool, seconds: float, state_dir: str, via: str = "driver", front_end: str = "flexvolume",
+           relay: str = "") -> None:
+    """Record the call that began on this thread, in the agent's sink, else spooled under the call's
+    `state_dir`; never raises (metrics must not fail a mount)."""
     record = {"verb": verb, "front_end": front_end, "via": via, "outcome": "success" if ok else "failure",
               "reason": "ok" if ok else getattr(_local, "reason", "internal"), "seconds": round(seconds, 6),
               "vault": getattr(_local, "vault", None) or [], "relay": relay}
@@ -76,15 +77,9 @@ def finish(verb: str, ok: bool, seconds: float, via: str = "driver", front_end: 
         if _sink is not None:
             _sink.call(record)
         else:
-            _append(state_dir or _state_dir(), record)
+            _append(state_dir, record)
     except Exception:  # noqa: BLE001
         pass
-
-
-def _state_dir() -> str:
-    from .config import Config, setting
-
-    return setting("VAULTTMPFS_STATE_DIR", Config.state_dir)
 
 
 def _append(state_dir: str, record: dict) -> None:

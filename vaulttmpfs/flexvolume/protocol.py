@@ -82,38 +82,44 @@ INIT_ANSWER = answer(SUCCESS, capabilities={"attach": False, "fsGroup": False})
 INIT_PAYLOAD = b'{"status": "Success", "capabilities": {"attach": false, "fsGroup": false}}\n'
 
 
-def init(_args: list[str], _env=None) -> dict:
+def init(_args: list[str], _settings=None) -> dict:
     return INIT_ANSWER
 
 
-def mount(args: list[str], env=None) -> dict:
+def mount(args: list[str], settings) -> dict:
     # The kubelet sends `mount <dir> <json>`; very old ones sent `mount <dir> <device> <json>`.
     if len(args) not in (2, 3):
         raise BadCall(f"mount takes <mount dir> <json options>, got {len(args)} arguments")
     mount_dir, options = args[0], parse_options(args[-1])
     from ..engine import operation as driver
-    from ..config import Config
 
-    config = Config.from_env(env)
+    config = _valid(settings)
     return answer(SUCCESS, driver.mount(config, mount_request(mount_dir, options, config.role_name)))
 
 
-def unmount(args: list[str], env=None) -> dict:
+def unmount(args: list[str], settings) -> dict:
     if len(args) != 1:
         raise BadCall(f"unmount takes <mount dir>, got {len(args)} arguments")
     from ..engine import operation as driver
-    from ..config import Config
 
-    return answer(SUCCESS, driver.unmount(Config.from_env(env), args[0]))
+    return answer(SUCCESS, driver.unmount(_valid(settings), args[0]))
+
+
+def _valid(settings):
+    """The call's Config, or the error its settings had (the call's answer), checked after its arguments."""
+    config, problem = settings
+    if problem is not None:
+        raise problem
+    return config
 
 
 VERBS = {"init": init, "mount": mount, "unmount": unmount}
 
 
-def handle(argv: list[str], env: dict[str, str] | None = None) -> dict:
+def handle(argv: list[str], settings=None) -> dict:
     """One call to one answer. Every exception becomes a Failure; nothing propagates.
 
-    `env`: the settings to use instead of this process's environment (the node agent's relay).
+    `settings`: the call's `config.load()` result (the node agent's relay loads the caller's).
     Every call but `init` (a fixed answer the kubelet probes with, kept free of imports) leaves
     one outcome line in the log.
     """
@@ -125,15 +131,22 @@ def handle(argv: list[str], env: dict[str, str] | None = None) -> dict:
         reply = answer(NOT_SUPPORTED, f"verb {argv[0]!r} is not supported" if argv else "no verb given")
     else:
         try:
-            reply = verb(argv[1:], env)
+            reply = verb(argv[1:], settings or load_settings())
         except BaseException as exc:  # noqa: BLE001 -- the answer must always be JSON
             _note_failure(exc)
-            reply = answer(FAILURE, _describe(exc, env))
-    _log_outcome(argv, env, reply, _now() - started)
+            reply = answer(FAILURE, _describe(exc))
+    _log_outcome(argv, reply, _now() - started)
     return reply
 
 
-def _log_outcome(argv: list[str], env, reply: dict, seconds: float) -> None:
+def load_settings(env=None):
+    """`config.load(env)`: the call's settings, read once (`init` never reads them)."""
+    from ..config import load
+
+    return load(env)
+
+
+def _log_outcome(argv: list[str], reply: dict, seconds: float) -> None:
     """verb, dir, pod, result, duration, error: what an operator looks for first. Never raises."""
     try:
         from .. import log
@@ -145,7 +158,7 @@ def _log_outcome(argv: list[str], env, reply: dict, seconds: float) -> None:
                   "ms": round(seconds * 1000, 1)}
         if reply["status"] != SUCCESS:
             fields["error"] = reply.get("message")
-        logger = log.get(_log_file(env))
+        logger = log.get()
         (logger.info if reply["status"] == SUCCESS else logger.warning)("driver call", **fields)
     except BaseException:  # noqa: BLE001 -- a log that cannot be written must not change the answer
         pass
@@ -166,15 +179,6 @@ def _pod_of(verb: str, args: list[str]) -> dict[str, str]:
     return pod
 
 
-def _log_file(env) -> str:
-    from ..config import Config, setting
-
-    try:
-        return setting("VAULTTMPFS_LOG_FILE", Config.log_file, env)  # the config file's, or the environment's
-    except Exception:  # noqa: BLE001 -- e.g. an untrusted config file: that call's answer says so
-        return (os.environ if env is None else env).get("VAULTTMPFS_LOG_FILE") or Config.log_file
-
-
 def _note_failure(exc: BaseException) -> None:
     try:
         from .. import telemetry
@@ -184,7 +188,7 @@ def _note_failure(exc: BaseException) -> None:
         pass
 
 
-def _describe(exc: BaseException, env=None) -> str:
+def _describe(exc: BaseException) -> str:
     if isinstance(exc, DriverError):
         return str(exc)
     if isinstance(exc, OSError):
@@ -193,7 +197,7 @@ def _describe(exc: BaseException, env=None) -> str:
     try:
         from .. import log
 
-        log.get(_log_file(env)).error("unexpected error", exc_info=exc)
+        log.get().error("unexpected error", exc_info=exc)
     except BaseException:  # noqa: BLE001
         pass
     return f"internal error: {type(exc).__name__}: {exc}"
@@ -216,18 +220,20 @@ def encode(reply: dict) -> tuple[bytes, int]:
 def main(argv: list[str]) -> int:
     reply_fd = _silence_std_streams()
     counted = bool(argv) and argv[0] in ("mount", "unmount")  # not init: it runs on every probe
-    relayed = None
+    relayed = settings = None
     try:
         started = _now() if counted else 0.0
         relayed = _relay(argv)
         if relayed is None and counted:
             _begin()  # only now: a relayed call is the agent's to count, and threading costs ~4 ms
-        payload, code = relayed if relayed is not None else encode(handle(argv))
+        if relayed is None and argv[:1] != ["init"]:
+            settings = _configure()
+        payload, code = relayed if relayed is not None else encode(handle(argv, settings))
     except BaseException as exc:  # noqa: BLE001 -- a bug in the relay client still answers JSON
         payload, code = encode(answer(FAILURE, _describe(exc)))
     os.write(reply_fd, payload)
     if counted and relayed is None:  # a relayed call is counted by the agent that did it
-        _finish(argv[0], code == 0, started)
+        _finish(argv[0], code == 0, started, settings)
     # The answer is out and nothing is left to flush (log lines are flushed one by one, state files
     # are fsynced and closed): skip the interpreter's teardown, ~3 ms of every kubelet call.
     os._exit(code)
@@ -239,6 +245,15 @@ def _now() -> float:
     return time.monotonic()
 
 
+def _configure():
+    """This call's settings, read once, and the log set up from them (an invalid setting still logs)."""
+    from .. import log
+
+    settings = load_settings()
+    log.configure(settings[0])
+    return settings
+
+
 def _begin() -> None:
     try:
         from .. import telemetry
@@ -248,7 +263,7 @@ def _begin() -> None:
         pass
 
 
-def _finish(verb: str, ok: bool, started: float) -> None:
+def _finish(verb: str, ok: bool, started: float, settings) -> None:
     """One record for the agent's /metrics, spooled in the state dir (see telemetry); never fails the call."""
     try:
         import time
@@ -256,7 +271,8 @@ def _finish(verb: str, ok: bool, started: float) -> None:
         from .. import telemetry
         from . import relay
 
-        telemetry.finish(verb, ok, time.monotonic() - started, relay="fallback" if relay.fell_back else "")
+        telemetry.finish(verb, ok, time.monotonic() - started, settings[0].state_dir,
+                         relay="fallback" if relay.fell_back else "")
     except BaseException:  # noqa: BLE001
         pass
 

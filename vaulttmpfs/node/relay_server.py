@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import os
 
-from ..flexvolume.relay import (BANNER, MAX_FRAME, Refused, _connect, decode_request, encode_reply)
+from ..flexvolume.relay import BANNER, MAX_FRAME, Refused, _connect, decode_request, encode_reply
+from .service import Family, Service
+
 
 def handle_call(argv: list[str], env: dict[str, str]) -> tuple[bytes, int]:
     """Run one kubelet call in this process, as the driver would with the caller's settings."""
@@ -19,15 +21,15 @@ def handle_call(argv: list[str], env: dict[str, str]) -> tuple[bytes, int]:
 
     telemetry.begin()
     started = time.monotonic()
-    payload, code = protocol.encode(protocol.handle(argv, env))
+    settings = protocol.load_settings(env)  # the caller's, not the agent's; the log stays the agent's
+    payload, code = protocol.encode(protocol.handle(argv, settings))
     if argv and argv[0] in ("mount", "unmount"):
-        telemetry.finish(argv[0], code == 0, time.monotonic() - started, via="relay",
-                         state_dir=env.get("VAULTTMPFS_STATE_DIR"))
+        telemetry.finish(argv[0], code == 0, time.monotonic() - started, settings[0].state_dir, via="relay")
     return payload, code
 
 
-class RelayServer:
-    """Serves the socket for the agent; a `Service` there (start/stop/status/healthy/alive)."""
+class RelayServer(Service):
+    """Serves the socket for the agent."""
 
     name = "relay"
     MAX_INFLIGHT = 128  # past this, callers wait for the banner and then do the work themselves
@@ -54,12 +56,11 @@ class RelayServer:
 
         from .. import log
 
-        log.get(self.config.log_file)  # configure once, before worker threads race to it
         _warm_up()
         self._sock, self._inode = _listen(self.path)
         self._thread = threading.Thread(target=self._accept_loop, name="relay", daemon=True)
         self._thread.start()
-        log.get(self.config.log_file, component="relay").info("relay listening", socket=self.path)
+        log.get(component="relay").info("relay listening", socket=self.path)
 
     def stop(self) -> None:
         self._stopping.set()
@@ -78,6 +79,11 @@ class RelayServer:
 
     def alive(self) -> bool:
         return bool(self._thread and self._thread.is_alive())
+
+    def metric_families(self) -> list[Family]:
+        status = self.status()
+        return [Family("counter", "vaulttmpfs_relay_connections", "Relay connections by result", ("result",),
+                       tuple(((result,), status[result]) for result in ("relayed", "refused", "dropped", "failed")))]
 
     def _count(self, what: str) -> None:
         with self._lock:
@@ -113,7 +119,7 @@ class RelayServer:
     def _serve(self, conn) -> None:
         from .. import log
 
-        logger = log.get(self.config.log_file, component="relay")
+        logger = log.get(component="relay")
         try:
             with conn:
                 self._serve_call(conn, logger)

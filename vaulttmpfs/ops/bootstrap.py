@@ -75,7 +75,7 @@ def root_refusal(what: str) -> str:
 
 def bootstrap(config: Config, options: Options, vault_token: str | None, credentials: Credentials) -> dict[str, Any]:
     """Provision the node's generator token; returns what was done (never the token)."""
-    logger = log.get(config.log_file, command="bootstrap", node=config.node_name, path=options.token_path)
+    logger = log.get(command="bootstrap", node=config.node_name, path=options.token_path)
     try:
         _check(options)
         files = PolicyFiles.find(options.policies_dir) if options.setup_vault else None
@@ -394,7 +394,7 @@ def _same_role(existing: dict[str, Any], params: dict[str, Any]) -> bool:
 # --- `renew-generator` ---
 def renew_generator(config: Config) -> dict[str, Any]:
     path = config.generator_token_path
-    logger = log.get(config.log_file, command="renew-generator", path=path)
+    logger = log.get(command="renew-generator", path=path)
     try:
         auth = generator.renew(config)
     except VaultDenied as exc:

@@ -44,7 +44,7 @@ def _who(record: dict[str, Any]) -> str:
 def uninstall(config: Config, plugin_dir: str, revoke: bool = True) -> dict[str, Any]:
     from ..engine import operation, reconcile
 
-    logger = log.get(config.log_file, command="uninstall", plugin_dir=plugin_dir)
+    logger = log.get(command="uninstall", plugin_dir=plugin_dir)
     # Volumes whose dir the kubelet already removed (e.g. a tmpfs lost with a reboot) hold no pod:
     # their tokens go now, by the agent's own rule (nothing where the pods dir is not visible).
     reconcile.reconcile(config)

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, replace
 
 from .. import log
-from ..config import Config
+from ..config import Config, load
 from ..errors import DriverError, VaultDenied, VaultUnavailable
 from . import output, source
 from .output import Held
@@ -35,13 +35,16 @@ def run(options: Options, env: dict[str, str] | None = None) -> int:
     """The whole command; its exit code. Errors are logged (stderr), never raised."""
     from . import renewer
 
-    logger = log.get(log.STDERR, component="vaulttmpfs-token", volume=options.volume_dir, out=options.out_dir)
+    env = os.environ if env is None else env
+    config, problem = load(env)
+    log.configure(replace(config, log_file=log.STDERR))  # a container's log is its stderr
+    logger = log.get(component="vaulttmpfs-token", volume=options.volume_dir, out=options.out_dir)
     stop = renewer.stop_on_signals() if options.renew else None
     try:
-        env = os.environ if env is None else env
         if not env.get("VAULT_ADDR"):
             raise DriverError("VAULT_ADDR is not set: give the container Vault's address (env VAULT_ADDR)")
-        config = Config.from_env(env)
+        if problem is not None:
+            raise problem
         volume = source.read(options.volume_dir, config.token_filename)
         log.secret(volume.token)
         config = _with_volume_ca(config, volume)
