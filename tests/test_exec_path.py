@@ -24,8 +24,9 @@ NEVER = ("grpc", "google.protobuf", "prometheus_client", "click", "vaulttmpfs.cl
 # What `init` loads on top of the interpreter's own start: nothing but its answer (it runs on every probe).
 INIT_LOADS = {"vaulttmpfs", "vaulttmpfs.entry", "vaulttmpfs.errors", "vaulttmpfs.flexvolume",
               "vaulttmpfs.flexvolume.protocol"}
-# A relayed call hands over and passes the answer on: the relay client, no settings, no Vault client.
-RELAYED_LOADS = INIT_LOADS | {"vaulttmpfs.flexvolume.relay"}
+# A relayed call hands over and passes the answer on: the relay client (on _socket, not socket), no
+# settings, no Vault client.
+RELAYED_LOADS = INIT_LOADS | {"vaulttmpfs.flexvolume.relay", "_socket"}
 
 
 class ProbedNode(Kubelet):
