@@ -202,7 +202,7 @@ def test_ldap_auth_not_enabled_at_the_mount(node):
 
 def test_vault_unreachable_is_a_clear_error(node):
     started = time.monotonic()
-    proc = node.bootstrap_ldap(VAULT_ADDR=f"http://127.0.0.1:{free_port()}")
+    proc = node.bootstrap_ldap(ALICE, VAULT_ADDR=f"http://127.0.0.1:{free_port()}")
     assert proc.returncode == 1
     assert "cannot reach Vault" in proc.stderr
     assert time.monotonic() - started < 30

@@ -1,4 +1,8 @@
-"""Operator commands (click). Thin: each command parses flags and calls the logic elsewhere."""
+"""Operator commands (click). Thin: each command parses flags and calls the logic elsewhere.
+
+Each command imports its own logic when it runs: all of it at once costs every command ~250 ms
+(measured on this 2-core machine at load 17), paid by the pod's `vaulttmpfs token` and `version` too.
+"""
 
 from __future__ import annotations
 
@@ -207,7 +211,8 @@ def _auth_mount(text: str) -> str:
     """A Vault auth mount path: plain segments (`jwt`, `k8s/prod`), nothing that could climb out of auth/."""
     segments = text.strip("/").split("/")
     if not all(SAFE_NAME.fullmatch(s) and s not in (".", "..") for s in segments):
-        raise click.BadParameter(f"{text!r} is not a Vault auth mount path (e.g. jwt)", param_hint="--csi-jwt-auth-mount")
+        raise click.BadParameter(f"{text!r} is not a Vault auth mount path (e.g. jwt)",
+                                 param_hint="--csi-jwt-auth-mount")
     return "/".join(segments)
 
 
@@ -220,7 +225,8 @@ def _auth_mount(text: str) -> str:
 @click.option("--username", help="LDAP username [default: asked on the terminal].")
 @click.option("--password-file", type=click.Path(dir_okay=False),
               help="Read the LDAP password from this file [default: asked on the terminal, else read from stdin].")
-@click.option("--ldap-mount", default="ldap", show_default=True, help="Path of Vault's LDAP auth method (auth/<mount>).")
+@click.option("--ldap-mount", default="ldap", show_default=True,
+              help="Path of Vault's LDAP auth method (auth/<mount>).")
 @click.option("--force", is_flag=True, help="Replace a generator token that is still live (the old one is revoked; "
               "any other live token is left alone and refused).")
 @click.option("--setup-vault", is_flag=True,

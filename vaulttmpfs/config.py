@@ -11,8 +11,9 @@ from __future__ import annotations
 import os
 import re
 import stat
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
+from . import trust
 from .errors import DriverError
 
 # "ms" before "m": alternation takes the first that matches, and 1500ms is not 1500 minutes.
@@ -132,7 +133,6 @@ def check_trusted(path: str, info: os.stat_result | None = None) -> None:
         raise DriverError(f"config file {path} must be owned by root and not group/world-writable (owner uid "
                           f"{info.st_uid}, mode {stat.S_IMODE(info.st_mode):04o}); fix it with: "
                           f"chown root:root {path} && chmod 644 {path}")
-    from . import trust
 
     trust.check_dirs(os.path.dirname(os.path.realpath(path)), f"config file {path}")
 
@@ -295,8 +295,6 @@ class Config:
 
     def public(self) -> dict:
         """Every setting by field name (no credential is a setting): for doctor and the agent's report."""
-        from dataclasses import asdict
-
         return asdict(self)
 
 

@@ -10,10 +10,15 @@ generation kept) and every writer moves to the new file; SIGHUP makes the agent 
 
 from __future__ import annotations
 
+import fcntl
+import json
 import os
+import stat
 import sys
 import threading
 from typing import Any
+
+import structlog
 
 _secrets: dict[str, None] = {}  # insertion-ordered: the oldest go first when the cap is reached
 # Secrets indexed by the WINDOW-character slices ending at their last WINDOW positions: a line is
@@ -70,8 +75,6 @@ def _windows(form: str) -> set[str]:
 def _forms(value: str) -> list[str]:
     """The value as it may appear on a written line: as is or stripped, inside a repr(), and each
     of those JSON-escaped (lines are masked as rendered, after JSON added its escapes)."""
-    import json
-
     plain = {value, value.strip()}
     quoted = plain | {repr(form)[1:-1] for form in plain}
     written = quoted | {json.dumps(form)[1:-1] for form in quoted}
@@ -131,7 +134,6 @@ class _LogFile:
         if parent:
             os.makedirs(parent, mode=0o755, exist_ok=True)
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        import stat
 
         self.regular = stat.S_ISREG(os.fstat(fd).st_mode)  # not /dev/stdout: never rotated
         return fd
@@ -157,8 +159,6 @@ class _LogFile:
         return (now.st_dev, now.st_ino) != (ours.st_dev, ours.st_ino)
 
     def _rotate(self) -> None:
-        import fcntl
-
         fcntl.flock(self.fd, fcntl.LOCK_EX)  # two writers past the limit: only one renames
         try:
             if not self._moved():
@@ -199,7 +199,6 @@ def configure(config) -> None:
     if handle is None:
         _logger = _NullLogger()
         return
-    import structlog  # here: ~20 ms, and `init` (which logs nothing) never configures
 
     _logger = structlog.wrap_logger(
         structlog.WriteLogger(handle),

@@ -8,8 +8,12 @@ the agent (relayed calls, its own Vault calls) a sink set by `node.metrics` take
 
 from __future__ import annotations
 
+import fcntl
+import json
 import os
 import threading
+
+from .errors import BadRequest, DriverError, VaultDenied, VaultUnavailable
 
 SPOOL_DIR = "metrics"
 SPOOL_FILE = "calls.jsonl"
@@ -40,8 +44,6 @@ def failed(exc: BaseException) -> None:
 
 
 def reason(exc: BaseException) -> str:
-    from .errors import BadRequest, DriverError, VaultDenied, VaultUnavailable
-
     if isinstance(exc, VaultUnavailable):
         return "vault_unavailable"
     if isinstance(exc, VaultDenied):
@@ -83,9 +85,6 @@ def finish(verb: str, ok: bool, seconds: float, state_dir: str, via: str = "driv
 
 
 def _append(state_dir: str, record: dict) -> None:
-    import fcntl
-    import json
-
     directory = os.path.join(state_dir, SPOOL_DIR)
     if not os.path.isdir(directory):
         os.makedirs(state_dir, mode=0o700, exist_ok=True)  # makedirs' mode covers only the last level
@@ -102,9 +101,6 @@ def _append(state_dir: str, record: dict) -> None:
 
 def fold(state_dir: str) -> list[dict]:
     """Take every record the driver processes spooled (the agent calls this); the file is left empty."""
-    import fcntl
-    import json
-
     try:
         fd = os.open(os.path.join(state_dir, SPOOL_DIR, SPOOL_FILE), os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
     except FileNotFoundError:

@@ -48,7 +48,7 @@ class LogAndMap(grpc.ServerInterceptor):
                 telemetry.begin()
             try:
                 response = inner(request, context)
-            except Exception as exc:  # noqa: BLE001 -- every failure becomes a status, never a stack
+            except Exception as exc:  # every failure becomes a status, never a stack
                 if verb:
                     telemetry.failed(exc)
                     telemetry.finish(verb, False, time.monotonic() - started, self.state_dir, via="agent",

@@ -4,12 +4,17 @@ The kubelet reads stdout and stderr as one buffer that must be a single JSON obj
 both descriptors are pointed at /dev/null for the whole call (a stray warning from any
 library cannot corrupt the answer) and the answer is written to a saved copy of stdout.
 Nothing here raises.
+
+Imports sit in the functions that use them: `init` runs on every plugin probe and loads nothing but
+this module (json and re ~8 ms, config ~10 ms, the engine and hvac far more: see README,
+Performance), and a relayed call loads only `relay`; tests/test_exec_path.py checks both.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+import time  # built in: no file to load
 
 from ..errors import BadRequest, DriverError
 
@@ -57,7 +62,7 @@ def parse_fs_group(text: str | None) -> int | None:
 
 
 def mount_request(mount_dir: str, options: dict[str, str], default_role: str):
-    from ..engine import attributes
+    from ..engine import attributes  # the engine: a call the driver does itself, never init or a relayed one
     from ..engine.operation import MountRequest
 
     return MountRequest(
@@ -91,7 +96,7 @@ def mount(args: list[str], settings) -> dict:
     if len(args) not in (2, 3):
         raise BadCall(f"mount takes <mount dir> <json options>, got {len(args)} arguments")
     mount_dir, options = args[0], parse_options(args[-1])
-    from ..engine import operation as driver
+    from ..engine import operation as driver  # see mount_request
 
     config = _valid(settings)
     return answer(SUCCESS, driver.mount(config, mount_request(mount_dir, options, config.role_name)))
@@ -100,7 +105,7 @@ def mount(args: list[str], settings) -> dict:
 def unmount(args: list[str], settings) -> dict:
     if len(args) != 1:
         raise BadCall(f"unmount takes <mount dir>, got {len(args)} arguments")
-    from ..engine import operation as driver
+    from ..engine import operation as driver  # see mount_request
 
     return answer(SUCCESS, driver.unmount(_valid(settings), args[0]))
 
@@ -141,7 +146,7 @@ def handle(argv: list[str], settings=None) -> dict:
 
 def load_settings(env=None):
     """`config.load(env)`: the call's settings, read once (`init` never reads them)."""
-    from ..config import load
+    from ..config import load  # not for init (dataclasses -> inspect) nor a relayed call
 
     return load(env)
 
@@ -149,7 +154,7 @@ def load_settings(env=None):
 def _log_outcome(argv: list[str], reply: dict, seconds: float) -> None:
     """verb, dir, pod, result, duration, error: what an operator looks for first. Never raises."""
     try:
-        from .. import log
+        from .. import log  # structlog: only a call that logs
 
         verb, args = (argv[0], argv[1:]) if argv else ("", [])
         # Only a path: an unknown verb's first argument may be the options, secrets included.
@@ -181,7 +186,7 @@ def _pod_of(verb: str, args: list[str]) -> dict[str, str]:
 
 def _note_failure(exc: BaseException) -> None:
     try:
-        from .. import telemetry
+        from .. import telemetry  # not for init nor a relayed call (the agent counts it)
 
         telemetry.failed(exc)
     except BaseException:  # noqa: BLE001
@@ -195,7 +200,7 @@ def _describe(exc: BaseException) -> str:
         return f"{exc.strerror or exc} ({exc.filename})" if exc.filename else str(exc)
     # A bug: say what it is; the traceback goes to the log.
     try:
-        from .. import log
+        from .. import log  # structlog: only a call that logs
 
         log.get().error("unexpected error", exc_info=exc)
     except BaseException:  # noqa: BLE001
@@ -207,7 +212,7 @@ def encode(reply: dict) -> tuple[bytes, int]:
     """The bytes the kubelet reads for `reply`, and the exit code to go with them."""
     if reply == INIT_ANSWER:
         return INIT_PAYLOAD, 0
-    import json
+    import json  # not for init: its answer is pre-encoded
 
     try:
         payload = json.dumps(reply)
@@ -240,14 +245,12 @@ def main(argv: list[str]) -> int:
 
 
 def _now() -> float:
-    import time  # built in: no file to load
-
     return time.monotonic()
 
 
 def _configure():
     """This call's settings, read once, and the log set up from them (an invalid setting still logs)."""
-    from .. import log
+    from .. import log  # structlog: only a call that logs
 
     settings = load_settings()
     log.configure(settings[0])
@@ -256,7 +259,7 @@ def _configure():
 
 def _begin() -> None:
     try:
-        from .. import telemetry
+        from .. import telemetry  # not for init nor a relayed call (the agent counts it)
 
         telemetry.begin()
     except BaseException:  # noqa: BLE001 -- counting must never fail the call
@@ -266,10 +269,8 @@ def _begin() -> None:
 def _finish(verb: str, ok: bool, started: float, settings) -> None:
     """One record for the agent's /metrics, spooled in the state dir (see telemetry); never fails the call."""
     try:
-        import time
-
-        from .. import telemetry
-        from . import relay
+        from .. import telemetry  # not for init nor a relayed call (the agent counts it)
+        from . import relay  # mount and unmount only
 
         telemetry.finish(verb, ok, time.monotonic() - started, settings[0].state_dir,
                          relay="fallback" if relay.fell_back else "")
@@ -282,7 +283,7 @@ def _relay(argv: list[str]) -> tuple[bytes, int] | None:
     if not argv or argv[0] not in ("mount", "unmount"):
         return None
     try:
-        from . import relay
+        from . import relay  # mount and unmount only
     except ImportError:
         return None
     return relay.forward(argv)

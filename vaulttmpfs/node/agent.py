@@ -18,6 +18,7 @@ from typing import Any
 
 from .. import log
 from ..config import Config
+from .generator_login import GeneratorLogin
 from .generator_renewal import GeneratorRenewal
 from .health import DEFAULT_HEALTH_ADDR, HealthServer
 from .reconcile_loop import DEFAULT_RECONCILE_INTERVAL, ReconcileLoop
@@ -35,8 +36,6 @@ def services(config: Config, renew_interval: float | None = None,
     and memory."""
     if config.auth_role:
         # The agent logs in itself (service-account JWT) and keeps the token it gets alive.
-        from .generator_login import GeneratorLogin
-
         keeper: Service = GeneratorLogin(config, renew_interval)
     else:
         keeper = GeneratorRenewal(config, renew_interval)

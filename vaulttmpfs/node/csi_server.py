@@ -12,9 +12,14 @@ import os
 import socket
 import stat
 import threading
+from concurrent import futures
+
+import grpc
 
 from .. import log
 from ..config import Config
+from ..csi import csi_pb2_grpc, servicers
+from ..csi.interceptor import LogAndMap
 from ..errors import DriverError
 from .service import Service
 
@@ -47,13 +52,6 @@ class CsiServer(Service):
         self._stopped = threading.Event()
 
     def start(self) -> None:
-        from concurrent import futures
-
-        import grpc
-
-        from ..csi import csi_pb2_grpc, servicers
-        from ..csi.interceptor import LogAndMap
-
         _refuse_if_served(self.path)
         temp = f"{self.path}.{os.getpid()}.tmp"
         _unlink_stale(temp)

@@ -34,7 +34,7 @@ class GeneratorRenewal(Loop):
             if "not renewable" not in str(exc):
                 return self._failed(logger, str(exc))
             return self._not_renewable(logger)
-        except Exception as exc:  # noqa: BLE001 -- e.g. an odd answer from a proxy: report it, keep going
+        except Exception as exc:  # e.g. an odd answer from a proxy: report it, keep going
             logger.error("unexpected error renewing the generator token", exc_info=exc)
             return self._failed(logger, f"unexpected error: {type(exc).__name__}: {exc}")
         return self._renewed(logger, auth)

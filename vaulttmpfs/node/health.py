@@ -31,7 +31,7 @@ class HealthServer(Service):
         report = self.report
 
         class Handler(BaseHTTPRequestHandler):
-            def do_GET(self):  # noqa: N802 -- http.server's naming
+            def do_GET(self):
                 path = self.path.split("?", 1)[0]
                 if path not in ("/healthz", "/livez"):
                     return self._send(404, {"error": "not found; try /healthz or /livez"})

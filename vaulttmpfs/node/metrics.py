@@ -133,7 +133,7 @@ class MetricsServer(Loop):
         server = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_GET(self):  # noqa: N802 -- http.server's naming
+            def do_GET(self):
                 if self.path.split("?", 1)[0] != "/metrics":
                     self.send_error(404, "try /metrics")
                     return
