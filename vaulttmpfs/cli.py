@@ -19,32 +19,34 @@ from .errors import DriverError
 
 class Settings:
     """`ctx.obj`: the command's settings (the environment over the config file), read once when a
-    command first needs them, and the log set up from them; commands get them handed down, as
-    vault-csi-provider's main.go builds config and logger once. `version`, `install`, `token` and
-    `doctor` never read them (doctor compares them itself)."""
+    command first needs them, and its Config and log built from them once; commands get them
+    handed down, as vault-csi-provider's main.go builds config and logger once. `version`,
+    `install`, `token` and `doctor` build no Config (doctor compares the driver's and the agent's)."""
 
     def __init__(self) -> None:
         self._values: dict[str, str] | None = None
         self._config: Config | None = None
 
     def value(self, name: str, default: str) -> str:
-        if name in os.environ:  # even empty: "" turns a listener off
+        """A flag's default: `name` from the environment (even empty: "" turns a listener off), else the file."""
+        if name in os.environ:
             return os.environ[name]
-        if self._values is None:
-            self._values = settings()
-        return self._values.get(name) or default
+        return self._settings().get(name) or default
 
     @property
     def config(self) -> Config:
         if self._config is None:
-            if self._values is None:
-                self._values = settings()
-            self._config = Config.from_settings(self._values)
+            self._config = Config.from_settings(self._settings())
             log.configure(self._config)
         return self._config
 
+    def _settings(self) -> dict[str, str]:
+        if self._values is None:
+            self._values = settings()
+        return self._values
 
-pass_config = click.make_pass_decorator(Settings)
+
+pass_config = click.make_pass_decorator(Settings, ensure=True)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -62,7 +64,7 @@ def setting_option(*decls: str, env: str, default: str, **kwargs):
     the former), else `default`."""
 
     def read() -> str:
-        return click.get_current_context().find_object(Settings).value(env, default)
+        return click.get_current_context().ensure_object(Settings).value(env, default)
 
     return click.option(*decls, envvar=env, default=read, **kwargs)
 
