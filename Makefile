@@ -15,7 +15,7 @@ CSI_STUBS := vaulttmpfs/csi/csi_pb2.py vaulttmpfs/csi/csi_pb2_grpc.py
 # subordinate ids too (fsGroup gids, nobody). See tests/userns.sh.
 ISOLATED := tests/userns.sh
 
-.PHONY: all venv system-deps demo-deps build test demo bench clean ldap-bao lock csi-stubs
+.PHONY: all venv system-deps demo-deps build test lint demo bench clean ldap-bao lock csi-stubs
 
 all: build
 
@@ -45,8 +45,12 @@ $(EXE): $(SOURCES) $(CSI_STUBS) $(VENV)/.installed
 
 # `make test PYTEST_ARGS=--collect-only` only lists the tests: no Debian packages, build or LDAP server.
 TEST_NEEDS := $(if $(findstring --collect-only,$(PYTEST_ARGS)),venv,system-deps build ldap-bao csi-stubs)
-test: $(TEST_NEEDS)
+test: lint $(TEST_NEEDS)
 	$(ISOLATED) $(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+
+# ruff (pinned in constraints.txt, configured in pyproject.toml), first: a finding fails fast, before the build.
+lint: venv
+	$(PY) -m ruff check vaulttmpfs tests bench
 
 # The built driver, called as the kubelet calls it, timed against the physical floor (bench/bench.py;
 # e.g. BENCH_ARGS="--runs 100 --modes agent"). A table on stdout, JSON in bench/results.json.

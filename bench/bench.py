@@ -320,11 +320,11 @@ class CsiNode:
     def wait_ready(self) -> None:
         try:
             self.kubelet.wait_ready(timeout=60)
-        except Exception:
+        except Exception as exc:
             log = [line for path in (self.log_file, Path(f"{self.log_file}.out")) if path.exists()
                    for line in path.read_text(errors="replace").splitlines()[-5:]]
             raise BenchError(f"the CSI agent did not come up (exit {self.agent.proc.poll()}); the end of its log:\n"
-                             + "\n".join(log))
+                             + "\n".join(log)) from exc
 
     def publish(self, timed_cpu: bool = True) -> tuple[Sample, object]:
         from tests.csikubelet import new_pod
@@ -465,7 +465,7 @@ class Bench:
                 mounted = concurrently([lambda v=v: self.floor.mount(v[0]) for v in volumes])
                 accessors = [result[1] for result in mounted["results"]]
                 unmounted = concurrently([lambda v=v, a=a: self.floor.unmount(v[0], a)
-                                          for v, a in zip(volumes, accessors)])
+                                          for v, a in zip(volumes, accessors, strict=True)])
                 for path, _ in volumes:
                     path.rmdir()
             else:

@@ -19,7 +19,8 @@ os.environ["GRPC_ENABLE_FORK_SUPPORT"] = "0"
 from . import idmap
 from .faultserver import FaultServer
 from .kubelet import Kubelet
-from .vaultserver import REPO, VaultServer
+from .pki import issue, make_ca
+from .vaultserver import REPO, VaultServer, free_port
 
 BUILD_EXE = Path(os.environ.get("VAULTTMPFS_BUILD_EXE", REPO / "dist" / "vaulttmpfs" / "vaulttmpfs"))
 # Every token value a test sees; test_zz_leaks checks none of them reached a log file.
@@ -55,6 +56,33 @@ def generator(bao, tmp_path_factory) -> dict:
     path = token_file(tmp_path_factory.mktemp("generator"), auth["client_token"])
     yield {"token": auth["client_token"], "accessor": auth["accessor"], "path": path}
     bao.revoke_token(auth["client_token"])
+
+
+def make_pki(directory: Path) -> None:
+    make_ca(directory, "ca")
+    issue(directory, "server", "ca", "/CN=vault.test", san="IP:127.0.0.1")
+    issue(directory, "client", "ca", "/CN=node-1")
+
+
+@pytest.fixture(scope="module")
+def mtls_bao(tmp_path_factory):
+    """A second OpenBao, behind a TLS listener that requires client certificates (openssl-made PKI)."""
+    pki = tmp_path_factory.mktemp("pki")
+    make_pki(pki)
+    port = free_port()
+    (pki / "listener.hcl").write_text(f'''
+listener "tcp" {{
+  address = "127.0.0.1:{port}"
+  tls_cert_file = "{pki}/server.pem"
+  tls_key_file = "{pki}/server.key"
+  tls_client_ca_file = "{pki}/ca.pem"
+  tls_require_and_verify_client_cert = true
+}}
+''')
+    with VaultServer(extra_args=[f"-config={pki / 'listener.hcl'}"]) as server:
+        server.setup_driver()
+        generator = {"path": token_file(pki, server.generator_token()["client_token"])}
+        yield {"server": server, "pki": pki, "addr": f"https://127.0.0.1:{port}", "generator": generator}
 
 
 @pytest.fixture
@@ -127,6 +155,23 @@ def unmount_everything_under(root: Path) -> None:
 def remember_secret(value: str) -> str:
     SEEN_SECRETS.add(value)
     return value
+
+
+def generator_file(bao, path: Path, **params) -> dict:
+    """A fresh generator token (`bao.generator_token(**params)`) written to `path` 0600; its auth."""
+    auth = bao.generator_token(**params)
+    remember_secret(auth["client_token"])
+    path.write_text(auth["client_token"] + "\n")
+    path.chmod(0o600)
+    return auth
+
+
+def write_config(path: Path, values: dict[str, str], mode: int = 0o644) -> None:
+    """A node's config file as `install --config-from` writes it (root's, in a 0755 dir)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.chmod(0o755)
+    path.write_text("# installed from the ConfigMap\n" + "".join(f"{k}={v}\n" for k, v in values.items()))
+    path.chmod(mode)
 
 
 def token_file(directory: Path, token: str) -> str:

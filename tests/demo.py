@@ -18,8 +18,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests import idmap  # noqa: E402
-from tests.vaultserver import VaultServer  # noqa: E402
+from tests import idmap
+from tests.vaultserver import VaultServer
 
 
 def styled(text: str, sgr: str) -> str:

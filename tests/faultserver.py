@@ -159,7 +159,7 @@ def _handler(server: FaultServer):
                 except OSError:
                     return
 
-        do_GET = do_POST = do_PUT = do_DELETE = do_LIST = _handle
+        do_GET = do_POST = do_PUT = do_DELETE = do_LIST = _handle  # noqa: N815 -- http.server's naming
 
     return Handler
 

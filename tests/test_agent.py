@@ -8,82 +8,18 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import time
-import urllib.error
-import urllib.request
-from pathlib import Path
+from itertools import pairwise
 
 import pytest
 
-from .conftest import driver_env, remember_secret
+from .agents import AgentProcess
+from .conftest import driver_env, generator_file, remember_secret
 from .kubelet import is_mount_point
-from .vaultserver import dies_with_parent, free_port
+from .vaultserver import closed_addr
 
 NGINX = {"vault/policies": "nginx"}
-
-
-class AgentProcess:
-    """`vaulttmpfs agent` as a child process, with its health endpoint on a free loopback port."""
-
-    def __init__(self, driver_cmd: list[str], env: dict[str, str], *args: str):
-        self.port = free_port()
-        self.proc = subprocess.Popen(
-            [*driver_cmd, "agent", "--health-addr", f"127.0.0.1:{self.port}", *args],
-            env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            preexec_fn=dies_with_parent(),
-        )
-
-    def __enter__(self) -> "AgentProcess":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-
-    def get(self, path: str = "/healthz") -> tuple[int, dict, bytes]:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=5) as resp:
-                raw = resp.read()
-                status = resp.status
-        except urllib.error.HTTPError as exc:
-            raw, status = exc.read(), exc.code
-        return status, json.loads(raw), raw
-
-    def wait_for(self, predicate, what: str, timeout: float = 40.0) -> dict:
-        """Poll /healthz until predicate(status, body) holds (bounded: a generous limit, not a speed test)."""
-        deadline = time.monotonic() + timeout
-        last = None
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"agent exited {self.proc.returncode}: {self.proc.stdout.read()!r}")
-            try:
-                status, body, _ = self.get()
-                last = (status, body)
-                if predicate(status, body):
-                    return body
-            except OSError:
-                pass
-            time.sleep(0.2)
-        raise AssertionError(f"timed out waiting for {what}; last health answer: {last}")
-
-    def terminate(self, timeout: float = 30.0) -> int:
-        self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout)
-
-
-def generator_file(bao, path: Path, **params) -> dict:
-    auth = bao.generator_token(**params)
-    remember_secret(auth["client_token"])
-    path.write_text(auth["client_token"] + "\n")
-    path.chmod(0o600)
-    return auth
-
-
-def closed_addr() -> str:
-    return f"http://127.0.0.1:{free_port()}"
 
 
 def test_renews_a_periodic_generator_token_past_its_period(bao, driver_cmd, tmp_path, log_dir):
@@ -108,7 +44,7 @@ def test_renews_a_periodic_generator_token_past_its_period(bao, driver_cmd, tmp_
         assert body["services"]["generator"]["renewals"] >= 3
         assert auth["client_token"].encode() not in raw
         assert agent.terminate() == 0
-    assert any(later > earlier for earlier, later in zip(ttls, ttls[1:])), ttls  # the TTL went back up
+    assert any(later > earlier for earlier, later in pairwise(ttls)), ttls  # the TTL went back up
 
 
 def test_explicit_renew_interval(bao, driver_cmd, tmp_path, log_dir):

@@ -8,12 +8,9 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import os
 import secrets
 import stat
-import subprocess
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pexpect
@@ -22,12 +19,12 @@ import pytest
 from .conftest import driver_env, remember_secret, unmount_everything_under
 from .kubelet import Kubelet, is_mount_point
 from .ldapserver import LdapServer, User
-from .vaultserver import LDAP_BAO, POLICIES, REPO, VaultServer, free_port
+from .opsnode import NODE, Node, admin_token, lookup, make_node
+from .vaultserver import LDAP_BAO, POLICIES, VaultServer, free_port
 
 ADMIN_GROUP = "vaulttmpfs-admins"
 ALICE = User("alice", "alice-" + secrets.token_urlsafe(10), [ADMIN_GROUP])  # may bootstrap nodes
 BOB = User("bob", "bob-" + secrets.token_urlsafe(10))  # a directory user without the vaulttmpfs-admin policy
-NODE = "node-a"
 NGINX = {"vault/policies": "nginx"}
 
 
@@ -68,57 +65,9 @@ def cluster(ldap):
         yield server
 
 
-@dataclass
-class Node:
-    """One node's operator shell: the driver's environment plus a fresh token path."""
-
-    cmd: list[str]
-    env: dict[str, str]
-    token_path: Path
-    log_file: Path
-    outputs: list[str] = field(default_factory=list)
-
-    def run(self, *args: str, input: str | None = None, timeout: float = 60, **env: str) -> subprocess.CompletedProcess:
-        proc = subprocess.run([*self.cmd, *args], input=input if input is not None else "", capture_output=True,
-                              text=True, env={**self.env, **env}, timeout=timeout)
-        self.outputs += [proc.stdout, proc.stderr]
-        return proc
-
-    def bootstrap_ldap(self, user: User = ALICE, *args: str, password: str | None = None, **env: str):
-        return self.run("bootstrap", "--username", user.uid, *args,
-                        input=(user.password if password is None else password) + "\n", **env)
-
-    def token(self) -> str:
-        return remember_secret(self.token_path.read_text().strip())
-
-    def assert_never_shown(self, *values: str) -> None:
-        """No secret in anything the commands printed, nor in their log."""
-        logged = self.log_file.read_text() if self.log_file.exists() else ""
-        for value in values:
-            assert value and all(value not in text for text in self.outputs), "a secret was printed"
-            assert value not in logged, f"a secret reached {self.log_file}"
-
-
 @pytest.fixture
 def node(cluster, driver_cmd, tmp_path, log_dir) -> Node:
     return make_node(cluster, driver_cmd, tmp_path, log_dir)
-
-
-def make_node(server: VaultServer, driver_cmd: list[str], tmp_path: Path, log_dir: Path) -> Node:
-    token_path = tmp_path / "etc" / "kubernetes" / "vaulttoken"  # its parent does not exist yet
-    log_file = log_dir / f"bootstrap-{tmp_path.name}.log"
-    env = {
-        "PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
-        "PYTHONPATH": str(REPO),
-        "HOME": str(tmp_path),
-        "VAULT_ADDR": server.addr,
-        "VAULTTMPFS_GENERATOR_TOKEN_PATH": str(token_path),
-        "VAULTTMPFS_LOG_FILE": str(log_file),
-        "VAULTTMPFS_NODE_NAME": NODE,
-        "VAULT_MAX_RETRIES": "1",
-        "VAULT_CLIENT_TIMEOUT": "5s",
-    }
-    return Node(driver_cmd, env, token_path, log_file)
 
 
 @contextlib.contextmanager
@@ -143,16 +92,6 @@ def assert_token_mounts_a_pod(node: Node, server: VaultServer, tmp_path: Path, l
         assert sorted(auth["policies"]) == ["default", "nginx"]
         assert kubelet.teardown(path).ok
         assert server.lookup_accessor(auth["accessor"]) is None
-
-
-def lookup(server: VaultServer, token: str) -> dict:
-    return server.request("POST", "auth/token/lookup", {"token": token})["data"]
-
-
-def admin_token(server: VaultServer) -> str:
-    """What a person gets from `bao token create -policy=vaulttmpfs-admin` to bootstrap without LDAP."""
-    return remember_secret(server.create_token(policies=["vaulttmpfs-admin"], ttl="10m",
-                                               display_name="ops")["client_token"])
 
 
 def setup_token(server: VaultServer) -> str:
@@ -185,7 +124,7 @@ def test_ldap_bootstrap_without_a_terminal_gives_a_token_that_mounts(node, clust
                                                                      password_from):
     before = set(cluster.accessors())
     if password_from == "stdin":
-        proc = node.bootstrap_ldap()
+        proc = node.bootstrap_ldap(ALICE)
     else:
         secret_file = tmp_path / "ldap-password"
         secret_file.write_text(ALICE.password + "\n")
@@ -263,7 +202,7 @@ def test_ldap_auth_not_enabled_at_the_mount(node):
 
 def test_vault_unreachable_is_a_clear_error(node):
     started = time.monotonic()
-    proc = node.bootstrap_ldap(VAULT_ADDR=f"http://127.0.0.1:{free_port()}")
+    proc = node.bootstrap_ldap(ALICE, VAULT_ADDR=f"http://127.0.0.1:{free_port()}")
     assert proc.returncode == 1
     assert "cannot reach Vault" in proc.stderr
     assert time.monotonic() - started < 30

@@ -7,42 +7,13 @@ by the openssl CLI.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
-from .conftest import driver_env, token_file, unmount_everything_under
+from .conftest import driver_env, unmount_everything_under
 from .kubelet import Kubelet, is_mount_point
-from .pki import issue, make_ca
-from .vaultserver import VaultServer, free_port
 
 NGINX = {"vault/policies": "nginx"}
-
-
-def make_pki(directory: Path) -> None:
-    make_ca(directory, "ca")
-    issue(directory, "server", "ca", "/CN=vault.test", san="IP:127.0.0.1")
-    issue(directory, "client", "ca", "/CN=node-1")
-
-
-@pytest.fixture(scope="module")
-def mtls_bao(tmp_path_factory):
-    pki = tmp_path_factory.mktemp("pki")
-    make_pki(pki)
-    port = free_port()
-    (pki / "listener.hcl").write_text(f'''
-listener "tcp" {{
-  address = "127.0.0.1:{port}"
-  tls_cert_file = "{pki}/server.pem"
-  tls_key_file = "{pki}/server.key"
-  tls_client_ca_file = "{pki}/ca.pem"
-  tls_require_and_verify_client_cert = true
-}}
-''')
-    with VaultServer(extra_args=[f"-config={pki / 'listener.hcl'}"]) as server:
-        server.setup_driver()
-        generator = {"path": token_file(pki, server.generator_token()["client_token"])}
-        yield {"server": server, "pki": pki, "addr": f"https://127.0.0.1:{port}", "generator": generator}
 
 
 @pytest.fixture

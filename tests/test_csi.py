@@ -10,12 +10,9 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import signal
 import stat
 import subprocess
 import sys
-import tempfile
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -25,59 +22,18 @@ import pytest
 
 from vaulttmpfs.csi import csi_pb2
 
-from .conftest import BUILD_EXE, driver_env, remember_secret, source_cmd, unmount_everything_under
+from .agents import AgentProcess
+from .conftest import BUILD_EXE, remember_secret, source_cmd
 from .csikubelet import CsiKubelet, new_pod, volume_handle
+from .csinode import NODE_NAME, CsiNode
 from .faultserver import CREATE, FaultServer
 from .jwtsign import Signer
 from .kubelet import mount_entry
 from .manifests import documents, render, rendered, validate
-from .test_agent import AgentProcess, closed_addr
-from .vaultserver import REPO
+from .vaultserver import REPO, closed_addr
+from .volumes import read_volume
 
 NGINX = {"vault/policies": "nginx"}
-NODE_NAME = "csi-node-1"
-# Namespaces "shop" and "default" may have nginx; every namespace may have "other" and "app-*" (which the token role
-# does not allow: Vault itself refuses those).
-BINDINGS = {"bindings": [{"name": "shop", "namespaces": ["shop", "default"], "policies": ["nginx"]},
-                         {"name": "all", "namespaces": ["*"], "policies": ["other", "app-*"]}]}
-
-
-class CsiNode:
-    """One node: a kubelet root under a temp dir, an agent serving CSI on a short socket path."""
-
-    def __init__(self, cmd: list[str], bao, generator: dict, root: Path, log_dir: Path, **env: str):
-        self.root = root
-        self.sock_dir = Path(tempfile.mkdtemp(prefix="vtcsi", dir="/tmp"))  # unix paths max 108 bytes
-        self.socket = self.sock_dir / "csi.sock"
-        bindings = root / "bindings.json"
-        bindings.write_text(json.dumps(BINDINGS))
-        bindings.chmod(0o644)
-        self.env = driver_env(bao, generator, root, log_dir, VAULTTMPFS_NODE_NAME=NODE_NAME,
-                              VAULTTMPFS_POLICY_BINDINGS=str(bindings),
-                              VAULTTMPFS_CSI_ENDPOINT=f"unix://{self.socket}", **env)
-        self.cmd = cmd
-        self.agent: AgentProcess | None = None
-        self.kubelet = CsiKubelet(str(self.socket), root / "var/lib/kubelet/pods", NODE_NAME)
-        self.log_file = Path(self.env["VAULTTMPFS_LOG_FILE"])
-
-    def start(self) -> "CsiNode":
-        self.agent = AgentProcess(self.cmd, self.env, "--retry-interval", "1h")
-        self.agent.wait_for(lambda status, body: body["services"].get("csi", {}).get("serving"), "CSI serving")
-        self.kubelet.wait_ready()
-        return self
-
-    def kill(self) -> None:
-        self.agent.proc.send_signal(signal.SIGKILL)
-        self.agent.proc.wait()
-
-    def stop(self) -> None:
-        if self.agent and self.agent.proc.poll() is None:
-            assert self.agent.terminate() == 0
-        self.kubelet.close()
-        unmount_everything_under(self.root)
-        shutil.rmtree(self.sock_dir, ignore_errors=True)
-
-
 @pytest.fixture(scope="module")
 def node(bao, generator, log_dir, tmp_path_factory):
     node = CsiNode(source_cmd(), bao, generator, tmp_path_factory.mktemp("csi-node"), log_dir).start()
@@ -88,11 +44,6 @@ def node(bao, generator, log_dir, tmp_path_factory):
 @pytest.fixture
 def kubelet(node) -> CsiKubelet:
     return node.kubelet
-
-
-def read_volume(path: Path) -> tuple[str, dict]:
-    token = remember_secret((path / "vault-token").read_text())
-    return token, json.loads((path / "vault-token.json").read_text())
 
 
 def unwrap(bao, path: Path) -> dict:
@@ -278,7 +229,7 @@ def test_bad_request_fields_are_invalid_argument(node, kubelet):
     cases = {"block volume": block, "is not the kubelet's handle": wrong_id,
              "is not a pod volume dir <pods dir>/<pod uid>/volumes/kubernetes.io~csi/<name>/mount": flex_layout}
     for expected, request in cases.items():
-        message = refused(lambda: kubelet.node.NodePublishVolume(request, timeout=30),
+        message = refused(lambda request=request: kubelet.node.NodePublishVolume(request, timeout=30),
                           grpc.StatusCode.INVALID_ARGUMENT)
         assert expected in message
     assert refused(lambda: kubelet.node.NodeUnpublishVolume(csi_pb2.NodeUnpublishVolumeRequest(

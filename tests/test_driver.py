@@ -17,13 +17,9 @@ import pytest
 from .conftest import remember_secret, token_file
 from .kubelet import is_mount_point, mount_entry
 from .vaultserver import VaultHTTPError, free_port
+from .volumes import read_volume
 
 NGINX = {"vault/policies": "nginx"}
-
-
-def read_volume(path: Path) -> tuple[str, dict]:
-    token = remember_secret((path / "vault-token").read_text())
-    return token, json.loads((path / "vault-token.json").read_text())
 
 
 def state_files(kubelet) -> list[Path]:

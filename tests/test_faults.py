@@ -22,17 +22,10 @@ from .conftest import driver_env, remember_secret, token_file, unmount_everythin
 from .faultserver import CREATE, LOOKUP_SELF, FaultServer
 from .kubelet import Kubelet, is_mount_point
 from .pki import issue, make_ca, openssl
-from .test_hardening import assert_refused, mounts_under, state_records
 from .vaultserver import VaultServer, bao_binary, free_port
+from .volumes import assert_refused, mounts_under, read_wrap, state_records
 
 NGINX = {"vault/policies": "nginx"}
-
-
-def read_volume(path: Path) -> dict:
-    wrap = json.loads((path / "vault-token.json").read_text())
-    remember_secret(wrap["token"])
-    assert (path / "vault-token").read_text() == wrap["token"]
-    return wrap
 
 
 def node(server: VaultServer, token_path: str, driver_cmd, tmp_path: Path, log_dir: Path, **extra) -> Kubelet:
@@ -60,7 +53,7 @@ def test_vault_answering_500_then_recovering_is_retried_and_mints_once(faulty, f
     assert reply.ok, reply.body
     assert fault.count(LOOKUP_SELF) == 3 and fault.count(CREATE) == 1
     assert len(bao.accessors()) == before + 2  # one pod token and its wrapping token
-    read_volume(path)
+    read_wrap(path)
     assert faulty.teardown(path).ok
     all_clear(faulty, bao, before)
 
@@ -105,7 +98,7 @@ def test_the_root_check_costs_one_lookup_per_generator_token_not_one_per_mount(f
         paths.append(path)
     assert fault.count(LOOKUP_SELF) == 1 and fault.count(CREATE) == 3
     for path in paths:
-        read_volume(path)
+        read_wrap(path)
         assert faulty.teardown(path).ok
 
 
@@ -144,7 +137,7 @@ def test_kill_9_while_vault_has_not_acted_recovers_with_no_leak(faulty, fault, b
     kill_at_the_fault(proc, fault)
     reply = kubelet_retry(faulty, pod, path)
     assert reply.ok, reply.body
-    wrap = read_volume(path)
+    wrap = read_wrap(path)
     assert bao.lookup_accessor(wrap["wrapped_accessor"])["meta"]["pod_uid"] == pod.uid
     assert faulty.teardown(path).ok
     all_clear(faulty, bao, before)
@@ -161,7 +154,7 @@ def test_kill_9_after_vault_minted_recovers_leaving_one_unreachable_expiring_tok
     kill_at_the_fault(proc, fault)
     reply = kubelet_retry(faulty, pod, path)
     assert reply.ok, reply.body
-    read_volume(path)
+    read_wrap(path)
     assert faulty.teardown(path).ok
     assert mounts_under(faulty.root) == [] and state_records(faulty) == []
     leaked = {a: bao.lookup_accessor(a) for a in set(bao.accessors()) - before}
@@ -212,7 +205,7 @@ def test_sealed_vault_fails_mounts_clearly_and_unmount_queues_until_unsealed(sea
     try:
         reply, mounted = kubelet.mount(kubelet.new_pod(), NGINX)
         assert reply.ok, reply.body
-        wrap = read_volume(mounted)
+        wrap = read_wrap(mounted)
         bao_cli(sealable, "operator", "seal")
 
         reply, path = kubelet.mount(kubelet.new_pod(), NGINX)
@@ -242,7 +235,7 @@ def test_a_revoked_generator_token_fails_with_the_fix(bao, driver_cmd, tmp_path,
     try:
         reply, path = kubelet.mount(kubelet.new_pod(), NGINX)  # known good first: the root check is cached
         assert reply.ok, reply.body
-        read_volume(path)
+        read_wrap(path)
         bao.revoke_token(auth["client_token"])
         before = len(bao.accessors())
         reply, _ = kubelet.mount(kubelet.new_pod(), NGINX)
@@ -311,7 +304,7 @@ def test_tls_with_the_ca_the_driver_is_given(tls_node, tls_bao, settings):
     tls_node.env.update({k: str(pki / v) if k != "VAULT_TLS_SERVER_NAME" else v for k, v in settings.items()})
     reply, path = tls_node.mount(tls_node.new_pod(), NGINX)
     assert reply.ok, reply.body
-    wrap = read_volume(path)
+    wrap = read_wrap(path)
     assert tls_node.teardown(path).ok
     assert tls_bao["server"].lookup_accessor(wrap["wrapped_accessor"]) is None
 
@@ -343,7 +336,7 @@ def test_skip_verify_over_tls_only_with_explicit_consent(tls_node, tls_bao):
     tls_node.env["VAULTTMPFS_ALLOW_INSECURE"] = "true"
     reply, path = tls_node.mount(tls_node.new_pod(), NGINX)  # urllib3 warns on stderr: still one JSON object
     assert reply.ok, reply.body
-    wrap = read_volume(path)
+    wrap = read_wrap(path)
     # Consent withdrawn: unmount still unmounts (a pod must be able to go away) and queues the revocation.
     del tls_node.env["VAULTTMPFS_ALLOW_INSECURE"]
     reply = tls_node.unmount(path)

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from .agents import AgentProcess
 from .conftest import driver_env, remember_secret
 from .jwtsign import Signer
 from .kubelet import Kubelet
-from .test_agent import AgentProcess
 from .vaultserver import VaultHTTPError
 
 SUBJECT = "system:serviceaccount:vaulttmpfs:vaulttmpfs"

@@ -9,7 +9,6 @@ not one token minted.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 from pathlib import Path
 
@@ -19,45 +18,12 @@ from hypothesis import strategies as st
 
 from .conftest import remember_secret, token_file
 from .kubelet import DRIVER, is_mount_point, mount_entry
+from .volumes import assert_refused, mounts_under, teardown_ok, write_bindings
 
 NGINX = {"vault/policies": "nginx"}
 REPO = Path(__file__).resolve().parent.parent
 FUZZ = settings(max_examples=40, deadline=None, derandomize=True,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
-
-
-def mounts_under(root: Path) -> list[str]:
-    prefix = os.path.realpath(root) + "/"
-    return [line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines()
-            if line.split()[4].startswith(prefix)]
-
-
-def state_records(kubelet) -> list[Path]:
-    state = kubelet.root / "state"
-    return sorted(state.glob("volumes/*.json")) + sorted(state.glob("pending/*.json"))
-
-
-def assert_refused(reply, kubelet, bao, before: int, expected: str = "") -> None:
-    assert reply.status == "Failure" and reply.exit_code == 1, reply.body
-    assert set(reply.body) == {"status", "message"}, reply.body
-    assert expected in reply.message, reply.message
-    assert mounts_under(kubelet.root) == []
-    assert state_records(kubelet) == []
-    assert len(bao.accessors()) == before, "a token was minted for a refused mount"
-
-
-def write_bindings(path: Path, document, mode: int = 0o644, uid: int = 0) -> str:
-    path.write_text(document if isinstance(document, str) else json.dumps(document))
-    os.chown(path, uid, 0)
-    path.chmod(mode)
-    return str(path)
-
-
-def teardown_ok(kubelet, path: Path) -> None:
-    token = path / "vault-token"
-    if token.exists():
-        remember_secret(token.read_text())
-    assert kubelet.teardown(path).ok
 
 
 # --- namespace-bound policies -------------------------------------------------------------------

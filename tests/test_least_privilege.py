@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from .agents import AgentProcess
 from .conftest import remember_secret
-from .test_bootstrap import admin_token, lookup, make_node
+from .opsnode import admin_token, lookup, make_node
 from .vaultserver import POLICIES, REPO, VaultHTTPError, VaultServer
 
 FULL_POWER = 'path "*" { capabilities = ["create", "read", "update", "delete", "list", "sudo"] }'
@@ -254,9 +255,11 @@ def test_the_log_masks_escaped_forms_of_a_secret(tmp_path):
     log_file = tmp_path / "masking.log"
     script = f"""
 from vaulttmpfs import log
+from vaulttmpfs.config import Config
 value = {secret!r} + "\\n"
 log.secret(value)
-logger = log.get({str(log_file)!r})
+log.configure(Config(log_file={str(log_file)!r}))
+logger = log.get()
 logger.error("bad header", error=f"header value: {{value!r}}", as_json={{"k": value}})
 logger.error("nested", text=repr(repr(value)))
 """
@@ -276,7 +279,6 @@ def test_only_the_generator_token_dir_is_a_default_path():
 
 def test_the_agent_logs_the_generator_accessor_by_prefix_only(cluster, driver_cmd, tmp_path, log_dir):
     from .conftest import driver_env
-    from .test_agent import AgentProcess
 
     auth = cluster.generator_token(ttl="1h")
     remember_secret(auth["client_token"])

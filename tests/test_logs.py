@@ -10,10 +10,9 @@ import sys
 import time
 from pathlib import Path
 
-from .conftest import driver_env
+from .agents import AgentProcess
+from .conftest import driver_env, generator_file, write_config
 from .kubelet import Kubelet
-from .test_agent import AgentProcess, generator_file
-from .test_ops import write_config
 from .vaultserver import REPO
 
 NGINX = {"vault/policies": "nginx"}
@@ -94,12 +93,14 @@ def test_masking_holds_with_thousands_of_registered_secrets(tmp_path):
     script = f"""
 import json, random, secrets, sys
 from vaulttmpfs import log
+from vaulttmpfs.config import Config
 tokens = ["hvs.CAESI" + secrets.token_urlsafe(60) for _ in range(log.MAX_SECRETS - 100)]
 for token in tokens:
     log.secret(token)
 odd = 'ab"c\\\\\\\\d\\\\nefghijklmnop\\\\u00e9'  # quotes, a backslash, a newline, non-ASCII
 log.secret(odd)
-logger = log.get({str(log_file)!r})
+log.configure(Config(log_file={str(log_file)!r}))
+logger = log.get()
 rng = random.Random(7)
 for _ in range(400):
     token = rng.choice(tokens)

@@ -263,8 +263,8 @@ def test_example_vault_setup_and_pod_work_for_real(tmp_path, log_dir):
             remember_secret(unwrapped["client_token"])
             assert sorted(unwrapped["policies"]) == ["default", "nginx"]
             # The nginx policy from the example: read on secret/data/nginx/*, nothing else.
-            caps = server.request("POST", "sys/capabilities-self", {"paths": ["secret/data/nginx/app", "secret/data/x"]},
-                                  token=unwrapped["client_token"])
+            paths = ["secret/data/nginx/app", "secret/data/x"]
+            caps = server.request("POST", "sys/capabilities-self", {"paths": paths}, token=unwrapped["client_token"])
             assert caps["secret/data/nginx/app"] == ["read"] and caps["secret/data/x"] == ["deny"]
             # And the role refuses what it does not allow.
             refused, _ = node.mount(node.new_pod("greedy"), {"vault/policies": "token_generator"})

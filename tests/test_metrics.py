@@ -5,30 +5,14 @@ from __future__ import annotations
 
 import os
 import socket
-import urllib.request
 
-from prometheus_client.parser import text_string_to_metric_families
-
-from .conftest import driver_env, source_cmd
+from .agents import AgentProcess, scrape, value
+from .conftest import driver_env, generator_file, source_cmd
+from .csinode import CsiNode
 from .kubelet import Kubelet
-from .test_agent import AgentProcess, closed_addr, generator_file
-from .vaultserver import free_port
+from .vaultserver import closed_addr, free_port
 
 NGINX = {"vault/policies": "nginx"}
-
-
-def scrape(port: int) -> dict[tuple, float]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
-        text = resp.read().decode()
-    samples = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
-    return samples
-
-
-def value(samples: dict, name: str, **labels) -> float:
-    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
 def ops(samples: dict, verb: str, via: str, outcome: str, reason: str) -> float:
@@ -129,7 +113,6 @@ def test_csi_calls_are_counted_as_the_csi_front_end(bao, generator, tmp_path, lo
     import pytest
 
     from .csikubelet import new_pod
-    from .test_csi import CsiNode
 
     port = free_port()
     (tmp_path / "csi").mkdir()

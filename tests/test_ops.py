@@ -13,22 +13,15 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import driver_env, remember_secret, source_cmd
+from .agents import AgentProcess
+from .conftest import driver_env, remember_secret, source_cmd, write_config
 from .kubelet import Kubelet
-from .test_agent import AgentProcess, closed_addr
-from .vaultserver import REPO, dies_with_parent, free_port
+from .vaultserver import REPO, closed_addr, dies_with_parent, free_port
 
 NGINX = {"vault/policies": "nginx"}
 # What the DaemonSet's ConfigMap carries; the kubelet's environment then needs none of it.
 SHARED = ("VAULT_ADDR", "VAULTTMPFS_GENERATOR_TOKEN_PATH", "VAULTTMPFS_STATE_DIR", "VAULTTMPFS_PODS_DIR",
           "VAULTTMPFS_AGENT_SOCKET", "VAULT_MAX_RETRIES", "VAULT_CLIENT_TIMEOUT", "VAULTTMPFS_PLUGIN_DIR")
-
-
-def write_config(path: Path, values: dict[str, str], mode: int = 0o644) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.parent.chmod(0o755)
-    path.write_text("# installed from the ConfigMap\n" + "".join(f"{k}={v}\n" for k, v in values.items()))
-    path.chmod(mode)
 
 
 def split_env(env: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
@@ -366,7 +359,8 @@ def test_doctor_reads_the_kubelets_environment_and_reports_its_drift(doctor_node
     """The driver gets the kubelet's environment: a drop-in there that disagrees with the ConfigMap is drift."""
     kubelet_env = {"PATH": os.environ["PATH"], "VAULTTMPFS_CONFIG_FILE": str(doctor_node.config),
                    "VAULT_ADDR": "https://vault.old.example:8200"}  # a stale drop-in
-    kubelet = subprocess.Popen(["sleep", "60"], env=kubelet_env, preexec_fn=dies_with_parent())  # stands in for the kubelet process
+    # Stands in for the kubelet process.
+    kubelet = subprocess.Popen(["sleep", "60"], env=kubelet_env, preexec_fn=dies_with_parent())
     try:
         code, report, text = doctor_node.doctor("--kubelet-pid", str(kubelet.pid))
     finally:

@@ -12,6 +12,7 @@ import stat
 import subprocess
 import time
 from datetime import datetime
+from itertools import pairwise
 from pathlib import Path
 
 import kubernetes_validate
@@ -225,7 +226,7 @@ def test_renew_keeps_a_short_period_token_alive_and_exits_within_a_period_of_rev
             expiries.append(rfc3339(info["expire_time"]))  # finer than the whole seconds of "ttl"
             time.sleep(0.3)
         # Each renewal pushes the expiry (the TTL back up to the period): several within 2.5 periods.
-        assert sum(later > earlier for earlier, later in zip(expiries, expiries[1:])) >= 3, expiries
+        assert sum(later > earlier for earlier, later in pairwise(expiries)) >= 3, expiries
         assert proc.poll() is None
 
         bao.request("POST", "auth/token/revoke-accessor", {"accessor": accessor})
@@ -331,7 +332,8 @@ def tls_bao(tmp_path_factory):
     issue(pki, "server", "ca", "/CN=vault.test", san="IP:127.0.0.1")
     port = free_port()
     (pki / "listener.hcl").write_text(f'listener "tcp" {{\n  address = "127.0.0.1:{port}"\n'
-                                      f'  tls_cert_file = "{pki}/server.pem"\n  tls_key_file = "{pki}/server.key"\n}}\n')
+                                      f'  tls_cert_file = "{pki}/server.pem"\n'
+                                      f'  tls_key_file = "{pki}/server.key"\n}}\n')
     with VaultServer(extra_args=[f"-config={pki / 'listener.hcl'}"]) as server:
         server.setup_driver()
         auth = server.generator_token()
@@ -492,7 +494,8 @@ def test_pod_side_examples_use_the_command_as_it_is():
             assert {"name": "VAULT_ADDR", "value": "https://vault.vault.svc:8200"} in container["env"]
         if path.name == "vault-sidekick.yaml":
             env = {e["name"]: e["value"] for e in spec["containers"][0]["env"]}
-            assert env["AUTH_FORMAT"] == "kubernetes-vault" and env["AUTH_FILE"] == "/var/run/vault/kubernetes-vault.json"
+            assert env["AUTH_FORMAT"] == "kubernetes-vault"
+            assert env["AUTH_FILE"] == "/var/run/vault/kubernetes-vault.json"
         if path.name == "init-and-sidecar.yaml":
             sidecar = spec["initContainers"][1]
             assert sidecar["restartPolicy"] == "Always" and "--renew" in sidecar["args"]

@@ -19,11 +19,11 @@ from pathlib import Path
 
 from vaulttmpfs.engine.state import StateStore
 
+from .agents import AgentProcess, scrape, value
 from .conftest import remember_secret, source_cmd
+from .csinode import CsiNode
 from .kubelet import is_mount_point
-from .test_agent import AgentProcess, closed_addr
-from .test_metrics import scrape, value
-from .vaultserver import VaultHTTPError, free_port
+from .vaultserver import VaultHTTPError, closed_addr, free_port
 
 NGINX = {"vault/policies": "nginx"}
 PERIOD = "500ms"
@@ -324,7 +324,6 @@ def test_an_orphaned_csi_volume_is_revoked_too(bao, generator, log_dir, tmp_path
     """The same rule for the CSI front end (target <pods>/<uid>/volumes/kubernetes.io~csi/<name>/mount),
     with the agent serving CSI and reconciling in one process (source only: test_csi covers the build)."""
     from .csikubelet import new_pod as new_csi_pod
-    from .test_csi import CsiNode
 
     node = CsiNode(source_cmd(), bao, generator, tmp_path, log_dir)
     try:

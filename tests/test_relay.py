@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import shutil
+import signal
 import socket
 import stat
 import subprocess
@@ -21,76 +21,16 @@ from pathlib import Path
 
 import pytest
 
-from vaulttmpfs.flexvolume import relay
 from vaulttmpfs.config import Config
 from vaulttmpfs.engine.state import StateStore
+from vaulttmpfs.flexvolume import relay
 
+from .agents import AgentProcess
 from .conftest import remember_secret
 from .kubelet import is_mount_point, mount_entry
-from .vaultserver import dies_with_parent, stop_process
 
 NGINX = {"vault/policies": "nginx"}
 NOBODY = 65534
-
-
-class AgentProcess:
-    """`vaulttmpfs agent --relay` as the DaemonSet would run it (no health port: not needed here)."""
-
-    def __init__(self, driver_cmd: list[str], env: dict[str, str], log_file: Path, wrap: list[str] | None = None):
-        self.log_file = log_file
-        self.socket_path = env["VAULTTMPFS_AGENT_SOCKET"]
-        self.proc = subprocess.Popen(
-            [*(wrap or []), *driver_cmd, "agent", "--relay", "--health-addr", "", "--retry-interval", "1h"],
-            env={**env, "VAULTTMPFS_LOG_FILE": str(log_file)}, stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
-            preexec_fn=dies_with_parent(),
-        )
-        self.wait_ready()
-
-    def wait_ready(self, timeout: float = 60.0) -> None:
-        """Until the socket answers with the banner (bounded: a generous limit, not a speed test)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"agent exited {self.proc.returncode}: {self.proc.stdout.read()!r}")
-            try:
-                with socket.socket(socket.AF_UNIX) as sock:
-                    sock.settimeout(2)
-                    sock.connect(self.socket_path)
-                    if sock.recv(64) == relay.BANNER:
-                        return
-            except OSError:
-                pass
-            time.sleep(0.1)
-        raise AssertionError("the agent's relay socket did not answer")
-
-    def events(self, event: str) -> list[dict]:
-        if not self.log_file.exists():
-            return []
-        lines = (json.loads(line) for line in self.log_file.read_text().splitlines() if line.strip())
-        return [line for line in lines if line.get("event") == event]
-
-    def relayed(self, verb: str | None = None) -> list[dict]:
-        return [e for e in self.events("relayed") if verb is None or e["verb"] == verb]
-
-    def wait_for(self, event: str, count: int = 1, timeout: float = 30.0) -> list[dict]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            found = self.events(event)
-            if len(found) >= count:
-                return found
-            time.sleep(0.1)
-        raise AssertionError(f"no {event!r} in the agent's log within {timeout}s")
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGCONT)  # in case a test left it stopped
-        stop_process(self.proc, grace=60)
-        return self.proc.returncode
-
-    def kill(self) -> None:
-        os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait()
 
 
 @pytest.fixture
@@ -105,7 +45,8 @@ def start_agent(node, driver_cmd, log_dir, tmp_path):
     agents: list[AgentProcess] = []
 
     def start(env: dict[str, str] | None = None, wrap: list[str] | None = None) -> AgentProcess:
-        agent = AgentProcess(driver_cmd, env or node.env, log_dir / f"{tmp_path.name}-agent{len(agents)}.log", wrap)
+        agent = AgentProcess.relaying(driver_cmd, env or node.env, log_dir / f"{tmp_path.name}-agent{len(agents)}.log",
+                                      wrap)
         agents.append(agent)
         return agent
 
@@ -178,7 +119,7 @@ def test_relayed_volume_is_identical_to_an_in_process_one(node, start_agent, bao
     assert volume_facts(relayed_path) == volume_facts(direct_path)
     auths = [unwrapped(bao, p) for p in (direct_path, relayed_path)]
     assert auths[0]["policies"] == auths[1]["policies"] == ["default", "nginx"]
-    for auth, pod in zip(auths, (pod_direct, pod_relayed)):
+    for auth, pod in zip(auths, (pod_direct, pod_relayed), strict=True):
         assert auth["metadata"]["pod_uid"] == pod.uid
         # The driver's host name, not the agent's (they differ when the agent is in a pod).
         assert auth["metadata"]["node"] == os.uname().nodename
@@ -236,7 +177,7 @@ def test_a_stopped_agent_is_bypassed_and_never_acts_on_the_call_later(node, star
     assert reply.seconds < 30  # bounded: the handshake timeout, not the kubelet's patience
     assert len(driver_events(node, "mounted")) == 1
     # Woken up, the agent finds the connection the driver gave up on and drops it unacted.
-    agent.wait_for("relay call dropped before it started")
+    agent.wait_for_event("relay call dropped before it started")
     assert agent.relayed() == []
     assert len(set(bao.accessors()) - before) == 2  # one pod token and its wrapping token, not two pairs
     assert node.teardown(path).ok
@@ -372,7 +313,7 @@ def test_a_caller_that_is_not_root_is_refused(node, start_agent, tmp_path_factor
         (shared / "agent.sock").chmod(0o666)
         data = connect_as(NOBODY, str(shared / "agent.sock"))
         assert data == b"ok:", data  # connected, then closed without the banner: no call is taken
-        [refused] = agent.wait_for("relay refused a caller that is not root")
+        [refused] = agent.wait_for_event("relay refused a caller that is not root")
         assert refused["peer_uid"] == NOBODY
         assert agent.relayed() == []
         # Root still gets in.

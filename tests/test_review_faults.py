@@ -20,25 +20,17 @@ from pathlib import Path
 
 import pytest
 
+from .agents import AgentProcess
 from .conftest import driver_env, remember_secret, unmount_everything_under
 from .faultserver import CREATE, FaultServer, wait_for
 from .kubelet import Kubelet, is_mount_point
-from .test_agent import AgentProcess as HealthAgent
-from .test_client_cert import mtls_bao  # noqa: F401 -- a fixture: OpenBao behind mTLS
-from .test_hardening import mounts_under, state_records
-from .test_relay import AgentProcess as RelayAgent
 from .vaultserver import free_port
+from .volumes import mounts_under, read_wrap, state_records
 
 NGINX = {"vault/policies": "nginx"}
 REVOKE = "/v1/auth/token/revoke-accessor"
 FLOCK_SYSCALL = {"x86_64": 73, "aarch64": 32}.get(os.uname().machine)
 NOBODY = 65534
-
-
-def read_volume(path: Path) -> dict:
-    wrap = json.loads((path / "vault-token.json").read_text())
-    remember_secret(wrap["token"])
-    return wrap
 
 
 def stacked_mounts(path: Path) -> int:
@@ -77,7 +69,7 @@ def stale_record(kubelet: Kubelet) -> tuple:
     pod = kubelet.new_pod()
     reply, path = kubelet.mount(pod, NGINX)
     assert reply.ok, reply.body
-    read_volume(path)
+    read_wrap(path)
     subprocess.run(["umount", str(path)], check=True)
     assert len(state_records(kubelet)) == 1
     return pod, path
@@ -102,7 +94,7 @@ def test_1_two_mounts_after_a_stale_record_stack_no_second_tmpfs(faulty, fault, 
     assert finish(first)["status"] == "Success"
     assert finish(second) == {"status": "Success", "message": "already mounted"}
     assert stacked_mounts(path) == 1
-    read_volume(path)
+    read_wrap(path)
     assert faulty.teardown(path).ok
     all_clear(faulty, bao, before)
 
@@ -143,7 +135,7 @@ def test_2_a_gateway_502_after_vault_minted_is_not_resent(faulty, fault, bao):
     reply, again = faulty.mount(pod, NGINX)  # the kubelet's retry: one more create, one token pair
     assert reply.ok and again == path, reply.body
     assert fault.count(CREATE) == 2 and len(set(bao.accessors()) - before) == 2
-    read_volume(path)
+    read_wrap(path)
     assert faulty.teardown(path).ok
     all_clear(faulty, bao, len(before))
 
@@ -152,7 +144,7 @@ def test_2_a_revocation_is_resent_through_a_502(faulty, fault, bao):
     before = len(bao.accessors())
     reply, path = faulty.mount(faulty.new_pod(), NGINX)
     assert reply.ok, reply.body
-    wrap = read_volume(path)
+    wrap = read_wrap(path)
     fault.add(REVOKE, "error", times=1, status=502)  # a revocation is idempotent: resent
     reply = faulty.teardown(path)
     assert reply.ok and "token revoked" in reply.message, reply.body
@@ -253,7 +245,7 @@ def test_6_mount_through_a_symlinked_root_and_unmount_through_the_real_path(bao,
         before = len(bao.accessors())
         reply, path = kubelet.mount(kubelet.new_pod(), NGINX)
         assert reply.ok, reply.body
-        wrap = read_volume(path)
+        wrap = read_wrap(path)
         real = Path(os.path.realpath(path))
         assert real != path and str(real).startswith(str(root / "disk"))
         reply = kubelet.unmount(real)
@@ -291,7 +283,7 @@ def test_7_a_symlink_swapped_in_before_mount_cannot_move_the_tmpfs(faulty, fault
 # --- 8. a relayed call sees only the settings the driver forwarded --------------------------------
 
 @pytest.fixture
-def mtls_node(mtls_bao, driver_cmd, tmp_path, log_dir):  # noqa: F811
+def mtls_node(mtls_bao, driver_cmd, tmp_path, log_dir):
     root = tmp_path / "node"
     root.mkdir()
     env = driver_env(mtls_bao["server"], mtls_bao["generator"], root, log_dir, VAULT_ADDR=mtls_bao["addr"],
@@ -301,11 +293,11 @@ def mtls_node(mtls_bao, driver_cmd, tmp_path, log_dir):  # noqa: F811
     unmount_everything_under(root)
 
 
-def test_8_a_relayed_call_does_not_use_the_agents_client_certificate(mtls_node, mtls_bao, driver_cmd,  # noqa: F811
+def test_8_a_relayed_call_does_not_use_the_agents_client_certificate(mtls_node, mtls_bao, driver_cmd,
                                                                      log_dir, tmp_path):
     pki = mtls_bao["pki"]
     cert = {"VAULT_CLIENT_CERT": str(pki / "client.pem"), "VAULT_CLIENT_KEY": str(pki / "client.key")}
-    agent = RelayAgent(driver_cmd, {**mtls_node.env, **cert}, log_dir / f"{tmp_path.name}-agent.log")
+    agent = AgentProcess.relaying(driver_cmd, {**mtls_node.env, **cert}, log_dir / f"{tmp_path.name}-agent.log")
     try:
         # The kubelet configured the driver without a client certificate: refused, as it is without an agent.
         reply, path = mtls_node.mount(mtls_node.new_pod(), NGINX)
@@ -315,7 +307,7 @@ def test_8_a_relayed_call_does_not_use_the_agents_client_certificate(mtls_node, 
         mtls_node.env.update(cert)
         reply, path = mtls_node.mount(mtls_node.new_pod(), NGINX)
         assert reply.ok and len(agent.relayed("mount")) == 2, reply.body
-        wrap = read_volume(path)
+        wrap = read_wrap(path)
         assert mtls_node.teardown(path).ok
         assert mtls_bao["server"].lookup_accessor(wrap["wrapped_accessor"]) is None
     finally:
@@ -346,7 +338,7 @@ def test_9_a_pods_dir_with_a_space_and_non_ascii_mounts_and_unmounts(bao, genera
         before = len(bao.accessors())
         reply, path = kubelet.mount(kubelet.new_pod(), NGINX)
         assert reply.ok, reply.body
-        wrap = read_volume(path)
+        wrap = read_wrap(path)
         assert mounts_below(root) == [os.fsencode(path)]
         reply = kubelet.teardown(path)
         assert reply.ok and "token revoked" in reply.message, reply.body
@@ -380,7 +372,7 @@ def test_10_idle_and_half_sent_health_connections_are_bounded(bao, generator, dr
     root.mkdir()
     env = driver_env(bao, generator, root, log_dir)
     metrics_port = free_port()
-    with HealthAgent(driver_cmd, env, "--retry-interval", "1h", "--metrics-addr",
+    with AgentProcess(driver_cmd, env, "--retry-interval", "1h", "--metrics-addr",
                      f"127.0.0.1:{metrics_port}") as agent:
         agent.wait_for(lambda status, body: status == 200, "the agent to be healthy")
         port = agent.port if endpoint == "/healthz" else metrics_port
@@ -414,7 +406,7 @@ def test_a_client_timeout_in_milliseconds_is_a_duration(kubelet, bao):
     kubelet.env["VAULT_CLIENT_TIMEOUT"] = "1500ms"
     reply, path = kubelet.mount(kubelet.new_pod(), NGINX)
     assert reply.ok, reply.body
-    read_volume(path)
+    read_wrap(path)
     assert kubelet.teardown(path).ok
 
 
@@ -442,7 +434,7 @@ def test_every_call_logs_one_outcome_line_and_the_admitted_pod_uid(kubelet, bao)
                           if k != "kubernetes.io/pod.uid"})  # the uid comes from the path, not an option
     path = kubelet.volume_dir(pod)
     assert kubelet.call("mount", str(path), options).ok
-    wrap = read_volume(path)
+    wrap = read_wrap(path)
     refused = kubelet.call("mount", str(kubelet.volume_dir(kubelet.new_pod())), '{"vault/policies": "root"}')
     assert refused.status == "Failure"
     assert kubelet.teardown(path).ok

@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from .conftest import driver_env, remember_secret, source_cmd
 from .kubelet import Kubelet
-from .test_hardening import mounts_under
+from .volumes import mounts_under
 
 CYCLES = int(os.environ.get("VAULTTMPFS_SOAK_CYCLES", "500"))
 CONCURRENCY = 10

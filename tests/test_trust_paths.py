@@ -27,8 +27,8 @@ from vaulttmpfs.errors import DriverError
 from vaulttmpfs.ops import bootstrap, install
 
 from .conftest import token_file
-from .test_hardening import assert_refused, teardown_ok, write_bindings
 from .vaultserver import POLICIES
+from .volumes import assert_refused, teardown_ok, write_bindings
 
 NODE_USER = 1000  # a user on the node: not root, no group of root's
 ROLE = "trust-paths"

@@ -7,9 +7,8 @@ import os
 import shutil
 import subprocess
 
-from .conftest import driver_env
+from .conftest import driver_env, generator_file
 from .kubelet import Kubelet
-from .test_agent import generator_file
 from .vaultserver import REPO
 
 NGINX = {"vault/policies": "nginx"}

@@ -51,6 +51,11 @@ def dies_with_parent():
     return preexec
 
 
+def closed_addr() -> str:
+    """A Vault address where nothing listens."""
+    return f"http://127.0.0.1:{free_port()}"
+
+
 def stop_process(proc: subprocess.Popen | None, grace: float = 10.0) -> None:
     """SIGTERM, then SIGKILL after `grace` seconds: a test server never outlives its fixture."""
     if proc and proc.poll() is None:

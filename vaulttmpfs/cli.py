@@ -1,33 +1,72 @@
-"""Operator commands (click). Thin: each command parses flags and calls the logic elsewhere."""
+"""Operator commands (click). Thin: each command parses flags and calls the logic elsewhere.
+
+Each command imports its own logic when it runs: all of it at once costs every command ~250 ms
+(measured on this 2-core machine at load 17), paid by the pod's `vaulttmpfs token` and `version` too.
+"""
 
 from __future__ import annotations
 
+import json
+import os
+import sys
+
 import click
 
-from . import __version__
+from . import __version__, log
+from .config import SAFE_NAME, Config, config_file_path, parse_duration, settings
+from .errors import DriverError
+
+
+class Settings:
+    """`ctx.obj`: the command's settings (the environment over the config file), read once when a
+    command first needs them, and its Config and log built from them once; commands get them
+    handed down, as vault-csi-provider's main.go builds config and logger once. `version`,
+    `install`, `token` and `doctor` build no Config (doctor compares the driver's and the agent's)."""
+
+    def __init__(self) -> None:
+        self._values: dict[str, str] | None = None
+        self._config: Config | None = None
+
+    def value(self, name: str, default: str) -> str:
+        """A flag's default: `name` from the environment (even empty: "" turns a listener off), else the file."""
+        if name in os.environ:
+            return os.environ[name]
+        return self._settings().get(name) or default
+
+    @property
+    def config(self) -> Config:
+        if self._config is None:
+            self._config = Config.from_settings(self._settings())
+            log.configure(self._config)
+        return self._config
+
+    def _settings(self) -> dict[str, str]:
+        if self._values is None:
+            self._values = settings()
+        return self._values
+
+
+pass_config = click.make_pass_decorator(Settings, ensure=True)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-def cli() -> None:
+@click.pass_context
+def cli(ctx: click.Context) -> None:
     """vaulttmpfs: FlexVolume driver giving each pod its own wrapped Vault token.
 
     The kubelet calls `vaulttmpfs init|mount|unmount`; the commands below are for operators.
     """
+    ctx.ensure_object(Settings)
 
 
-def _setting(name: str, default: str):
-    """A click default read from the environment, else the config file (click's envvar sees only the former)."""
+def setting_option(*decls: str, env: str, default: str, **kwargs):
+    """A flag set by `env` in the environment, else in the config file (click's envvar sees only
+    the former), else `default`."""
 
     def read() -> str:
-        import os
+        return click.get_current_context().ensure_object(Settings).value(env, default)
 
-        if name in os.environ:  # even empty: "" turns a listener off
-            return os.environ[name]
-        from .config import setting
-
-        return setting(name, default)
-
-    return read
+    return click.option(*decls, envvar=env, default=read, **kwargs)
 
 
 @cli.command()
@@ -37,12 +76,12 @@ def version() -> None:
 
 
 @cli.command("retry-revocations")
-def retry_revocations() -> None:
+@pass_config
+def retry_revocations(obj: Settings) -> None:
     """Retry pod-token revocations that unmount queued while Vault was unreachable."""
     from .engine import operation as driver
-    from .config import Config
 
-    result = driver.retry_pending(Config.from_env())
+    result = driver.retry_pending(obj.config)
     click.echo(f"revoked {result['revoked']}, still pending {result['pending']}")
     if result["pending"]:
         raise SystemExit(1)
@@ -51,18 +90,16 @@ def retry_revocations() -> None:
 @cli.command()
 @click.option("--dry-run", is_flag=True, help="Only print what would be revoked and why; change nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
-def reconcile(dry_run: bool, as_json: bool) -> None:
+@pass_config
+def reconcile(obj: Settings, dry_run: bool, as_json: bool) -> None:
     """Once: revoke the tokens of volumes whose pod dir the kubelet removed without calling unmount.
 
     The node agent does this on a schedule; this is for nodes without it (cron). Exits 1 when a
     revocation had to be queued or a volume could not be examined.
     """
-    import json
-
     from .engine import reconcile as reconciler
-    from .config import Config
 
-    result = reconciler.reconcile(Config.from_env(), dry_run=dry_run)
+    result = reconciler.reconcile(obj.config, dry_run=dry_run)
     if as_json:
         click.echo(json.dumps(result, indent=2, sort_keys=True))
     else:
@@ -76,9 +113,6 @@ class _Duration(click.ParamType):
     name = "duration"
 
     def convert(self, value, param, ctx):
-        from .config import parse_duration
-        from .errors import DriverError
-
         if isinstance(value, (int, float)):
             return float(value)
         if value == "":
@@ -93,9 +127,8 @@ class _Duration(click.ParamType):
 
 
 @cli.command()
-@click.option("--plugin-dir", envvar="VAULTTMPFS_PLUGIN_DIR",
-              default=_setting("VAULTTMPFS_PLUGIN_DIR", "/usr/libexec/kubernetes/kubelet-plugins/volume/exec"),
-              help="The kubelet's --volume-plugin-dir (VAULTTMPFS_PLUGIN_DIR) "
+@setting_option("--plugin-dir", env="VAULTTMPFS_PLUGIN_DIR", default=Config.plugin_dir,
+                help="The kubelet's --volume-plugin-dir (VAULTTMPFS_PLUGIN_DIR) "
                    "[default: /usr/libexec/kubernetes/kubelet-plugins/volume/exec].")
 @click.option("--source", type=click.Path(exists=True, file_okay=False),
               help="Bundle dir to install [default: the running bundle, or dist/vaulttmpfs].")
@@ -107,7 +140,6 @@ def install(plugin_dir: str, source: str | None, config_from: str | None) -> Non
     from .ops import install as installer
 
     if config_from:
-        from .config import config_file_path
         from .ops import configfile
 
         dest = config_file_path()
@@ -123,54 +155,45 @@ def install(plugin_dir: str, source: str | None, config_from: str | None) -> Non
 
 # Each agent flag's default comes from its VAULTTMPFS_* variable, in the environment or the config file.
 @cli.command()
-@click.option("--renew-interval", type=_Duration(), envvar="VAULTTMPFS_RENEW_INTERVAL",
-              default=_setting("VAULTTMPFS_RENEW_INTERVAL", ""),
-              help="Renew the generator token this often (VAULTTMPFS_RENEW_INTERVAL) [default: half its period/TTL].")
-@click.option("--retry-interval", type=_Duration(), envvar="VAULTTMPFS_RETRY_INTERVAL",
-              default=_setting("VAULTTMPFS_RETRY_INTERVAL", "60s"),
-              help="Retry queued revocations this often (VAULTTMPFS_RETRY_INTERVAL) [default: 60s].")
-@click.option("--reconcile-interval", type=_Duration(), envvar="VAULTTMPFS_RECONCILE_INTERVAL",
-              default=_setting("VAULTTMPFS_RECONCILE_INTERVAL", "60s"),
-              help="Revoke the tokens of volumes whose pod dir is gone this often, and at start "
-                   "(VAULTTMPFS_RECONCILE_INTERVAL) [default: 60s].")
-@click.option("--health-addr", envvar="VAULTTMPFS_HEALTH_ADDR",
-              default=_setting("VAULTTMPFS_HEALTH_ADDR", "127.0.0.1:9829"),
-              help="host:port for GET /healthz and /livez; empty to disable (VAULTTMPFS_HEALTH_ADDR) "
-                   "[default: 127.0.0.1:9829].")
-@click.option("--metrics-addr", envvar="VAULTTMPFS_METRICS_ADDR",
-              default=_setting("VAULTTMPFS_METRICS_ADDR", "127.0.0.1:9830"),
-              help="host:port for GET /metrics (Prometheus); empty to disable (VAULTTMPFS_METRICS_ADDR) "
-                   "[default: 127.0.0.1:9830].")
-@click.option("--relay/--no-relay", envvar="VAULTTMPFS_RELAY",
-              default=_setting("VAULTTMPFS_RELAY", "false"),
-              help="Also do the driver's mount/unmount for it over VAULTTMPFS_AGENT_SOCKET (fast path; needs "
-                   "a privileged agent with the kubelet's pods dir mounted with Bidirectional propagation) "
-                   "(VAULTTMPFS_RELAY) [default: off].")
-@click.option("--csi-endpoint", envvar="VAULTTMPFS_CSI_ENDPOINT", metavar="unix:///PATH",
-              default=_setting("VAULTTMPFS_CSI_ENDPOINT", ""),
-              help="Also serve the CSI node plugin (driver vaulttmpfs.cloudwatt.com) on this unix socket, e.g. "
-                   "unix:///csi/csi.sock (needs the same privileges and mount propagation as --relay).")
-@click.option("--csi-jwt-auth-mount", envvar="VAULTTMPFS_CSI_JWT_AUTH_MOUNT", metavar="MOUNT",
-              default=_setting("VAULTTMPFS_CSI_JWT_AUTH_MOUNT", ""),
-              help="CSI: pods log in to Vault themselves with the service-account token the kubelet hands over "
-                   "(CSIDriver tokenRequests), at auth/MOUNT (a jwt or kubernetes method); Vault's role (the "
-                   "volume's vault/role) decides the policies. Default: tokens are minted with the generator token.")
-@click.option("--csi-jwt-audience", envvar="VAULTTMPFS_CSI_JWT_AUDIENCE",
-              default=_setting("VAULTTMPFS_CSI_JWT_AUDIENCE", "vault"),
-              help="CSI: the tokenRequests audience whose token is used to log in [default: vault].")
-def agent(renew_interval: float | None, retry_interval: float, reconcile_interval: float, health_addr: str,
-          metrics_addr: str, relay: bool, csi_endpoint: str | None, csi_jwt_auth_mount: str | None,
-          csi_jwt_audience: str) -> None:
+@setting_option("--renew-interval", type=_Duration(), env="VAULTTMPFS_RENEW_INTERVAL", default="",
+                help="Renew the generator token this often (VAULTTMPFS_RENEW_INTERVAL) [default: half its period/TTL].")
+@setting_option("--retry-interval", type=_Duration(), env="VAULTTMPFS_RETRY_INTERVAL", default="60s",
+                help="Retry queued revocations this often (VAULTTMPFS_RETRY_INTERVAL) [default: 60s].")
+@setting_option("--reconcile-interval", type=_Duration(), env="VAULTTMPFS_RECONCILE_INTERVAL", default="60s",
+                help="Revoke the tokens of volumes whose pod dir is gone this often, and at start "
+                     "(VAULTTMPFS_RECONCILE_INTERVAL) [default: 60s].")
+@setting_option("--health-addr", env="VAULTTMPFS_HEALTH_ADDR", default="127.0.0.1:9829",
+                help="host:port for GET /healthz and /livez; empty to disable (VAULTTMPFS_HEALTH_ADDR) "
+                     "[default: 127.0.0.1:9829].")
+@setting_option("--metrics-addr", env="VAULTTMPFS_METRICS_ADDR", default="127.0.0.1:9830",
+                help="host:port for GET /metrics (Prometheus); empty to disable (VAULTTMPFS_METRICS_ADDR) "
+                     "[default: 127.0.0.1:9830].")
+@setting_option("--relay/--no-relay", env="VAULTTMPFS_RELAY", default="false",
+                help="Also do the driver's mount/unmount for it over VAULTTMPFS_AGENT_SOCKET (fast path; needs "
+                     "a privileged agent with the kubelet's pods dir mounted with Bidirectional propagation) "
+                     "(VAULTTMPFS_RELAY) [default: off].")
+@setting_option("--csi-endpoint", env="VAULTTMPFS_CSI_ENDPOINT", default="", metavar="unix:///PATH",
+                help="Also serve the CSI node plugin (driver vaulttmpfs.cloudwatt.com) on this unix socket, e.g. "
+                     "unix:///csi/csi.sock (needs the same privileges and mount propagation as --relay).")
+@setting_option("--csi-jwt-auth-mount", env="VAULTTMPFS_CSI_JWT_AUTH_MOUNT", default="", metavar="MOUNT",
+                help="CSI: pods log in to Vault themselves with the service-account token the kubelet hands over "
+                     "(CSIDriver tokenRequests), at auth/MOUNT (a jwt or kubernetes method); Vault's role (the "
+                     "volume's vault/role) decides the policies. Default: tokens are minted with the generator "
+                     "token.")
+@setting_option("--csi-jwt-audience", env="VAULTTMPFS_CSI_JWT_AUDIENCE", default="vault",
+                help="CSI: the tokenRequests audience whose token is used to log in [default: vault].")
+@pass_config
+def agent(obj: Settings, renew_interval: float | None, retry_interval: float, reconcile_interval: float,
+          health_addr: str, metrics_addr: str, relay: bool, csi_endpoint: str | None,
+          csi_jwt_auth_mount: str | None, csi_jwt_audience: str) -> None:
     """Run the node agent: renew the generator token, retry and reconcile revocations, serve health.
 
     Stop with SIGTERM.
     """
     from .node import agent as node_agent
-    from . import log
-    from .config import Config
 
-    config = Config.from_env()
-    log.get(config.log_file, component="agent").info(
+    config = obj.config
+    log.get(component="agent").info(
         "agent starting", renew_interval=renew_interval, retry_interval=retry_interval,
         reconcile_interval=reconcile_interval, health_addr=health_addr,
         vault_addr=config.vault_addr, generator_token_path=config.generator_token_path,
@@ -188,11 +211,10 @@ def agent(renew_interval: float | None, retry_interval: float, reconcile_interva
 
 def _auth_mount(text: str) -> str:
     """A Vault auth mount path: plain segments (`jwt`, `k8s/prod`), nothing that could climb out of auth/."""
-    from .config import SAFE_NAME
-
     segments = text.strip("/").split("/")
     if not all(SAFE_NAME.fullmatch(s) and s not in (".", "..") for s in segments):
-        raise click.BadParameter(f"{text!r} is not a Vault auth mount path (e.g. jwt)", param_hint="--csi-jwt-auth-mount")
+        raise click.BadParameter(f"{text!r} is not a Vault auth mount path (e.g. jwt)",
+                                 param_hint="--csi-jwt-auth-mount")
     return "/".join(segments)
 
 
@@ -205,7 +227,8 @@ def _auth_mount(text: str) -> str:
 @click.option("--username", help="LDAP username [default: asked on the terminal].")
 @click.option("--password-file", type=click.Path(dir_okay=False),
               help="Read the LDAP password from this file [default: asked on the terminal, else read from stdin].")
-@click.option("--ldap-mount", default="ldap", show_default=True, help="Path of Vault's LDAP auth method (auth/<mount>).")
+@click.option("--ldap-mount", default="ldap", show_default=True,
+              help="Path of Vault's LDAP auth method (auth/<mount>).")
 @click.option("--force", is_flag=True, help="Replace a generator token that is still live (the old one is revoked; "
               "any other live token is left alone and refused).")
 @click.option("--setup-vault", is_flag=True,
@@ -213,18 +236,17 @@ def _auth_mount(text: str) -> str:
               "operator's token with the vaulttmpfs-setup policy).")
 @click.option("--policies-dir", type=click.Path(file_okay=False),
               help="Where --setup-vault reads policies/ from [default: the one shipped with vaulttmpfs].")
-def bootstrap(token_path, policy, period, username, password_file, ldap_mount, force, setup_vault, policies_dir):
+@pass_config
+def bootstrap(obj: Settings, token_path, policy, period, username, password_file, ldap_mount, force, setup_vault,
+              policies_dir):
     """Give this node its generator token, logging in with VAULT_TOKEN if set, else with LDAP.
 
     The token is an orphan, periodic, with only the generator policy, written 0600. It is never
     printed; root tokens are refused.
     """
-    import os
-
     from .ops import bootstrap as node_bootstrap
-    from .config import Config
 
-    config = Config.from_env()
+    config = obj.config
     options = node_bootstrap.Options(
         token_path=token_path or config.generator_token_path, policy=policy, period=period, force=force,
         setup_vault=setup_vault, policies_dir=policies_dir, ldap_mount=ldap_mount)
@@ -239,8 +261,6 @@ def _ldap_credentials(username: str | None, password_file: str | None):
     for automation, --username plus the password from --password-file or stdin."""
 
     def ask() -> tuple[str, str]:
-        import sys
-
         on_terminal = sys.stdin.isatty()
         if not username and not on_terminal:
             raise click.UsageError("no terminal to ask on: pass --username, and the LDAP password on stdin "
@@ -291,18 +311,18 @@ def token(volume_dir: str, out_dir: str, renew: bool, renew_fraction: float, rev
 
 
 @cli.command("renew-generator")
-def renew_generator() -> None:
+@pass_config
+def renew_generator(obj: Settings) -> None:
     """Renew this node's generator token (cron); fails, saying what to do, when it is expired or revoked."""
     from .ops import bootstrap as node_bootstrap
-    from .config import Config
 
-    click.echo(node_bootstrap.renew_summary(node_bootstrap.renew_generator(Config.from_env())))
+    click.echo(node_bootstrap.renew_summary(node_bootstrap.renew_generator(obj.config)))
 
 
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="One JSON object, for scripts.")
-@click.option("--health-addr", default=_setting("VAULTTMPFS_HEALTH_ADDR", "127.0.0.1:9829"),
-              help="The agent's health endpoint [default: $VAULTTMPFS_HEALTH_ADDR, else 127.0.0.1:9829].")
+@setting_option("--health-addr", env="VAULTTMPFS_HEALTH_ADDR", default="127.0.0.1:9829",
+                help="The agent's health endpoint [default: $VAULTTMPFS_HEALTH_ADDR, else 127.0.0.1:9829].")
 @click.option("--kubelet-pid", type=int, help="Take the driver's environment from this process "
               "[default: the process named kubelet, else this command's environment].")
 def doctor(as_json: bool, health_addr: str, kubelet_pid: int | None) -> None:
@@ -312,8 +332,6 @@ def doctor(as_json: bool, health_addr: str, kubelet_pid: int | None) -> None:
     checks = node_doctor.run(health_addr=health_addr or None, kubelet_pid=kubelet_pid)
     result = node_doctor.report(checks)
     if as_json:
-        import json
-
         click.echo(json.dumps(result, indent=2))
     else:
         for check in checks:
@@ -324,15 +342,13 @@ def doctor(as_json: bool, health_addr: str, kubelet_pid: int | None) -> None:
 
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="One JSON object, for scripts.")
-def status(as_json: bool) -> None:
+@pass_config
+def status(obj: Settings, as_json: bool) -> None:
     """The volumes this node holds and the revocations it still owes (from the state dir, no Vault call)."""
     from .ops import status as node_status
-    from .config import Config
 
-    report = node_status.collect(Config.from_env())
+    report = node_status.collect(obj.config)
     if as_json:
-        import json
-
         click.echo(json.dumps(report, indent=2))
     else:
         for line in node_status.render(report):
@@ -340,23 +356,20 @@ def status(as_json: bool) -> None:
 
 
 @cli.command()
-@click.option("--plugin-dir", envvar="VAULTTMPFS_PLUGIN_DIR",
-              default=_setting("VAULTTMPFS_PLUGIN_DIR", "/usr/libexec/kubernetes/kubelet-plugins/volume/exec"),
-              help="The kubelet's --volume-plugin-dir (VAULTTMPFS_PLUGIN_DIR).")
+@setting_option("--plugin-dir", env="VAULTTMPFS_PLUGIN_DIR", default=Config.plugin_dir,
+                help="The kubelet's --volume-plugin-dir (VAULTTMPFS_PLUGIN_DIR).")
 @click.option("--keep-token", is_flag=True, help="Leave the node's generator token alive (e.g. to reinstall).")
-def uninstall(plugin_dir: str, keep_token: bool) -> None:
+@pass_config
+def uninstall(obj: Settings, plugin_dir: str, keep_token: bool) -> None:
     """Remove the driver from this node: refused while a volume is mounted; revokes the generator token."""
     from .ops import uninstall as remover
-    from .config import Config
 
-    result = remover.uninstall(Config.from_env(), plugin_dir, revoke=not keep_token)
+    result = remover.uninstall(obj.config, plugin_dir, revoke=not keep_token)
     for line in remover.summary(result):  # nothing imported from here on: the bundle may be gone
         click.echo(line)
 
 
 def main(argv: list[str]) -> int:
-    from .errors import DriverError
-
     try:
         cli.main(args=argv, prog_name="vaulttmpfs", standalone_mode=False)
     except click.exceptions.Abort:

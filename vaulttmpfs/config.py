@@ -11,8 +11,9 @@ from __future__ import annotations
 import os
 import re
 import stat
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
+from . import trust
 from .errors import DriverError
 
 # "ms" before "m": alternation takes the first that matches, and 1500ms is not 1500 minutes.
@@ -131,7 +132,6 @@ def check_trusted(path: str) -> None:
 
 def _open_trusted(path: str):
     """The file opened for reading once trusted; FileNotFoundError when there is none."""
-    from . import trust
 
     try:
         fd = trust.open_file(path, f"config file {path}", os.O_RDONLY | os.O_NONBLOCK)
@@ -185,6 +185,20 @@ def setting(name: str, default: str | None = None, env=None) -> str | None:
     return settings(env).get(name) or default
 
 
+def load(env=None) -> tuple["Config", Exception | None]:
+    """A call's settings, the config file read once: (config, None); when they are invalid,
+    (`Config.fallback` of what could be read, the error the call answers with)."""
+    env = os.environ if env is None else env
+    try:
+        values = settings(env)
+    except (DriverError, OSError) as exc:
+        return Config.fallback({k: v for k, v in env.items() if v}), exc
+    try:
+        return Config.from_settings(values), None
+    except DriverError as exc:
+        return Config.fallback(values), exc
+
+
 @dataclass(frozen=True)
 class Config:
     generator_token_path: str = "/etc/vaulttmpfs/vaulttoken"  # a dir of its own: mount only it
@@ -219,8 +233,15 @@ class Config:
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> "Config":
-        env = settings(env)
-        get = lambda name, default=None: env.get(name) or default  # noqa: E731
+        return cls.from_settings(settings(env))
+
+    @classmethod
+    def from_settings(cls, values: dict[str, str]) -> "Config":
+        """From settings already merged (`settings()`); a DriverError names the first invalid one."""
+
+        def get(name: str, default: str | None = None) -> str | None:
+            return values.get(name) or default
+
         wrap_ttl = get("VAULT_WRAP_TTL", cls.wrap_ttl)
         if parse_duration(wrap_ttl, "VAULT_WRAP_TTL") <= 0:
             raise DriverError(f"VAULT_WRAP_TTL={wrap_ttl!r} must be positive")
@@ -269,10 +290,25 @@ class Config:
             auth_jwt_path=get("VAULTTMPFS_AUTH_JWT_PATH", cls.auth_jwt_path),
         )
 
+    @classmethod
+    def fallback(cls, values: dict[str, str]) -> "Config":
+        """What a call whose settings are invalid still needs to leave its log line and its metrics
+        record: the log file, level and size bound, and the state dir; anything invalid is its default."""
+        level = values.get("VAULTTMPFS_LOG_LEVEL") or cls.log_level
+        max_bytes = values.get("VAULTTMPFS_LOG_MAX_BYTES") or str(cls.log_max_bytes)
+        try:
+            level = log_level(level)
+        except DriverError:
+            level = cls.log_level
+        try:
+            max_bytes = byte_size(max_bytes, "VAULTTMPFS_LOG_MAX_BYTES")
+        except DriverError:
+            max_bytes = cls.log_max_bytes
+        return cls(log_file=values.get("VAULTTMPFS_LOG_FILE") or cls.log_file, log_level=level,
+                   log_max_bytes=max_bytes, state_dir=values.get("VAULTTMPFS_STATE_DIR") or cls.state_dir)
+
     def public(self) -> dict:
         """Every setting by field name (no credential is a setting): for doctor and the agent's report."""
-        from dataclasses import asdict
-
         return asdict(self)
 
 

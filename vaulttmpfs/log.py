@@ -10,10 +10,15 @@ generation kept) and every writer moves to the new file; SIGHUP makes the agent 
 
 from __future__ import annotations
 
+import fcntl
+import json
 import os
+import stat
 import sys
 import threading
 from typing import Any
+
+import structlog
 
 _secrets: dict[str, None] = {}  # insertion-ordered: the oldest go first when the cap is reached
 # Secrets indexed by the WINDOW-character slices ending at their last WINDOW positions: a line is
@@ -70,8 +75,6 @@ def _windows(form: str) -> set[str]:
 def _forms(value: str) -> list[str]:
     """The value as it may appear on a written line: as is or stripped, inside a repr(), and each
     of those JSON-escaped (lines are masked as rendered, after JSON added its escapes)."""
-    import json
-
     plain = {value, value.strip()}
     quoted = plain | {repr(form)[1:-1] for form in plain}
     written = quoted | {json.dumps(form)[1:-1] for form in quoted}
@@ -131,7 +134,6 @@ class _LogFile:
         if parent:
             os.makedirs(parent, mode=0o755, exist_ok=True)
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        import stat
 
         self.regular = stat.S_ISREG(os.fstat(fd).st_mode)  # not /dev/stdout: never rotated
         return fd
@@ -157,8 +159,6 @@ class _LogFile:
         return (now.st_dev, now.st_ino) != (ours.st_dev, ours.st_ino)
 
     def _rotate(self) -> None:
-        import fcntl
-
         fcntl.flock(self.fd, fcntl.LOCK_EX)  # two writers past the limit: only one renames
         try:
             if not self._moved():
@@ -183,46 +183,39 @@ def reopen() -> None:
         _file.reopen_requested = True
 
 
-def _options() -> tuple[int, int]:
-    """(level, max bytes) from the settings; defaults when they cannot be read (a log must not fail a call)."""
-    try:
-        from .config import Config, byte_size, log_level, setting
-
-        level = log_level(setting("VAULTTMPFS_LOG_LEVEL", Config.log_level))
-        max_bytes = byte_size(setting("VAULTTMPFS_LOG_MAX_BYTES", str(Config.log_max_bytes)),
-                              "VAULTTMPFS_LOG_MAX_BYTES")
-        return LEVELS[level], max_bytes
-    except Exception:  # noqa: BLE001
-        return LEVELS["info"], 10 * 1024 * 1024
-
-
-def get(log_file: str | None = None, **context: Any):
-    """The process-wide logger (configured on first use), bound to `context`."""
+def configure(config) -> None:
+    """Where this process's lines go, from its settings (`config.log_file`, `log_level`,
+    `log_max_bytes`): once, by the front end that read them (a driver call, an operator command,
+    the agent, the pod's command). A file that cannot be opened turns logging off, never a call."""
     global _logger, _file
-    if _logger is None:
-        level, max_bytes = _options()
-        try:
-            _file = _LogFile(log_file, max_bytes) if log_file and log_file != STDERR else None
-        except OSError:
-            _file = None
-        # pod-side commands: a container's log is its stderr
-        handle = sys.stderr if log_file == STDERR else _file
-        if handle is None:
-            _logger = _NullLogger()
-        else:
-            import structlog
+    if _file is not None:
+        os.close(_file.fd)
+    log_file = config.log_file
+    try:
+        _file = _LogFile(log_file, config.log_max_bytes) if log_file and log_file != STDERR else None
+    except OSError:
+        _file = None
+    handle = sys.stderr if log_file == STDERR else _file  # pod-side commands: a container's log is its stderr
+    if handle is None:
+        _logger = _NullLogger()
+        return
 
-            _logger = structlog.wrap_logger(
-                structlog.WriteLogger(handle),
-                wrapper_class=structlog.make_filtering_bound_logger(level),
-                processors=[
-                    structlog.processors.add_log_level,
-                    structlog.processors.TimeStamper(fmt="iso", utc=True),
-                    structlog.processors.format_exc_info,
-                    structlog.processors.JSONRenderer(sort_keys=False),
-                    _redact_processor,  # on the line as written: one search, each escaped form registered
-                ],
-                context_class=dict,
-                cache_logger_on_first_use=True,
-            ).bind(pid=os.getpid())
-    return _logger.bind(**context) if context else _logger
+    _logger = structlog.wrap_logger(
+        structlog.WriteLogger(handle),
+        wrapper_class=structlog.make_filtering_bound_logger(LEVELS.get(config.log_level, LEVELS["info"])),
+        processors=[
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            structlog.processors.JSONRenderer(sort_keys=False),
+            _redact_processor,  # on the line as written: one search, each escaped form registered
+        ],
+        context_class=dict,
+        cache_logger_on_first_use=True,
+    ).bind(pid=os.getpid())
+
+
+def get(**context: Any):
+    """The process's logger, bound to `context`; one that writes nothing until `configure()`."""
+    logger = _logger if _logger is not None else _NullLogger()
+    return logger.bind(**context) if context else logger

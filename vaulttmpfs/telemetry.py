@@ -8,8 +8,12 @@ the agent (relayed calls, its own Vault calls) a sink set by `node.metrics` take
 
 from __future__ import annotations
 
+import fcntl
+import json
 import os
 import threading
+
+from .errors import BadRequest, DriverError, VaultDenied, VaultUnavailable
 
 SPOOL_DIR = "metrics"
 SPOOL_FILE = "calls.jsonl"
@@ -40,8 +44,6 @@ def failed(exc: BaseException) -> None:
 
 
 def reason(exc: BaseException) -> str:
-    from .errors import BadRequest, DriverError, VaultDenied, VaultUnavailable
-
     if isinstance(exc, VaultUnavailable):
         return "vault_unavailable"
     if isinstance(exc, VaultDenied):
@@ -63,9 +65,10 @@ def vault_call(action: str, seconds: float, ok: bool) -> None:
         _local.vault.append([kind, round(seconds, 6), 1 if ok else 0])
 
 
-def finish(verb: str, ok: bool, seconds: float, via: str = "driver", front_end: str = "flexvolume",
-           relay: str = "", state_dir: str | None = None) -> None:
-    """Record the call that began on this thread; never raises (metrics must not fail a mount)."""
+def finish(verb: str, ok: bool, seconds: float, state_dir: str, via: str = "driver", front_end: str = "flexvolume",
+           relay: str = "") -> None:
+    """Record the call that began on this thread, in the agent's sink, else spooled under the call's
+    `state_dir`; never raises (metrics must not fail a mount)."""
     record = {"verb": verb, "front_end": front_end, "via": via, "outcome": "success" if ok else "failure",
               "reason": "ok" if ok else getattr(_local, "reason", "internal"), "seconds": round(seconds, 6),
               "vault": getattr(_local, "vault", None) or [], "relay": relay}
@@ -76,21 +79,12 @@ def finish(verb: str, ok: bool, seconds: float, via: str = "driver", front_end: 
         if _sink is not None:
             _sink.call(record)
         else:
-            _append(state_dir or _state_dir(), record)
+            _append(state_dir, record)
     except Exception:  # noqa: BLE001
         pass
 
 
-def _state_dir() -> str:
-    from .config import Config, setting
-
-    return setting("VAULTTMPFS_STATE_DIR", Config.state_dir)
-
-
 def _append(state_dir: str, record: dict) -> None:
-    import fcntl
-    import json
-
     directory = os.path.join(state_dir, SPOOL_DIR)
     if not os.path.isdir(directory):
         os.makedirs(state_dir, mode=0o700, exist_ok=True)  # makedirs' mode covers only the last level
@@ -107,9 +101,6 @@ def _append(state_dir: str, record: dict) -> None:
 
 def fold(state_dir: str) -> list[dict]:
     """Take every record the driver processes spooled (the agent calls this); the file is left empty."""
-    import fcntl
-    import json
-
     try:
         fd = os.open(os.path.join(state_dir, SPOOL_DIR, SPOOL_FILE), os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
     except FileNotFoundError:

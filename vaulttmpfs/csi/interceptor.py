@@ -29,8 +29,8 @@ def call_fields(request) -> dict:
 
 
 class LogAndMap(grpc.ServerInterceptor):
-    def __init__(self, log_file: str):
-        self.log_file = log_file
+    def __init__(self, state_dir: str):
+        self.state_dir = state_dir  # where a call is spooled for /metrics when the agent serves none
 
     def intercept_service(self, continuation, handler_call_details):
         handler = continuation(handler_call_details)
@@ -43,15 +43,16 @@ class LogAndMap(grpc.ServerInterceptor):
 
         def serve(request, context):
             started = time.monotonic()
-            logger = log.get(self.log_file, component="csi", rpc=method, **call_fields(request))
+            logger = log.get(component="csi", rpc=method, **call_fields(request))
             if verb:
                 telemetry.begin()
             try:
                 response = inner(request, context)
-            except Exception as exc:  # noqa: BLE001 -- every failure becomes a status, never a stack
+            except Exception as exc:  # every failure becomes a status, never a stack
                 if verb:
                     telemetry.failed(exc)
-                    telemetry.finish(verb, False, time.monotonic() - started, via="agent", front_end="csi")
+                    telemetry.finish(verb, False, time.monotonic() - started, self.state_dir, via="agent",
+                                     front_end="csi")
                 code, message = status.of(exc)
                 elapsed = round((time.monotonic() - started) * 1000, 1)
                 if status.is_bug(exc):
@@ -60,7 +61,7 @@ class LogAndMap(grpc.ServerInterceptor):
                     logger.warning("csi call failed", code=code.name, error=message, ms=elapsed)
                 context.abort(code, message)
             if verb:
-                telemetry.finish(verb, True, time.monotonic() - started, via="agent", front_end="csi")
+                telemetry.finish(verb, True, time.monotonic() - started, self.state_dir, via="agent", front_end="csi")
             if method not in _QUIET:
                 logger.info("csi call", code="OK", ms=round((time.monotonic() - started) * 1000, 1))
             return response

@@ -5,9 +5,9 @@ from __future__ import annotations
 import os
 import stat
 
-from . import files
 from .. import trust
 from ..errors import DriverError
+from . import files
 
 
 def read_token(path: str) -> str:

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from . import volume
 from ..errors import BadRequest
+from . import volume
 
 
 @dataclass(frozen=True)

@@ -22,14 +22,14 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Callable
 
 from .. import log
-from . import generator, volume
 from ..config import Config
 from ..errors import Conflict, DriverError, Forbidden, VaultDenied
 from ..vault.client import TokenNotWrapped, Vault  # hvac itself is imported only when a call is made
+from . import generator, volume
 from .layout import FLEXVOLUME, Layout
 from .record import FROM_METADATA, GONE, NOTHING, QUEUED, REVOKED, MadeWith, Minted, Revocation, VolumeRecord
 from .state import StateStore
-from .volume import MOUNT_SOURCE  # noqa: F401 -- ops.uninstall reads it here
+from .volume import MOUNT_SOURCE
 
 if TYPE_CHECKING:  # annotations only: the exec path need not build the Protocol classes
     from .interfaces import Filesystem, Store, VaultFactory
@@ -145,7 +145,7 @@ class Engine:
             if undo_prepared:
                 _on_failure(undo, undo_prepared)
             fs.check_target(request.mount_dir)
-            logger = log.get(config.log_file, verb="mount", dir=request.mount_dir)
+            logger = log.get(verb="mount", dir=request.mount_dir)
             request = self._admit(request, logger)
             logger = logger.bind(pod_uid=request.pod_uid)
             undo.enter_context(self.store.locked(request.mount_dir))  # released after the undo below
@@ -270,7 +270,7 @@ class Engine:
 
     def unmount(self, mount_dir: str) -> str:
         fs = self.fs
-        logger = log.get(self.config.log_file, verb="unmount", dir=mount_dir)
+        logger = log.get(verb="unmount", dir=mount_dir)
         with self.store.locked(mount_dir):
             record = self._volume_record(mount_dir)
             outcome = self.revoke_or_queue(record, logger, why="unmount") if record else Revocation(NOTHING)
@@ -312,7 +312,7 @@ class Engine:
         return Revocation(outcome, accessors[0])
 
     def retry_pending(self) -> dict[str, int]:
-        logger = log.get(self.config.log_file, verb="retry-revocations")
+        logger = log.get(verb="retry-revocations")
         done = failed = 0
         for pending in self.store.list_pending():
             record = VolumeRecord(pending["accessor"], pod_uid=str(pending.get("pod_uid") or ""))

@@ -75,7 +75,7 @@ def examine(config: Config, mount_dir: str) -> tuple[str, str]:
 def reconcile(config: Config, dry_run: bool = False) -> dict[str, Any]:
     """One pass over the volume records; with dry_run, only says what it would revoke."""
     store = StateStore(config.state_dir)
-    logger = log.get(config.log_file, verb="reconcile")
+    logger = log.get(verb="reconcile")
     outcomes = [_one(config, store, record, dry_run, logger) for record in store.list_volumes()]
     errors = [f"{o.mount_dir}: {o.detail}" for o in outcomes if o.action == "error"]
     if any(o.reason == "pods_dir_not_visible" for o in outcomes):

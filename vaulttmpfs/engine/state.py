@@ -25,7 +25,6 @@ from .. import trust
 from . import files, volume
 from .record import VolumeRecord
 
-
 _TRUSTED_ROOTS: set[str] = set()
 
 

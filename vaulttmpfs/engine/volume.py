@@ -13,8 +13,8 @@ import os
 import stat
 from typing import Iterator
 
-from . import files
 from ..errors import DriverError
+from . import files
 
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT = 1, 2, 4, 8, 32
 MNT_DETACH = 2

@@ -4,12 +4,17 @@ The kubelet reads stdout and stderr as one buffer that must be a single JSON obj
 both descriptors are pointed at /dev/null for the whole call (a stray warning from any
 library cannot corrupt the answer) and the answer is written to a saved copy of stdout.
 Nothing here raises.
+
+Imports sit in the functions that use them: `init` runs on every plugin probe and loads nothing but
+this module (json and re ~8 ms, config ~10 ms, the engine and hvac far more: see README,
+Performance), and a relayed call loads only `relay`; tests/test_exec_path.py checks both.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+import time  # built in: no file to load
 
 from ..errors import BadRequest, DriverError
 
@@ -57,7 +62,7 @@ def parse_fs_group(text: str | None) -> int | None:
 
 
 def mount_request(mount_dir: str, options: dict[str, str], default_role: str):
-    from ..engine import attributes
+    from ..engine import attributes  # the engine: a call the driver does itself, never init or a relayed one
     from ..engine.operation import MountRequest
 
     return MountRequest(
@@ -82,38 +87,44 @@ INIT_ANSWER = answer(SUCCESS, capabilities={"attach": False, "fsGroup": False})
 INIT_PAYLOAD = b'{"status": "Success", "capabilities": {"attach": false, "fsGroup": false}}\n'
 
 
-def init(_args: list[str], _env=None) -> dict:
+def init(_args: list[str], _settings=None) -> dict:
     return INIT_ANSWER
 
 
-def mount(args: list[str], env=None) -> dict:
+def mount(args: list[str], settings) -> dict:
     # The kubelet sends `mount <dir> <json>`; very old ones sent `mount <dir> <device> <json>`.
     if len(args) not in (2, 3):
         raise BadCall(f"mount takes <mount dir> <json options>, got {len(args)} arguments")
     mount_dir, options = args[0], parse_options(args[-1])
-    from ..engine import operation as driver
-    from ..config import Config
+    from ..engine import operation as driver  # see mount_request
 
-    config = Config.from_env(env)
+    config = _valid(settings)
     return answer(SUCCESS, driver.mount(config, mount_request(mount_dir, options, config.role_name)))
 
 
-def unmount(args: list[str], env=None) -> dict:
+def unmount(args: list[str], settings) -> dict:
     if len(args) != 1:
         raise BadCall(f"unmount takes <mount dir>, got {len(args)} arguments")
-    from ..engine import operation as driver
-    from ..config import Config
+    from ..engine import operation as driver  # see mount_request
 
-    return answer(SUCCESS, driver.unmount(Config.from_env(env), args[0]))
+    return answer(SUCCESS, driver.unmount(_valid(settings), args[0]))
+
+
+def _valid(settings):
+    """The call's Config, or the error its settings had (the call's answer), checked after its arguments."""
+    config, problem = settings
+    if problem is not None:
+        raise problem
+    return config
 
 
 VERBS = {"init": init, "mount": mount, "unmount": unmount}
 
 
-def handle(argv: list[str], env: dict[str, str] | None = None) -> dict:
+def handle(argv: list[str], settings=None) -> dict:
     """One call to one answer. Every exception becomes a Failure; nothing propagates.
 
-    `env`: the settings to use instead of this process's environment (the node agent's relay).
+    `settings`: the call's `config.load()` result (the node agent's relay loads the caller's).
     Every call but `init` (a fixed answer the kubelet probes with, kept free of imports) leaves
     one outcome line in the log.
     """
@@ -125,18 +136,25 @@ def handle(argv: list[str], env: dict[str, str] | None = None) -> dict:
         reply = answer(NOT_SUPPORTED, f"verb {argv[0]!r} is not supported" if argv else "no verb given")
     else:
         try:
-            reply = verb(argv[1:], env)
+            reply = verb(argv[1:], settings or load_settings())
         except BaseException as exc:  # noqa: BLE001 -- the answer must always be JSON
             _note_failure(exc)
-            reply = answer(FAILURE, _describe(exc, env))
-    _log_outcome(argv, env, reply, _now() - started)
+            reply = answer(FAILURE, _describe(exc))
+    _log_outcome(argv, reply, _now() - started)
     return reply
 
 
-def _log_outcome(argv: list[str], env, reply: dict, seconds: float) -> None:
+def load_settings(env=None):
+    """`config.load(env)`: the call's settings, read once (`init` never reads them)."""
+    from ..config import load  # not for init (dataclasses -> inspect) nor a relayed call
+
+    return load(env)
+
+
+def _log_outcome(argv: list[str], reply: dict, seconds: float) -> None:
     """verb, dir, pod, result, duration, error: what an operator looks for first. Never raises."""
     try:
-        from .. import log
+        from .. import log  # structlog: only a call that logs
 
         verb, args = (argv[0], argv[1:]) if argv else ("", [])
         # Only a path: an unknown verb's first argument may be the options, secrets included.
@@ -145,7 +163,7 @@ def _log_outcome(argv: list[str], env, reply: dict, seconds: float) -> None:
                   "ms": round(seconds * 1000, 1)}
         if reply["status"] != SUCCESS:
             fields["error"] = reply.get("message")
-        logger = log.get(_log_file(env))
+        logger = log.get()
         (logger.info if reply["status"] == SUCCESS else logger.warning)("driver call", **fields)
     except BaseException:  # noqa: BLE001 -- a log that cannot be written must not change the answer
         pass
@@ -166,34 +184,25 @@ def _pod_of(verb: str, args: list[str]) -> dict[str, str]:
     return pod
 
 
-def _log_file(env) -> str:
-    from ..config import Config, setting
-
-    try:
-        return setting("VAULTTMPFS_LOG_FILE", Config.log_file, env)  # the config file's, or the environment's
-    except Exception:  # noqa: BLE001 -- e.g. an untrusted config file: that call's answer says so
-        return (os.environ if env is None else env).get("VAULTTMPFS_LOG_FILE") or Config.log_file
-
-
 def _note_failure(exc: BaseException) -> None:
     try:
-        from .. import telemetry
+        from .. import telemetry  # not for init nor a relayed call (the agent counts it)
 
         telemetry.failed(exc)
     except BaseException:  # noqa: BLE001
         pass
 
 
-def _describe(exc: BaseException, env=None) -> str:
+def _describe(exc: BaseException) -> str:
     if isinstance(exc, DriverError):
         return str(exc)
     if isinstance(exc, OSError):
         return f"{exc.strerror or exc} ({exc.filename})" if exc.filename else str(exc)
     # A bug: say what it is; the traceback goes to the log.
     try:
-        from .. import log
+        from .. import log  # structlog: only a call that logs
 
-        log.get(_log_file(env)).error("unexpected error", exc_info=exc)
+        log.get().error("unexpected error", exc_info=exc)
     except BaseException:  # noqa: BLE001
         pass
     return f"internal error: {type(exc).__name__}: {exc}"
@@ -203,7 +212,7 @@ def encode(reply: dict) -> tuple[bytes, int]:
     """The bytes the kubelet reads for `reply`, and the exit code to go with them."""
     if reply == INIT_ANSWER:
         return INIT_PAYLOAD, 0
-    import json
+    import json  # not for init: its answer is pre-encoded
 
     try:
         payload = json.dumps(reply)
@@ -216,47 +225,55 @@ def encode(reply: dict) -> tuple[bytes, int]:
 def main(argv: list[str]) -> int:
     reply_fd = _silence_std_streams()
     counted = bool(argv) and argv[0] in ("mount", "unmount")  # not init: it runs on every probe
-    relayed = None
+    relayed = settings = None
     try:
         started = _now() if counted else 0.0
         relayed = _relay(argv)
         if relayed is None and counted:
             _begin()  # only now: a relayed call is the agent's to count, and threading costs ~4 ms
-        payload, code = relayed if relayed is not None else encode(handle(argv))
+        if relayed is None and argv[:1] != ["init"]:
+            settings = _configure()
+        payload, code = relayed if relayed is not None else encode(handle(argv, settings))
     except BaseException as exc:  # noqa: BLE001 -- a bug in the relay client still answers JSON
         payload, code = encode(answer(FAILURE, _describe(exc)))
     os.write(reply_fd, payload)
     if counted and relayed is None:  # a relayed call is counted by the agent that did it
-        _finish(argv[0], code == 0, started)
+        _finish(argv[0], code == 0, started, settings)
     # The answer is out and nothing is left to flush (log lines are flushed one by one, state files
     # are fsynced and closed): skip the interpreter's teardown, ~3 ms of every kubelet call.
     os._exit(code)
 
 
 def _now() -> float:
-    import time  # built in: no file to load
-
     return time.monotonic()
+
+
+def _configure():
+    """This call's settings, read once, and the log set up from them (an invalid setting still logs)."""
+    from .. import log  # structlog: only a call that logs
+
+    settings = load_settings()
+    log.configure(settings[0])
+    return settings
 
 
 def _begin() -> None:
     try:
-        from .. import telemetry
+        from .. import telemetry  # not for init nor a relayed call (the agent counts it)
 
         telemetry.begin()
     except BaseException:  # noqa: BLE001 -- counting must never fail the call
         pass
 
 
-def _finish(verb: str, ok: bool, started: float) -> None:
+def _finish(verb: str, ok: bool, started: float, settings) -> None:
     """One record for the agent's /metrics, spooled in the state dir (see telemetry); never fails the call."""
     try:
-        import time
+        from .. import telemetry  # not for init nor a relayed call (the agent counts it)
+        from . import relay  # mount and unmount only
 
-        from .. import telemetry
-        from . import relay
-
-        telemetry.finish(verb, ok, time.monotonic() - started, relay="fallback" if relay.fell_back else "")
+        telemetry.finish(verb, ok, time.monotonic() - started, settings[0].state_dir,
+                         relay="fallback" if relay.fell_back else "")
     except BaseException:  # noqa: BLE001
         pass
 
@@ -266,7 +283,7 @@ def _relay(argv: list[str]) -> tuple[bytes, int] | None:
     if not argv or argv[0] not in ("mount", "unmount"):
         return None
     try:
-        from . import relay
+        from . import relay  # mount and unmount only
     except ImportError:
         return None
     return relay.forward(argv)

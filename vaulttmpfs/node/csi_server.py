@@ -12,10 +12,16 @@ import os
 import socket
 import stat
 import threading
+from concurrent import futures
+
+import grpc
 
 from .. import log
 from ..config import Config
+from ..csi import csi_pb2_grpc, servicers
+from ..csi.interceptor import LogAndMap
 from ..errors import DriverError
+from .service import Service
 
 # Concurrent RPCs; a node's burst of pod starts queues behind these. A call is mostly Python under
 # one GIL: more threads only contend for it (50 concurrent publishes took ~1.4x longer with 32).
@@ -31,8 +37,8 @@ def socket_path(endpoint: str) -> str:
     return path
 
 
-class CsiServer:
-    """A `Service` of the agent (start/stop/status/healthy/alive)."""
+class CsiServer(Service):
+    """The agent's CSI node plugin."""
 
     name = "csi"
 
@@ -46,19 +52,11 @@ class CsiServer:
         self._stopped = threading.Event()
 
     def start(self) -> None:
-        from concurrent import futures
-
-        import grpc
-
-        from ..csi import csi_pb2_grpc, servicers
-        from ..csi.interceptor import LogAndMap
-
-        log.get(self.config.log_file)  # configure once, before worker threads race to it
         _refuse_if_served(self.path)
         temp = f"{self.path}.{os.getpid()}.tmp"
         _unlink_stale(temp)
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="csi"),
-                             interceptors=[LogAndMap(self.config.log_file)])
+                             interceptors=[LogAndMap(self.config.state_dir)])
         csi_pb2_grpc.add_IdentityServicer_to_server(servicers.Identity(), server)
         csi_pb2_grpc.add_ControllerServicer_to_server(servicers.Controller(), server)
         csi_pb2_grpc.add_NodeServicer_to_server(servicers.Node(self.config, self.jwt_login), server)
@@ -75,7 +73,7 @@ class CsiServer:
             _unlink_stale(temp)
             raise DriverError(f"CSI server cannot place its socket at {self.path}: {exc.strerror}") from None
         self._server, self._inode = server, os.stat(self.path).st_ino
-        log.get(self.config.log_file, component="csi").info("csi listening", socket=self.path)
+        log.get(component="csi").info("csi listening", socket=self.path)
 
     def stop(self) -> None:
         if self._server is None:

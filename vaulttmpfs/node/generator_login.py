@@ -10,10 +10,14 @@ does (0600, atomic, durable). A root token is refused; neither the JWT nor a tok
 
 from __future__ import annotations
 
-from .. import log
+import os
+
+from .. import log, trust
 from ..config import Config
+from ..engine import generator
 from ..errors import DriverError, VaultDenied
-from .agent import GeneratorRenewal
+from ..vault.client import Vault
+from .generator_renewal import GeneratorRenewal
 
 MAX_JWT_BYTES = 16 * 1024
 
@@ -27,10 +31,7 @@ class GeneratorLogin(GeneratorRenewal):
         self._login_lease = 0.0
 
     def run_once(self) -> float:
-        from ..engine import generator
-        from ..vault.client import Vault
-
-        logger = log.get(self.config.log_file, service=self.name)
+        logger = log.get(service=self.name)
         try:
             token = generator.read_token(self.config.generator_token_path)
         except DriverError as exc:
@@ -52,8 +53,6 @@ class GeneratorLogin(GeneratorRenewal):
         return self._renewed(logger, auth)
 
     def _login(self, logger, why: str) -> float:
-        from ..vault.client import Vault
-
         config = self.config
         try:
             jwt = _read_jwt(config.auth_jwt_path)
@@ -79,8 +78,6 @@ class GeneratorLogin(GeneratorRenewal):
         return self._renewed(logger, auth, event="generator token written", renewal=False)
 
     def _revoke_quietly(self, token: str, accessor: str | None, logger) -> None:
-        from ..vault.client import Vault
-
         if not accessor:
             return
         try:
@@ -92,11 +89,6 @@ class GeneratorLogin(GeneratorRenewal):
 
 def _write(path: str, token: str) -> None:
     """As bootstrap writes it: into a 0700 dir that only root can change (sshd's rule), atomically."""
-    import os
-
-    from .. import trust
-    from ..engine import generator
-
     trust.check_parent(path, "generator token path")  # and again once made: another user may have made it first
     os.makedirs(os.path.dirname(os.path.abspath(path)), mode=0o700, exist_ok=True)
     trust.check_parent(path, "generator token path")

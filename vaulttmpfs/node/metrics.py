@@ -11,11 +11,17 @@ every scrape and every FOLD_INTERVAL, so calls made without the agent are counte
 from __future__ import annotations
 
 import threading
+from http.server import BaseHTTPRequestHandler
 from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from .. import log, telemetry
 from ..config import Config
-from .agent import Loop, serve_http
+from ..engine.state import StateStore
+from .httpd import serve_http
+from .service import Family, Loop
 
 FOLD_INTERVAL = 15.0
 FRONT_ENDS = ("flexvolume", "csi")  # label values are a fixed set, whatever a spool line says
@@ -28,8 +34,6 @@ class Metrics:
     """The counters and histograms; `telemetry`'s sink inside the agent."""
 
     def __init__(self, registry):
-        from prometheus_client import Counter, Histogram
-
         self.lock = threading.Lock()
         self.operations = Counter("vaulttmpfs_volume_operations", "Volume calls (mount/unmount) by outcome",
                                   ["verb", "front_end", "via", "outcome", "reason"], registry=registry)
@@ -64,7 +68,7 @@ class Metrics:
 
 
 class NodeState:
-    """Gauges read at scrape time from the state dir and the agent's services."""
+    """Gauges read at scrape time from the state dir, and each service's own families (`Service.metrics`)."""
 
     def __init__(self, config: Config, services: list):
         self.config = config
@@ -74,58 +78,24 @@ class NodeState:
         return []
 
     def collect(self):
-        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-
-        from ..engine.state import StateStore
-
         store = StateStore(self.config.state_dir)
         yield GaugeMetricFamily("vaulttmpfs_pending_revocations", "Pod tokens queued for revocation",
                                 value=len(store.list_pending()))
         yield GaugeMetricFamily("vaulttmpfs_volumes", "Volumes this node holds (state records)",
                                 value=len(store.list_volumes()))
         for service in self.services:
-            if service.name == "generator":
-                yield from _generator(service.status())
-            elif service.name == "relay":
-                counts = CounterMetricFamily("vaulttmpfs_relay_connections", "Relay connections by result",
-                                             labels=["result"])
-                for result, count in service.status().items():
-                    if result in ("relayed", "refused", "dropped", "failed"):
-                        counts.add_metric([result], count)
-                yield counts
-            elif service.name == "reconcile":
-                yield from _reconcile(service.status())
+            for family in service.metric_families():
+                yield prometheus_family(family)
 
 
-def _generator(status: dict[str, Any]):
-    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-
-    if status.get("expires_in") is not None:
-        yield GaugeMetricFamily("vaulttmpfs_generator_token_ttl_seconds",
-                                "Seconds the generator token stays valid without another renewal",
-                                value=status["expires_in"])
-    yield GaugeMetricFamily("vaulttmpfs_generator_renewal_ok", "1 if the last renewal (or login) succeeded",
-                            value=1 if status.get("last_error") is None else 0)
-    renewals = CounterMetricFamily("vaulttmpfs_generator_renewals", "Generator token renewals by result",
-                                   labels=["result"])
-    renewals.add_metric(["success"], status.get("renewals", 0))
-    renewals.add_metric(["failure"], status.get("failures", 0))
-    yield renewals
-
-
-def _reconcile(status: dict[str, Any]):
-    from prometheus_client.core import CounterMetricFamily
-
-    from ..engine.reconcile import REVOKE_REASONS
-
-    revocations = CounterMetricFamily("vaulttmpfs_reconcile_revocations",
-                                      "Tokens reconcile revoked (or queued) because their volume dir was gone",
-                                      labels=["reason"])
-    for reason in REVOKE_REASONS:  # a fixed label set
-        revocations.add_metric([reason], status["by_reason"].get(reason, 0))
-    yield revocations
-    yield CounterMetricFamily("vaulttmpfs_reconcile_rounds", "Reconcile passes over the volume records",
-                              value=status["rounds"])
+def prometheus_family(family: Family):
+    made = {"gauge": GaugeMetricFamily, "counter": CounterMetricFamily}[family.kind]
+    if not family.labels:
+        return made(family.name, family.help, value=family.samples[0][1])
+    result = made(family.name, family.help, labels=list(family.labels))
+    for labels, value in family.samples:
+        result.add_metric(list(labels), value)
+    return result
 
 
 class MetricsServer(Loop):
@@ -135,8 +105,6 @@ class MetricsServer(Loop):
 
     def __init__(self, config: Config, addr: str, services: list):
         super().__init__()
-        from prometheus_client import CollectorRegistry
-
         self.config = config
         self.addr = addr
         self.registry = CollectorRegistry()
@@ -162,14 +130,10 @@ class MetricsServer(Loop):
         return FOLD_INTERVAL
 
     def start(self) -> None:
-        from http.server import BaseHTTPRequestHandler
-
-        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-
         server = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_GET(self):  # noqa: N802 -- http.server's naming
+            def do_GET(self):
                 if self.path.split("?", 1)[0] != "/metrics":
                     self.send_error(404, "try /metrics")
                     return

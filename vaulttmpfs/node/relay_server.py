@@ -7,27 +7,32 @@ wire format both halves share.
 from __future__ import annotations
 
 import os
+import socket
+import stat
+import struct
+import threading
+import time
 
-from ..flexvolume.relay import (BANNER, MAX_FRAME, Refused, _connect, decode_request, encode_reply)
+from .. import log, telemetry
+from ..errors import DriverError
+from ..flexvolume import protocol
+from ..flexvolume.relay import BANNER, MAX_FRAME, Refused, _connect, decode_request, encode_reply
+from .service import Family, Service
+
 
 def handle_call(argv: list[str], env: dict[str, str]) -> tuple[bytes, int]:
     """Run one kubelet call in this process, as the driver would with the caller's settings."""
-    import time
-
-    from .. import telemetry
-    from ..flexvolume import protocol
-
     telemetry.begin()
     started = time.monotonic()
-    payload, code = protocol.encode(protocol.handle(argv, env))
+    settings = protocol.load_settings(env)  # the caller's, not the agent's; the log stays the agent's
+    payload, code = protocol.encode(protocol.handle(argv, settings))
     if argv and argv[0] in ("mount", "unmount"):
-        telemetry.finish(argv[0], code == 0, time.monotonic() - started, via="relay",
-                         state_dir=env.get("VAULTTMPFS_STATE_DIR"))
+        telemetry.finish(argv[0], code == 0, time.monotonic() - started, settings[0].state_dir, via="relay")
     return payload, code
 
 
-class RelayServer:
-    """Serves the socket for the agent; a `Service` there (start/stop/status/healthy/alive)."""
+class RelayServer(Service):
+    """Serves the socket for the agent."""
 
     name = "relay"
     MAX_INFLIGHT = 128  # past this, callers wait for the banner and then do the work themselves
@@ -35,8 +40,6 @@ class RelayServer:
     STOP_GRACE = 120.0  # a call in flight is finished, not cut: a half-done mount helps nobody
 
     def __init__(self, config, handler=handle_call):
-        import threading
-
         self.config = config
         self.path = config.agent_socket
         self.handler = handler
@@ -50,16 +53,11 @@ class RelayServer:
         self._thread = None
 
     def start(self) -> None:
-        import threading
-
-        from .. import log
-
-        log.get(self.config.log_file)  # configure once, before worker threads race to it
         _warm_up()
         self._sock, self._inode = _listen(self.path)
         self._thread = threading.Thread(target=self._accept_loop, name="relay", daemon=True)
         self._thread.start()
-        log.get(self.config.log_file, component="relay").info("relay listening", socket=self.path)
+        log.get(component="relay").info("relay listening", socket=self.path)
 
     def stop(self) -> None:
         self._stopping.set()
@@ -79,15 +77,16 @@ class RelayServer:
     def alive(self) -> bool:
         return bool(self._thread and self._thread.is_alive())
 
+    def metric_families(self) -> list[Family]:
+        status = self.status()
+        return [Family("counter", "vaulttmpfs_relay_connections", "Relay connections by result", ("result",),
+                       tuple(((result,), status[result]) for result in ("relayed", "refused", "dropped", "failed")))]
+
     def _count(self, what: str) -> None:
         with self._lock:
             self.counts[what] += 1
 
     def _accept_loop(self) -> None:
-        import threading
-
-        from .. import log
-
         self._sock.settimeout(0.2)  # wakes up to notice stop()
         try:
             while not self._stopping.is_set():
@@ -111,13 +110,11 @@ class RelayServer:
             self._sock.close()
 
     def _serve(self, conn) -> None:
-        from .. import log
-
-        logger = log.get(self.config.log_file, component="relay")
+        logger = log.get(component="relay")
         try:
             with conn:
                 self._serve_call(conn, logger)
-        except Exception as exc:  # noqa: BLE001 -- one broken call must not take the agent down
+        except Exception as exc:  # one broken call must not take the agent down
             self._count("failed")
             logger.error("relay call failed", exc_info=exc)
         finally:
@@ -126,8 +123,6 @@ class RelayServer:
             self._slots.release()
 
     def _serve_call(self, conn, logger) -> None:
-        import time
-
         pid, uid = _peer(conn)
         if uid != 0:
             self._count("refused")
@@ -156,25 +151,22 @@ class RelayServer:
 
 
 def _warm_up() -> None:
-    # What a call would import: paid once here instead of on the first pod's mount.
-    from ..vault import client  # noqa: F401  -- first: it quiets requests' import warning
+    # What a call would import, paid once at start instead of on the first pod's mount (hvac and
+    # requests otherwise load on a Vault client's first use). vault.client first: it quiets
+    # requests' import warning.
+    # isort: off
+    from ..vault import client  # noqa: F401
     from ..engine import operation  # noqa: F401
-    from ..flexvolume import protocol  # noqa: F401
-
     import hvac  # noqa: F401
     import requests  # noqa: F401
+    # isort: on
 
 
 def _current_thread():
-    import threading
-
     return threading.current_thread()
 
 
 def _peer(conn) -> tuple[int, int]:
-    import socket
-    import struct
-
     pid, uid, _gid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
                                                           struct.calcsize("3i")))
     return pid, uid
@@ -201,11 +193,6 @@ def _read_frame(conn) -> bytes:
 
 def _listen(path: str):
     """Bind under a temporary name, make it 0600, then rename: never a moment it is open to all."""
-    import socket
-    import stat
-
-    from ..errors import DriverError
-
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, mode=0o700, exist_ok=True)
     info = os.stat(parent)

@@ -15,11 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from .. import log
-from .. import trust
-from ..engine import generator
+from .. import log, trust
 from ..config import Config, parse_duration, safe_name
+from ..engine import generator
 from ..errors import DriverError, VaultDenied
+from ..vault.client import Vault
 
 # Generator tokens are minted through this role, not auth/token/create-orphan: a non-root caller
 # needs sudo there to grant a policy it lacks or to make a token periodic (sudo would let it mint
@@ -75,7 +75,7 @@ def root_refusal(what: str) -> str:
 
 def bootstrap(config: Config, options: Options, vault_token: str | None, credentials: Credentials) -> dict[str, Any]:
     """Provision the node's generator token; returns what was done (never the token)."""
-    logger = log.get(config.log_file, command="bootstrap", node=config.node_name, path=options.token_path)
+    logger = log.get(command="bootstrap", node=config.node_name, path=options.token_path)
     try:
         _check(options)
         files = PolicyFiles.find(options.policies_dir) if options.setup_vault else None
@@ -160,8 +160,6 @@ def _check(options: Options) -> None:
 def _live_token(config: Config, options: Options) -> dict[str, str] | None:
     """The token already in the file, if Vault still honours it; refuse to replace it without --force,
     and refuse to revoke anything but a vaulttmpfs generator token even with it."""
-    from ..vault.client import Vault
-
     token = generator.existing_token(options.token_path)
     if not token:
         return None
@@ -217,8 +215,6 @@ def clean_token(value: str, what: str) -> str:
 
 
 def _login(config: Config, options: Options, vault_token: str | None, credentials: Credentials) -> Login:
-    from ..vault.client import Vault
-
     if vault_token:
         vault = Vault(config, clean_token(vault_token, "VAULT_TOKEN"))
         try:
@@ -276,8 +272,6 @@ def _mint_hint(error: str, login: Login) -> str:
 
 def _discard(config: Config, auth: dict) -> bool:
     """Revoke a token with itself (generator tokens may revoke by accessor); best effort."""
-    from ..vault.client import Vault
-
     token = auth.get("client_token") or auth.get("token")
     try:
         return Vault(config, token).revoke_accessor(auth["accessor"])
@@ -332,7 +326,7 @@ class PolicyFiles:
 def default_policies_dir() -> Path:
     if getattr(sys, "frozen", False):
         # The PyInstaller build carries policies/ in its bundle dir (build.spec `datas`).
-        return Path(getattr(sys, "_MEIPASS")) / "policies"
+        return Path(sys._MEIPASS) / "policies"
     return Path(__file__).resolve().parents[2] / "policies"
 
 
@@ -394,7 +388,7 @@ def _same_role(existing: dict[str, Any], params: dict[str, Any]) -> bool:
 # --- `renew-generator` ---
 def renew_generator(config: Config) -> dict[str, Any]:
     path = config.generator_token_path
-    logger = log.get(config.log_file, command="renew-generator", path=path)
+    logger = log.get(command="renew-generator", path=path)
     try:
         auth = generator.renew(config)
     except VaultDenied as exc:

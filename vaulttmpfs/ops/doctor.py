@@ -8,6 +8,7 @@ runs here, else this command's) and the agent's (from its health endpoint).
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 import stat
@@ -17,8 +18,14 @@ import urllib.request
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from .. import trust
 from ..config import Config, config_file_path, file_values
+from ..engine import bindings, generator
+from ..engine.state import StateStore
 from ..errors import DriverError, VaultDenied
+from ..flexvolume import relay
+from ..vault.client import Vault
+from . import install
 
 OK, FAIL, SKIP = "OK", "FAIL", "SKIP"
 # What the driver and the agent must agree on, or the agent renews another token, retries another
@@ -103,8 +110,6 @@ def check_config(node: Node) -> Check:
 
 
 def check_driver(node: Node) -> Check:
-    from . import install
-
     exe = os.path.join(node.config.plugin_dir, install.DRIVER_DIR, install.EXE)
     fix = f"install it: `vaulttmpfs install --plugin-dir {node.config.plugin_dir}` (the DaemonSet does it at start)"
     if not os.path.exists(exe):
@@ -158,8 +163,6 @@ def check_drift(node: Node) -> Check:
 
 
 def _vault(node: Node, token: str | None):
-    from ..vault.client import Vault
-
     return Vault(node.config, token)
 
 
@@ -193,8 +196,6 @@ def check_tls(node: Node) -> Check:
 
 
 def check_generator(node: Node) -> Check:
-    from ..engine import generator
-
     path = node.config.generator_token_path
     try:
         token = generator.read_token(path)
@@ -254,9 +255,6 @@ def check_role(node: Node) -> Check:
 def _bound_but_not_allowed(config: Config, allowed: set, disallowed: set, globs: list) -> list[str]:
     if not config.policy_bindings:
         return []
-    import fnmatch
-
-    from ..engine import bindings
 
     wanted = {p for rule in bindings.load(config.policy_bindings).rules for p in rule.policies
               if "*" not in p and "{" not in p}  # patterns depend on the pod: only literals are checked
@@ -276,7 +274,6 @@ def check_state_dir(node: Node) -> Check:
     if info.st_uid != 0 or info.st_mode & 0o077:
         return Check("state", FAIL, f"{path} is owner uid {info.st_uid}, mode {stat.S_IMODE(info.st_mode):04o}: "
                                     "others could read accessors or forge records", fix)
-    from .. import trust
 
     try:
         trust.check_dirs(path, f"state dir {path}", strict_leaf=False)  # as given: the dirs holding symlinks too
@@ -288,8 +285,6 @@ def check_state_dir(node: Node) -> Check:
 
 
 def check_pending(node: Node) -> Check:
-    from ..engine.state import StateStore
-
     pending = StateStore(node.config.state_dir).list_pending()
     if not pending:
         return Check("revocations", OK, "none pending")
@@ -300,8 +295,6 @@ def check_pending(node: Node) -> Check:
 
 
 def check_socket(node: Node) -> Check:
-    from ..flexvolume import relay
-
     path = node.config.agent_socket
     relaying = bool(node.agent and "relay" in (node.agent.get("services") or {}))
     if not relaying and not os.path.exists(path):

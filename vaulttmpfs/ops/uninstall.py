@@ -15,10 +15,11 @@ from typing import Any
 
 from .. import log
 from ..config import Config
-from ..engine import generator, volume
+from ..engine import generator, operation, reconcile, volume
 from ..engine.record import VolumeRecord
 from ..engine.state import StateStore
 from ..errors import DriverError, VaultDenied
+from ..vault.client import Vault
 from . import install
 
 TRASH = ".vaulttmpfs-uninstall.tmp"
@@ -26,13 +27,11 @@ TRASH = ".vaulttmpfs-uninstall.tmp"
 
 def held_volumes(config: Config) -> list[VolumeRecord]:
     """Volumes still mounted: the state records, and our tmpfs mounts this mount namespace shows."""
-    from ..engine.operation import MOUNT_SOURCE
-
     held = {r.mount_dir: r for r in StateStore(config.state_dir).list_volumes()}
     prefix = os.path.realpath(config.pods_dir) + "/"
     for entry in volume.mounts():
         target = entry["target"]
-        if entry["fstype"] == "tmpfs" and entry["source"] == MOUNT_SOURCE and target.startswith(prefix):
+        if entry["fstype"] == "tmpfs" and entry["source"] == volume.MOUNT_SOURCE and target.startswith(prefix):
             held.setdefault(target, VolumeRecord(None, mount_dir=target, pod_uid=target[len(prefix):].split("/")[0]))
     return list(held.values())
 
@@ -43,9 +42,7 @@ def _who(record: VolumeRecord) -> str:
 
 
 def uninstall(config: Config, plugin_dir: str, revoke: bool = True) -> dict[str, Any]:
-    from ..engine import operation, reconcile
-
-    logger = log.get(config.log_file, command="uninstall", plugin_dir=plugin_dir)
+    logger = log.get(command="uninstall", plugin_dir=plugin_dir)
     # Volumes whose dir the kubelet already removed (e.g. a tmpfs lost with a reboot) hold no pod:
     # their tokens go now, by the agent's own rule (nothing where the pods dir is not visible).
     reconcile.reconcile(config)
@@ -65,8 +62,6 @@ def uninstall(config: Config, plugin_dir: str, revoke: bool = True) -> dict[str,
 
 
 def _revoke_generator(config: Config) -> dict[str, Any]:
-    from ..vault.client import Vault
-
     path = config.generator_token_path
     token = generator.existing_token(path)
     result: dict[str, Any] = {"path": path, "revoked": False, "file_removed": False}

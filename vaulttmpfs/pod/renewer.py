@@ -14,6 +14,7 @@ import time
 
 from ..config import Config
 from ..errors import DriverError, VaultDenied
+from ..vault.client import Vault
 from .output import Held
 
 MIN_WAIT = 0.5  # seconds: the shortest sleep between renewals or retries
@@ -34,8 +35,6 @@ def stop_on_signals() -> threading.Event:
 
 
 def keep_alive(config: Config, held: Held, options, stop: threading.Event, logger) -> int:
-    from ..vault.client import Vault
-
     if not held.renewable:
         logger.error("the pod's token is not renewable: nothing to keep alive", accessor=held.accessor)
         return 1

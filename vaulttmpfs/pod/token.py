@@ -13,9 +13,10 @@ import time
 from dataclasses import dataclass, replace
 
 from .. import log
-from ..config import Config
+from ..config import Config, load
 from ..errors import DriverError, VaultDenied, VaultUnavailable
-from . import output, source
+from ..vault.client import Vault
+from . import output, renewer, source
 from .output import Held
 
 DEFAULT_VOLUME = "/var/run/secrets/vaulttmpfs"
@@ -33,15 +34,16 @@ class Options:
 
 def run(options: Options, env: dict[str, str] | None = None) -> int:
     """The whole command; its exit code. Errors are logged (stderr), never raised."""
-    from . import renewer
-
-    logger = log.get(log.STDERR, component="vaulttmpfs-token", volume=options.volume_dir, out=options.out_dir)
+    env = os.environ if env is None else env
+    config, problem = load(env)
+    log.configure(replace(config, log_file=log.STDERR))  # a container's log is its stderr
+    logger = log.get(component="vaulttmpfs-token", volume=options.volume_dir, out=options.out_dir)
     stop = renewer.stop_on_signals() if options.renew else None
     try:
-        env = os.environ if env is None else env
         if not env.get("VAULT_ADDR"):
             raise DriverError("VAULT_ADDR is not set: give the container Vault's address (env VAULT_ADDR)")
-        config = Config.from_env(env)
+        if problem is not None:
+            raise problem
         volume = source.read(options.volume_dir, config.token_filename)
         log.secret(volume.token)
         config = _with_volume_ca(config, volume)
@@ -87,8 +89,6 @@ def obtain(config: Config, volume: source.VolumeToken, out_dir: str, logger) -> 
 
 def _reuse(config: Config, record: dict, logger) -> Held:
     """A restart: the token is already out. Vault is asked only whether it still lives."""
-    from ..vault.client import Vault
-
     token = record["clientToken"]
     log.secret(token)
     try:
@@ -106,8 +106,6 @@ def _reuse(config: Config, record: dict, logger) -> Held:
 
 
 def _unwrap(config: Config, volume: source.VolumeToken, out_dir: str, logger) -> Held:
-    from ..vault.client import Vault
-
     # Never resent: a gateway that passed the first one on and then failed would make the second
     # find a used token (and blame an interceptor).
     client = Vault(replace(config, max_retries=0), volume.token)
@@ -162,8 +160,6 @@ def _iso(when: float) -> str:
 
 def _plain(config: Config, volume: source.VolumeToken) -> Held:
     """An unwrapped volume (vault/unwrap): the token is already plain; ask Vault for its lease."""
-    from ..vault.client import Vault
-
     try:
         info = Vault(config, volume.token).lookup_self("the volume's token")
     except VaultDenied as exc:
@@ -184,8 +180,6 @@ def _read_ca(volume: source.VolumeToken) -> bytes | None:
 
 
 def _revoke_quietly(config: Config, token: str, logger) -> None:
-    from ..vault.client import Vault
-
     try:
         Vault(config, token).revoke_self("a token the pod must not use")
     except DriverError as exc:

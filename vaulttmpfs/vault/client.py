@@ -7,11 +7,15 @@ verb really talks to Vault.
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
+import stat
 import threading
 import time
 import warnings
 from typing import Any, Iterator
 
+from .. import log, telemetry
 from ..config import Config
 from ..errors import DriverError, VaultDenied, VaultUnavailable
 
@@ -70,7 +74,6 @@ def _session(config: Config, resend: bool):
 def _capath_context(capath: str):
     """Every PEM file in VAULT_CAPATH, as Vault's Go client reads it. OpenSSL's own capath
     lookup only finds certificates by hash-named links (`openssl rehash`); both work here."""
-    import os
     import ssl
 
     from urllib3.util.ssl_ import create_urllib3_context
@@ -99,9 +102,6 @@ def _client_cert(config: Config) -> tuple[str, str] | str | None:
 
 def _check_files(config: Config) -> None:
     """OpenSSL opens these with blocking reads: a FIFO or a device named here would hang the call."""
-    import os
-    import stat
-
     for setting, path in (("VAULT_CACERT", config.cacert), ("VAULT_CLIENT_CERT", config.client_cert),
                           ("VAULT_CLIENT_KEY", config.client_key)):
         try:
@@ -127,9 +127,6 @@ class _DeadlinePassed(BaseException):
 def _deadline(seconds: float | None) -> Iterator[None]:
     """Bound the whole call: a read timeout is per recv(), and a server dripping a byte at a time
     never trips it. Only in a process's main thread (a kubelet call); the agent bounds its own."""
-    import signal
-    import threading
-
     if not seconds or threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -279,8 +276,6 @@ class Vault:
 
     @contextlib.contextmanager
     def _call(self, action: str) -> Iterator[None]:
-        from .. import telemetry
-
         # Every attempt may take the full timeout; one more for connects and backoff.
         deadline = self.config.timeout * (self.config.max_retries + 2)
         started, ok = time.monotonic(), False
@@ -412,8 +407,6 @@ class Vault:
 
 def _wrap_info(action: str, response) -> dict[str, Any]:
     """The wrap_info of an answer that must be wrapped; a plain token in its place is TokenNotWrapped."""
-    from .. import log
-
     response = response if isinstance(response, dict) else {}
     wrap_info = response.get("wrap_info")
     if wrap_info and wrap_info.get("token") and wrap_info.get("wrapped_accessor"):
