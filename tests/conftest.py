@@ -16,7 +16,7 @@ import pytest
 # process's gRPC, so the handlers are not wanted. Set before any test module imports grpc.
 os.environ["GRPC_ENABLE_FORK_SUPPORT"] = "0"
 
-from . import idmap
+from . import idmap, otheruser
 from .faultserver import FaultServer
 from .kubelet import Kubelet
 from .vaultserver import REPO, VaultServer
@@ -27,6 +27,7 @@ SEEN_SECRETS: set[str] = set()
 
 
 def pytest_configure(config):
+    config.addinivalue_line("markers", f"{otheruser.MARK}: acts as another user (tests/otheruser.py)")
     # Up front, in one line: else every fsGroup mount fails later with a bare EINVAL.
     if why := idmap.problem():
         raise pytest.UsageError(f"the suite cannot run here: {why}")
