@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import driver_env, remember_secret
+from .conftest import driver_env, on_source_and_build, remember_secret
 from .kubelet import is_mount_point
 from .vaultserver import dies_with_parent, free_port
 
@@ -86,8 +86,13 @@ def closed_addr() -> str:
     return f"http://127.0.0.1:{free_port()}"
 
 
-def test_renews_a_periodic_generator_token_past_its_period(bao, driver_cmd, tmp_path, log_dir):
+def test_renews_a_periodic_generator_token_past_its_period(bao, tmp_path, log_dir):
+    on_source_and_build(lambda kind, driver_cmd: renews_past_its_period(bao, driver_cmd, tmp_path / kind, log_dir))
+
+
+def renews_past_its_period(bao, driver_cmd, tmp_path, log_dir):
     period = 4
+    tmp_path.mkdir()
     token_path = tmp_path / "vaulttoken"
     auth = generator_file(bao, token_path, ttl="", period=f"{period}s")
     env = driver_env(bao, {"path": str(token_path)}, tmp_path, log_dir)
