@@ -87,7 +87,8 @@ def driver_cmd(request) -> list[str]:
 
 def on_source_and_build(check) -> None:
     """check(kind, driver_cmd) for the source tree and the build at the same time: for tests whose
-    time goes into waiting out a token's period, not into work. Either one's failure is raised here."""
+    time goes into waiting (a token's period, a deadline), not into work. Either one's failure is
+    raised here. A child started in check() must end there: dies_with_parent kills it with its thread."""
     with ThreadPoolExecutor(2) as pool:
         runs = {kind: pool.submit(check, kind, cmd) for kind, cmd in (("source", source_cmd()), ("build", build_cmd()))}
         for kind, run in runs.items():
