@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ import pytest
 # process's gRPC, so the handlers are not wanted. Set before any test module imports grpc.
 os.environ["GRPC_ENABLE_FORK_SUPPORT"] = "0"
 
-from . import idmap
+from . import idmap, otheruser
 from .faultserver import FaultServer
 from .kubelet import Kubelet
 from .pki import issue, make_ca
@@ -28,6 +29,10 @@ SEEN_SECRETS: set[str] = set()
 
 
 IN_PROCESS = {"test_engine_unit.py"}  # the engine over test doubles: no root, tmpfs or OpenBao needed
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", f"{otheruser.MARK}: acts as another user (tests/otheruser.py)")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -103,13 +108,29 @@ def source_cmd() -> list[str]:
     return [sys.executable, "-m", "vaulttmpfs"]
 
 
-@pytest.fixture(scope="session", params=["source", "build"])
-def driver_cmd(request) -> list[str]:
-    if request.param == "source":
-        return source_cmd()
+def build_cmd() -> list[str]:
     if not os.access(BUILD_EXE, os.X_OK):
         pytest.fail(f"no PyInstaller build at {BUILD_EXE}: run `make build` first (make test does)")
     return [str(BUILD_EXE)]
+
+
+@pytest.fixture(scope="session", params=["source", "build"])
+def driver_cmd(request) -> list[str]:
+    return source_cmd() if request.param == "source" else build_cmd()
+
+
+def on_source_and_build(check) -> None:
+    """check(kind, driver_cmd) for the source tree and the build at the same time: for tests whose
+    time goes into waiting (a token's period, a deadline), not into work. Either one's failure is
+    raised here. A child started in check() must end there: dies_with_parent kills it with its thread."""
+    with ThreadPoolExecutor(2) as pool:
+        runs = {kind: pool.submit(check, kind, cmd) for kind, cmd in (("source", source_cmd()), ("build", build_cmd()))}
+        for kind, run in runs.items():
+            try:
+                run.result()
+            except BaseException as exc:
+                exc.add_note(f"(the {kind} driver)")
+                raise
 
 
 def driver_env(bao: VaultServer, generator: dict, root: Path, log_dir: Path, **extra: str) -> dict[str, str]:

@@ -15,15 +15,20 @@ from itertools import pairwise
 import pytest
 
 from .agents import AgentProcess
-from .conftest import driver_env, generator_file, remember_secret
+from .conftest import driver_env, generator_file, on_source_and_build, remember_secret
 from .kubelet import is_mount_point
 from .vaultserver import closed_addr
 
 NGINX = {"vault/policies": "nginx"}
 
 
-def test_renews_a_periodic_generator_token_past_its_period(bao, driver_cmd, tmp_path, log_dir):
+def test_renews_a_periodic_generator_token_past_its_period(bao, tmp_path, log_dir):
+    on_source_and_build(lambda kind, driver_cmd: renews_past_its_period(bao, driver_cmd, tmp_path / kind, log_dir))
+
+
+def renews_past_its_period(bao, driver_cmd, tmp_path, log_dir):
     period = 4
+    tmp_path.mkdir()
     token_path = tmp_path / "vaulttoken"
     auth = generator_file(bao, token_path, ttl="", period=f"{period}s")
     env = driver_env(bao, {"path": str(token_path)}, tmp_path, log_dir)

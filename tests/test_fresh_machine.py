@@ -1,9 +1,10 @@
 """The README's two commands on a fresh machine, and test servers that never outlive their run.
 
-A clean clone of HEAD, the system's PATH only and Debian's own (PEP 668, externally managed)
-/usr/bin/python3: `make demo` does all of its own set-up and ends with the token revoked, and the
-same clone's `make test` collects the suite (collection only: running the whole suite again from
-inside the suite would double `make test`; `.ci/run` runs it in full).
+A clean clone of HEAD in a dir only its owner can enter (as /root is on Debian), the system's PATH
+only and Debian's own (PEP 668, externally managed) /usr/bin/python3: `make demo` does all of its own
+set-up and ends with the token revoked, the same clone's `make test` collects the suite (collection
+only: running the whole suite again from inside the suite would double `make test`; `.ci/run` runs it
+in full), and the clone's tests that act as another user pass there.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -18,11 +20,12 @@ from pathlib import Path
 
 import pytest
 
+from .conftest import BUILD_EXE
+from .otheruser import MARK, become, other_user, shared_dir
 from .vaultserver import REPO
 
 SYSTEM_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
 DEBIAN_PYTHON = "/usr/bin/python3"
-NOBODY = 65534
 
 
 def pip_cache() -> str:
@@ -43,6 +46,7 @@ def demo_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     if not os.access(DEBIAN_PYTHON, os.X_OK):
         pytest.fail(f"no {DEBIAN_PYTHON}: this test is about the system's python3")
     home = tmp_path_factory.mktemp("fresh")
+    home.chmod(0o700)  # like /root: no other user may enter the clone
     clone = home / "vaulttmpfs"
     # CI may check the repo out as another user than the one running the suite (root).
     (home / ".gitconfig").write_text("[safe]\n\tdirectory = *\n")
@@ -73,17 +77,19 @@ def test_make_test_collects_the_suite_in_the_same_clone(demo_run):
     assert not (clone / "dist").exists() and not (clone / "build/openbao-ldap").exists()
 
 
-def as_nobody() -> None:
-    os.setgroups([])
-    os.setgid(NOBODY)
-    os.setuid(NOBODY)
-
-
+@other_user
 def test_a_user_without_subordinate_ids_is_told_the_exact_fix():
     """make's user namespace needs the user's subordinate ids; `nobody` has none (and its own
-    uid/gid exist both for real root and in the suite's namespace, which maps 0..65535)."""
-    result = subprocess.run([str(REPO / "tests/userns.sh"), "true"], preexec_fn=as_nobody, capture_output=True,
-                            text=True, timeout=30, env={"PATH": SYSTEM_PATH}, cwd="/")
+    uid/gid exist both for real root and in the suite's namespace, which maps 0..65535).
+    It runs a copy of tests/userns.sh: the checkout may sit where `nobody` cannot go."""
+    shared = shared_dir()
+    try:
+        script = shutil.copy(REPO / "tests/userns.sh", shared / "userns.sh")
+        shared.chmod(0o755)
+        result = subprocess.run([str(script), "true"], preexec_fn=become, capture_output=True,
+                                text=True, timeout=30, env={"PATH": SYSTEM_PATH}, cwd="/")
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)
     assert result.returncode == 1 and result.stdout == ""
     message = result.stderr.strip()
     assert message.startswith("tests/userns.sh: user nobody needs 65535 subordinate uids and gids"), message
@@ -95,6 +101,30 @@ def test_a_user_without_subordinate_ids_is_told_the_exact_fix():
         first, last = map(int, ids.split("-"))
         assert last - first + 1 == 65536 and first >= 100000
         assert all(first >= int(start) + int(count) for _, start, count in taken), (ids, taken)
+
+
+def test_the_tests_that_act_as_another_user_pass_in_a_clone_no_one_else_can_enter(demo_run, tmp_path):
+    """The clone's own venv and pytest, with TMPDIR private too (pytest's dirs go there)."""
+    clone, demo = demo_run
+    assert demo.returncode == 0, demo.stdout[-4000:]
+    assert stat.S_IMODE(clone.parent.stat().st_mode) == 0o700
+    private_tmp = tmp_path / "tmp"
+    private_tmp.mkdir(mode=0o700)
+    # The clone has no build (making one takes minutes here); this checkout's is of the same tree.
+    env = {"PATH": SYSTEM_PATH, "HOME": str(clone.parent), "TMPDIR": str(private_tmp),
+           "VAULTTMPFS_BUILD_EXE": str(BUILD_EXE)}
+    result = subprocess.run([str(clone / ".venv/bin/python"), "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                             "-rA", "-m", MARK], cwd=clone, env=env, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-4000:]
+    passed = {line.split()[1] for line in result.stdout.splitlines() if line.startswith("PASSED ")}
+    assert {"tests/test_fresh_machine.py::test_a_user_without_subordinate_ids_is_told_the_exact_fix",
+            *(f"tests/test_relay.py::{name}[{kind}]" for kind in ("source", "build") for name in (
+                "test_a_caller_that_is_not_root_is_refused",
+                "test_a_socket_served_by_someone_other_than_root_gets_no_call"))} <= passed, result.stdout[-4000:]
+    summary = result.stdout.strip().splitlines()[-1]
+    assert f"{len(passed)} passed" in summary and not any(
+        word in summary for word in ("failed", "skipped", "error", "xfail")), summary
 
 
 CHILD = """

@@ -19,7 +19,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from .conftest import driver_env, remember_secret, token_file, unmount_everything_under
+from .conftest import driver_env, on_source_and_build, remember_secret, source_cmd, token_file, unmount_everything_under
 from .faultserver import FaultServer
 from .kubelet import Kubelet
 from .pki import issue, make_ca
@@ -30,6 +30,8 @@ EXAMPLE_FILES = sorted(EXAMPLES.glob("*.yaml"))
 NGINX = {"vault/policies": "nginx"}
 SHORT_ROLE, PERIOD = "pod-short", 3  # seconds: the renewal tests' token period
 FS_GROUP = 2000
+# The renewal tests run `token` from the source and the build side by side; the kubelet mounts with the source.
+BOTH_SIDE_BY_SIDE = pytest.mark.parametrize("driver_cmd", [source_cmd()], ids=["source+build"])
 
 
 @pytest.fixture(scope="module")
@@ -209,8 +211,15 @@ def test_an_expired_wrapping_token_says_so_and_writes_nothing(kubelet, bao, driv
     assert kubelet.teardown(volume).ok
 
 
+@BOTH_SIDE_BY_SIDE
 def test_renew_keeps_a_short_period_token_alive_and_exits_within_a_period_of_revocation(
-        kubelet, bao, short_role, driver_cmd, tmp_path):
+        kubelet, bao, short_role, tmp_path):
+    on_source_and_build(lambda kind, driver_cmd: renewal_kept_then_ended(kubelet, bao, short_role, driver_cmd,
+                                                                          tmp_path / kind))
+
+
+def renewal_kept_then_ended(kubelet, bao, short_role, driver_cmd, tmp_path):
+    tmp_path.mkdir()
     reply, volume = kubelet.mount(kubelet.new_pod("renewed"), {**NGINX, "vault/role": short_role})
     assert reply.ok, reply.body
     accessor = json.loads((volume / "vault-token.json").read_text())["wrapped_accessor"]
@@ -241,8 +250,15 @@ def test_renew_keeps_a_short_period_token_alive_and_exits_within_a_period_of_rev
         assert kubelet.teardown(volume).ok
 
 
+@BOTH_SIDE_BY_SIDE
 def test_renew_backs_off_through_vault_errors_and_exits_once_the_token_has_expired(
-        kubelet, bao, short_role, driver_cmd, tmp_path):
+        kubelet, bao, short_role, tmp_path):
+    on_source_and_build(lambda kind, driver_cmd: renewal_backs_off_then_ends(kubelet, bao, short_role, driver_cmd,
+                                                                             tmp_path / kind))
+
+
+def renewal_backs_off_then_ends(kubelet, bao, short_role, driver_cmd, tmp_path):
+    tmp_path.mkdir()
     reply, volume = kubelet.mount(kubelet.new_pod("flaky"), {**NGINX, "vault/role": short_role})
     assert reply.ok, reply.body
     accessor = json.loads((volume / "vault-token.json").read_text())["wrapped_accessor"]

@@ -14,7 +14,6 @@ import signal
 import socket
 import stat
 import subprocess
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -28,9 +27,9 @@ from vaulttmpfs.flexvolume import relay
 from .agents import AgentProcess
 from .conftest import remember_secret
 from .kubelet import is_mount_point, mount_entry
+from .otheruser import NOBODY, become, other_user, shared_dir
 
 NGINX = {"vault/policies": "nginx"}
-NOBODY = 65534
 
 
 @pytest.fixture
@@ -283,9 +282,7 @@ def connect_as(uid: int, path: str) -> bytes:
     if pid == 0:  # the child: only syscalls, then _exit
         code = 0
         try:
-            os.setgroups([])
-            os.setgid(uid)
-            os.setuid(uid)
+            become(uid)
             with socket.socket(socket.AF_UNIX) as sock:
                 sock.settimeout(10)
                 sock.connect(path)
@@ -303,9 +300,10 @@ def connect_as(uid: int, path: str) -> bytes:
     return data
 
 
-def test_a_caller_that_is_not_root_is_refused(node, start_agent, tmp_path_factory):
+@other_user
+def test_a_caller_that_is_not_root_is_refused(node, start_agent):
     """Even with the socket's permissions loosened, the agent checks the caller's uid itself."""
-    shared = Path(tempfile.mkdtemp(prefix="vaulttmpfs-relay-"))  # reachable by nobody, unlike pytest's 0700 dirs
+    shared = shared_dir()  # 0700 until the agent has made its socket there
     try:
         node.env["VAULTTMPFS_AGENT_SOCKET"] = str(shared / "agent.sock")
         agent = start_agent()
@@ -366,9 +364,10 @@ def test_state_writes_from_concurrent_agent_threads_do_not_collide(tmp_path):
     assert store.read_note("generator-check")["i"] == 29
 
 
+@other_user
 def test_a_socket_served_by_someone_other_than_root_gets_no_call(node):
     """The driver checks the agent's uid too: an impostor's socket gets neither settings nor argv."""
-    shared = Path(tempfile.mkdtemp(prefix="vaulttmpfs-relay-"))
+    shared = shared_dir()
     shared.chmod(0o777)
     sock_path = shared / "agent.sock"
     node.env["VAULTTMPFS_AGENT_SOCKET"] = str(sock_path)
@@ -377,9 +376,7 @@ def test_a_socket_served_by_someone_other_than_root_gets_no_call(node):
     pid = os.fork()
     if pid == 0:  # the impostor: uid nobody, says the banner, records what it is sent
         try:
-            os.setgroups([])
-            os.setgid(NOBODY)
-            os.setuid(NOBODY)
+            become(NOBODY)
             with socket.socket(socket.AF_UNIX) as server:
                 server.bind(str(sock_path))
                 server.listen(1)

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from .agents import AgentProcess
-from .conftest import driver_env, remember_secret, unmount_everything_under
+from .conftest import driver_env, on_source_and_build, remember_secret, unmount_everything_under
 from .faultserver import CREATE, FaultServer, wait_for
 from .kubelet import Kubelet, is_mount_point
 from .vaultserver import free_port
@@ -366,10 +366,15 @@ def threads_of(pid: int) -> int:
 
 
 @pytest.mark.parametrize("endpoint", ["/healthz", "/metrics"])
-def test_10_idle_and_half_sent_health_connections_are_bounded(bao, generator, driver_cmd, tmp_path, log_dir,
-                                                              endpoint):
+def test_10_idle_and_half_sent_health_connections_are_bounded(bao, generator, tmp_path, log_dir, endpoint):
+    # The wait is the server's time bound: the source's agent and the build's wait it out together.
+    on_source_and_build(lambda kind, driver_cmd: connections_are_bounded(bao, generator, driver_cmd,
+                                                                         tmp_path / kind, log_dir, endpoint))
+
+
+def connections_are_bounded(bao, generator, driver_cmd, tmp_path, log_dir, endpoint):
     root = tmp_path / "node"
-    root.mkdir()
+    root.mkdir(parents=True)
     env = driver_env(bao, generator, root, log_dir)
     metrics_port = free_port()
     with AgentProcess(driver_cmd, env, "--retry-interval", "1h", "--metrics-addr",
