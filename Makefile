@@ -1,4 +1,4 @@
-# vaulttmpfs: `make demo` and `make test` are the two commands that matter (see README).
+# vaulttmpfs: `make demo` and `make test` are the two commands that matter (see README.md, docs/development.md).
 # Each does its own set-up on a fresh machine that has python3, git and make: a project venv (.venv)
 # with every PyPI dependency pinned by constraints.txt, and every tool taken from the venv by path.
 PYTHON  ?= python3

@@ -81,8 +81,9 @@ def test_every_variant_and_component_is_rendered():
 
 
 def test_every_kubectl_k_in_the_docs_names_a_dir_rendered_here():
-    """The READMEs and the manifests' comments: each `kubectl apply/delete -k installer/...` is checked above."""
-    texts = [path.read_text() for path in [REPO / "README.md", *INSTALLER.rglob("*.md"), *INSTALLER.rglob("*.yaml")]]
+    """The READMEs, docs/ and the manifests' comments: each `kubectl apply/delete -k installer/...` is checked above."""
+    pages = [REPO / "README.md", *(REPO / "docs").glob("*.md"), *INSTALLER.rglob("*.md"), *INSTALLER.rglob("*.yaml")]
+    texts = [path.read_text() for path in pages]
     # Not a placeholder (`variants/<name>`).
     command = re.compile(r"-k(?:\s|#)+installer/([\w./-]+)(?![\w./<-])")
     named = {match.rstrip(".") for text in texts for match in command.findall(text)}
@@ -90,6 +91,27 @@ def test_every_kubectl_k_in_the_docs_names_a_dir_rendered_here():
     assert len(named) >= 7
     for path in named:
         assert (INSTALLER / path).resolve() in rendered_dirs, f"the docs apply -k installer/{path}: rendered by no test"
+
+
+def test_the_readme_pods_use_the_shipped_drivers_and_known_attributes():
+    """The README's pod examples: a valid Pod for the CSI driver the csi variant ships, a FlexVolume
+    volume for the driver dir install writes, and only attributes the engine reads."""
+    from vaulttmpfs.engine import attributes
+
+    readme = (REPO / "README.md").read_text()
+    blocks = [yaml.safe_load(block) for block in re.findall(r"```yaml\n(.*?)```", readme, re.S)]
+    pods = [block for block in blocks if block.get("kind") == "Pod"]
+    assert len(pods) == 1, "the README shows one whole Pod (the CSI one)"
+    validate(pods[0])
+    volumes = [volume for block in blocks for volume in (block.get("spec") or block)["volumes"]]
+    csi = [volume["csi"] for volume in volumes if "csi" in volume]
+    flex = [volume["flexVolume"] for volume in volumes if "flexVolume" in volume]
+    assert len(csi) == 1 and len(flex) == 1
+    assert csi[0]["driver"] == rendered(RENDERED["variants/csi"], "CSIDriver")["metadata"]["name"]
+    vendor, driver = flex[0]["driver"].split("/")
+    assert f"{vendor}~{driver}" == installer.DRIVER_DIR
+    for options in (csi[0]["volumeAttributes"], flex[0]["options"]):
+        assert attributes.POLICIES in options and set(options) <= set(attributes.KNOWN)
 
 
 def test_a_missing_kubectl_is_named_with_the_command_that_gets_it(monkeypatch, tmp_path):

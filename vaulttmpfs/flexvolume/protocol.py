@@ -6,8 +6,8 @@ library cannot corrupt the answer) and the answer is written to a saved copy of 
 Nothing here raises.
 
 Imports sit in the functions that use them: `init` runs on every plugin probe and loads nothing but
-this module (json and re ~8 ms, config ~10 ms, the engine and hvac far more: see README,
-Performance), and a relayed call loads only `relay`; tests/test_exec_path.py checks both.
+this module (json and re ~8 ms, config ~10 ms, the engine and hvac far more: see docs/performance.md),
+and a relayed call loads only `relay`; tests/test_exec_path.py checks both.
 """
 
 from __future__ import annotations
