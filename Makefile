@@ -15,7 +15,7 @@ CSI_STUBS := vaulttmpfs/csi/csi_pb2.py vaulttmpfs/csi/csi_pb2_grpc.py
 # subordinate ids too (fsGroup gids, nobody). See tests/userns.sh.
 ISOLATED := tests/userns.sh
 
-.PHONY: all venv system-deps demo-deps build test demo bench clean ldap-bao lock csi-stubs
+.PHONY: all venv system-deps demo-deps build test demo bench clean ldap-bao lock csi-stubs image rootfs
 
 all: build
 
@@ -42,6 +42,22 @@ build: venv $(EXE)
 $(EXE): $(SOURCES) $(CSI_STUBS) $(VENV)/.installed
 	$(PY) -m PyInstaller --noconfirm --clean --log-level WARN --distpath dist --workpath build/pyinstaller build.spec
 	@test -x $@ && $@ init
+
+# The installer image, without a docker daemon or a registry (installer/mkimage.py): the bundle plus the
+# host files it and the image's commands need, one layer, reproducible (same commit, same digest:
+# mtimes from the last commit, sorted entries, 0:0 owners, no compression). `make rootfs` stops at the
+# layer tar that installer/Dockerfile ADDs, for docker/podman users.
+VERSION := $(shell sed -n 's/^__version__ = "\(.*\)"/\1/p' vaulttmpfs/__init__.py)
+IMAGE_TAG ?= vaulttmpfs-installer:$(VERSION)
+IMAGE ?= build/image/vaulttmpfs-installer-$(VERSION).tar
+ROOTFS ?= build/image/rootfs.tar
+IMAGE_CONTENTS ?= build/image/contents.txt
+IMAGE_FILES := --tree /opt/vaulttmpfs=dist/vaulttmpfs --libs-from dist/vaulttmpfs/.vaulttmpfs-lib \
+  --file /usr/local/bin/vaulttmpfs-entrypoint=installer/entrypoint.sh --host /bin/sh --host /bin/sleep
+image rootfs: $(IMAGE)
+$(IMAGE) $(ROOTFS) &: $(EXE) installer/mkimage.py installer/Dockerfile installer/entrypoint.sh
+	SOURCE_DATE_EPOCH=$$(git log -1 --format=%ct) $(PY) installer/mkimage.py --dockerfile installer/Dockerfile \
+	  --tag $(IMAGE_TAG) --out $(IMAGE) --rootfs $(ROOTFS) --contents $(IMAGE_CONTENTS) $(IMAGE_FILES)
 
 # `make test PYTEST_ARGS=--collect-only` only lists the tests: no Debian packages, build or LDAP server.
 TEST_NEEDS := $(if $(findstring --collect-only,$(PYTEST_ARGS)),venv,system-deps build ldap-bao csi-stubs)

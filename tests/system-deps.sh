@@ -2,7 +2,8 @@
 # The Debian packages make needs, installed when we are root, else named in one `apt-get install`
 # line for root to run. Argument: venv (the interpreter PYTHON can make .venv: Debian's python3
 # needs python3.X-venv for ensurepip), demo (that, plus mount tools and, when not root, the user
-# namespace tools), test (that, plus slapd, ldap-utils, openssl and git for the suite).
+# namespace tools), test (that, plus slapd, ldap-utils, openssl, git and binutils (objdump: the
+# bundle's glibc floor) for the suite).
 set -eu
 need=${1:-test}
 PYTHON=${PYTHON:-python3}
@@ -14,7 +15,7 @@ if [ "$need" != venv ]; then
     [ "$(id -u)" = 0 ] || pairs="$pairs newuidmap:uidmap newgidmap:uidmap"
 fi
 # The suite also checks tests/userns.sh's answer to a plain user, so uidmap even as root.
-[ "$need" != test ] || pairs="$pairs slapd:slapd ldapadd:ldap-utils openssl:openssl git:git newuidmap:uidmap"
+[ "$need" != test ] || pairs="$pairs slapd:slapd ldapadd:ldap-utils openssl:openssl git:git newuidmap:uidmap objdump:binutils"
 
 missing=""
 for pair in $pairs; do
