@@ -15,7 +15,7 @@ CSI_STUBS := vaulttmpfs/csi/csi_pb2.py vaulttmpfs/csi/csi_pb2_grpc.py
 # subordinate ids too (fsGroup gids, nobody). See tests/userns.sh.
 ISOLATED := tests/userns.sh
 
-.PHONY: all venv system-deps demo-deps build test demo bench clean ldap-bao lock csi-stubs image rootfs
+.PHONY: all venv system-deps demo-deps build test demo bench clean ldap-bao lock csi-stubs image rootfs e2e e2e-deps
 
 all: build
 
@@ -63,6 +63,20 @@ $(IMAGE) $(ROOTFS) &: $(EXE) installer/mkimage.py installer/Dockerfile installer
 TEST_NEEDS := $(if $(findstring --collect-only,$(PYTEST_ARGS)),venv,system-deps build ldap-bao csi-stubs)
 test: $(TEST_NEEDS)
 	$(ISOLATED) $(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+
+# The DaemonSet as it ships, on a real container runtime: Debian's containerd + runc driven through CRI
+# by the real crictl, the installer image from `make image`, the real CSI sidecars (tests/e2e/). In
+# its own mount, pid and network namespaces: containerd, its shims, OpenBao and every mount end with
+# the run, even on kill -9 (--kill-child). SIDECARS_DIR: crictl, csi-node-driver-registrar and
+# livenessprobe, plain or .xz (e.g. the official releases).
+SIDECARS_DIR ?= ../shared/bin
+e2e: e2e-deps image
+	@test -d "$(SIDECARS_DIR)" || { echo "make e2e: SIDECARS_DIR=$(SIDECARS_DIR) is not a directory (crictl, csi-node-driver-registrar, livenessprobe)" >&2; exit 1; }
+	SIDECARS_DIR=$(abspath $(SIDECARS_DIR)) VAULTTMPFS_E2E_IMAGE=$(abspath $(IMAGE)) VAULTTMPFS_E2E_NAMESPACES=1 \
+	  unshare --mount --propagation private --pid --fork --kill-child --mount-proc --net \
+	  $(PY) -m pytest -q -p no:cacheprovider tests/e2e $(PYTEST_ARGS)
+e2e-deps:
+	@PYTHON=$(PYTHON) tests/system-deps.sh e2e
 
 # The built driver, called as the kubelet calls it, timed against the physical floor (bench/bench.py;
 # e.g. BENCH_ARGS="--runs 100 --modes agent"). A table on stdout, JSON in bench/results.json.

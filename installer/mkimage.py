@@ -199,7 +199,11 @@ def archive(layer: bytes, config: dict, tag: str, epoch: int) -> tuple[bytes, st
     })
     manifest_digest = "sha256:" + hashlib.sha256(manifest).hexdigest()
     name, _, version = tag.rpartition(":")
-    full = name if "/" in name.split("/")[0] or "." in name.split("/")[0] else f"docker.io/library/{name}"
+    first = name.split("/")[0]
+    if "/" in name and ("." in first or ":" in first or first == "localhost"):
+        full = name  # already names its registry
+    else:
+        full = f"docker.io/{name}" if "/" in name else f"docker.io/library/{name}"
     index = canonical({
         "schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
         "manifests": [{"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": manifest_digest,
