@@ -33,7 +33,7 @@ class Node:
 
 def small_image(work: Path, tag: str, entrypoint: str, files: list[str]) -> Path:
     """A test image made by the same recipe as the installer image (installer/mkimage.py)."""
-    name = tag.split(":")[0]
+    name = tag.rsplit(":", 1)[0].rsplit("/", 1)[-1]
     dockerfile = work / f"{name}.Dockerfile"
     dockerfile.write_text(f"FROM scratch\nADD rootfs.tar /\nENTRYPOINT {entrypoint}\n")
     out = work / f"{name}.tar"
