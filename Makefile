@@ -52,7 +52,8 @@ IMAGE_TAG ?= vaulttmpfs-installer:$(VERSION)
 IMAGE ?= build/image/vaulttmpfs-installer-$(VERSION).tar
 ROOTFS ?= build/image/rootfs.tar
 IMAGE_CONTENTS ?= build/image/contents.txt
-IMAGE_FILES := --tree /opt/vaulttmpfs=dist/vaulttmpfs --libs-from dist/vaulttmpfs/.vaulttmpfs-lib \
+BUNDLE ?= dist/vaulttmpfs
+IMAGE_FILES := --tree /opt/vaulttmpfs=$(BUNDLE) --libs-from $(BUNDLE)/.vaulttmpfs-lib \
   --file /usr/local/bin/vaulttmpfs-entrypoint=installer/entrypoint.sh --host /bin/sh --host /bin/sleep
 image rootfs: $(IMAGE)
 $(IMAGE) $(ROOTFS) &: $(EXE) installer/mkimage.py installer/Dockerfile installer/entrypoint.sh

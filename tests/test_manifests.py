@@ -329,7 +329,7 @@ def rendered_pod(name: str) -> dict:
 
 def image_bundle_dir() -> str:
     """Where `make image` puts the bundle in the installer image."""
-    return re.search(r"--tree (\S+)=dist/vaulttmpfs ", (REPO / "Makefile").read_text())[1]
+    return re.search(r"--tree (\S+)=\$\(BUNDLE\) ", (REPO / "Makefile").read_text())[1]
 
 
 def seccomp(pod: dict, container: dict) -> str | None:

@@ -48,8 +48,8 @@ PROPAGATION = {None: 0, "None": 0, "HostToContainer": 1, "Bidirectional": 2}  # 
 SECCOMP = {"RuntimeDefault": 0, "Unconfined": 1}  # CRI SecurityProfile.ProfileType
 
 
-def render(kustomization: str) -> list[dict]:
-    """`kubectl kustomize` of a dir under installer/k8s: the objects a user applies."""
+def render(kustomization: str | Path) -> list[dict]:
+    """`kubectl kustomize` of a dir (relative: under installer/k8s): the objects a user applies."""
     out = subprocess.run(["kubectl", "kustomize", str(REPO / "installer" / "k8s" / kustomization)],
                          capture_output=True, text=True, check=True).stdout
     return [doc for doc in yaml.safe_load_all(out) if doc]
@@ -225,7 +225,9 @@ class PodRuntime:
         return str(path)
 
     def run(self, pod: Pod, configmaps: dict[str, dict] | None = None, before_containers=None,
-            wait_init: float = 120) -> Pod:
+            wait_init: float = 120, check_init: bool = True) -> Pod:
+        """SyncPod. With check_init=False a failed init container ends it there (pod.failed_init = its
+        logs), where the kubelet would restart it with backoff (Init:CrashLoopBackOff)."""
         pod.dir.mkdir(parents=True, exist_ok=True)
         pod.prepare_volumes(configmaps or {})
         if before_containers:
@@ -236,6 +238,9 @@ class PodRuntime:
         for container in pod.spec.get("initContainers", []):
             cid = self.start(pod, container, sandbox_json)
             state = self.wait_exit(cid, wait_init)
+            if state["exitCode"] != 0 and not check_init:
+                pod.failed_init = self.logs(cid)  # type: ignore[attr-defined]
+                return pod
             assert state["exitCode"] == 0, f"init container {container['name']} failed: {self.logs(cid)}"
         for container in pod.spec["containers"]:
             self.start(pod, container, sandbox_json)
@@ -277,7 +282,9 @@ class PodRuntime:
         return proc.stdout + proc.stderr
 
     def pid(self, cid: str) -> int:
-        return self.inspect(cid)["info"]["pid"]
+        pid = self.inspect(cid)["info"]["pid"]
+        assert pid > 0, f"container {cid} has no process: {self.logs(cid)}"  # kill(0) would hit the run itself
+        return pid
 
     def stop(self, pod: Pod) -> None:
         """KillPod: stop the containers (terminationGracePeriodSeconds), then the sandbox, then remove it."""
