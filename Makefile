@@ -55,9 +55,14 @@ IMAGE_CONTENTS ?= build/image/contents.txt
 BUNDLE ?= dist/vaulttmpfs
 IMAGE_FILES := --tree /opt/vaulttmpfs=$(BUNDLE) --libs-from $(BUNDLE)/.vaulttmpfs-lib \
   --file /usr/local/bin/vaulttmpfs-entrypoint=installer/entrypoint.sh --host /bin/sh --host /bin/sleep
+# The last commit's time, and a stamp named after it: a new commit rebuilds the image with its mtimes.
+SOURCE_DATE_EPOCH := $(shell git log -1 --format=%ct 2>/dev/null || echo 0)
+EPOCH_STAMP := build/image/.epoch-$(SOURCE_DATE_EPOCH)
 image rootfs: $(IMAGE)
-$(IMAGE) $(ROOTFS) &: $(EXE) installer/mkimage.py installer/Dockerfile installer/entrypoint.sh
-	SOURCE_DATE_EPOCH=$$(git log -1 --format=%ct) $(PY) installer/mkimage.py --dockerfile installer/Dockerfile \
+$(EPOCH_STAMP):
+	mkdir -p $(@D) && rm -f $(@D)/.epoch-* && touch $@
+$(IMAGE) $(ROOTFS) &: $(EXE) installer/mkimage.py installer/Dockerfile installer/entrypoint.sh $(EPOCH_STAMP)
+	SOURCE_DATE_EPOCH=$(SOURCE_DATE_EPOCH) $(PY) installer/mkimage.py --dockerfile installer/Dockerfile \
 	  --tag $(IMAGE_TAG) --out $(IMAGE) --rootfs $(ROOTFS) --contents $(IMAGE_CONTENTS) $(IMAGE_FILES)
 
 # `make test PYTEST_ARGS=--collect-only` only lists the tests: no Debian packages, build or LDAP server.
