@@ -5,7 +5,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,10 +12,10 @@ import pytest
 
 from ..vaultserver import REPO, VaultServer
 from . import node as nodes
+from .cluster import APP_IMAGE as APP, small_image
 from .cri import PodRuntime
 
 PAUSE = "vaulttmpfs-e2e-pause:1"
-APP = "vaulttmpfs-e2e-app:1"
 
 
 @dataclass
@@ -29,18 +28,6 @@ class Node:
     generator: dict
     installer_image: Path
     sidecars: Path
-
-
-def small_image(work: Path, tag: str, entrypoint: str, files: list[str]) -> Path:
-    """A test image made by the same recipe as the installer image (installer/mkimage.py)."""
-    name = tag.rsplit(":", 1)[0].rsplit("/", 1)[-1]
-    dockerfile = work / f"{name}.Dockerfile"
-    dockerfile.write_text(f"FROM scratch\nADD rootfs.tar /\nENTRYPOINT {entrypoint}\n")
-    out = work / f"{name}.tar"
-    subprocess.run([str(REPO / ".venv/bin/python"), str(REPO / "installer/mkimage.py"), "--dockerfile", str(dockerfile),
-                    "--tag", tag, "--out", str(out), *files], check=True, capture_output=True,
-                   env={**os.environ, "SOURCE_DATE_EPOCH": "0"})
-    return out
 
 
 @pytest.fixture(scope="session")

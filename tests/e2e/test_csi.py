@@ -19,9 +19,8 @@ from vaulttmpfs.csi import csi_pb2
 
 from ..csikubelet import CsiKubelet
 from ..kubelet import Pod as KubeletPod
-from .conftest import small_image
+from .cluster import FS_GROUP, app_pod, deploy, small_image
 from .cri import NODE_NAME, Pod, find, render
-from .test_flexvolume import FS_GROUP
 
 REGISTRY = Path("/var/lib/kubelet/plugins_registry")
 DRIVER = "vaulttmpfs.cloudwatt.com"
@@ -74,25 +73,6 @@ def register(node, timeout: float = 60) -> tuple[str, CsiKubelet]:
     return node_id, plugin
 
 
-def csi_app(vault_addr: str) -> Pod:
-    return Pod("app-csi", "default", {
-        "hostNetwork": True,
-        "securityContext": {"fsGroup": FS_GROUP, "runAsUser": 1000, "runAsGroup": 1000, "runAsNonRoot": True},
-        "containers": [{
-            "name": "token", "image": "vaulttmpfs-e2e-app:1",
-            "args": ["--volume", "/var/run/secrets/vaulttmpfs", "--out", "/var/run/vault"],
-            "env": [{"name": "VAULT_ADDR", "value": vault_addr}],
-            "securityContext": {"readOnlyRootFilesystem": True, "allowPrivilegeEscalation": False,
-                                "capabilities": {"drop": ["ALL"]}, "seccompProfile": {"type": "RuntimeDefault"}},
-            "volumeMounts": [{"name": "vault", "mountPath": "/var/run/secrets/vaulttmpfs", "readOnly": True},
-                             {"name": "out", "mountPath": "/var/run/vault"}],
-        }],
-        "volumes": [{"name": "vault", "csi": {"driver": DRIVER, "readOnly": True,
-                                              "volumeAttributes": {"vault/policies": "nginx"}}},
-                    {"name": "out", "emptyDir": {"medium": "Memory"}}],
-    })
-
-
 def mounted_in(pid: int, path: Path) -> bool:
     """Whether `path` is a mount point in the mount namespace of process `pid`."""
     return any(line.split()[4] == str(path) for line in Path(f"/proc/{pid}/mountinfo").read_text().splitlines())
@@ -111,9 +91,7 @@ def healthz(port: int) -> int:
 
 
 def test_csi_plugin_registers_publishes_into_the_app_and_unpublish_revokes(node, csi):
-    configmap = find(csi, "ConfigMap")
-    configmap["data"]["VAULT_ADDR"] = node.bao.addr
-    agent = node.runtime.run(Pod.from_daemonset(find(csi, "DaemonSet")), {configmap["metadata"]["name"]: configmap})
+    agent, _ = deploy(node, "variants/csi")
     node_id, plugin = register(node)
     assert node_id
     registrar_log = node.runtime.logs(agent.containers["node-driver-registrar"])
@@ -127,7 +105,8 @@ def test_csi_plugin_registers_publishes_into_the_app_and_unpublish_revokes(node,
         time.sleep(0.3)
     assert healthz(int(probe_port)) == 200
 
-    app = csi_app(node.bao.addr)
+    app = app_pod(node.bao.addr, "app-csi", {"csi": {"driver": DRIVER, "readOnly": True,
+                                                     "volumeAttributes": {"vault/policies": "nginx"}}})
     fs_group = FS_GROUP if plugin.supports_mount_group() else None
     targets = {}
 

@@ -7,50 +7,8 @@ import os
 from pathlib import Path
 
 from ..kubelet import Kubelet, Pod as KubeletPod
-from .cri import Pod, find, probe, render
-
-FS_GROUP = 2000
-
-
-def app_pod(vault_addr: str, driver: str = "cloudwatt/vaulttmpfs") -> Pod:
-    """A pod that reads its token the documented way: the volume, fsGroup, `vaulttmpfs token` as non-root."""
-    return Pod("app", "default", {
-        "hostNetwork": True,  # no CNI here: OpenBao is on the node's loopback
-        "securityContext": {"fsGroup": FS_GROUP, "runAsUser": 1000, "runAsGroup": 1000, "runAsNonRoot": True},
-        "containers": [{
-            "name": "token", "image": "vaulttmpfs-e2e-app:1",
-            "args": ["--volume", "/var/run/secrets/vaulttmpfs", "--out", "/var/run/vault"],
-            "env": [{"name": "VAULT_ADDR", "value": vault_addr}],
-            "securityContext": {"readOnlyRootFilesystem": True, "allowPrivilegeEscalation": False,
-                                "capabilities": {"drop": ["ALL"]}, "seccompProfile": {"type": "RuntimeDefault"}},
-            "volumeMounts": [{"name": "vault-token", "mountPath": "/var/run/secrets/vaulttmpfs", "readOnly": True},
-                             {"name": "out", "mountPath": "/var/run/vault"}],
-        }],
-        "volumes": [{"name": "vault-token", "flexVolume": {"driver": driver, "fsType": "tmpfs",
-                                                           "options": {"vault/policies": "nginx"}}},
-                    {"name": "out", "emptyDir": {"medium": "Memory"}}],
-    })
-
-
-def installed_driver(daemonset: dict) -> Path:
-    """Where the kubelet finds the driver: its plugin dir (the DaemonSet's plugin-dir hostPath) + vendor~driver."""
-    [volume] = [v for v in daemonset["spec"]["template"]["spec"]["volumes"] if v["name"] == "plugin-dir"]
-    return Path(volume["hostPath"]["path"]) / "cloudwatt~vaulttmpfs" / "vaulttmpfs"
-
-
-def deploy(node, kustomization: str = "base") -> tuple[Pod, dict, list[dict]]:
-    docs = render(kustomization)
-    configmap = find(docs, "ConfigMap")
-    configmap["data"]["VAULT_ADDR"] = node.bao.addr  # the operator's step 3: Vault's address
-    daemonset = find(docs, "DaemonSet")
-    pod = node.runtime.run(Pod.from_daemonset(daemonset), {configmap["metadata"]["name"]: configmap})
-    return pod, daemonset, docs
-
-
-def kubelet_for(driver: Path) -> Kubelet:
-    # The kubelet's environment: nothing of ours (the driver reads the config file install wrote).
-    return Kubelet([str(driver)], {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}, Path("/"))
-
+from .cluster import FS_GROUP, app_pod, deploy, installed_driver, kubelet_for
+from .cri import Pod, probe
 
 def mount_flex_volumes(kubelet: Kubelet, pod: Pod) -> dict[str, Path]:
     """operation_generator.go MountVolume, for each flexVolume of the pod, before its containers start."""
@@ -69,7 +27,8 @@ def mount_flex_volumes(kubelet: Kubelet, pod: Pod) -> dict[str, Path]:
 
 def run_app(node, kubelet: Kubelet) -> tuple[Pod, dict[str, Path], dict]:
     """The app pod: volume mounted by the installed driver, then `vaulttmpfs token` unwraps it in the container."""
-    app = app_pod(node.bao.addr)
+    app = app_pod(node.bao.addr, "app", {"flexVolume": {"driver": "cloudwatt/vaulttmpfs", "fsType": "tmpfs",
+                                                         "options": {"vault/policies": "nginx"}}})
     mounted: dict[str, Path] = {}
     node.runtime.run(app, before_containers=lambda pod: mounted.update(mount_flex_volumes(kubelet, pod)))
     status = node.runtime.wait_exit(app.containers["token"], 60)
@@ -91,7 +50,7 @@ def cap_eff(pid: int) -> int:
 
 
 def test_flexvolume_daemonset_installs_the_driver_and_the_kubelet_mounts_with_it(node):
-    agent, daemonset, _ = deploy(node)
+    agent, daemonset = deploy(node, "base")
     driver = installed_driver(daemonset)
     # The install init container put the bundle into the host's plugin dir; the agent is up.
     assert os.access(driver, os.X_OK) and driver.is_symlink()
@@ -108,7 +67,7 @@ def test_flexvolume_daemonset_installs_the_driver_and_the_kubelet_mounts_with_it
     assert kubelet.init().body == {"status": "Success", "capabilities": {"attach": False, "fsGroup": False}}
     app, mounted, me = run_app(node, kubelet)
     # The files the app read: 0440 root:<fsGroup> on a tmpfs the driver mounted on the host.
-    volume = mounted["vault-token"]
+    volume = mounted["vault"]
     assert os.path.ismount(volume)
     for name in os.listdir(volume):
         st = (volume / name).stat()

@@ -13,21 +13,11 @@ from pathlib import Path
 from vaulttmpfs.engine.state import StateStore
 
 from ..kubelet import Kubelet, Pod as KubeletPod
-from .cri import REPO, Pod, find, probe, render
-from .test_flexvolume import FS_GROUP, installed_driver, kubelet_for
+from .cluster import FS_GROUP, deploy, installed_driver, kubelet_for
+from .cri import REPO, probe
 
 STATE_DIR = "/var/lib/vaulttmpfs"  # the ConfigMap's VAULTTMPFS_STATE_DIR, a hostPath at the same path
 NEW_TAG = "0.1.1-e2e"
-
-
-def deploy(node, kustomization, check_init: bool = True, **settings: str) -> tuple[Pod, dict]:
-    docs = render(kustomization)
-    configmap = find(docs, "ConfigMap")
-    configmap["data"].update({"VAULT_ADDR": node.bao.addr, **settings})  # the operator's settings
-    daemonset = find(docs, "DaemonSet")
-    pod = node.runtime.run(Pod.from_daemonset(daemonset), {configmap["metadata"]["name"]: configmap},
-                           check_init=check_init)
-    return pod, daemonset
 
 
 def mount(kubelet: Kubelet, name: str) -> tuple[KubeletPod, Path, str]:
