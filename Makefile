@@ -77,12 +77,13 @@ test: $(TEST_NEEDS)
 # livenessprobe, plain or .xz (e.g. the official releases).
 SIDECARS_DIR ?= ../shared/bin
 e2e: e2e-deps image
-	@test -d "$(SIDECARS_DIR)" || { echo "make e2e: SIDECARS_DIR=$(SIDECARS_DIR) is not a directory (crictl, csi-node-driver-registrar, livenessprobe)" >&2; exit 1; }
 	SIDECARS_DIR=$(abspath $(SIDECARS_DIR)) VAULTTMPFS_E2E_IMAGE=$(abspath $(IMAGE)) VAULTTMPFS_E2E_NAMESPACES=1 \
 	  unshare --mount --propagation private --pid --fork --kill-child --mount-proc --net \
 	  $(PY) -m pytest -q -p no:cacheprovider tests/e2e $(PYTEST_ARGS)
 e2e-deps:
 	@PYTHON=$(PYTHON) tests/system-deps.sh e2e
+	@for b in crictl csi-node-driver-registrar livenessprobe; do test -f "$(SIDECARS_DIR)/$$b" -o -f "$(SIDECARS_DIR)/$$b.xz" || \
+	  { echo "make e2e: no $$b or $$b.xz in SIDECARS_DIR=$(SIDECARS_DIR) (make e2e SIDECARS_DIR=<dir>)" >&2; exit 1; }; done
 
 # The built driver, called as the kubelet calls it, timed against the physical floor (bench/bench.py;
 # e.g. BENCH_ARGS="--runs 100 --modes agent"). A table on stdout, JSON in bench/results.json.

@@ -79,3 +79,17 @@ def test_flexvolume_daemonset_installs_the_driver_and_the_kubelet_mounts_with_it
     assert not volume.exists()
     assert node.bao.lookup_accessor(me["accessor"]) is None  # unmount revoked the pod's token
     node.runtime.stop(agent)
+
+
+def test_containerd_imports_the_image_as_make_image_built_it(node):
+    """`ctr images import` takes the archive as it is: same name, same manifest digest."""
+    import tarfile
+
+    import vaulttmpfs
+
+    with tarfile.open(node.installer_image) as tar:
+        [manifest] = json.load(tar.extractfile("index.json"))["manifests"]
+    listed = node.containerd.ctr("images", "ls").stdout.split("\n")
+    name = f"docker.io/library/vaulttmpfs-installer:{vaulttmpfs.__version__}"
+    assert manifest["annotations"]["io.containerd.image.name"] == name
+    assert any(line.split()[:1] == [name] and manifest["digest"] in line.split() for line in listed), listed
