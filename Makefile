@@ -55,8 +55,9 @@ IMAGE_CONTENTS ?= build/image/contents.txt
 BUNDLE ?= dist/vaulttmpfs
 IMAGE_FILES := --tree /opt/vaulttmpfs=$(BUNDLE) --libs-from $(BUNDLE)/.vaulttmpfs-lib \
   --file /usr/local/bin/vaulttmpfs-entrypoint=installer/entrypoint.sh --host /bin/sh --host /bin/sleep
-# The last commit's time, and a stamp named after it: a new commit rebuilds the image with its mtimes.
-SOURCE_DATE_EPOCH := $(shell git log -1 --format=%ct 2>/dev/null || echo 0)
+# The last commit's time (unless SOURCE_DATE_EPOCH is set), and a stamp named after it: a new
+# commit rebuilds the image with its mtimes.
+SOURCE_DATE_EPOCH ?= $(shell git log -1 --format=%ct 2>/dev/null || echo 0)
 EPOCH_STAMP := build/image/.epoch-$(SOURCE_DATE_EPOCH)
 image rootfs: $(IMAGE)
 $(EPOCH_STAMP):

@@ -134,8 +134,10 @@ class Crictl:
     """The real crictl against our containerd: the CRI calls the kubelet makes."""
 
     def __init__(self, binary: str, socket: Path):
-        self.base = [binary, "--runtime-endpoint", f"unix://{socket}", "--image-endpoint", f"unix://{socket}",
-                     "--timeout", "60s"]
+        # Its config next to it (crictl's second place to look): never the machine's /etc/crictl.yaml.
+        config = Path(binary).with_name("crictl.yaml")
+        config.write_text(f"runtime-endpoint: unix://{socket}\nimage-endpoint: unix://{socket}\ntimeout: 60\n")
+        self.base = [binary, "--config", str(config)]
 
     def __call__(self, *args: str, check: bool = True, timeout: float = 120) -> str:
         proc = subprocess.run([*self.base, *args], capture_output=True, text=True, timeout=timeout)
