@@ -77,8 +77,17 @@ test: $(TEST_NEEDS)
 # the run, even on kill -9 (--kill-child). SIDECARS_DIR: crictl, csi-node-driver-registrar and
 # livenessprobe, plain or .xz (e.g. the official releases).
 SIDECARS_DIR ?= ../shared/bin
-e2e: e2e-deps image
+# NODE_OS: the oldest node OS the README claims, a minimal chroot made from Debian's packages by
+# mmdebstrap (cached): the installed driver must run there (tests/e2e/test_node_os.py).
+NODE_OS ?= bookworm
+DEBIAN_MIRROR ?= http://deb.debian.org/debian
+NODE_OS_ROOT := build/node-os/$(NODE_OS).tar
+$(NODE_OS_ROOT):
+	mkdir -p $(@D) && mmdebstrap --quiet --variant=minbase --mode=root $(NODE_OS) $(@D)/.$(NODE_OS).tmp.tar $(DEBIAN_MIRROR)
+	mv $(@D)/.$(NODE_OS).tmp.tar $@
+e2e: e2e-deps image $(NODE_OS_ROOT)
 	SIDECARS_DIR=$(abspath $(SIDECARS_DIR)) VAULTTMPFS_E2E_IMAGE=$(abspath $(IMAGE)) VAULTTMPFS_E2E_NAMESPACES=1 \
+	  VAULTTMPFS_E2E_NODE_OS=$(abspath $(NODE_OS_ROOT)) \
 	  unshare --mount --propagation private --pid --fork --kill-child --mount-proc --net \
 	  $(PY) -m pytest -q -p no:cacheprovider tests/e2e $(PYTEST_ARGS)
 e2e-deps:
