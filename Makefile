@@ -15,7 +15,7 @@ CSI_STUBS := vaulttmpfs/csi/csi_pb2.py vaulttmpfs/csi/csi_pb2_grpc.py
 # subordinate ids too (fsGroup gids, nobody). See tests/userns.sh.
 ISOLATED := tests/userns.sh
 
-.PHONY: all venv system-deps demo-deps build test lint demo bench clean ldap-bao lock csi-stubs
+.PHONY: all venv system-deps demo-deps build test lint demo bench clean ldap-bao lock csi-stubs image rootfs e2e e2e-deps
 
 all: build
 
@@ -43,6 +43,29 @@ $(EXE): $(SOURCES) $(CSI_STUBS) $(VENV)/.installed
 	$(PY) -m PyInstaller --noconfirm --clean --log-level WARN --distpath dist --workpath build/pyinstaller build.spec
 	@test -x $@ && $@ init
 
+# The installer image, without a docker daemon or a registry (installer/mkimage.py): the bundle plus the
+# host files it and the image's commands need, one layer, reproducible (same commit, same digest:
+# mtimes from the last commit, sorted entries, 0:0 owners, no compression). `make rootfs` stops at the
+# layer tar that installer/Dockerfile ADDs, for docker/podman users.
+VERSION := $(shell sed -n 's/^__version__ = "\(.*\)"/\1/p' vaulttmpfs/__init__.py)
+IMAGE_TAG ?= vaulttmpfs-installer:$(VERSION)
+IMAGE ?= build/image/vaulttmpfs-installer-$(VERSION).tar
+ROOTFS ?= build/image/rootfs.tar
+IMAGE_CONTENTS ?= build/image/contents.txt
+BUNDLE ?= dist/vaulttmpfs
+IMAGE_FILES := --tree /opt/vaulttmpfs=$(BUNDLE) --libs-from $(BUNDLE)/.vaulttmpfs-lib \
+  --file /usr/local/bin/vaulttmpfs-entrypoint=installer/entrypoint.sh --host /bin/sh --host /bin/sleep
+# The last commit's time (unless SOURCE_DATE_EPOCH is set), and a stamp named after it: a new
+# commit rebuilds the image with its mtimes.
+SOURCE_DATE_EPOCH ?= $(shell git log -1 --format=%ct 2>/dev/null || echo 0)
+EPOCH_STAMP := build/image/.epoch-$(SOURCE_DATE_EPOCH)
+image rootfs: $(IMAGE)
+$(EPOCH_STAMP):
+	mkdir -p $(@D) && rm -f $(@D)/.epoch-* && touch $@
+$(IMAGE) $(ROOTFS) &: $(EXE) installer/mkimage.py installer/Dockerfile installer/entrypoint.sh $(EPOCH_STAMP)
+	SOURCE_DATE_EPOCH=$(SOURCE_DATE_EPOCH) $(PY) installer/mkimage.py --dockerfile installer/Dockerfile \
+	  --tag $(IMAGE_TAG) --out $(IMAGE) --rootfs $(ROOTFS) --contents $(IMAGE_CONTENTS) $(IMAGE_FILES)
+
 # `make test PYTEST_ARGS=--collect-only` only lists the tests: no Debian packages, build or LDAP server.
 TEST_NEEDS := $(if $(findstring --collect-only,$(PYTEST_ARGS)),venv,system-deps build ldap-bao csi-stubs)
 test: lint $(TEST_NEEDS)
@@ -51,6 +74,30 @@ test: lint $(TEST_NEEDS)
 # ruff (pinned in constraints.txt, configured in pyproject.toml), first: a finding fails fast, before the build.
 lint: venv
 	$(PY) -m ruff check vaulttmpfs tests bench
+
+# The DaemonSet as it ships, on a real container runtime: Debian's containerd + runc driven through CRI
+# by the real crictl, the installer image from `make image`, the real CSI sidecars (tests/e2e/). In
+# its own mount, pid and network namespaces: containerd, its shims, OpenBao and every mount end with
+# the run, even on kill -9 (--kill-child). SIDECARS_DIR: crictl, csi-node-driver-registrar and
+# livenessprobe, plain or .xz (e.g. the official releases).
+SIDECARS_DIR ?= ../shared/bin
+# NODE_OS: the oldest node OS the README claims, a minimal chroot made from Debian's packages by
+# mmdebstrap (cached): the installed driver must run there (tests/e2e/test_node_os.py).
+NODE_OS ?= bookworm
+DEBIAN_MIRROR ?= http://deb.debian.org/debian
+NODE_OS_ROOT := build/node-os/$(NODE_OS).tar
+$(NODE_OS_ROOT):
+	mkdir -p $(@D) && mmdebstrap --quiet --variant=minbase --mode=root $(NODE_OS) $(@D)/.$(NODE_OS).tmp.tar $(DEBIAN_MIRROR)
+	mv $(@D)/.$(NODE_OS).tmp.tar $@
+e2e: e2e-deps image $(NODE_OS_ROOT)
+	SIDECARS_DIR=$(abspath $(SIDECARS_DIR)) VAULTTMPFS_E2E_IMAGE=$(abspath $(IMAGE)) VAULTTMPFS_E2E_NAMESPACES=1 \
+	  VAULTTMPFS_E2E_NODE_OS=$(abspath $(NODE_OS_ROOT)) \
+	  unshare --mount --propagation private --pid --fork --kill-child --mount-proc --net \
+	  $(PY) -m pytest -q -p no:cacheprovider tests/e2e $(PYTEST_ARGS)
+e2e-deps:
+	@PYTHON=$(PYTHON) tests/system-deps.sh e2e
+	@for b in crictl csi-node-driver-registrar livenessprobe; do test -f "$(SIDECARS_DIR)/$$b" -o -f "$(SIDECARS_DIR)/$$b.xz" || \
+	  { echo "make e2e: no $$b or $$b.xz in SIDECARS_DIR=$(SIDECARS_DIR) (make e2e SIDECARS_DIR=<dir>)" >&2; exit 1; }; done
 
 # The built driver, called as the kubelet calls it, timed against the physical floor (bench/bench.py;
 # e.g. BENCH_ARGS="--runs 100 --modes agent"). A table on stdout, JSON in bench/results.json.

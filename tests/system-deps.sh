@@ -2,7 +2,8 @@
 # The Debian packages make needs, installed when we are root, else named in one `apt-get install`
 # line for root to run. Argument: venv (the interpreter PYTHON can make .venv: Debian's python3
 # needs python3.X-venv for ensurepip), demo (that, plus mount tools and, when not root, the user
-# namespace tools), test (that, plus slapd, ldap-utils, openssl and git for the suite).
+# namespace tools), test (that, plus slapd, ldap-utils, openssl, git and binutils (objdump: the
+# bundle's glibc floor) for the suite).
 set -eu
 need=${1:-test}
 PYTHON=${PYTHON:-python3}
@@ -13,8 +14,18 @@ if [ "$need" != venv ]; then
     pairs="findmnt:util-linux unshare:util-linux mount:mount"
     [ "$(id -u)" = 0 ] || pairs="$pairs newuidmap:uidmap newgidmap:uidmap"
 fi
+# make e2e: a real container runtime (Debian's containerd + runc), the sidecars' xz, `ip` for the
+# run's own loopback, kubectl for `kubectl kustomize`, mmdebstrap for the node OS chroot. Root only
+# (it runs containerd).
+if [ "$need" = e2e ]; then
+    if [ "$(id -u)" != 0 ]; then
+        echo "make e2e runs containerd and mounts for the kubelet: run it as root" >&2
+        exit 1
+    fi
+    pairs="$pairs containerd:containerd runc:runc ctr:containerd xz:xz-utils ip:iproute2 kubectl:kubectl mmdebstrap:mmdebstrap"
+fi
 # The suite also checks tests/userns.sh's answer to a plain user, so uidmap even as root.
-[ "$need" != test ] || pairs="$pairs slapd:slapd ldapadd:ldap-utils openssl:openssl git:git newuidmap:uidmap"
+[ "$need" != test ] || pairs="$pairs slapd:slapd ldapadd:ldap-utils openssl:openssl git:git newuidmap:uidmap objdump:binutils"
 
 missing=""
 for pair in $pairs; do

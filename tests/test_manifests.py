@@ -232,15 +232,12 @@ def test_daemonset_is_consistent_with_the_agent_and_the_driver():
     assert pod["serviceAccountName"] == resource("ServiceAccount")["metadata"]["name"]
 
 
-def test_dockerfile_copies_files_that_exist_and_runs_the_entrypoint():
+def test_dockerfile_adds_the_rootfs_make_image_writes_and_runs_the_entrypoint():
     dockerfile = (INSTALLER / "Dockerfile").read_text()
-    copies = re.findall(r"^COPY (?!--from)(.+)$", dockerfile, re.M)
-    assert copies
-    for line in copies:
-        *sources, _dest = line.split()
-        for source in sources:
-            assert (REPO / source).exists(), f"Dockerfile copies {source}, which is not in the repo"
-    assert "installer/entrypoint.sh" in dockerfile
+    assert re.findall(r"^(?:COPY|ADD|FROM) (.+)$", dockerfile, re.M) == ["scratch", "build/image/rootfs.tar /"]
+    makefile = (REPO / "Makefile").read_text()
+    assert re.search(r"^ROOTFS \?= build/image/rootfs.tar$", makefile, re.M)
+    assert "--file /usr/local/bin/vaulttmpfs-entrypoint=installer/entrypoint.sh" in makefile
     assert os.access(INSTALLER / "entrypoint.sh", os.X_OK)
     assert re.search(r"^ENTRYPOINT \[\"/usr/local/bin/vaulttmpfs-entrypoint\"\]$", dockerfile, re.M)
 
@@ -403,6 +400,11 @@ def rendered_pod(name: str) -> dict:
     return rendered(RENDERED[name], "DaemonSet")["spec"]["template"]["spec"]
 
 
+def image_bundle_dir() -> str:
+    """Where `make image` puts the bundle in the installer image."""
+    return re.search(r"--tree (\S+)=\$\(BUNDLE\) ", (REPO / "Makefile").read_text())[1]
+
+
 def seccomp(pod: dict, container: dict) -> str | None:
     profile = (container.get("securityContext") or {}).get("seccompProfile") or \
         (pod.get("securityContext") or {}).get("seccompProfile") or {}
@@ -413,7 +415,7 @@ def seccomp(pod: dict, container: dict) -> str | None:
 def test_only_an_init_container_can_write_what_the_kubelet_runs(name):
     pod = rendered_pod(name)
     [install] = pod["initContainers"]
-    bundle = re.search(r"^COPY --from=build /dist/vaulttmpfs (\S+)$", (INSTALLER / "Dockerfile").read_text(), re.M)[1]
+    bundle = image_bundle_dir()
     step = "uninstall" if name == "variants/uninstall" else "install"
     assert install["command"][:2] == [f"{bundle}/vaulttmpfs", step]
     assert {m["name"]: m for m in install["volumeMounts"]}["plugin-dir"].get("readOnly") is not True
@@ -470,7 +472,7 @@ def test_no_container_mounts_more_of_the_hosts_etc_than_the_generator_tokens_dir
 def test_uninstall_variant_runs_uninstall_once_per_node_and_then_idles():
     pod = rendered_pod("variants/uninstall")
     [step] = pod["initContainers"]
-    bundle = re.search(r"^COPY --from=build /dist/vaulttmpfs (\S+)$", (INSTALLER / "Dockerfile").read_text(), re.M)[1]
+    bundle = image_bundle_dir()
     assert step["command"] == [f"{bundle}/vaulttmpfs", "uninstall"]
     mounts = {m["name"]: m for m in step["volumeMounts"]}
     host = {v["name"]: v["hostPath"]["path"] for v in pod["volumes"] if "hostPath" in v}
