@@ -73,7 +73,7 @@ test: lint $(TEST_NEEDS)
 
 # ruff (pinned in constraints.txt, configured in pyproject.toml), first: a finding fails fast, before the build.
 lint: venv
-	$(PY) -m ruff check vaulttmpfs tests bench
+	$(PY) -m ruff check vaulttmpfs tests bench installer
 
 # The DaemonSet as it ships, on a real container runtime: Debian's containerd + runc driven through CRI
 # by the real crictl, the installer image from `make image`, the real CSI sidecars (tests/e2e/). In

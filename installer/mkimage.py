@@ -78,7 +78,7 @@ class Rootfs:
                 target = os.readlink(here)
                 self.add(here, "symlink", target)
                 rest = "/".join(parts[i + 1:])
-                resolved = os.path.normpath(os.path.join(os.path.dirname(here), target) if not target.startswith("/") else target)
+                resolved = os.path.normpath(os.path.join(os.path.dirname(here), target))  # an absolute target wins
                 return self.add_host(f"{resolved}/{rest}" if rest else resolved)
             done = here
         if not os.path.isfile(done):

@@ -15,14 +15,14 @@ if [ "$need" != venv ]; then
     [ "$(id -u)" = 0 ] || pairs="$pairs newuidmap:uidmap newgidmap:uidmap"
 fi
 # make e2e: a real container runtime (Debian's containerd + runc), the sidecars' xz, `ip` for the
-# run's own loopback, kubectl for `kubectl kustomize`, mmdebstrap for the node OS chroot. Root only
+# run's own loopback, mmdebstrap for the node OS chroot. Root only
 # (it runs containerd).
 if [ "$need" = e2e ]; then
     if [ "$(id -u)" != 0 ]; then
         echo "make e2e runs containerd and mounts for the kubelet: run it as root" >&2
         exit 1
     fi
-    pairs="$pairs containerd:containerd runc:runc ctr:containerd xz:xz-utils ip:iproute2 kubectl:kubectl mmdebstrap:mmdebstrap"
+    pairs="$pairs containerd:containerd runc:runc ctr:containerd xz:xz-utils ip:iproute2 mmdebstrap:mmdebstrap"
 fi
 # The suite also checks tests/userns.sh's answer to a plain user, so uidmap even as root.
 [ "$need" != test ] || pairs="$pairs slapd:slapd ldapadd:ldap-utils openssl:openssl git:git newuidmap:uidmap objdump:binutils"

@@ -107,7 +107,8 @@ def test_the_image_runs_the_daemonsets_commands(two_builds, tmp_path):
               " && /plugins/cloudwatt~vaulttmpfs/vaulttmpfs init'")
     proc = subprocess.run(["unshare", "--mount", "sh", "-c", script], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"status": "Success", "capabilities": {"attach": False, "fsGroup": False}}
+    answer = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert answer == {"status": "Success", "capabilities": {"attach": False, "fsGroup": False}}
     assert os.access(root / "plugins/cloudwatt~vaulttmpfs/vaulttmpfs", os.X_OK)
 
 

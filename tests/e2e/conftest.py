@@ -12,7 +12,8 @@ import pytest
 
 from ..vaultserver import REPO, VaultServer
 from . import node as nodes
-from .cluster import APP_IMAGE as APP, small_image
+from .cluster import APP_IMAGE as APP
+from .cluster import small_image
 from .cri import PodRuntime
 
 PAUSE = "vaulttmpfs-e2e-pause:1"

@@ -31,8 +31,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
+from .. import manifests
 from .node import Crictl
 
 REPO = Path(__file__).resolve().parents[2]
@@ -50,9 +49,7 @@ SECCOMP = {"RuntimeDefault": 0, "Unconfined": 1}  # CRI SecurityProfile.ProfileT
 
 def render(kustomization: str | Path) -> list[dict]:
     """`kubectl kustomize` of a dir (relative: under installer/k8s): the objects a user applies."""
-    out = subprocess.run(["kubectl", "kustomize", str(REPO / "installer" / "k8s" / kustomization)],
-                         capture_output=True, text=True, check=True).stdout
-    return [doc for doc in yaml.safe_load_all(out) if doc]
+    return manifests.render(REPO / "installer" / "k8s" / kustomization)
 
 
 def find(docs: list[dict], kind: str) -> dict:
@@ -247,8 +244,8 @@ class PodRuntime:
         return pod
 
     def start(self, pod: Pod, container: dict, sandbox_json: str, attempt: int = 0) -> str:
-        cid = self.crictl("create", pod.sandbox, self._json(container["name"], pod.container_config(container, attempt)),
-                          sandbox_json)
+        config = self._json(container["name"], pod.container_config(container, attempt))
+        cid = self.crictl("create", pod.sandbox, config, sandbox_json)
         self.crictl("start", cid)
         pod.containers[container["name"]] = cid
         pod.sandbox_json = sandbox_json  # type: ignore[attr-defined]

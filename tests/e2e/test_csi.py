@@ -44,9 +44,11 @@ def csi(node):
 
     docs = render("variants/csi")
     for container in find(docs, "DaemonSet")["spec"]["template"]["spec"]["containers"][1:]:
-        binary = {"node-driver-registrar": "csi-node-driver-registrar", "liveness-probe": "livenessprobe"}[container["name"]]
+        binary = {"node-driver-registrar": "csi-node-driver-registrar",
+                  "liveness-probe": "livenessprobe"}[container["name"]]
         path = nodes.sidecar(binary, node.work / "bin")
-        archive = small_image(node.work, container["image"], json.dumps([f"/{binary}"]), ["--file", f"/{binary}={path}"])
+        archive = small_image(node.work, container["image"], json.dumps([f"/{binary}"]),
+                              ["--file", f"/{binary}={path}"])
         node.containerd.import_image(archive)
     return docs
 

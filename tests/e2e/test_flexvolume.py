@@ -6,9 +6,11 @@ import json
 import os
 from pathlib import Path
 
-from ..kubelet import Kubelet, Pod as KubeletPod
+from ..kubelet import Kubelet
+from ..kubelet import Pod as KubeletPod
 from .cluster import FS_GROUP, app_pod, deploy, installed_driver, kubelet_for
 from .cri import Pod, probe
+
 
 def mount_flex_volumes(kubelet: Kubelet, pod: Pod) -> dict[str, Path]:
     """operation_generator.go MountVolume, for each flexVolume of the pod, before its containers start."""

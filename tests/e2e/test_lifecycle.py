@@ -12,7 +12,8 @@ from pathlib import Path
 
 from vaulttmpfs.engine.state import StateStore
 
-from ..kubelet import Kubelet, Pod as KubeletPod
+from ..kubelet import Kubelet
+from ..kubelet import Pod as KubeletPod
 from .cluster import FS_GROUP, deploy, installed_driver, kubelet_for
 from .cri import REPO, probe
 
@@ -56,8 +57,9 @@ def test_upgrade_rolls_out_under_a_mounted_volume(node, tmp_path):
 
     second_version(node)
     # The documented way to a new version: the kustomization's images: newTag (installer/README.md).
+    base = os.path.relpath(REPO / "installer/k8s/base", tmp_path)
     (tmp_path / "kustomization.yaml").write_text(
-        f"resources: [{os.path.relpath(REPO / 'installer/k8s/base', tmp_path)}]\nimages:\n  - name: vaulttmpfs-installer\n    newTag: \"{NEW_TAG}\"\n")
+        f"resources: [{base}]\nimages:\n  - name: vaulttmpfs-installer\n    newTag: \"{NEW_TAG}\"\n")
     # RollingUpdate, maxUnavailable 1: the node's old pod goes, then the new one starts.
     node.runtime.stop(old)
     new, new_daemonset = deploy(node, tmp_path)
