@@ -25,7 +25,7 @@ def mount(kubelet: Kubelet, name: str) -> tuple[KubeletPod, Path, str]:
     pod = Kubelet.new_pod(name)
     reply, path = kubelet.mount(pod, {"vault/policies": "nginx"}, fs_group=FS_GROUP)
     assert reply.ok, reply.output
-    return pod, path, StateStore(STATE_DIR).read_volume(str(path))["accessor"]
+    return pod, path, StateStore(STATE_DIR).read_volume(str(path)).accessor
 
 
 def until(condition, timeout: float = 30, what: str = "") -> None:

@@ -47,7 +47,7 @@ def test_installed_driver_mounts_and_unmounts_on_the_oldest_node_os(node, tmp_pa
         assert json.loads(mounted.stdout + mounted.stderr)["status"] == "Success", mounted.stdout + mounted.stderr
         assert os.path.ismount(root / mount_dir.lstrip("/"))
         # The record is keyed by the dir as the driver saw it (inside the chroot).
-        accessor = StateStore(str(root / "var/lib/vaulttmpfs")).read_volume(mount_dir)["accessor"]
+        accessor = StateStore(str(root / "var/lib/vaulttmpfs")).read_volume(mount_dir).accessor
         assert node.bao.lookup_accessor(accessor)
         unmounted = chroot(DRIVER, "unmount", mount_dir)
         assert json.loads(unmounted.stdout + unmounted.stderr)["status"] == "Success", unmounted.stdout
