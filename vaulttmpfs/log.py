@@ -182,9 +182,13 @@ class _LogFile:
         with self.lock:
             if self.reopen_requested or (self.max_bytes and self.regular and self._moved()):
                 self._reopen()
+            # Rotated before the line that would cross the limit, not after it: the newest line is
+            # always in the current file (where an operator looks first).
+            if self.max_bytes and self.regular:
+                size = os.fstat(self.fd).st_size
+                if size and size + len(data) > self.max_bytes:
+                    self._rotate()
             os.write(self.fd, data)
-            if self.max_bytes and self.regular and os.fstat(self.fd).st_size > self.max_bytes:
-                self._rotate()
 
     def flush(self) -> None:
         pass  # every line is one write(2)
