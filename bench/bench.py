@@ -322,8 +322,10 @@ class CsiNode:
         socket_path = work / "csi" / "csi.sock"
         socket_path.parent.mkdir(mode=0o700)
         self.log_file = work / "csi-agent.log"
-        env = {**env, "VAULTTMPFS_LOG_FILE": str(self.log_file)}
-        self.agent = Agent(cmd, env, str(socket_path), ("--csi-endpoint", f"unix://{socket_path}"))
+        # With the broker too, as variants/csi runs it: its RSS is the agent's with broker, CSI and metrics.
+        env = {**env, "VAULTTMPFS_LOG_FILE": str(self.log_file),
+               "VAULTTMPFS_BROKER_SOCKET": str(socket_path.parent / "broker.sock")}
+        self.agent = Agent(cmd, env, str(socket_path), ("--csi-endpoint", f"unix://{socket_path}", "--broker"))
         self.kubelet = CsiKubelet(str(socket_path), pods_dir, "bench-node")
 
     def wait_ready(self) -> None:
