@@ -78,6 +78,10 @@ BURST_FLOOR_FACTOR = 3.0
 # Not targets: what merely starting a process costs, for reading the burst numbers.
 REFERENCES = {"ref: /bin/true": ["/bin/true"], "ref: python3 -S -c pass": [sys.executable, "-S", "-E", "-c", "pass"]}
 
+PYTHON_REF = "ref: python3 -S -c pass"
+INIT_REF_FACTOR = 1.5  # issue 25: init p50 <= this x the bare interpreter's start
+BROKER_BURST_FACTOR = 2.0  # issue 25: 50 brokered mounts <= this x (50 bare starts + the floor's burst)
+
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
@@ -430,8 +434,10 @@ class Bench:
 
     def init_round(self, record: bool) -> None:
         init = self.node.call("standalone", "init")
+        start = exec_only(REFERENCES[PYTHON_REF])  # issue 25's ref for init, in the same round
         if record:
             self.s("init").add(init)
+            self.s(PYTHON_REF).add(start)
 
     def mode_round(self, mode: str, record: bool) -> None:
         if mode == "csi":
@@ -562,6 +568,17 @@ def verdicts(summary: dict, rss: dict, bursts: dict, modes: list[str], csi_memor
             continue
         out.append(verdict(f"mount p50 wall ({mode})", mode, summary[f"mount {mode}"]["wall_p50_ms"], mount_limit,
                            f"<= 2 x floor {floor_mount:.1f} + 20 = {mount_limit:.1f} ms"))
+    if PYTHON_REF in summary:
+        limit = INIT_REF_FACTOR * summary[PYTHON_REF]["wall_p50_ms"]
+        ref = summary[PYTHON_REF]["wall_p50_ms"]
+        out.append(verdict("init p50 wall vs python3 -S", None, summary["init"]["wall_p50_ms"], limit,
+                           f"<= {INIT_REF_FACTOR} x python3 -S {ref:.1f} = {limit:.1f} ms"))
+    if "broker" in modes and "floor" in bursts and PYTHON_REF in bursts:
+        refs = (statistics.median(bursts[PYTHON_REF]["mount_wall_ms"])
+                + statistics.median(bursts["floor"]["mount_wall_ms"]))
+        out.append(verdict("burst mount wall (broker) vs refs", "broker",
+                           round(statistics.median(bursts["broker"]["mount_wall_ms"]), 1), BROKER_BURST_FACTOR * refs,
+                           f"<= 2 x (python3 -S burst + floor burst) = {BROKER_BURST_FACTOR * refs:.1f} ms"))
     if "broker" in modes:  # issue 25: a brokered call costs its start-up plus what it must do
         for verb in ("mount", "unmount"):
             limit = summary["init"]["wall_p50_ms"] + summary[f"floor {verb}"]["wall_p50_ms"] + 5
