@@ -119,7 +119,10 @@ class BrokerServer(RelayServer):
             logger.info("a retry takes the token minted for the call before it (not minted again)")
             mint.done.wait()
         else:
-            answer = self._vault.submit(self._create, mint, config, token, op, args).result()
+            try:
+                answer = self._vault.submit(self._create, mint, config, token, op, args).result()
+            except RuntimeError as exc:  # the agent is stopping: a retry waiting on this mint must not hang
+                answer = _failure(DriverError(f"the node agent is stopping ({exc})"))
             with self._lock:
                 mint.answer = answer
                 self.counts["minted"] += 1
@@ -199,20 +202,24 @@ class BrokerServer(RelayServer):
         """Settle the journal entries no live call holds (an earlier agent's); how many were settled."""
         from ..engine.operation import Engine
 
-        with self._lock:
-            live = {a for mint in self._mints.values() for a in mint.accessors}
         settled = 0
         for path, entry in _journal_entries(config.state_dir):
-            if set(entry["accessors"]) & live:
+            if self._live(entry["accessors"]):
                 continue
             engine = Engine(config)
             logger = log.get(component="broker", dir=entry["mount_dir"], pod_uid=entry["pod_uid"])
             with engine.store.locked(entry["mount_dir"]):
+                if self._live(entry["accessors"]):
+                    continue  # minted by this agent meanwhile: its own call settles it (or a retry takes it)
                 _settle_accessors(engine, (entry["mount_dir"], entry["pod_uid"]), entry["accessors"], logger)
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
             settled += 1
         return settled
+
+    def _live(self, accessors: list[str]) -> bool:
+        with self._lock:
+            return any(set(mint.accessors) & set(accessors) for mint in self._mints.values())
 
     def status(self) -> dict:
         status = super().status()
