@@ -7,7 +7,8 @@ Nothing here raises.
 
 Imports sit in the functions that use them: `init` runs on every plugin probe and loads nothing but
 this module (json and re ~8 ms, config ~10 ms, the engine and hvac far more: see README,
-Performance), and a relayed call loads only `relay`; tests/test_exec_path.py checks both.
+Performance), and a relayed call loads only `relay`; a brokered mount or unmount loads the engine and
+`broker` but no HTTP stack (docs/performance-flexvolume.md); tests/test_exec_path.py checks all three.
 """
 
 from __future__ import annotations
