@@ -29,6 +29,9 @@ from . import relay
 
 BANNER = b"vaulttmpfs-broker/1\n"
 REPLY_TIMEOUT = 120.0  # as relay's: above the agent's own Vault deadline
+# The agent waits this long for the request on a connection `find` checked (the relay's REQUEST_TIMEOUT
+# is 10 s): a call that waited on its volume's lock longer connects again rather than use it.
+FIRST_FRESH = 5.0
 MINTS = ("create_wrapped_token", "create_token", "login_jwt_wrapped")
 # Test hook, off by default: seconds a driver call sleeps once a mint is answered, before it writes the
 # volume's record (the tests kill -9 it there). Read from the environment the kubelet gave the call.
@@ -42,6 +45,7 @@ class Broker:
         self.path = path
         self.env = env
         self._first = first  # the connection `find` checked: the first request goes on it
+        self._found = time.monotonic()
         self._held: list = []  # mint connections, open until the process ends (see the module docstring)
 
     def __call__(self, _config, token: str | None) -> BrokerVault:
@@ -49,6 +53,9 @@ class Broker:
 
     def request(self, op: str, args: dict, hold: bool = False) -> object:
         sock, self._first = self._first, None
+        if sock is not None and time.monotonic() - self._found > FIRST_FRESH:
+            sock.close()  # the agent may have dropped it (nothing was sent on it)
+            sock = None
         try:
             if sock is None:
                 sock = relay._connect(self.path, BANNER)
