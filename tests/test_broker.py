@@ -20,7 +20,7 @@ from .faultserver import CREATE, FaultServer, wait_for
 from .kubelet import Kubelet, is_mount_point
 
 NGINX = {"vault/policies": "nginx"}
-PAUSE = "VAULTTMPFS_TEST_HOOK_PAUSE_AFTER_MINT"
+STOP = "VAULTTMPFS_TEST_HOOK_STOP_AFTER_MINT"
 
 
 class Node(Kubelet):
@@ -52,6 +52,14 @@ class Node(Kubelet):
         return [json.loads(line) for line in lines if '"driver call"' in line]
 
 
+def stopped_after_the_mint(proc: subprocess.Popen) -> bool:
+    """The call stopped itself at the test hook: it holds the broker's answer and has written no record."""
+    try:
+        return Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "T"
+    except OSError:
+        return False
+
+
 def token_accessor(path: Path) -> str:
     return json.loads((path / "vault-token.json").read_text())["wrapped_accessor"]
 
@@ -68,6 +76,15 @@ def agent(node, driver_cmd):
     agent = AgentProcess.brokering(driver_cmd, node.env)
     yield agent
     agent.stop()
+
+
+def node_behind(vault: FaultServer, driver_cmd, bao, generator, tmp_path, log_dir) -> tuple[Node, AgentProcess]:
+    """A node whose driver and broker reach Vault through `vault` (a fault proxy), its agent brokering."""
+    root = tmp_path / "node"
+    root.mkdir()
+    node = Node(driver_cmd, driver_env(bao, generator, root, log_dir, VAULT_ADDR=vault.addr,
+                                       VAULT_CLIENT_TIMEOUT="30s"), root)
+    return node, AgentProcess.brokering(driver_cmd, node.env)
 
 
 def broker_status(agent) -> dict:
@@ -99,8 +116,8 @@ def test_without_an_agent_the_call_is_standalone_and_says_so(node, bao):
 
 def test_exec_killed_after_the_mint_before_the_record_leaves_no_token(node, agent, bao):
     pod = node.new_pod()
-    proc, path = node.start_mount(pod, {**node.env, PAUSE: "60"})
-    assert wait_for(lambda: node.journalled(), timeout=60)  # minted and journalled; the exec sleeps
+    proc, path = node.start_mount(pod, {**node.env, STOP: "1"})
+    assert wait_for(lambda: stopped_after_the_mint(proc), timeout=60)  # minted and journalled; the exec holds it
     [entry] = node.journalled()
     assert bao.lookup_accessor(entry["accessors"][0])  # the token is alive right now
     proc.kill()  # kill -9 at that step: no record, no tmpfs
@@ -119,11 +136,7 @@ def test_exec_killed_after_the_mint_before_the_record_leaves_no_token(node, agen
 def test_a_retry_is_handed_the_mint_still_in_flight_not_a_second_one(driver_cmd, bao, generator, tmp_path,
                                                                       log_dir):
     with FaultServer(bao.addr) as vault:
-        root = tmp_path / "node"
-        root.mkdir()
-        node = Node(driver_cmd, driver_env(bao, generator, root, log_dir, VAULT_ADDR=vault.addr,
-                                           VAULT_CLIENT_TIMEOUT="30s"), root)
-        agent = AgentProcess.brokering(driver_cmd, node.env)
+        node, agent = node_behind(vault, driver_cmd, bao, generator, tmp_path, log_dir)
         try:
             warm, warm_path = node.mount(node.new_pod(), NGINX)  # the generator check, out of the way
             assert warm.ok, warm.body
@@ -152,9 +165,9 @@ def test_a_retry_is_handed_the_mint_still_in_flight_not_a_second_one(driver_cmd,
 def test_an_agent_killed_with_a_mint_in_its_journal_settles_it_when_it_starts_again(node, driver_cmd, bao):
     agent = AgentProcess.brokering(driver_cmd, node.env)
     pod = node.new_pod()
-    proc, path = node.start_mount(pod, {**node.env, PAUSE: "60"})
+    proc, path = node.start_mount(pod, {**node.env, STOP: "1"})
     try:
-        assert wait_for(lambda: node.journalled(), timeout=60)
+        assert wait_for(lambda: stopped_after_the_mint(proc), timeout=60)
         [entry] = node.journalled()
         agent.kill()  # kill -9 the broker while the call holds its token
         proc.kill()  # and the call
@@ -171,10 +184,12 @@ def test_an_agent_killed_with_a_mint_in_its_journal_settles_it_when_it_starts_ag
 
 def test_a_call_that_recorded_its_token_keeps_it_when_the_agent_restarts(node, driver_cmd, bao):
     agent = AgentProcess.brokering(driver_cmd, node.env)
-    proc, path = node.start_mount(node.new_pod(), {**node.env, PAUSE: "3"})
+    proc, path = node.start_mount(node.new_pod(), {**node.env, STOP: "1"})
     try:
-        assert wait_for(lambda: node.journalled(), timeout=60)
+        assert wait_for(lambda: stopped_after_the_mint(proc), timeout=60)
+        assert node.journalled()
         agent.kill()  # the broker dies; the call goes on, records and mounts its token
+        proc.send_signal(signal.SIGCONT)
         out, _ = proc.communicate(timeout=60)
         assert json.loads(out)["status"] == "Success", out
         accessor = token_accessor(path)
@@ -191,11 +206,7 @@ def test_a_broker_killed_while_vault_answers_fails_the_call_and_nothing_is_minte
                                                                                        tmp_path, log_dir):
     """After the commit point the call never falls back to standalone: that could mint a second token."""
     with FaultServer(bao.addr) as vault:
-        root = tmp_path / "node"
-        root.mkdir()
-        node = Node(driver_cmd, driver_env(bao, generator, root, log_dir, VAULT_ADDR=vault.addr,
-                                           VAULT_CLIENT_TIMEOUT="30s"), root)
-        agent = AgentProcess.brokering(driver_cmd, node.env)
+        node, agent = node_behind(vault, driver_cmd, bao, generator, tmp_path, log_dir)
         pod = node.new_pod()
         try:
             vault.add(CREATE, "delay", times=1)

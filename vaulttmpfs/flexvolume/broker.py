@@ -33,9 +33,10 @@ REPLY_TIMEOUT = 120.0  # as relay's: above the agent's own Vault deadline
 # is 10 s): a call that waited on its volume's lock longer connects again rather than use it.
 FIRST_FRESH = 5.0
 MINTS = ("create_wrapped_token", "create_token", "login_jwt_wrapped")
-# Test hook, off by default: seconds a driver call sleeps once a mint is answered, before it writes the
-# volume's record (the tests kill -9 it there). Read from the environment the kubelet gave the call.
-PAUSE_AFTER_MINT = "VAULTTMPFS_TEST_HOOK_PAUSE_AFTER_MINT"
+# Test hook, off by default: set, a driver call stops itself (SIGSTOP) once a mint is answered, before
+# it writes the volume's record; the tests kill -9 it there, or continue it. Read from the environment
+# the kubelet gave the call.
+STOP_AFTER_MINT = "VAULTTMPFS_TEST_HOOK_STOP_AFTER_MINT"
 
 
 class Broker:
@@ -109,9 +110,10 @@ class BrokerVault:
         if not volume or not volume[0]:
             raise DriverError("a brokered mint needs the volume it is for")  # the broker's key
         result = self.broker.request(op, {**args, "token": self.token, "volume": list(volume)}, hold=True)
-        pause = self.broker.env.get(PAUSE_AFTER_MINT)
-        if pause:
-            time.sleep(float(pause))
+        if self.broker.env.get(STOP_AFTER_MINT):
+            import signal
+
+            os.kill(os.getpid(), signal.SIGSTOP)
         return result
 
     def create_wrapped_token(self, role, policies, metadata, display_name, volume=None) -> dict:
