@@ -9,8 +9,10 @@ drift hits every column alike), times:
               connection each time, as a fresh driver process has) + a bare tmpfs mount(2) at the
               pod's volume dir; for unmount, one revoke-accessor round trip (new connection) + umount2
   init        `<exe> init`
-  mount       `<exe> mount <dir> <json>` and `<exe> unmount <dir>`, two ways:
-  unmount       standalone  no agent socket: the call does the work itself (imports hvac, ...)
+  mount       `<exe> mount <dir> <json>` and `<exe> unmount <dir>`, three ways:
+  unmount       broker      `<exe> agent --broker` runs (the plain DaemonSet's default): the call mounts
+                            itself and the agent makes its Vault calls (flexvolume/broker.py)
+                standalone  no agent socket: the call does the work itself (imports hvac, ...)
                 agent       `<exe> agent --relay` runs: the call hands the work to it (relay.py)
               and the CSI front end:
                 csi         `<exe> agent --csi-endpoint unix://...` runs; NodePublishVolume and
@@ -75,6 +77,10 @@ RSS_MAX_MIB = 40.0
 BURST_FLOOR_FACTOR = 3.0
 # Not targets: what merely starting a process costs, for reading the burst numbers.
 REFERENCES = {"ref: /bin/true": ["/bin/true"], "ref: python3 -S -c pass": [sys.executable, "-S", "-E", "-c", "pass"]}
+
+PYTHON_REF = "ref: python3 -S -c pass"
+INIT_REF_FACTOR = 1.5  # issue 25: init p50 <= this x the bare interpreter's start
+BROKER_BURST_FACTOR = 2.0  # issue 25: 50 brokered mounts <= this x (50 bare starts + the floor's burst)
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -218,8 +224,10 @@ def exec_only(cmd: list[str]) -> Sample:
 class Agent:
     """`<exe> agent --relay` for the run; its CPU is read from /proc around each relayed call."""
 
-    def __init__(self, cmd: list[str], env: dict[str, str], socket_path: str, serve: tuple[str, ...] = ("--relay",)):
+    def __init__(self, cmd: list[str], env: dict[str, str], socket_path: str, serve: tuple[str, ...] = ("--relay",),
+                 banner: bytes = b"vaulttmpfs-relay/"):
         self.socket_path = socket_path
+        self.banner = banner
         # Metrics on, as a DaemonSet runs it (each agent on a port of its own).
         env = {**env, "VAULTTMPFS_METRICS_ADDR": f"127.0.0.1:{free_port()}"}
         # Its own stdout and stderr (a crash before logging says why there) go beside its log file.
@@ -238,7 +246,7 @@ class Agent:
                 with socket.socket(socket.AF_UNIX) as sock:
                     sock.settimeout(1)
                     sock.connect(self.socket_path)
-                    if sock.recv(64).startswith(b"vaulttmpfs-relay/"):
+                    if sock.recv(64).startswith(self.banner):
                         return
             time.sleep(0.1)
         raise BenchError("the agent's relay socket did not come up")
@@ -264,6 +272,8 @@ class Node:
         root = work / "node"
         self.kubelet = Kubelet(cmd, {}, root)
         self.agent_socket = str(root / "run" / "agent.sock")
+        self.broker_socket = str(root / "run" / "broker.sock")
+        no_broker = str(root / "run" / "no-broker.sock")
         self.env = {
             "PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
             "VAULT_ADDR": bao.addr,
@@ -275,8 +285,11 @@ class Node:
         if not is_frozen(cmd):
             self.env["PYTHONPATH"] = str(REPO)
         self.mode_env = {
-            "agent": {**self.env, "VAULTTMPFS_AGENT_SOCKET": self.agent_socket},
-            "standalone": {**self.env, "VAULTTMPFS_AGENT_SOCKET": str(root / "run" / "no-agent.sock")},
+            "agent": {**self.env, "VAULTTMPFS_AGENT_SOCKET": self.agent_socket, "VAULTTMPFS_BROKER_SOCKET": no_broker},
+            "standalone": {**self.env, "VAULTTMPFS_AGENT_SOCKET": str(root / "run" / "no-agent.sock"),
+                           "VAULTTMPFS_BROKER_SOCKET": no_broker},
+            "broker": {**self.env, "VAULTTMPFS_AGENT_SOCKET": str(root / "run" / "no-agent.sock"),
+                       "VAULTTMPFS_BROKER_SOCKET": self.broker_socket},
         }
         self.rss_file = work / "rss.txt"
 
@@ -313,8 +326,10 @@ class CsiNode:
         socket_path = work / "csi" / "csi.sock"
         socket_path.parent.mkdir(mode=0o700)
         self.log_file = work / "csi-agent.log"
-        env = {**env, "VAULTTMPFS_LOG_FILE": str(self.log_file)}
-        self.agent = Agent(cmd, env, str(socket_path), ("--csi-endpoint", f"unix://{socket_path}"))
+        # With the broker too, as variants/csi runs it: its RSS is the agent's with broker, CSI and metrics.
+        env = {**env, "VAULTTMPFS_LOG_FILE": str(self.log_file),
+               "VAULTTMPFS_BROKER_SOCKET": str(socket_path.parent / "broker.sock")}
+        self.agent = Agent(cmd, env, str(socket_path), ("--csi-endpoint", f"unix://{socket_path}", "--broker"))
         self.kubelet = CsiKubelet(str(socket_path), pods_dir, "bench-node")
 
     def wait_ready(self) -> None:
@@ -375,6 +390,7 @@ class Bench:
         self.floor = Floor(bao.addr, generator["client_token"])
         self.modes = args.modes
         self.agent: Agent | None = None
+        self.broker: Agent | None = None
         self.csi: CsiNode | None = None
         self.csi_memory: dict[str, dict] = {}
         self.series: dict[str, Series] = {}
@@ -389,6 +405,13 @@ class Bench:
         env = {**self.node.mode_env["agent"], "VAULTTMPFS_LOG_FILE": str(self.work / "agent.log")}
         self.agent = Agent(self.args.cmd, env, self.node.agent_socket)
         self.agent.wait_ready()
+
+    def start_broker(self) -> None:
+        """`agent --broker` with metrics on, as the plain DaemonSet runs it."""
+        env = {**self.node.mode_env["broker"], "VAULTTMPFS_LOG_FILE": str(self.work / "broker.log")}
+        self.broker = Agent(self.args.cmd, env, self.node.broker_socket, serve=("--broker",),
+                            banner=b"vaulttmpfs-broker/")
+        self.broker.wait_ready()
 
     def start_csi(self) -> None:
         self.csi = CsiNode(self.args.cmd, self.node.env, self.node.kubelet.pods_dir, self.work)
@@ -411,8 +434,10 @@ class Bench:
 
     def init_round(self, record: bool) -> None:
         init = self.node.call("standalone", "init")
+        start = exec_only(REFERENCES[PYTHON_REF])  # issue 25's ref for init, in the same round
         if record:
             self.s("init").add(init)
+            self.s(PYTHON_REF).add(start)
 
     def mode_round(self, mode: str, record: bool) -> None:
         if mode == "csi":
@@ -425,17 +450,18 @@ class Bench:
                 self.s("unmount csi").agent_cpu_ms.append(unmounted.cpu_ms)
             return
         path, options = self.node.new_volume()
-        before = self.agent.cpu_ms() if mode == "agent" else 0.0
+        helper = {"agent": self.agent, "broker": self.broker}.get(mode)
+        before = helper.cpu_ms() if helper else 0.0
         mounted = self.node.mount(mode, path, options)
-        between = self.agent.cpu_ms() if mode == "agent" else 0.0
+        between = helper.cpu_ms() if helper else 0.0
         unmounted = self.node.unmount(mode, path)
-        after = self.agent.cpu_ms() if mode == "agent" else 0.0
+        after = helper.cpu_ms() if helper else 0.0
         if record:
             self.s(f"mount {mode}").add(mounted)
             self.s(f"unmount {mode}").add(unmounted)
-            if mode == "agent":
-                self.s("mount agent").agent_cpu_ms.append(between - before)
-                self.s("unmount agent").agent_cpu_ms.append(after - between)
+            if helper:
+                self.s(f"mount {mode}").agent_cpu_ms.append(between - before)
+                self.s(f"unmount {mode}").agent_cpu_ms.append(after - between)
 
     def blocks(self, rounds: int, warmup: int) -> None:
         """--no-interleave: every call of a kind back to back (what a warm process costs when nothing
@@ -542,6 +568,22 @@ def verdicts(summary: dict, rss: dict, bursts: dict, modes: list[str], csi_memor
             continue
         out.append(verdict(f"mount p50 wall ({mode})", mode, summary[f"mount {mode}"]["wall_p50_ms"], mount_limit,
                            f"<= 2 x floor {floor_mount:.1f} + 20 = {mount_limit:.1f} ms"))
+    if PYTHON_REF in summary:
+        limit = INIT_REF_FACTOR * summary[PYTHON_REF]["wall_p50_ms"]
+        ref = summary[PYTHON_REF]["wall_p50_ms"]
+        out.append(verdict("init p50 wall vs python3 -S", None, summary["init"]["wall_p50_ms"], limit,
+                           f"<= {INIT_REF_FACTOR} x python3 -S {ref:.1f} = {limit:.1f} ms"))
+    if "broker" in modes and "floor" in bursts and PYTHON_REF in bursts:
+        refs = (statistics.median(bursts[PYTHON_REF]["mount_wall_ms"])
+                + statistics.median(bursts["floor"]["mount_wall_ms"]))
+        out.append(verdict("burst mount wall (broker) vs refs", "broker",
+                           round(statistics.median(bursts["broker"]["mount_wall_ms"]), 1), BROKER_BURST_FACTOR * refs,
+                           f"<= 2 x (python3 -S burst + floor burst) = {BROKER_BURST_FACTOR * refs:.1f} ms"))
+    if "broker" in modes:  # issue 25: a brokered call costs its start-up plus what it must do
+        for verb in ("mount", "unmount"):
+            limit = summary["init"]["wall_p50_ms"] + summary[f"floor {verb}"]["wall_p50_ms"] + 5
+            out.append(verdict(f"{verb} p50 wall (broker)", "broker", summary[f"{verb} broker"]["wall_p50_ms"], limit,
+                               f"<= init + floor {verb} + 5 = {limit:.1f} ms"))
     for name, values in rss.items():
         mode = name.split()[-1] if name.split()[-1] in modes else None
         out.append(verdict(f"peak RSS {name}", mode, round(max(values) / 1024, 1), RSS_MAX_MIB,
@@ -612,8 +654,9 @@ def parse_args(argv: list[str] | None = None):
     parser.add_argument("--rss-runs", type=int, default=5, help="runs under GNU time per call [default: 5]")
     parser.add_argument("--burst", type=int, default=50, help="concurrent mounts per burst [default: 50]")
     parser.add_argument("--bursts", type=int, default=3, help="bursts per mode; the median counts [default: 3]")
-    parser.add_argument("--modes", default="agent,standalone,csi",
-                        help="comma-separated: agent (FlexVolume fast path via `agent --relay`), standalone, "
+    parser.add_argument("--modes", default="broker,agent,standalone,csi",
+                        help="comma-separated: broker (the plain DaemonSet's: `agent --broker`), agent (the "
+                             "deprecated relay: `agent --relay`), standalone, "
                              "csi (the CSI node plugin over gRPC) [default: all three]")
     parser.add_argument("--no-interleave", dest="interleave", action="store_false",
                         help="time each kind of call back to back instead of in interleaved rounds")
@@ -627,8 +670,8 @@ def parse_args(argv: list[str] | None = None):
     args = parser.parse_args(argv)
     args.cmd = shlex.split(args.exe)
     args.modes = [m for m in args.modes.split(",") if m]
-    if not set(args.modes) <= {"agent", "standalone", "csi"} or not args.modes:
-        parser.error("--modes takes agent, standalone and/or csi")
+    if not set(args.modes) <= {"broker", "agent", "standalone", "csi"} or not args.modes:
+        parser.error("--modes takes broker, agent, standalone and/or csi")
     return args
 
 
@@ -651,6 +694,8 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 if "agent" in args.modes:
                     bench.start_agent()
+                if "broker" in args.modes:
+                    bench.start_broker()
                 if "csi" in args.modes:
                     bench.start_csi()
                 print(f"benchmarking {args.exe} ({args.warmup} warm-up + {args.runs} rounds, modes "
@@ -665,9 +710,12 @@ def main(argv: list[str] | None = None) -> int:
                 for _ in range(args.bursts):
                     bench.burst(args.burst)
                 agent_memory = bench.agent.memory() if bench.agent else None
+                broker_memory = bench.broker.memory() if bench.broker else None
             finally:
                 if bench.agent:
                     bench.agent.stop()
+                if bench.broker:
+                    bench.broker.stop()
                 if bench.csi:
                     bench.csi.stop()
                 bench.floor.revoke_wrapping_tokens(bao)
@@ -680,6 +728,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = {name: series.summary() for name, series in bench.series.items()}
     checks = verdicts(summary, bench.rss, bench.bursts, args.modes, bench.csi_memory)
     print(table(summary, bench.rss, bench.bursts, checks, args.burst))
+    print(f"agent RSS (MiB): broker {broker_memory}, relay {agent_memory}")
     result = {
         "command": shlex.join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
         "driver": args.exe, "commit": git_commit(), "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -692,6 +741,7 @@ def main(argv: list[str] | None = None) -> int:
         "summary": summary,
         "rss_kib": bench.rss,
         "agent_memory_mib": agent_memory,
+        "broker_memory_mib": broker_memory,
         "csi_agent_rss_mib": bench.csi_memory,  # VmRSS per burst: before it, after the publishes, after unpublish
         "bursts": {"size": args.burst, **bench.bursts},
         "targets": checks,

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from vaulttmpfs.flexvolume import relay
+from vaulttmpfs.flexvolume import broker, relay
 
 from .vaultserver import dies_with_parent, free_port, stop_process
 
@@ -43,6 +43,15 @@ class AgentProcess:
         """`agent --relay` with no health port, once its socket answers with the banner."""
         agent = cls(driver_cmd, env, "--relay", "--retry-interval", "1h", log_file=log_file, wrap=wrap, health=False)
         agent.wait_ready()
+        return agent
+
+    @classmethod
+    def brokering(cls, driver_cmd: list[str], env: dict[str, str], log_file: Path | None = None,
+                  health: bool = True) -> AgentProcess:
+        """`agent --broker` (the plain DaemonSet's), once its broker socket answers with the banner."""
+        agent = cls(driver_cmd, env, "--broker", "--retry-interval", "1h", log_file=log_file, health=health)
+        agent.socket_path = env["VAULTTMPFS_BROKER_SOCKET"]
+        agent.wait_ready(banner=broker.BANNER)
         return agent
 
     def __enter__(self) -> AgentProcess:
@@ -82,7 +91,7 @@ class AgentProcess:
 
     # --- relay socket and log
 
-    def wait_ready(self, timeout: float = 60.0) -> None:
+    def wait_ready(self, timeout: float = 60.0, banner: bytes = relay.BANNER) -> None:
         """Until the relay socket answers with the banner (bounded: a generous limit, not a speed test)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -91,7 +100,7 @@ class AgentProcess:
                 with socket.socket(socket.AF_UNIX) as sock:
                     sock.settimeout(2)
                     sock.connect(self.socket_path)
-                    if sock.recv(64) == relay.BANNER:
+                    if sock.recv(64) == banner:
                         return
             except OSError:
                 pass

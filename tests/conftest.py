@@ -146,6 +146,7 @@ def driver_env(bao: VaultServer, generator: dict, root: Path, log_dir: Path, **e
         "VAULTTMPFS_PODS_DIR": str(root / "var/lib/kubelet/pods"),  # the Kubelet harness's layout
         # Per node: an agent relaying on this machine's default socket must not serve the tests.
         "VAULTTMPFS_AGENT_SOCKET": str(root / "run/vaulttmpfs/agent.sock"),
+        "VAULTTMPFS_BROKER_SOCKET": str(root / "run/vaulttmpfs/broker.sock"),
         "VAULT_MAX_RETRIES": "1",
         "VAULT_CLIENT_TIMEOUT": "3s",
         "VAULTTMPFS_METRICS_ADDR": "",  # an agent's /metrics is off unless a test asks (no fixed port clash)

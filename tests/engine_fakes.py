@@ -199,17 +199,18 @@ class VaultDouble:
                 "creation_path": "auth/token/create/applications"}
 
     def create_wrapped_token(self, role: str, policies: list[str], metadata: dict[str, str],
-                             display_name: str) -> dict[str, Any]:
+                             display_name: str, volume: tuple[str, str] | None = None) -> dict[str, Any]:
         self.journal.step("create token", role, ",".join(policies))
         return self._wrap()
 
     def create_token(self, role: str, policies: list[str], metadata: dict[str, str],
-                     display_name: str) -> dict[str, Any]:
+                     display_name: str, volume: tuple[str, str] | None = None) -> dict[str, Any]:
         self.journal.step("create token", role, ",".join(policies))
         accessor = self._new("pod")
         return {"client_token": f"s.{accessor}", "accessor": accessor, "policies": policies, "lease_duration": 3600}
 
-    def login_jwt_wrapped(self, mount: str, role: str, jwt: str) -> dict[str, Any]:
+    def login_jwt_wrapped(self, mount: str, role: str, jwt: str,
+                          volume: tuple[str, str] | None = None) -> dict[str, Any]:
         self.journal.step("login", mount, role)
         return self._wrap()
 

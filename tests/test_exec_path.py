@@ -70,8 +70,10 @@ def test_a_standalone_call_loads_no_agent_or_operator_code(probed, verb):
     if verb == "mount":
         assert probed.unmount(path).ok  # the pod's token revoked: none may outlive the suite
     assert loaded(report, *NEVER) == []
-    # Needed today: the call does the Vault round trip itself (hvac, requests) and logs (structlog).
-    assert loaded(report, "hvac", "requests", "structlog")
+    # Standalone (no broker answers): the call does the Vault round trip itself, so hvac and its HTTP
+    # stack load here, and only here; the log line is the stdlib's either way.
+    assert loaded(report, "hvac", "requests", "urllib3")
+    assert loaded(report, "structlog") == []
     # The policy bindings' YAML parser only when bindings are configured (they are not here).
     assert loaded(report, "yaml") == []
 
@@ -112,5 +114,32 @@ def test_a_relayed_call_loads_only_the_relay_client(probed, tmp_path, log_dir):
         assert set(report["after"]) - set(report["before"]) == RELAYED_LOADS
         assert probed.env["VAULTTMPFS_CONFIG_FILE"] not in report["opened"]  # the agent reads the settings
         assert probed.unmount(path).ok
+    finally:
+        agent.stop()
+
+
+# The brokered call (the plain DaemonSet's default): the agent makes the Vault calls, so no HTTP stack,
+# no Vault client library and no structlog are loaded; the engine and the broker client (stdlib) are.
+BROKERED_NEVER = (*NEVER, "hvac", "requests", "urllib3", "http.client", "ssl", "structlog", "yaml")
+
+
+@pytest.mark.parametrize("verb", ["mount", "unmount"])
+def test_a_brokered_call_loads_no_http_stack(probed, verb, tmp_path, log_dir):
+    agent = AgentProcess.brokering([sys.executable, "-m", "vaulttmpfs"], probed.env,
+                                   log_dir / f"{tmp_path.name}-agent.log", health=False)
+    try:
+        reply, path = probed.mount(probed.new_pod(), NGINX)
+        assert reply.ok, reply.body
+        report = probed.last()
+        if verb == "unmount":
+            assert probed.unmount(path).ok
+            report = probed.last()
+        else:
+            assert probed.unmount(path).ok
+        assert loaded(report, *BROKERED_NEVER) == []
+        assert {"vaulttmpfs.flexvolume.broker", "vaulttmpfs.engine.operation"} <= set(report["after"])
+        calls = [json.loads(line) for line in Path(probed.env["VAULTTMPFS_LOG_FILE"]).read_text().splitlines()
+                 if '"driver call"' in line]
+        assert [c["vault"] for c in calls[-2:]] == ["broker", "broker"]
     finally:
         agent.stop()

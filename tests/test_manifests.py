@@ -342,7 +342,28 @@ def test_relay_variant_gives_the_agent_what_mounting_for_the_kubelet_needs(name)
     assert pods["mountPath"] == volumes["pods-dir"]["hostPath"]["path"] == "/var/lib/kubelet/pods"
     # The driver on the host finds the agent's socket at the default path.
     socket_dir = os.path.dirname(Config.agent_socket)
-    assert mounts["relay-socket"]["mountPath"] == volumes["relay-socket"]["hostPath"]["path"] == socket_dir
+    assert mounts["agent-socket"]["mountPath"] == volumes["agent-socket"]["hostPath"]["path"] == socket_dir
+
+
+@pytest.mark.parametrize("name", RENDERED)
+def test_every_variant_brokers_the_drivers_vault_calls_without_privilege_of_its_own(name):
+    """The plain DaemonSet's default is the fast path: the agent brokers Vault (VAULTTMPFS_BROKER) on the
+    socket the driver looks for by default, shared with the host at the same path; only the relay and CSI
+    variants, which mount for the kubelet, are privileged."""
+    from vaulttmpfs.config import Config
+
+    pod = rendered(RENDERED[name], "DaemonSet")["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    if name == "variants/uninstall":
+        assert container["command"] == ["sleep", "infinity"]  # no agent: the driver is standalone until removed
+        return
+    assert env["VAULTTMPFS_BROKER"] == "true"
+    mounts = {m["name"]: m for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    socket_dir = os.path.dirname(Config.broker_socket)
+    assert mounts["agent-socket"]["mountPath"] == volumes["agent-socket"]["hostPath"]["path"] == socket_dir
+    assert container["securityContext"].get("privileged") is (True if name in RELAYED else False)
 
 
 def test_daemonset_writes_the_config_file_from_the_configmap_and_exposes_metrics():

@@ -168,6 +168,10 @@ def install(plugin_dir: str, source: str | None, config_from: str | None) -> Non
 @setting_option("--metrics-addr", env="VAULTTMPFS_METRICS_ADDR", default="127.0.0.1:9830",
                 help="host:port for GET /metrics (Prometheus); empty to disable (VAULTTMPFS_METRICS_ADDR) "
                      "[default: 127.0.0.1:9830].")
+@setting_option("--broker/--no-broker", env="VAULTTMPFS_BROKER", default="false",
+                help="Make the driver calls' Vault requests for them over VAULTTMPFS_BROKER_SOCKET (the fast path of "
+                     "the plain DaemonSet: no privilege or mount propagation needed; the driver still mounts) "
+                     "(VAULTTMPFS_BROKER) [default: off].")
 @setting_option("--relay/--no-relay", env="VAULTTMPFS_RELAY", default="false",
                 help="Also do the driver's mount/unmount for it over VAULTTMPFS_AGENT_SOCKET (fast path; needs "
                      "a privileged agent with the kubelet's pods dir mounted with Bidirectional propagation) "
@@ -184,7 +188,7 @@ def install(plugin_dir: str, source: str | None, config_from: str | None) -> Non
                 help="CSI: the tokenRequests audience whose token is used to log in [default: vault].")
 @pass_config
 def agent(obj: Settings, renew_interval: float | None, retry_interval: float, reconcile_interval: float,
-          health_addr: str, metrics_addr: str, relay: bool, csi_endpoint: str | None,
+          health_addr: str, metrics_addr: str, broker: bool, relay: bool, csi_endpoint: str | None,
           csi_jwt_auth_mount: str | None, csi_jwt_audience: str) -> None:
     """Run the node agent: renew the generator token, retry and reconcile revocations, serve health.
 
@@ -197,14 +201,16 @@ def agent(obj: Settings, renew_interval: float | None, retry_interval: float, re
         "agent starting", renew_interval=renew_interval, retry_interval=retry_interval,
         reconcile_interval=reconcile_interval, health_addr=health_addr,
         vault_addr=config.vault_addr, generator_token_path=config.generator_token_path,
-        relay=config.agent_socket if relay else None, csi_endpoint=csi_endpoint, csi_jwt_auth_mount=csi_jwt_auth_mount)
+        broker=config.broker_socket if broker else None, relay=config.agent_socket if relay else None,
+        csi_endpoint=csi_endpoint, csi_jwt_auth_mount=csi_jwt_auth_mount)
     jwt_login = None
     if csi_endpoint and csi_jwt_auth_mount:
         from .csi.servicers import JwtLogin
 
         jwt_login = JwtLogin(_auth_mount(csi_jwt_auth_mount), csi_jwt_audience)
     services = node_agent.services(config, renew_interval, retry_interval, relay, csi_endpoint or None, jwt_login,
-                                   metrics_addr=metrics_addr or None, reconcile_interval=reconcile_interval)
+                                   metrics_addr=metrics_addr or None, reconcile_interval=reconcile_interval,
+                                   broker=broker)
     node_agent.Agent(services, health_addr or None, settings=config.public()).run()
     log.get().info("agent stopped")
 

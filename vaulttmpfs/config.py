@@ -219,6 +219,7 @@ class Config:
     log_file: str = "/var/log/vaulttmpfs.log"
     tmpfs_size: str = "1m"
     agent_socket: str = "/run/vaulttmpfs/agent.sock"
+    broker_socket: str = "/run/vaulttmpfs/broker.sock"  # the agent's Vault broker for the driver's calls
     node_name: str = ""
     allow_insecure: bool = False  # VAULT_SKIP_VERIFY is refused unless this is set
     pods_dir: str = "/var/lib/kubelet/pods"  # the kubelet's (--root-dir)/pods: mount dirs must be below it
@@ -277,6 +278,7 @@ class Config:
             tmpfs_size=parse_size(get("VAULTTMPFS_TMPFS_SIZE", cls.tmpfs_size), "VAULTTMPFS_TMPFS_SIZE",
                                   *TMPFS_SIZE_RANGE),
             agent_socket=get("VAULTTMPFS_AGENT_SOCKET", cls.agent_socket),
+            broker_socket=get("VAULTTMPFS_BROKER_SOCKET", cls.broker_socket),
             node_name=get("VAULTTMPFS_NODE_NAME", get("NODE_NAME", os.uname().nodename)),
             allow_insecure=parse_bool(get("VAULTTMPFS_ALLOW_INSECURE", ""), "VAULTTMPFS_ALLOW_INSECURE"),
             pods_dir=get("VAULTTMPFS_PODS_DIR", cls.pods_dir),

@@ -1,5 +1,8 @@
 """structlog JSON lines to a file, never to the terminal streams the kubelet parses.
 
+A kubelet call (the exec) writes the same lines with `_LineLogger`, stdlib only: structlog costs
+~35 ms of import, more than the whole brokered mount (docs/performance-flexvolume.md).
+
 If the log file cannot be opened, logging degrades to nothing rather than failing a mount.
 Token values registered with `secret()` are masked wherever they appear in an event.
 VAULTTMPFS_LOG_LEVEL (debug, info, warning, error) drops lines below it. The file is kept under
@@ -16,9 +19,8 @@ import os
 import stat
 import sys
 import threading
+import time
 from typing import Any
-
-import structlog
 
 _secrets: dict[str, None] = {}  # insertion-ordered: the oldest go first when the cap is reached
 # Secrets indexed by the WINDOW-character slices ending at their last WINDOW positions: a line is
@@ -116,6 +118,43 @@ class _NullLogger:
 
 
 LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
+
+
+class _LineLogger:
+    """structlog's bound logger as configure() builds it, for one short process: the same JSON line
+    (event, context, level, timestamp, exception), masked as written, from the stdlib only."""
+
+    def __init__(self, handle, min_level: int, context: dict[str, Any]):
+        self._handle, self._min, self._context = handle, min_level, context
+
+    def bind(self, **context: Any) -> _LineLogger:
+        return _LineLogger(self._handle, self._min, {**self._context, **context})
+
+    def _write(self, level: str, event: str, fields: dict[str, Any]) -> None:
+        if LEVELS[level] < self._min:
+            return
+        exc = fields.pop("exc_info", None)
+        line = {**self._context, **fields, "event": event, "level": level,
+                "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + "Z"}
+        if exc:
+            import traceback  # only for a bug's line
+
+            error = exc if isinstance(exc, BaseException) else sys.exc_info()[1]
+            line["exception"] = "".join(traceback.format_exception(error)) if error else ""
+        self._handle.write(_redact_processor(None, level, json.dumps(line, default=repr)) + "\n")
+
+    def debug(self, event: str, **fields: Any) -> None:
+        self._write("debug", event, fields)
+
+    def info(self, event: str, **fields: Any) -> None:
+        self._write("info", event, fields)
+
+    def warning(self, event: str, **fields: Any) -> None:
+        self._write("warning", event, fields)
+
+    def error(self, event: str, **fields: Any) -> None:
+        self._write("error", event, fields)
+
 _file: "_LogFile | None" = None
 
 
@@ -143,9 +182,13 @@ class _LogFile:
         with self.lock:
             if self.reopen_requested or (self.max_bytes and self.regular and self._moved()):
                 self._reopen()
+            # Rotated before the line that would cross the limit, not after it: the newest line is
+            # always in the current file (where an operator looks first).
+            if self.max_bytes and self.regular:
+                size = os.fstat(self.fd).st_size
+                if size and size + len(data) > self.max_bytes:
+                    self._rotate()
             os.write(self.fd, data)
-            if self.max_bytes and self.regular and os.fstat(self.fd).st_size > self.max_bytes:
-                self._rotate()
 
     def flush(self) -> None:
         pass  # every line is one write(2)
@@ -183,10 +226,11 @@ def reopen() -> None:
         _file.reopen_requested = True
 
 
-def configure(config) -> None:
+def configure(config, lean: bool = False) -> None:
     """Where this process's lines go, from its settings (`config.log_file`, `log_level`,
     `log_max_bytes`): once, by the front end that read them (a driver call, an operator command,
-    the agent, the pod's command). A file that cannot be opened turns logging off, never a call."""
+    the agent, the pod's command). A file that cannot be opened turns logging off, never a call.
+    lean: a kubelet call's lines, written without structlog (see _LineLogger)."""
     global _logger, _file
     if _file is not None:
         os.close(_file.fd)
@@ -199,10 +243,15 @@ def configure(config) -> None:
     if handle is None:
         _logger = _NullLogger()
         return
+    level = LEVELS.get(config.log_level, LEVELS["info"])
+    if lean:
+        _logger = _LineLogger(handle, level, {"pid": os.getpid()})
+        return
+    import structlog  # the agent's and the commands' (~35 ms): not a kubelet call's
 
     _logger = structlog.wrap_logger(
         structlog.WriteLogger(handle),
-        wrapper_class=structlog.make_filtering_bound_logger(LEVELS.get(config.log_level, LEVELS["info"])),
+        wrapper_class=structlog.make_filtering_bound_logger(level),
         processors=[
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),

@@ -236,17 +236,18 @@ class Engine:
 
     def _create(self, request: MountRequest, token: str) -> Minted:
         config = self.config
+        volume = (request.real_dir, request.pod_uid)  # the broker's key: one mint per volume (interfaces.py)
         if request.login:  # the pod's own login, wrapped; the front end refuses it with vault/unwrap
             log.secret(request.login.jwt)
             return _wrapped(self.vault(config, None).login_jwt_wrapped(request.login.mount, request.role,
-                                                                       request.login.jwt))
+                                                                       request.login.jwt, volume=volume))
         args = (request.role, request.policies, request.token_metadata(config.node_name), request.display_name())
         if request.unwrapped:
-            auth = self.vault(config, token).create_token(*args)
+            auth = self.vault(config, token).create_token(*args, volume=volume)
             # The metadata file never holds the token itself (the token file does).
             info = {**{k: v for k, v in auth.items() if k != "client_token"}, "unwrapped": True}
             return Minted(auth["client_token"], info, auth["accessor"], None)
-        return _wrapped(self.vault(config, token).create_wrapped_token(*args))
+        return _wrapped(self.vault(config, token).create_wrapped_token(*args, volume=volume))
 
     def _write_files(self, request: MountRequest, minted: Minted, tmpfs: str) -> None:
         config = self.config

@@ -6,8 +6,9 @@ library cannot corrupt the answer) and the answer is written to a saved copy of 
 Nothing here raises.
 
 Imports sit in the functions that use them: `init` runs on every plugin probe and loads nothing but
-this module (json and re ~8 ms, config ~10 ms, the engine and hvac far more: see docs/performance.md),
-and a relayed call loads only `relay`; tests/test_exec_path.py checks both.
+this module (json and re ~8 ms, config ~10 ms, the engine and hvac far more: see
+docs/performance.md), and a relayed call loads only `relay`; a brokered mount or unmount loads the engine and
+`broker` but no HTTP stack (docs/performance-flexvolume.md); tests/test_exec_path.py checks all three.
 """
 
 from __future__ import annotations
@@ -96,18 +97,36 @@ def mount(args: list[str], settings) -> dict:
     if len(args) not in (2, 3):
         raise BadCall(f"mount takes <mount dir> <json options>, got {len(args)} arguments")
     mount_dir, options = args[0], parse_options(args[-1])
-    from ..engine import operation as driver  # see mount_request
-
     config = _valid(settings)
-    return answer(SUCCESS, driver.mount(config, mount_request(mount_dir, options, config.role_name)))
+    request = mount_request(mount_dir, options, config.role_name)
+    return answer(SUCCESS, _engine(config).mount(request))
 
 
 def unmount(args: list[str], settings) -> dict:
     if len(args) != 1:
         raise BadCall(f"unmount takes <mount dir>, got {len(args)} arguments")
-    from ..engine import operation as driver  # see mount_request
+    config = _valid(settings)
+    return answer(SUCCESS, _engine(config).unmount(args[0]))
 
-    return answer(SUCCESS, driver.unmount(_valid(settings), args[0]))
+
+# How this call reaches Vault: "broker" (the node agent makes its Vault calls: flexvolume.broker) or
+# "standalone: <why>" (hvac in this process). Decided in an exec before anything is sent; None in the
+# agent, whose relay runs these verbs with its own Vault client.
+vault_path: str | None = None
+_in_exec = False  # main() sets it: only a kubelet's exec looks for the broker
+
+
+def _engine(config):
+    from ..engine.operation import Engine  # the engine: a call the driver does itself, never init or a relayed one
+
+    global vault_path
+    if not _in_exec:
+        return Engine(config)
+    from . import broker
+
+    found, why = broker.find(config.broker_socket, os.environ)
+    vault_path = "broker" if found else f"standalone: {why}"
+    return Engine(config, vault=found) if found else Engine(config)
 
 
 def _valid(settings):
@@ -154,13 +173,15 @@ def load_settings(env=None):
 def _log_outcome(argv: list[str], reply: dict, seconds: float) -> None:
     """verb, dir, pod, result, duration, error: what an operator looks for first. Never raises."""
     try:
-        from .. import log  # structlog: only a call that logs
+        from .. import log  # only a call that logs
 
         verb, args = (argv[0], argv[1:]) if argv else ("", [])
         # Only a path: an unknown verb's first argument may be the options, secrets included.
         path = args[0] if args and args[0].startswith("/") else None
         fields = {"verb": verb, "dir": path, **_pod_of(verb, args), "result": reply["status"],
                   "ms": round(seconds * 1000, 1)}
+        if vault_path:  # a standalone call says it is the fallback, and why
+            fields["vault"] = vault_path
         if reply["status"] != SUCCESS:
             fields["error"] = reply.get("message")
         logger = log.get()
@@ -200,7 +221,7 @@ def _describe(exc: BaseException) -> str:
         return f"{exc.strerror or exc} ({exc.filename})" if exc.filename else str(exc)
     # A bug: say what it is; the traceback goes to the log.
     try:
-        from .. import log  # structlog: only a call that logs
+        from .. import log  # only a call that logs
 
         log.get().error("unexpected error", exc_info=exc)
     except BaseException:  # noqa: BLE001
@@ -223,6 +244,8 @@ def encode(reply: dict) -> tuple[bytes, int]:
 
 
 def main(argv: list[str]) -> int:
+    global _in_exec
+    _in_exec = True
     reply_fd = _silence_std_streams()
     counted = bool(argv) and argv[0] in ("mount", "unmount")  # not init: it runs on every probe
     relayed = settings = None
@@ -250,10 +273,10 @@ def _now() -> float:
 
 def _configure():
     """This call's settings, read once, and the log set up from them (an invalid setting still logs)."""
-    from .. import log  # structlog: only a call that logs
+    from .. import log  # only a call that logs
 
     settings = load_settings()
-    log.configure(settings[0])
+    log.configure(settings[0], lean=True)  # no structlog in a kubelet call (see log)
     return settings
 
 

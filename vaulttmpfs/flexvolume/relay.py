@@ -77,7 +77,8 @@ def forward(argv: list[str], env: dict[str, str] | None = None) -> tuple[bytes, 
     return payload, code
 
 
-def _connect(path: str):
+def _connect(path: str, banner: bytes = BANNER):
+    """A connection to the root-served socket at `path` that answered with `banner` (the broker's too)."""
     # _socket, not socket: socket imports enum and friends, ~5 ms of this call's ~15.
     import _socket
 
@@ -89,14 +90,14 @@ def _connect(path: str):
         cred = sock.getsockopt(_socket.SOL_SOCKET, _socket.SO_PEERCRED, 12)  # struct ucred: pid, uid, gid
         if int.from_bytes(cred[4:8], sys.byteorder) != 0:
             raise Refused(f"{path} is served by uid {int.from_bytes(cred[4:8], sys.byteorder)}, not root")
-        banner = b""
-        while not banner.endswith(b"\n") and len(banner) < len(BANNER):
-            chunk = sock.recv(len(BANNER) - len(banner))
+        got = b""
+        while not got.endswith(b"\n") and len(got) < len(banner):
+            chunk = sock.recv(len(banner) - len(got))
             if not chunk:
                 break
-            banner += chunk
-        if banner != BANNER:
-            raise Refused(f"no relay banner from {path}: {banner[:40]!r}")
+            got += chunk
+        if got != banner:
+            raise Refused(f"no {banner.decode().split('/')[0]} banner from {path}: {got[:40]!r}")
     except BaseException:
         sock.close()
         raise

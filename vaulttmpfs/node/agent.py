@@ -2,9 +2,11 @@
 
 It keeps the node's generator token alive, retries revocations that unmount had to queue while
 Vault was down, revokes the tokens of volumes whose pod is gone without an unmount (reconcile),
-and answers health checks. It never touches a volume whose dir is there, so stopping it (or a
-crash) leaves every mounted volume as it is; unmount works without it. The exception is opt-in: with
-`--relay` it also serves the driver's fast path (see relay), mounting for the kubelet's calls.
+and answers health checks. With `--broker` (the plain DaemonSet's default) it makes the driver
+calls' Vault requests for them on warm clients (see broker_server). It never touches a volume whose
+dir is there, so stopping it (or a crash) leaves every mounted volume as it is; unmount works
+without it. The exception is opt-in: with `--relay` it also serves the driver's older fast path
+(see relay), mounting for the kubelet's calls.
 
 This module assembles the agent: `services()` lists what it runs (each a `service.Service` in a
 module of its own), `Agent` starts them, serves their health, and stops them.
@@ -30,7 +32,7 @@ def services(config: Config, renew_interval: float | None = None,
              retry_interval: float = DEFAULT_RETRY_INTERVAL, relay: bool = False,
              csi_endpoint: str | None = None, csi_jwt_login=None,
              metrics_addr: str | None = None,
-             reconcile_interval: float = DEFAULT_RECONCILE_INTERVAL) -> list[Service]:
+             reconcile_interval: float = DEFAULT_RECONCILE_INTERVAL, broker: bool = False) -> list[Service]:
     """What the agent runs besides its health server. The opt-in services are imported only when
     asked for: grpc (CSI) and prometheus_client (metrics) cost an agent without them start-up time
     and memory."""
@@ -40,6 +42,12 @@ def services(config: Config, renew_interval: float | None = None,
     else:
         keeper = GeneratorRenewal(config, renew_interval)
     found = [keeper, RevocationRetry(config, retry_interval), ReconcileLoop(config, reconcile_interval)]
+    if broker:
+        # The plain DaemonSet's default: the driver's calls make their Vault requests here (no mount
+        # privilege needed: the driver still mounts itself).
+        from .broker_server import BrokerServer
+
+        found.append(BrokerServer(config))
     if relay:
         # Opt-in: the agent then mounts for the kubelet, so it needs privileges and mount propagation.
         from .relay_server import RelayServer

@@ -35,13 +35,14 @@ class RelayServer(Service):
     """Serves the socket for the agent."""
 
     name = "relay"
+    banner = BANNER
     MAX_INFLIGHT = 128  # past this, callers wait for the banner and then do the work themselves
     REQUEST_TIMEOUT = 10.0
     STOP_GRACE = 120.0  # a call in flight is finished, not cut: a half-done mount helps nobody
 
-    def __init__(self, config, handler=handle_call):
+    def __init__(self, config, handler=handle_call, path: str | None = None):
         self.config = config
-        self.path = config.agent_socket
+        self.path = path or config.agent_socket
         self.handler = handler
         self.counts = {"relayed": 0, "refused": 0, "dropped": 0, "failed": 0}
         self._lock = threading.Lock()
@@ -54,10 +55,10 @@ class RelayServer(Service):
 
     def start(self) -> None:
         _warm_up()
-        self._sock, self._inode = _listen(self.path)
-        self._thread = threading.Thread(target=self._accept_loop, name="relay", daemon=True)
+        self._sock, self._inode = _listen(self.path, self.banner)
+        self._thread = threading.Thread(target=self._accept_loop, name=self.name, daemon=True)
         self._thread.start()
-        log.get(component="relay").info("relay listening", socket=self.path)
+        log.get(component=self.name).info(f"{self.name} listening", socket=self.path)
 
     def stop(self) -> None:
         self._stopping.set()
@@ -79,7 +80,8 @@ class RelayServer(Service):
 
     def metric_families(self) -> list[Family]:
         status = self.status()
-        return [Family("counter", "vaulttmpfs_relay_connections", "Relay connections by result", ("result",),
+        return [Family("counter", f"vaulttmpfs_{self.name}_connections", f"{self.name.title()} connections by result",
+                       ("result",),
                        tuple(((result,), status[result]) for result in ("relayed", "refused", "dropped", "failed")))]
 
     def _count(self, what: str) -> None:
@@ -130,7 +132,7 @@ class RelayServer(Service):
             return
         conn.settimeout(self.REQUEST_TIMEOUT)
         try:
-            conn.sendall(BANNER)
+            conn.sendall(self.banner)
             argv, env, node = decode_request(_read_frame(conn))
         except (OSError, ValueError) as exc:
             # The caller went away before its commit point, or spoke garbage: nothing was done.
@@ -139,6 +141,10 @@ class RelayServer(Service):
             return
         if not (env.get("VAULTTMPFS_NODE_NAME") or env.get("NODE_NAME")):
             env["NODE_NAME"] = node  # the driver would default to its own host name, not the agent's
+        self.respond(conn, argv, env, pid, logger)
+
+    def respond(self, conn, argv: list[str], env: dict[str, str], pid: int, logger) -> None:
+        """Do the call the frame asked for and answer it (node.broker_server answers otherwise)."""
         started = time.monotonic()
         payload, code = self.handler(argv, env)
         self._count("relayed")
@@ -191,7 +197,7 @@ def _read_frame(conn) -> bytes:
     return data
 
 
-def _listen(path: str):
+def _listen(path: str, banner: bytes = BANNER):
     """Bind under a temporary name, make it 0600, then rename: never a moment it is open to all."""
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, mode=0o700, exist_ok=True)
@@ -199,7 +205,7 @@ def _listen(path: str):
     if stat.S_IMODE(info.st_mode) & 0o077 and not info.st_mode & stat.S_ISVTX:
         os.chmod(parent, 0o700)  # our own directory (e.g. /run/vaulttmpfs); leave shared sticky dirs alone
     try:
-        _connect(path).close()
+        _connect(path, banner).close()
     except (OSError, Refused):
         pass  # nobody answers there: a stale socket from a previous agent, replaced below
     else:

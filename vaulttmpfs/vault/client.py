@@ -287,7 +287,8 @@ class Vault:
             telemetry.vault_call(action, time.monotonic() - started, ok)
 
     def create_wrapped_token(
-        self, role: str, policies: list[str], metadata: dict[str, str], display_name: str
+        self, role: str, policies: list[str], metadata: dict[str, str], display_name: str,
+        volume: tuple[str, str] | None = None,
     ) -> dict[str, Any]:
         """Create a token against `role`; only the response-wrapping token comes back."""
         with self._call(f"creating a token with role {role!r} for policies {','.join(policies)}"):
@@ -300,7 +301,8 @@ class Vault:
             )
         return _wrap_info(f"creating a token with role {role!r}", response)
 
-    def login_jwt_wrapped(self, mount: str, role: str, jwt: str) -> dict[str, Any]:
+    def login_jwt_wrapped(self, mount: str, role: str, jwt: str,
+                          volume: tuple[str, str] | None = None) -> dict[str, Any]:
         """Log in AS THE POD with its service-account JWT (POST auth/<mount>/login, Vault's jwt or
         kubernetes method): Vault's role decides the policies; only the wrapping token comes back."""
         action = f"logging in with the pod's service-account token at auth/{mount} (role {role!r})"
@@ -355,7 +357,7 @@ class Vault:
         return auth
 
     def create_token(self, role: str, policies: list[str], metadata: dict[str, str],
-                     display_name: str) -> dict[str, Any]:
+                     display_name: str, volume: tuple[str, str] | None = None) -> dict[str, Any]:
         """Create a token against `role` and return its auth block (client_token, accessor, ...)."""
         with self._call(f"creating a token with role {role!r} for policies {','.join(policies)}"):
             return self.minting.auth.token.create(
