@@ -11,6 +11,8 @@ from ..kubelet import Pod as KubeletPod
 from .cluster import FS_GROUP, app_pod, deploy, installed_driver, kubelet_for
 from .cri import Pod, probe
 
+DRIVER_LOG = "/var/log/vaulttmpfs.log"  # the driver's default VAULTTMPFS_LOG_FILE, on the host
+
 
 def mount_flex_volumes(kubelet: Kubelet, pod: Pod) -> dict[str, Path]:
     """operation_generator.go MountVolume, for each flexVolume of the pod, before its containers start."""
@@ -78,6 +80,10 @@ def test_flexvolume_daemonset_installs_the_driver_and_the_kubelet_mounts_with_it
     # Pod deleted: containers and sandbox stopped, then the kubelet tears the volume down.
     node.runtime.stop(app)
     assert kubelet.teardown(volume).ok
+    # Both calls were the agent container's to make in Vault (its broker), not the exec's standalone fallback.
+    calls = [line for line in map(json.loads, Path(DRIVER_LOG).read_text().splitlines())
+             if line.get("event") == "driver call" and line.get("dir") == str(volume)]
+    assert [(c["verb"], c.get("vault")) for c in calls] == [("mount", "broker"), ("unmount", "broker")], calls
     assert not volume.exists()
     assert node.bao.lookup_accessor(me["accessor"]) is None  # unmount revoked the pod's token
     node.runtime.stop(agent)
