@@ -162,6 +162,9 @@ def install(plugin_dir: str, source: str | None, config_from: str | None) -> Non
 @setting_option("--reconcile-interval", type=_Duration(), env="VAULTTMPFS_RECONCILE_INTERVAL", default="60s",
                 help="Revoke the tokens of volumes whose pod dir is gone this often, and at start "
                      "(VAULTTMPFS_RECONCILE_INTERVAL) [default: 60s].")
+@setting_option("--inventory-interval", type=_Duration(), env="VAULTTMPFS_INVENTORY_INTERVAL", default="5m",
+                help="Look up the node's pod tokens in Vault (lookup-accessor) this often, and at start, for "
+                     "`vaulttmpfs status` and /metrics (VAULTTMPFS_INVENTORY_INTERVAL) [default: 5m].")
 @setting_option("--health-addr", env="VAULTTMPFS_HEALTH_ADDR", default="127.0.0.1:9829",
                 help="host:port for GET /healthz and /livez; empty to disable (VAULTTMPFS_HEALTH_ADDR) "
                      "[default: 127.0.0.1:9829].")
@@ -184,7 +187,7 @@ def install(plugin_dir: str, source: str | None, config_from: str | None) -> Non
                 help="CSI: the tokenRequests audience whose token is used to log in [default: vault].")
 @pass_config
 def agent(obj: Settings, renew_interval: float | None, retry_interval: float, reconcile_interval: float,
-          health_addr: str, metrics_addr: str, relay: bool, csi_endpoint: str | None,
+          inventory_interval: float, health_addr: str, metrics_addr: str, relay: bool, csi_endpoint: str | None,
           csi_jwt_auth_mount: str | None, csi_jwt_audience: str) -> None:
     """Run the node agent: renew the generator token, retry and reconcile revocations, serve health.
 
@@ -204,7 +207,8 @@ def agent(obj: Settings, renew_interval: float | None, retry_interval: float, re
 
         jwt_login = JwtLogin(_auth_mount(csi_jwt_auth_mount), csi_jwt_audience)
     services = node_agent.services(config, renew_interval, retry_interval, relay, csi_endpoint or None, jwt_login,
-                                   metrics_addr=metrics_addr or None, reconcile_interval=reconcile_interval)
+                                   metrics_addr=metrics_addr or None, reconcile_interval=reconcile_interval,
+                                   inventory_interval=inventory_interval)
     node_agent.Agent(services, health_addr or None, settings=config.public()).run()
     log.get().info("agent stopped")
 

@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Callable
 
-from .. import log
+from .. import log, telemetry
 from ..config import Config
 from ..errors import Conflict, DriverError, Forbidden, VaultDenied
 from ..vault.client import TokenNotWrapped, Vault  # hvac itself is imported only when a call is made
@@ -285,8 +285,9 @@ class Engine:
         logger.info("unmounted", revocation=str(outcome))
         return f"unmounted; {outcome}"
 
-    def revoke_or_queue(self, record: VolumeRecord, logger, why: str) -> Revocation:
-        """Revoke the pod's tokens; what Vault cannot take now is queued for the agent to retry."""
+    def revoke_or_queue(self, record: VolumeRecord, logger, why: str, queued_at: float | None = None) -> Revocation:
+        """Revoke the pod's tokens; what Vault cannot take now is queued for the agent to retry.
+        queued_at: when a retried revocation was first queued (its latency counts from then)."""
         accessors = record.accessors()
         if not accessors:
             return Revocation(NOTHING)
@@ -297,9 +298,12 @@ class Engine:
                     token = generator.read_token(self.config.generator_token_path)
                     log.secret(token)
                     client = self.vault(self.config, token)
+                started = time.monotonic()
                 revoked = client.revoke_accessor(accessor)
+                telemetry.revocation(time.time() - queued_at if queued_at else time.monotonic() - started)
             except DriverError as exc:
-                self.store.add_pending(accessor, {"why": why, "error": str(exc), "pod_uid": record.pod_uid})
+                first = {"since": queued_at} if queued_at else {}  # a retry keeps when it was first queued
+                self.store.add_pending(accessor, {"why": why, "error": str(exc), "pod_uid": record.pod_uid, **first})
                 logger.warning("revocation queued", accessor=accessor, error=str(exc), why=why)
                 failures.append(str(exc))
                 continue
@@ -316,7 +320,9 @@ class Engine:
         done = failed = 0
         for pending in self.store.list_pending():
             record = VolumeRecord(pending["accessor"], pod_uid=str(pending.get("pod_uid") or ""))
-            if self.revoke_or_queue(record, logger, why=pending.get("why", "retry")).queued:
+            since = pending.get("since")
+            if self.revoke_or_queue(record, logger, why=pending.get("why", "retry"),
+                                    queued_at=since if isinstance(since, (int, float)) else None).queued:
                 failed += 1
             else:
                 done += 1
