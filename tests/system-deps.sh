@@ -14,7 +14,9 @@ if [ "$need" != venv ]; then
     [ "$(id -u)" = 0 ] || pairs="$pairs newuidmap:uidmap newgidmap:uidmap"
 fi
 # The suite also checks tests/userns.sh's answer to a plain user, so uidmap even as root.
+# promtool (Debian's prometheus package) parses the monitoring examples' PromQL (tests/test_inventory.py).
 [ "$need" != test ] || pairs="$pairs slapd:slapd ldapadd:ldap-utils openssl:openssl git:git newuidmap:uidmap"
+[ "$need" != test ] || pairs="$pairs promtool:prometheus"
 
 missing=""
 for pair in $pairs; do
