@@ -154,11 +154,11 @@ def test_a_queued_revocation_counts_its_latency_from_when_it_was_first_queued(no
     sink = RevocationLatencies()
     telemetry.set_sink(sink)
     try:
-        assert node.engine().retry_pending() == {"revoked": 0, "pending": 2}  # Vault still away
+        assert node.engine().retry_pending() == {"revoked": 0, "pending": 2, "waiting": 0}  # Vault still away
         assert {p["since"] for p in node.store.pending.values()} == {queued_at}  # a failed retry keeps it
         assert sink.seen == []
         node.vault.unreachable = False
-        assert node.engine().retry_pending() == {"revoked": 2, "pending": 0}
+        assert node.engine().retry_pending() == {"revoked": 2, "pending": 0, "waiting": 0}
     finally:
         telemetry.set_sink(None)
     assert len(sink.seen) == 2 and all(600 <= latency < 660 for latency in sink.seen)  # the pod and wrapping tokens
@@ -172,7 +172,7 @@ def test_a_token_vault_cannot_revoke_during_undo_is_queued_before_its_record_goe
     assert sorted(node.store.pending) == sorted(node.vault.alive)  # both tokens wait for the agent's retry
     assert node.since(0)[-3:] == ["queue revocation", "forget record", "unlock"]
     node.vault.unreachable = False
-    assert node.engine().retry_pending() == {"revoked": 2, "pending": 0}
+    assert node.engine().retry_pending() == {"revoked": 2, "pending": 0, "waiting": 0}
     assert not node.vault.alive and not node.store.pending
 
 

@@ -82,8 +82,10 @@ def retry_revocations(obj: Settings) -> None:
     from .engine import operation as driver
 
     result = driver.retry_pending(obj.config)
-    click.echo(f"revoked {result['revoked']}, still pending {result['pending']}")
-    if result["pending"]:
+    waiting = f" ({result['waiting']} kept by a rotation until the pod takes its new token)" \
+        if result["waiting"] else ""
+    click.echo(f"revoked {result['revoked']}, still pending {result['pending']}{waiting}")
+    if result["pending"] > result["waiting"]:
         raise SystemExit(1)
 
 
@@ -357,6 +359,38 @@ def status(obj: Settings, as_json: bool) -> None:
     else:
         for line in node_status.render(report):
             click.echo(line)
+
+
+@cli.command()
+@click.option("--pod-uid", help="Rotate this pod's volumes.")
+@click.option("--namespace", help="Rotate the volumes of the pods of this namespace.")
+@click.option("--all", "everything", is_flag=True, help="Rotate every volume on this node.")
+@setting_option("--grace", type=_Duration(), env="VAULTTMPFS_ROTATE_GRACE", default="10m",
+                help="Revoke an old token this long after the rotation at the latest; sooner once the pod side "
+                     "took the new one (VAULTTMPFS_ROTATE_GRACE) [default: 10m].")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object, for scripts.")
+@pass_config
+def rotate(obj: Settings, pod_uid: str | None, namespace: str | None, everything: bool, grace: float,
+           as_json: bool) -> None:
+    """Give volumes on this node a freshly minted wrapped token now (the pod's `vaulttmpfs token --renew`
+    switches to it); the old token is revoked by the agent once the pod took the new one, or after --grace."""
+    from .engine import rotate as rotation
+    from .engine.operation import Engine
+
+    if not (pod_uid or namespace or everything):
+        raise click.UsageError("name the volumes: --pod-uid UID, --namespace NAME, or --all")
+    engine = Engine(obj.config)
+    results = rotation.rotate(engine, rotation.chosen(engine.store.list_volumes(), pod_uid, namespace), grace)
+    if as_json:
+        click.echo(json.dumps({"volumes": results}, indent=2))
+    else:
+        click.echo(f"{sum(r['outcome'] == 'rotated' for r in results)} of {len(results)} volume(s) rotated")
+        for r in results:
+            detail = r.get("why") or r.get("error") or f"new token {r['accessor']}, old {r['old_accessor']} " \
+                f"revoked once the pod took the new one (at most {int(grace)}s)"
+            click.echo(f"  {r['outcome']:<8} {r['namespace'] or '-'}/{r['pod'] or r['pod_uid']}: {detail}")
+    if any(r["outcome"] == "failed" for r in results):
+        raise SystemExit(1)
 
 
 @cli.command()

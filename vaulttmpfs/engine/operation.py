@@ -25,7 +25,7 @@ from .. import log, telemetry
 from ..config import Config
 from ..errors import Conflict, DriverError, Forbidden, VaultDenied
 from ..vault.client import TokenNotWrapped, Vault  # hvac itself is imported only when a call is made
-from . import generator, volume
+from . import generator, rotate, volume
 from .layout import FLEXVOLUME, Layout
 from .record import FROM_METADATA, GONE, NOTHING, QUEUED, REVOKED, MadeWith, Minted, Revocation, VolumeRecord
 from .state import StateStore
@@ -317,8 +317,11 @@ class Engine:
 
     def retry_pending(self) -> dict[str, int]:
         logger = log.get(verb="retry-revocations")
-        done = failed = 0
+        done = failed = waiting = 0
         for pending in self.store.list_pending():
+            if not rotate.due(pending, self._token_gone):  # an old token a rotation keeps for a while
+                failed, waiting = failed + 1, waiting + 1
+                continue
             record = VolumeRecord(pending["accessor"], pod_uid=str(pending.get("pod_uid") or ""))
             since = pending.get("since")
             if self.revoke_or_queue(record, logger, why=pending.get("why", "retry"),
@@ -326,7 +329,17 @@ class Engine:
                 failed += 1
             else:
                 done += 1
-        return {"revoked": done, "pending": failed}
+        # pending counts the waiting ones too: still owed (uninstall must not drop them).
+        return {"revoked": done, "pending": failed, "waiting": waiting}
+
+    def _token_gone(self, accessor: str) -> bool:
+        """Vault no longer has the token (for rotate.due); False when Vault cannot say now."""
+        try:
+            token = generator.read_token(self.config.generator_token_path)
+            log.secret(token)
+            return self.vault(self.config, token).lookup_accessor(accessor) is None
+        except DriverError:
+            return False
 
     def _admit(self, request: MountRequest, logger) -> MountRequest:
         """Who is asking, and may they? Decided before anything is read, mounted or minted."""
