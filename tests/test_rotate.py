@@ -195,3 +195,30 @@ def test_rotate_names_what_it_rotates_and_skips_what_it_cannot(node, bao):
     out = cli(node, "rotate")
     assert out.returncode != 0 and "--pod-uid" in out.stderr
     kubelet.teardown(plain)
+
+
+def test_a_flexvolume_volume_rotates_the_same_way(kubelet, bao):
+    """The other front end (and, through driver_cmd, the PyInstaller build): the same records, the same
+    command."""
+    pod = kubelet.new_pod("flex-rotated")
+    reply, volume = kubelet.mount(pod, NGINX, fs_group=FS_GROUP)
+    assert reply.ok, reply.body
+    old = read_volume(volume)[1]
+    out = subprocess.run([*kubelet.driver_cmd, "rotate", "--pod-uid", pod.uid, "--grace", "1s", "--json"],
+                         capture_output=True, text=True, env=kubelet.env, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    [result] = json.loads(out.stdout)["volumes"]
+    assert result["outcome"] == "rotated" and old["wrapped_accessor"] not in out.stdout
+    token, new = read_volume(volume)
+    info = (volume / "vault-token").stat()
+    assert info.st_gid == FS_GROUP and info.st_mode & 0o777 == 0o440
+    auth = bao.unwrap(token)["auth"]
+    remember_secret(auth["client_token"])
+    assert auth["accessor"] == new["wrapped_accessor"] != old["wrapped_accessor"]
+    assert auth["metadata"]["pod_uid"] == pod.uid and "nginx" in auth["policies"]
+    time.sleep(1.2)
+    assert subprocess.run([*kubelet.driver_cmd, "retry-revocations"], env=kubelet.env, capture_output=True,
+                          timeout=120).returncode == 0
+    assert bao.lookup_accessor(old["wrapped_accessor"]) is None
+    assert kubelet.teardown(volume).ok
+    assert bao.lookup_accessor(new["wrapped_accessor"]) is None
