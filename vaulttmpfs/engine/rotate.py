@@ -21,15 +21,15 @@ import json
 import os
 import time
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 from .. import log
 from ..errors import DriverError
 from . import generator
 from .record import Minted, VolumeRecord
 
-if TYPE_CHECKING:
-    from .operation import Engine
+# `engine` below is an operation.Engine, not imported: operation imports this module (for `due`).
+Engine = Any
 
 DEFAULT_GRACE = 600.0  # seconds the old token may live after a rotation if the pod side never takes the new one
 NEW_TOKEN_GRACE = 300.0  # a rotation killed half-way: its new token is revoked this long after
