@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from .agents import scrape, value
-from .conftest import remember_secret, source_cmd
+from .conftest import eventually, remember_secret, source_cmd
 from .csikubelet import new_pod
 from .csinode import CsiNode
 from .vaultserver import REPO, free_port
@@ -36,15 +36,6 @@ def node(bao, generator, log_dir, tmp_path_factory):
     yield node
     node.stop()
 
-
-def wait_for(predicate, what: str, timeout: float = 30.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = predicate()
-        if found:
-            return found
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def status(node: CsiNode) -> dict:
@@ -68,7 +59,7 @@ def test_status_and_metrics_show_the_tokens_alive_by_namespace_their_age_and_exp
         alive = {ns: value(samples, "vaulttmpfs_tokens_alive", pod_namespace=ns) for ns in ("shop", "default")}
         return samples if alive == {"shop": 2, "default": 1} else None
 
-    samples = wait_for(counted, "the inventory to count 2 shop and 1 default tokens")
+    samples = eventually(counted, "the inventory to count 2 shop and 1 default tokens")
     # Vault's own view of the tokens: the role's 1h period, created just now.
     ttls = [bao.lookup_accessor(a)["ttl"] for a in accessors]
     next_expiry = value(samples, "vaulttmpfs_token_next_expiry_seconds")
@@ -79,7 +70,7 @@ def test_status_and_metrics_show_the_tokens_alive_by_namespace_their_age_and_exp
 
     # A token revoked behind the node's back (or expired): the inventory says it is gone.
     bao.request("POST", "auth/token/revoke-accessor", {"accessor": accessors[2]})
-    samples = wait_for(lambda: (s := scrape(node.metrics_port)) and value(s, "vaulttmpfs_tokens_gone") == 1 and s,
+    samples = eventually(lambda: (s := scrape(node.metrics_port)) and value(s, "vaulttmpfs_tokens_gone") == 1 and s,
                        "the inventory to see the revoked token gone")
     assert value(samples, "vaulttmpfs_tokens_alive", pod_namespace="default") == 0
 
@@ -105,7 +96,7 @@ def test_status_and_metrics_show_the_tokens_alive_by_namespace_their_age_and_exp
     assert value(samples, "vaulttmpfs_revocation_latency_seconds_count") == before + 6
     assert value(samples, "vaulttmpfs_revocation_latency_seconds_bucket", le="5.0") == \
         value(samples, "vaulttmpfs_revocation_latency_seconds_count")
-    wait_for(lambda: not any(k[0] == "vaulttmpfs_tokens_alive" and v for k, v in scrape(node.metrics_port).items()),
+    eventually(lambda: not any(k[0] == "vaulttmpfs_tokens_alive" and v for k, v in scrape(node.metrics_port).items()),
              "no token counted alive once the pods are gone")
     assert all(bao.lookup_accessor(a) is None for a in accessors)
 
@@ -154,7 +145,7 @@ def test_the_prometheus_rule_and_the_dashboard_parse_and_name_only_series_the_ag
     # Every series named exists in the agent's /metrics (a publish and a teardown make the histograms appear).
     pod = new_pod(namespace="shop")
     remember_secret((node.kubelet.publish(pod, NGINX) / "vault-token").read_text())
-    wait_for(lambda: value(scrape(node.metrics_port), "vaulttmpfs_tokens_alive", pod_namespace="shop") == 1,
+    eventually(lambda: value(scrape(node.metrics_port), "vaulttmpfs_tokens_alive", pod_namespace="shop") == 1,
              "the inventory to count the pod")
     exported = {name for name, _labels in scrape(node.metrics_port)}
     node.kubelet.teardown(pod)

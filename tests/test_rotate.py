@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import remember_secret, source_cmd
+from .conftest import eventually, remember_secret, source_cmd
 from .csikubelet import new_pod
 from .csinode import CsiNode
 from .kubelet import mount_entry
@@ -46,15 +46,6 @@ def node(bao, generator, log_dir, tmp_path_factory):
     yield node
     node.stop()
 
-
-def wait_for(predicate, what: str, timeout: float = 30.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = predicate()
-        if found:
-            return found
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def cli(node: CsiNode, *args: str) -> subprocess.CompletedProcess:
@@ -113,7 +104,7 @@ def test_rotation_switches_the_pod_and_its_bao_agent_to_a_new_token_and_revokes_
     token = start_token(volume, out, bao.addr)
     agent = None
     try:
-        old_token = wait_for(lambda: (out / "token").exists() and (out / "token").read_text(), "the pod's token")
+        old_token = eventually(lambda: (out / "token").exists() and (out / "token").read_text(), "the pod's token")
         remember_secret(old_token)
         rendered = tmp_path / "rendered.txt"
         (tmp_path / "agent.hcl").write_text(AGENT_HCL.format(addr=bao.addr, token=out / "token", out=rendered))
@@ -122,7 +113,7 @@ def test_rotation_switches_the_pod_and_its_bao_agent_to_a_new_token_and_revokes_
                                      env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(tmp_path)},
                                      stdout=agent_log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                      preexec_fn=dies_with_parent())
-        wait_for(lambda: rendered.exists() and rendered.read_text() == "before", "the agent's first render")
+        eventually(lambda: rendered.exists() and rendered.read_text() == "before", "the agent's first render")
 
         [result] = rotate(node, "--pod-uid", pod.uid)
         assert result["outcome"] == "rotated", result
@@ -132,7 +123,7 @@ def test_rotation_switches_the_pod_and_its_bao_agent_to_a_new_token_and_revokes_
         assert (volume / "vault-token").stat().st_gid == FS_GROUP
 
         # The pod side takes the new token: its output files switch to it.
-        new_token = wait_for(lambda: (t := (out / "token").read_text()) != old_token and t, "the switch")
+        new_token = eventually(lambda: (t := (out / "token").read_text()) != old_token and t, "the switch")
         remember_secret(new_token)
         assert bao.lookup_accessor(new["wrapped_accessor"]) is not None
         assert json.loads((out / "kubernetes-vault.json").read_text())["accessor"] == new["wrapped_accessor"]
@@ -144,7 +135,7 @@ def test_rotation_switches_the_pod_and_its_bao_agent_to_a_new_token_and_revokes_
         # The agent held the revoked token: its next renewal fails, it reads the token file again (the
         # new token) and renders the new value.
         bao.request("POST", "secret/data/nginx/rotated", {"data": {"password": "after"}})
-        wait_for(lambda: rendered.read_text() == "after", "the agent rendering with the new token", timeout=60)
+        eventually(lambda: rendered.read_text() == "after", "the agent rendering with the new token", timeout=60)
         assert token.poll() is None  # still renewing, the new token
     finally:
         if agent is not None:
