@@ -213,3 +213,25 @@ def test_a_flexvolume_volume_rotates_the_same_way(kubelet, bao):
     assert bao.lookup_accessor(old["wrapped_accessor"]) is None
     assert kubelet.teardown(volume).ok
     assert bao.lookup_accessor(new["wrapped_accessor"]) is None
+
+
+def test_a_record_older_than_made_with_keeps_the_volumes_group(node, bao):
+    """Records written before read_only/fs_group were kept: the rotated files keep the group they had."""
+    kubelet = node.kubelet
+    pod = new_pod("old-record", namespace="shop")
+    path = kubelet.publish(pod, NGINX, fs_group=FS_GROUP)
+    [record_file] = [p for p in (node.root / "state" / "volumes").glob("*.json")
+                     if json.loads(p.read_text()).get("pod_uid") == pod.uid]
+    record = json.loads(record_file.read_text())
+    record.pop("read_only"), record.pop("fs_group")
+    record_file.write_text(json.dumps(record))
+    old = read_volume(path)[1]
+    [result] = rotate(node, "--pod-uid", pod.uid, "--grace", "1s")
+    assert result["outcome"] == "rotated", result
+    info = (path / "vault-token").stat()
+    assert info.st_gid == FS_GROUP and info.st_mode & 0o777 == 0o440
+    assert read_volume(path)[1]["wrapped_accessor"] != old["wrapped_accessor"]
+    kubelet.teardown(pod)
+    time.sleep(1.2)
+    assert cli(node, "retry-revocations").returncode == 0
+    assert bao.lookup_accessor(old["wrapped_accessor"]) is None

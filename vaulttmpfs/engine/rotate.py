@@ -111,10 +111,14 @@ def _rotate_one(engine: Engine, mount_dir: str, grace: float, logger) -> dict[st
 def _write_files(engine: Engine, mount_dir: str, real: str, info: dict[str, str], record: VolumeRecord,
                  minted: Minted) -> None:
     fs, name = engine.fs, engine.config.token_filename
-    group = record.made_with.fs_group if record.made_with else None
-    mode = 0o440 if group is not None else 0o400
     read_only = "ro" in info["options"].split(",")
     with fs.opened_mount(mount_dir, real) as tmpfs:
+        if record.made_with:
+            group = record.made_with.fs_group
+        else:  # a record older than made_with: the group the volume's token file has now
+            held = os.stat(os.path.join(tmpfs, name), follow_symlinks=False)
+            group = held.st_gid if held.st_mode & 0o040 else None
+        mode = 0o440 if group is not None else 0o400
         if read_only:
             fs.remount_writable(tmpfs)
         try:
