@@ -17,6 +17,12 @@ path "auth/token/revoke-accessor" {
   capabilities = ["update"]
 }
 
+# The node's token inventory (`vaulttmpfs status`, /metrics): is each pod token it minted still
+# alive, and when does it expire. Returns a token's properties, never the token.
+path "auth/token/lookup-accessor" {
+  capabilities = ["update"]
+}
+
 # Keep the (periodic) generator token alive, and let the node check it.
 path "auth/token/renew-self" {
   capabilities = ["update"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -202,3 +203,14 @@ def token_file(directory: Path, token: str) -> str:
     path.write_text(remember_secret(token) + "\n")
     path.chmod(0o600)
     return str(path)
+
+
+def eventually(predicate, what: str, timeout: float = 30.0, step: float = 0.1):
+    """PREDICATE's first truthy answer, asked every STEP seconds; AssertionError naming WHAT after TIMEOUT."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = predicate()
+        if found:
+            return found
+        time.sleep(step)
+    raise AssertionError(f"timed out waiting for {what}")

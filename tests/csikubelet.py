@@ -6,7 +6,8 @@ pkg/volume/csi does for an inline ephemeral volume (csi_mounter.go SetUpAt/TearD
   (0750) and writes vol_data.json there, the plugin makes target_path itself
 - volume_context = the pod's volumeAttributes, then mergeMap'd OVER by the kubelet's keys
   (podInfoOnMount: csi.storage.k8s.io/pod.{name,namespace,uid}, serviceAccount.name, ephemeral=true;
-  tokenRequests: csi.storage.k8s.io/serviceAccount.tokens)
+  tokenRequests: csi.storage.k8s.io/serviceAccount.tokens, which serviceAccountTokenInSecrets moves
+  into `secrets` instead)
 - volume_capability = mount{fs_type, volume_mount_group = fsGroup when the plugin has
   VOLUME_MOUNT_GROUP}, access mode SINGLE_NODE_WRITER (inline volumes are ReadWriteOnce); readonly
 - teardown: NodeUnpublishVolume(volume_id, target_path), then the kubelet removes the mount dir if
@@ -73,8 +74,11 @@ class CsiKubelet:
 
     def publish_request(self, pod: Pod, attributes: dict[str, str], volume: str = "vault",
                         fs_group: int | None = None, read_only: bool = False, tokens: dict | None = None,
-                        pod_info_on_mount: bool = True) -> csi_pb2.NodePublishVolumeRequest:
-        """SetUpAt up to the RPC: the parent dir 0750, vol_data.json, the merged volume context."""
+                        pod_info_on_mount: bool = True, tokens_in_secrets: bool = False,
+                        ) -> csi_pb2.NodePublishVolumeRequest:
+        """SetUpAt up to the RPC: the parent dir 0750, vol_data.json, the merged volume context.
+        tokens_in_secrets: the CSIDriver's serviceAccountTokenInSecrets (csi_mounter.go: the tokens go
+        in the request's `secrets` instead of the volume context)."""
         target = self.target_path(pod, volume)
         target.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
         handle = volume_handle(pod, volume)
@@ -85,8 +89,9 @@ class CsiKubelet:
         context = dict(attributes)
         if pod_info_on_mount:
             context.update(pod_info(pod))  # mergeMap: the kubelet's keys win over the pod's
+        secrets = {}
         if tokens is not None:
-            context["csi.storage.k8s.io/serviceAccount.tokens"] = json.dumps(tokens)
+            (secrets if tokens_in_secrets else context)["csi.storage.k8s.io/serviceAccount.tokens"] = json.dumps(tokens)
         mount = csi_pb2.VolumeCapability.MountVolume()
         if fs_group is not None:
             mount.volume_mount_group = str(fs_group)
@@ -95,7 +100,7 @@ class CsiKubelet:
             access_mode=csi_pb2.VolumeCapability.AccessMode(mode=csi_pb2.VolumeCapability.AccessMode.SINGLE_NODE_WRITER))
         return csi_pb2.NodePublishVolumeRequest(volume_id=handle, target_path=str(target),
                                                 volume_capability=capability, readonly=read_only,
-                                                volume_context=context)
+                                                volume_context=context, secrets=secrets)
 
     def publish(self, pod: Pod, attributes: dict[str, str], timeout: float = 120.0, **kwargs) -> Path:
         """NodePublishVolume as the kubelet sends it; raises grpc.RpcError on a non-OK status (after

@@ -25,7 +25,9 @@ if [ "$need" = e2e ]; then
     pairs="$pairs containerd:containerd runc:runc ctr:containerd xz:xz-utils ip:iproute2 mmdebstrap:mmdebstrap"
 fi
 # The suite also checks tests/userns.sh's answer to a plain user, so uidmap even as root.
+# promtool (Debian's prometheus package) parses the monitoring examples' PromQL (tests/test_inventory.py).
 [ "$need" != test ] || pairs="$pairs slapd:slapd ldapadd:ldap-utils openssl:openssl git:git newuidmap:uidmap objdump:binutils"
+[ "$need" != test ] || pairs="$pairs promtool:prometheus"
 
 missing=""
 for pair in $pairs; do

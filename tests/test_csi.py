@@ -22,21 +22,24 @@ import pytest
 
 from vaulttmpfs.csi import csi_pb2
 
-from .agents import AgentProcess
+from .agents import AgentProcess, scrape
 from .conftest import BUILD_EXE, remember_secret, source_cmd
 from .csikubelet import CsiKubelet, new_pod, volume_handle
 from .csinode import NODE_NAME, CsiNode
 from .faultserver import CREATE, FaultServer
 from .jwtsign import Signer
 from .kubelet import mount_entry
-from .manifests import documents, render, rendered, validate
-from .vaultserver import REPO, closed_addr
+from .manifests import SINCE, documents, render, rendered, validate
+from .vaultserver import REPO, closed_addr, free_port
 from .volumes import read_volume
 
 NGINX = {"vault/policies": "nginx"}
 @pytest.fixture(scope="module")
 def node(bao, generator, log_dir, tmp_path_factory):
-    node = CsiNode(source_cmd(), bao, generator, tmp_path_factory.mktemp("csi-node"), log_dir).start()
+    port = free_port()
+    node = CsiNode(source_cmd(), bao, generator, tmp_path_factory.mktemp("csi-node"), log_dir,
+                   VAULTTMPFS_METRICS_ADDR=f"127.0.0.1:{port}").start()
+    node.metrics_port = port
     yield node
     node.stop()
 
@@ -131,14 +134,16 @@ def test_without_fsgroup_files_are_root_only_and_writable_mount(node, kubelet):
     kubelet.teardown(pod)
 
 
-def test_republish_mints_nothing(node, kubelet, bao):
+def test_sixty_republishes_mint_nothing_and_call_vault_never(node, kubelet, bao):
+    """requiresRepublish: a republish (same volume id and target path) about every minute."""
     pod = new_pod(namespace="shop")
     path = kubelet.publish(pod, NGINX)
     first = read_volume(path)
-    before = pod_tokens(bao)
-    assert kubelet.publish(pod, NGINX) == path  # same volume id and target path: OK, nothing new
+    before, calls = pod_tokens(bao), vault_round_trips(node.metrics_port)
+    for _ in range(60):
+        assert kubelet.publish(pod, NGINX) == path  # OK, nothing new
     assert read_volume(path) == first
-    assert pod_tokens(bao) == before
+    assert pod_tokens(bao) == before and vault_round_trips(node.metrics_port) == calls
     kubelet.teardown(pod)
     assert bao.lookup_accessor(first[1]["wrapped_accessor"]) is None
 
@@ -462,8 +467,10 @@ def sa_issuer(bao, tmp_path_factory) -> ServiceAccountIssuer:
 
 @pytest.fixture(scope="module")
 def jwt_node(bao, generator, log_dir, tmp_path_factory, sa_issuer):
+    port = free_port()
     node = CsiNode(source_cmd(), bao, generator, tmp_path_factory.mktemp("csi-jwt-node"), log_dir,
-                   VAULTTMPFS_CSI_JWT_AUTH_MOUNT=JWT_MOUNT).start()
+                   VAULTTMPFS_CSI_JWT_AUTH_MOUNT=JWT_MOUNT, VAULTTMPFS_METRICS_ADDR=f"127.0.0.1:{port}").start()
+    node.metrics_port = port
     yield node
     node.stop()
 
@@ -482,6 +489,63 @@ def test_the_pod_logs_itself_in_with_its_service_account_token(jwt_node, sa_issu
     kubelet.teardown(pod)  # the generator token still revokes it
     assert bao.lookup_accessor(auth["accessor"]) is None and bao.lookup_accessor(wrap_info["accessor"]) is None
     assert jwt not in jwt_node.log_file.read_text()
+
+
+def vault_round_trips(port: int) -> float:
+    """Every Vault call the agent made (its own histogram of them, all calls and outcomes)."""
+    return sum(v for (name, _labels), v in scrape(port).items()
+               if name == "vaulttmpfs_vault_request_duration_seconds_count")
+
+
+def test_the_pod_logs_in_with_its_token_only_in_secrets(jwt_node, sa_issuer, bao):
+    """CSIDriver serviceAccountTokenInSecrets (GA in 1.36): the kubelet puts the tokens in the call's
+    `secrets`, not in the volume context; the login works the same, and the JWT reaches no log."""
+    kubelet = jwt_node.kubelet
+    pod = new_pod("web-s", namespace="shop", service_account="web")
+    jwt = sa_issuer.pod_token(pod)
+    request = kubelet.publish_request(pod, {"vault/role": "shop-web"}, tokens=sa_issuer.tokens(jwt),
+                                      tokens_in_secrets=True)
+    assert "csi.storage.k8s.io/serviceAccount.tokens" not in request.volume_context
+    path = kubelet.publish(pod, {"vault/role": "shop-web"}, tokens=sa_issuer.tokens(jwt), tokens_in_secrets=True)
+    assert read_volume(path)[1]["creation_path"] == f"auth/{JWT_MOUNT}/login"
+    auth = unwrap(bao, path)
+    assert auth["metadata"]["pod_uid"] == pod.uid and "nginx" in auth["policies"]
+    # Another pod's token in `secrets` is refused as it is in the volume context.
+    other = new_pod("web-t", namespace="shop", service_account="web")
+    message = refused(lambda: kubelet.publish(other, {"vault/role": "shop-web"}, tokens=sa_issuer.tokens(jwt),
+                                              tokens_in_secrets=True), grpc.StatusCode.PERMISSION_DENIED)
+    assert "bound to pod uid" in message and jwt not in message
+    kubelet.teardown(pod)
+    assert bao.lookup_accessor(auth["accessor"]) is None
+    log = jwt_node.log_file.read_text()
+    assert pod.uid in log and jwt not in log and jwt.split(".")[2] not in log
+
+
+def test_sixty_republishes_with_fresh_pod_jwts_mint_nothing_and_call_vault_never(jwt_node, sa_issuer, bao):
+    """requiresRepublish: the kubelet calls NodePublishVolume about every minute for a mounted volume,
+    each time with a fresh service-account token. The pod already holds its Vault token (and renews
+    it): a republish answers OK from the node's own record, no mint, no Vault round trip."""
+    kubelet = jwt_node.kubelet
+    pod = new_pod("web-r", namespace="shop", service_account="web")
+    path = kubelet.publish(pod, {"vault/role": "shop-web"}, tokens=sa_issuer.tokens(sa_issuer.pod_token(pod)),
+                           tokens_in_secrets=True, read_only=True, fs_group=2000)
+    made = read_volume(path)
+    options = mount_entry(path)["options"]
+    tokens, calls = pod_tokens(bao), vault_round_trips(jwt_node.metrics_port)
+    for _ in range(60):
+        assert kubelet.publish(pod, {"vault/role": "shop-web"}, tokens=sa_issuer.tokens(sa_issuer.pod_token(pod)),
+                               tokens_in_secrets=True, read_only=True, fs_group=2000) == path
+    assert pod_tokens(bao) == tokens  # 0 tokens minted
+    assert vault_round_trips(jwt_node.metrics_port) == calls  # 0 Vault calls
+    assert read_volume(path) == made and mount_entry(path)["options"] == options  # the same files
+    # A republish still checks the fresh JWT is this pod's: another pod's is refused, the volume kept.
+    other = sa_issuer.pod_token(new_pod("web-u", namespace="shop", service_account="web"))
+    refused(lambda: kubelet.publish(pod, {"vault/role": "shop-web"}, tokens=sa_issuer.tokens(other),
+                                    tokens_in_secrets=True, read_only=True, fs_group=2000),
+            grpc.StatusCode.PERMISSION_DENIED)
+    assert read_volume(path) == made and os.path.ismount(path)
+    kubelet.teardown(pod)
+    assert bao.lookup_accessor(made[1]["wrapped_accessor"]) is None
 
 
 def test_pod_login_refusals(jwt_node, sa_issuer, bao):
@@ -553,6 +617,45 @@ def test_csidriver_tells_the_kubelet_what_the_plugin_needs():
     spec = driver["spec"]
     assert spec["podInfoOnMount"] is True and spec["attachRequired"] is False
     assert spec["volumeLifecycleModes"] == ["Ephemeral"] and spec["fsGroupPolicy"] == "File"
+
+
+def test_csidriver_carries_the_openshift_profile_restricted_namespaces_may_use():
+    """OpenShift admits inline CSI volumes by this label; unlabelled means privileged namespaces only
+    (docs/csi.md, "OpenShift", says why restricted is what the volume deserves)."""
+    _, driver = csi_variant()
+    assert driver["metadata"]["labels"]["security.openshift.io/csi-ephemeral-volume-profile"] == "restricted"
+
+
+VARIANTS = REPO / "installer" / "k8s" / "variants"
+
+
+def test_pod_login_variant_asks_for_pod_tokens_in_secrets():
+    import kubernetes_validate
+
+    from vaulttmpfs.csi.servicers import JwtLogin
+
+    driver, daemonset = rendered(VARIANTS / "csi-pod-login", "CSIDriver"), rendered(VARIANTS / "csi-pod-login",
+                                                                                    "DaemonSet")
+    validate(driver, since=SINCE["variants/csi-pod-login"])
+    validate(daemonset)
+    # serviceAccountTokenInSecrets is in no schema before 1.35: the minimum its comments name is real.
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(driver, "1.34.0", strict=True)
+    for path in (VARIANTS / "csi-pod-login", REPO / "installer" / "k8s" / "components" / "csi-pod-login"):
+        assert ">= 1.35" in (path / "kustomization.yaml").read_text()
+    spec = driver["spec"]
+    assert spec["serviceAccountTokenInSecrets"] is True
+    assert [r["audience"] for r in spec["tokenRequests"]] == [JwtLogin("jwt").audience]
+    env = {e["name"]: e.get("value") for e in daemonset["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["VAULTTMPFS_CSI_JWT_AUTH_MOUNT"] and env["VAULTTMPFS_CSI_ENDPOINT"]
+
+
+def test_republish_variant_turns_on_requires_republish_and_nothing_else():
+    driver = rendered(VARIANTS / "csi-republish", "CSIDriver")
+    validate(driver)
+    _, plain = csi_variant()
+    assert plain["spec"].pop("requiresRepublish") is False and driver["spec"].pop("requiresRepublish") is True
+    assert driver == plain
 
 
 def test_csi_variant_daemonset_serves_csi_and_the_relay_with_the_sidecars():

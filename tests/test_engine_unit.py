@@ -126,6 +126,44 @@ def test_a_failing_step_undoes_every_step_before_it_newest_first_under_the_lock(
     assert [a.split("-")[0] for a in revoked] == (["pod", "wrapping"] if done else [])
 
 
+class RevocationLatencies:
+    """The agent's metrics sink (node.metrics.Metrics), keeping only the revocation latencies."""
+
+    def __init__(self) -> None:
+        self.seen: list[float] = []
+
+    def revocation(self, seconds: float) -> None:
+        self.seen.append(seconds)
+
+    def vault_call(self, *_args) -> None:
+        pass
+
+
+def test_a_queued_revocation_counts_its_latency_from_when_it_was_first_queued(node):
+    import time
+
+    from vaulttmpfs import telemetry
+
+    node.journal.fail_at = "write vault-token"
+    node.vault.unreachable = True
+    with pytest.raises(Injected):
+        node.mount()
+    queued_at = time.time() - 600  # queued ten minutes ago
+    for pending in node.store.pending.values():
+        pending["since"] = queued_at
+    sink = RevocationLatencies()
+    telemetry.set_sink(sink)
+    try:
+        assert node.engine().retry_pending() == {"revoked": 0, "pending": 2, "waiting": 0}  # Vault still away
+        assert {p["since"] for p in node.store.pending.values()} == {queued_at}  # a failed retry keeps it
+        assert sink.seen == []
+        node.vault.unreachable = False
+        assert node.engine().retry_pending() == {"revoked": 2, "pending": 0, "waiting": 0}
+    finally:
+        telemetry.set_sink(None)
+    assert len(sink.seen) == 2 and all(600 <= latency < 660 for latency in sink.seen)  # the pod and wrapping tokens
+
+
 def test_a_token_vault_cannot_revoke_during_undo_is_queued_before_its_record_goes(node):
     node.journal.fail_at = "write vault-token"
     node.vault.unreachable = True
@@ -134,7 +172,7 @@ def test_a_token_vault_cannot_revoke_during_undo_is_queued_before_its_record_goe
     assert sorted(node.store.pending) == sorted(node.vault.alive)  # both tokens wait for the agent's retry
     assert node.since(0)[-3:] == ["queue revocation", "forget record", "unlock"]
     node.vault.unreachable = False
-    assert node.engine().retry_pending() == {"revoked": 2, "pending": 0}
+    assert node.engine().retry_pending() == {"revoked": 2, "pending": 0, "waiting": 0}
     assert not node.vault.alive and not node.store.pending
 
 

@@ -21,7 +21,7 @@ from vaulttmpfs.ops import install as installer
 
 from .conftest import driver_env, remember_secret, source_cmd, unmount_everything_under
 from .kubelet import Kubelet, mount_entry
-from .manifests import documents, render, rendered, validate
+from .manifests import SINCE, VERSIONS, documents, render, rendered, validate
 from .vaultserver import REPO, VaultServer, bao_binary
 
 INSTALLER = REPO / "installer"
@@ -39,7 +39,7 @@ RENDERED = {"k8s": K8S, "base": BASE,
 VARIANTS = {"variants/gke": "/home/kubernetes/flexvolume", "variants/volumeplugins": "/var/lib/kubelet/volumeplugins",
             "examples/overlay": "/home/kubernetes/flexvolume"}
 # Where the agent mounts for the kubelet (VAULTTMPFS_RELAY): privileged, the pods dir Bidirectional.
-RELAYED = {"variants/relay", "variants/csi", "examples/overlay"}
+RELAYED = {"variants/relay", "variants/csi", "variants/csi-pod-login", "variants/csi-republish", "examples/overlay"}
 CLUSTER_SCOPED = {"Namespace", "CSIDriver"}
 
 
@@ -64,12 +64,13 @@ def test_what_kustomize_renders_validates_against_the_kubernetes_schemas(name):
     docs = render(RENDERED[name])
     assert {doc["kind"] for doc in docs} >= {"Namespace", "ServiceAccount", "ConfigMap", "DaemonSet"}
     for doc in docs:
-        validate(doc)
+        validate(doc, since=SINCE.get(name, VERSIONS[0]))
 
 
 def test_every_variant_and_component_is_rendered():
     assert {"variants/gke", "variants/volumeplugins", "variants/relay", "variants/csi", "variants/jwt-bootstrap",
-            "variants/uninstall"} <= set(RENDERED)
+            "variants/uninstall", "variants/csi-pod-login", "variants/csi-republish"} <= set(RENDERED)
+    assert set(SINCE) <= set(RENDERED)
     # A component no shipped variant uses would be rendered by no test.
     used = set()
     for directory in RENDERED.values():

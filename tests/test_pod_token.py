@@ -19,7 +19,15 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from .conftest import driver_env, on_source_and_build, remember_secret, source_cmd, token_file, unmount_everything_under
+from .conftest import (
+    driver_env,
+    eventually,
+    on_source_and_build,
+    remember_secret,
+    source_cmd,
+    token_file,
+    unmount_everything_under,
+)
 from .faultserver import FaultServer
 from .kubelet import Kubelet
 from .pki import issue, make_ca
@@ -90,13 +98,7 @@ def log_lines(stderr: str) -> list[dict]:
 
 
 def wait_for(predicate, timeout: float, what: str, step: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(step)
-    raise AssertionError(f"timed out waiting for {what}")
+    return eventually(predicate, what, timeout, step)
 
 
 def rfc3339(text: str) -> datetime:

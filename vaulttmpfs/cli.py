@@ -82,8 +82,10 @@ def retry_revocations(obj: Settings) -> None:
     from .engine import operation as driver
 
     result = driver.retry_pending(obj.config)
-    click.echo(f"revoked {result['revoked']}, still pending {result['pending']}")
-    if result["pending"]:
+    waiting = f" ({result['waiting']} kept by a rotation until the pod takes its new token)" \
+        if result["waiting"] else ""
+    click.echo(f"revoked {result['revoked']}, still pending {result['pending']}{waiting}")
+    if result["pending"] > result["waiting"]:
         raise SystemExit(1)
 
 
@@ -162,6 +164,9 @@ def install(plugin_dir: str, source: str | None, config_from: str | None) -> Non
 @setting_option("--reconcile-interval", type=_Duration(), env="VAULTTMPFS_RECONCILE_INTERVAL", default="60s",
                 help="Revoke the tokens of volumes whose pod dir is gone this often, and at start "
                      "(VAULTTMPFS_RECONCILE_INTERVAL) [default: 60s].")
+@setting_option("--inventory-interval", type=_Duration(), env="VAULTTMPFS_INVENTORY_INTERVAL", default="5m",
+                help="Look up the node's pod tokens in Vault (lookup-accessor) this often, and at start, for "
+                     "`vaulttmpfs status` and /metrics (VAULTTMPFS_INVENTORY_INTERVAL) [default: 5m].")
 @setting_option("--health-addr", env="VAULTTMPFS_HEALTH_ADDR", default="127.0.0.1:9829",
                 help="host:port for GET /healthz and /livez; empty to disable (VAULTTMPFS_HEALTH_ADDR) "
                      "[default: 127.0.0.1:9829].")
@@ -188,7 +193,8 @@ def install(plugin_dir: str, source: str | None, config_from: str | None) -> Non
                 help="CSI: the tokenRequests audience whose token is used to log in [default: vault].")
 @pass_config
 def agent(obj: Settings, renew_interval: float | None, retry_interval: float, reconcile_interval: float,
-          health_addr: str, metrics_addr: str, broker: bool, relay: bool, csi_endpoint: str | None,
+          inventory_interval: float, health_addr: str, metrics_addr: str, broker: bool, relay: bool,
+          csi_endpoint: str | None,
           csi_jwt_auth_mount: str | None, csi_jwt_audience: str) -> None:
     """Run the node agent: renew the generator token, retry and reconcile revocations, serve health.
 
@@ -210,7 +216,7 @@ def agent(obj: Settings, renew_interval: float | None, retry_interval: float, re
         jwt_login = JwtLogin(_auth_mount(csi_jwt_auth_mount), csi_jwt_audience)
     services = node_agent.services(config, renew_interval, retry_interval, relay, csi_endpoint or None, jwt_login,
                                    metrics_addr=metrics_addr or None, reconcile_interval=reconcile_interval,
-                                   broker=broker)
+                                   broker=broker, inventory_interval=inventory_interval)
     node_agent.Agent(services, health_addr or None, settings=config.public()).run()
     log.get().info("agent stopped")
 
@@ -359,6 +365,38 @@ def status(obj: Settings, as_json: bool) -> None:
     else:
         for line in node_status.render(report):
             click.echo(line)
+
+
+@cli.command()
+@click.option("--pod-uid", help="Rotate this pod's volumes.")
+@click.option("--namespace", help="Rotate the volumes of the pods of this namespace.")
+@click.option("--all", "everything", is_flag=True, help="Rotate every volume on this node.")
+@setting_option("--grace", type=_Duration(), env="VAULTTMPFS_ROTATE_GRACE", default="10m",
+                help="Revoke an old token this long after the rotation at the latest; sooner once the pod side "
+                     "took the new one (VAULTTMPFS_ROTATE_GRACE) [default: 10m].")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object, for scripts.")
+@pass_config
+def rotate(obj: Settings, pod_uid: str | None, namespace: str | None, everything: bool, grace: float,
+           as_json: bool) -> None:
+    """Give volumes on this node a freshly minted wrapped token now (the pod's `vaulttmpfs token --renew`
+    switches to it); the old token is revoked by the agent once the pod took the new one, or after --grace."""
+    from .engine import rotate as rotation
+    from .engine.operation import Engine
+
+    if not (pod_uid or namespace or everything):
+        raise click.UsageError("name the volumes: --pod-uid UID, --namespace NAME, or --all")
+    engine = Engine(obj.config)
+    results = rotation.rotate(engine, rotation.chosen(engine.store.list_volumes(), pod_uid, namespace), grace)
+    if as_json:
+        click.echo(json.dumps({"volumes": results}, indent=2))
+    else:
+        click.echo(f"{sum(r['outcome'] == 'rotated' for r in results)} of {len(results)} volume(s) rotated")
+        for r in results:
+            detail = r.get("why") or r.get("error") or f"new token {r['accessor']}, old {r['old_accessor']} " \
+                f"revoked once the pod took the new one (at most {int(grace)}s)"
+            click.echo(f"  {r['outcome']:<8} {r['namespace'] or '-'}/{r['pod'] or r['pod_uid']}: {detail}")
+    if any(r["outcome"] == "failed" for r in results):
+        raise SystemExit(1)
 
 
 @cli.command()

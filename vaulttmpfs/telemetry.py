@@ -35,6 +35,7 @@ def set_sink(sink) -> None:
 def begin() -> None:
     """A volume call starts on this thread: its Vault round trips are kept with it."""
     _local.vault = []
+    _local.revocations = []
     _local.reason = "ok"
 
 
@@ -65,16 +66,26 @@ def vault_call(action: str, seconds: float, ok: bool) -> None:
         _local.vault.append([kind, round(seconds, 6), 1 if ok else 0])
 
 
+def revocation(seconds: float) -> None:
+    """A pod token was revoked `seconds` after it was owed (the revoke call; for a queued one, since it was
+    queued): the agent's revocation latency histogram."""
+    if _sink is not None:
+        _sink.revocation(seconds)
+    elif getattr(_local, "revocations", None) is not None:
+        _local.revocations.append(round(seconds, 6))
+
+
 def finish(verb: str, ok: bool, seconds: float, state_dir: str, via: str = "driver", front_end: str = "flexvolume",
            relay: str = "") -> None:
     """Record the call that began on this thread, in the agent's sink, else spooled under the call's
     `state_dir`; never raises (metrics must not fail a mount)."""
     record = {"verb": verb, "front_end": front_end, "via": via, "outcome": "success" if ok else "failure",
               "reason": "ok" if ok else getattr(_local, "reason", "internal"), "seconds": round(seconds, 6),
-              "vault": getattr(_local, "vault", None) or [], "relay": relay}
+              "vault": getattr(_local, "vault", None) or [], "relay": relay,
+              "revocations": getattr(_local, "revocations", None) or []}
     if not ok and record["reason"] == "ok":
         record["reason"] = "internal"
-    _local.vault = None
+    _local.vault = _local.revocations = None
     try:
         if _sink is not None:
             _sink.call(record)

@@ -21,11 +21,11 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Callable
 
-from .. import log
+from .. import log, telemetry
 from ..config import Config
 from ..errors import Conflict, DriverError, Forbidden, VaultDenied
 from ..vault.client import TokenNotWrapped, Vault  # hvac itself is imported only when a call is made
-from . import generator, volume
+from . import generator, rotate, volume
 from .layout import FLEXVOLUME, Layout
 from .record import FROM_METADATA, GONE, NOTHING, QUEUED, REVOKED, MadeWith, Minted, Revocation, VolumeRecord
 from .state import StateStore
@@ -286,8 +286,9 @@ class Engine:
         logger.info("unmounted", revocation=str(outcome))
         return f"unmounted; {outcome}"
 
-    def revoke_or_queue(self, record: VolumeRecord, logger, why: str) -> Revocation:
-        """Revoke the pod's tokens; what Vault cannot take now is queued for the agent to retry."""
+    def revoke_or_queue(self, record: VolumeRecord, logger, why: str, queued_at: float | None = None) -> Revocation:
+        """Revoke the pod's tokens; what Vault cannot take now is queued for the agent to retry.
+        queued_at: when a retried revocation was first queued (its latency counts from then)."""
         accessors = record.accessors()
         if not accessors:
             return Revocation(NOTHING)
@@ -298,9 +299,12 @@ class Engine:
                     token = generator.read_token(self.config.generator_token_path)
                     log.secret(token)
                     client = self.vault(self.config, token)
+                started = time.monotonic()
                 revoked = client.revoke_accessor(accessor)
+                telemetry.revocation(time.time() - queued_at if queued_at else time.monotonic() - started)
             except DriverError as exc:
-                self.store.add_pending(accessor, {"why": why, "error": str(exc), "pod_uid": record.pod_uid})
+                first = {"since": queued_at} if queued_at else {}  # a retry keeps when it was first queued
+                self.store.add_pending(accessor, {"why": why, "error": str(exc), "pod_uid": record.pod_uid, **first})
                 logger.warning("revocation queued", accessor=accessor, error=str(exc), why=why)
                 failures.append(str(exc))
                 continue
@@ -314,14 +318,29 @@ class Engine:
 
     def retry_pending(self) -> dict[str, int]:
         logger = log.get(verb="retry-revocations")
-        done = failed = 0
+        done = failed = waiting = 0
         for pending in self.store.list_pending():
+            if not rotate.due(pending, self._token_gone):  # an old token a rotation keeps for a while
+                failed, waiting = failed + 1, waiting + 1
+                continue
             record = VolumeRecord(pending["accessor"], pod_uid=str(pending.get("pod_uid") or ""))
-            if self.revoke_or_queue(record, logger, why=pending.get("why", "retry")).queued:
+            since = pending.get("since")
+            if self.revoke_or_queue(record, logger, why=pending.get("why", "retry"),
+                                    queued_at=since if isinstance(since, (int, float)) else None).queued:
                 failed += 1
             else:
                 done += 1
-        return {"revoked": done, "pending": failed}
+        # pending counts the waiting ones too: still owed (uninstall must not drop them).
+        return {"revoked": done, "pending": failed, "waiting": waiting}
+
+    def _token_gone(self, accessor: str) -> bool:
+        """Vault no longer has the token (for rotate.due); False when Vault cannot say now."""
+        try:
+            token = generator.read_token(self.config.generator_token_path)
+            log.secret(token)
+            return self.vault(self.config, token).lookup_accessor(accessor) is None
+        except DriverError:
+            return False
 
     def _admit(self, request: MountRequest, logger) -> MountRequest:
         """Who is asking, and may they? Decided before anything is read, mounted or minted."""

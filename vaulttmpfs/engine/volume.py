@@ -199,6 +199,12 @@ def remount_readonly(path: str) -> None:
     _check(_sys().mount(_SOURCE, os.fsencode(path), b"tmpfs", flags, None), f"remounting {path} read-only")
 
 
+def remount_writable(path: str) -> None:
+    """For a rotation's new files (engine.rotate), remounted read-only again right after."""
+    flags = MS_REMOUNT | MS_NOSUID | MS_NODEV | MS_NOEXEC
+    _check(_sys().mount(_SOURCE, os.fsencode(path), b"tmpfs", flags, None), f"remounting {path} read-write")
+
+
 def unmount(path: str) -> None:
     """Unmount; a busy mount is detached lazily so a stuck process cannot keep the pod Terminating."""
     result = _sys().umount2(os.fsencode(path), 0)

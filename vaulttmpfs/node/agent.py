@@ -23,6 +23,7 @@ from ..config import Config
 from .generator_login import GeneratorLogin
 from .generator_renewal import GeneratorRenewal
 from .health import DEFAULT_HEALTH_ADDR, HealthServer
+from .inventory_loop import DEFAULT_INVENTORY_INTERVAL, InventoryLoop
 from .reconcile_loop import DEFAULT_RECONCILE_INTERVAL, ReconcileLoop
 from .revocations import DEFAULT_RETRY_INTERVAL, RevocationRetry
 from .service import Loop, Service
@@ -32,7 +33,8 @@ def services(config: Config, renew_interval: float | None = None,
              retry_interval: float = DEFAULT_RETRY_INTERVAL, relay: bool = False,
              csi_endpoint: str | None = None, csi_jwt_login=None,
              metrics_addr: str | None = None,
-             reconcile_interval: float = DEFAULT_RECONCILE_INTERVAL, broker: bool = False) -> list[Service]:
+             reconcile_interval: float = DEFAULT_RECONCILE_INTERVAL, broker: bool = False,
+             inventory_interval: float = DEFAULT_INVENTORY_INTERVAL) -> list[Service]:
     """What the agent runs besides its health server. The opt-in services are imported only when
     asked for: grpc (CSI) and prometheus_client (metrics) cost an agent without them start-up time
     and memory."""
@@ -41,7 +43,8 @@ def services(config: Config, renew_interval: float | None = None,
         keeper: Service = GeneratorLogin(config, renew_interval)
     else:
         keeper = GeneratorRenewal(config, renew_interval)
-    found = [keeper, RevocationRetry(config, retry_interval), ReconcileLoop(config, reconcile_interval)]
+    found = [keeper, RevocationRetry(config, retry_interval), ReconcileLoop(config, reconcile_interval),
+             InventoryLoop(config, inventory_interval)]
     if broker:
         # The plain DaemonSet's default: the driver's calls make their Vault requests here (no mount
         # privilege needed: the driver still mounts itself).

@@ -28,6 +28,8 @@ FRONT_ENDS = ("flexvolume", "csi")  # label values are a fixed set, whatever a s
 VIAS = ("driver", "relay", "agent")
 CALL_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 VAULT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
+# From owed to revoked: a revoke call (ms), or a queued one retried once Vault is back (minutes, hours).
+REVOKE_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0, 60.0, 300.0, 900.0, 3600.0, 14400.0)
 
 
 class Metrics:
@@ -44,6 +46,11 @@ class Metrics:
         self.fallbacks = Counter("vaulttmpfs_relay_fallbacks",
                                  "Driver calls that found the relay socket but no agent, and did the work themselves",
                                  registry=registry)
+        self.revocations = Histogram("vaulttmpfs_revocation_latency_seconds",
+                                     "Seconds from a token (a pod's, or its wrapping token) being owed "
+                                     "revocation (unmount, reconcile) to revoked: the revoke call, or since "
+                                     "it was queued", buckets=REVOKE_BUCKETS,
+                                     registry=registry)
         self.spooled = Counter("vaulttmpfs_spooled_records", "Records folded in from driver processes",
                                registry=registry)
 
@@ -59,8 +66,13 @@ class Metrics:
         for entry in record.get("vault") or []:
             if isinstance(entry, list) and len(entry) == 3:
                 self.vault_call(str(entry[0]), float(entry[1]), bool(entry[2]))
+        for seconds in record.get("revocations") or []:
+            self.revocation(float(seconds))
         if record.get("relay") == "fallback":
             self.fallbacks.inc()
+
+    def revocation(self, seconds: float) -> None:
+        self.revocations.observe(max(0.0, seconds))
 
     def vault_call(self, kind: str, seconds: float, ok: bool) -> None:
         kind = kind if kind in set(telemetry.VAULT_CALLS.values()) | {"other"} else "other"

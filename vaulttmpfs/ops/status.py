@@ -1,6 +1,8 @@
 """`vaulttmpfs status`: the volumes this node holds and the revocations it still owes, from the state dir.
 
 Read-only and offline (no Vault call): it answers even while Vault is down, which is when it matters.
+Whether each token is still alive in Vault, and when it expires, comes from the agent's last token
+inventory (engine.inventory, a note in the state dir), with its age.
 Accessors are shown as a prefix, enough to find the token in Vault's audit log, not to act on it.
 """
 
@@ -10,7 +12,7 @@ import time
 from typing import Any
 
 from ..config import Config
-from ..engine import volume
+from ..engine import inventory, volume
 from ..engine.record import VolumeRecord
 from ..engine.state import StateStore
 
@@ -20,13 +22,16 @@ ACCESSOR_PREFIX = 8
 def collect(config: Config, now: float | None = None) -> dict[str, Any]:
     now = time.time() if now is None else now
     store = StateStore(config.state_dir)
-    volumes = [_volume(record, now) for record in store.list_volumes()]
+    records, note = store.list_volumes(), store.read_note(inventory.NOTE)
+    volumes = [_volume(record, now, note) for record in records]
     pending = [_pending(record, now) for record in store.list_pending()]
-    return {"node": config.node_name, "state_dir": config.state_dir, "volumes": volumes, "pending": pending}
+    return {"node": config.node_name, "state_dir": config.state_dir, "volumes": volumes, "pending": pending,
+            "inventory": inventory.summary(records, note, now)}
 
 
-def _volume(record: VolumeRecord, now: float) -> dict[str, Any]:
+def _volume(record: VolumeRecord, now: float, note: dict[str, Any] | None = None) -> dict[str, Any]:
     return {
+        **inventory.entry_for(record, note, now),
         "pod": record.pod,
         "namespace": record.namespace,
         "pod_uid": record.pod_uid,
@@ -53,6 +58,30 @@ def _prefix(accessor: str | None) -> str:
     return (accessor or "")[:ACCESSOR_PREFIX]
 
 
+def _expires(v: dict[str, Any]) -> str:
+    if v.get("alive") is None:
+        return "?"
+    if not v["alive"]:
+        return "gone"
+    return age(v["expires_in_seconds"]) if v.get("expires_in_seconds") is not None else "never"
+
+
+def _inventory_line(found: dict[str, Any]) -> str:
+    if found["taken_seconds_ago"] is None:
+        return "token inventory: not taken yet (the agent takes one at start, then every --inventory-interval)"
+    by_ns = ", ".join(f"{ns} {n}" for ns, n in found["alive_by_namespace"].items()) or "none"
+    parts = [f"token inventory {age(round(found['taken_seconds_ago']))} ago: {found['alive']} alive ({by_ns})"]
+    if found["oldest_age_seconds"] is not None:
+        parts.append(f"oldest {age(found['oldest_age_seconds'])}")
+    if found["next_expiry_seconds"] is not None:
+        parts.append(f"next expiry in {age(found['next_expiry_seconds'])}")
+    if found["gone"]:
+        parts.append(f"{found['gone']} gone from Vault")
+    if found["not_looked_up"]:
+        parts.append(f"{found['not_looked_up']} minted since")
+    return "; ".join(parts)
+
+
 def age(seconds: int) -> str:
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
         if seconds >= size:
@@ -63,12 +92,14 @@ def age(seconds: int) -> str:
 def render(report: dict[str, Any]) -> list[str]:
     lines = [f"node {report['node']}: {len(report['volumes'])} volume(s), "
              f"{len(report['pending'])} pending revocation(s) (state dir {report['state_dir']})"]
+    lines.append(_inventory_line(report["inventory"]))
     if report["volumes"]:
-        lines.append(f"{'NAMESPACE':<20} {'POD':<32} {'POLICIES':<24} {'ACCESSOR':<10} {'AGE':>5}  MOUNTED")
+        lines.append(f"{'NAMESPACE':<20} {'POD':<32} {'POLICIES':<24} {'ACCESSOR':<10} {'AGE':>5} {'EXPIRES':>8}  "
+                     "MOUNTED")
         for v in report["volumes"]:
             lines.append(f"{v['namespace'] or '-':<20} {v['pod'] or v['pod_uid'] or '-':<32} "
-                         f"{','.join(v['policies']):<24} {v['accessor']:<10} {age(v['age_seconds']):>5}  "
-                         f"{'yes' if v['mounted'] else 'NO (record only)'}")
+                         f"{','.join(v['policies']):<24} {v['accessor']:<10} {age(v['age_seconds']):>5} "
+                         f"{_expires(v):>8}  {'yes' if v['mounted'] else 'NO (record only)'}")
     if report["pending"]:
         lines.append("pending revocations (the agent retries them; `vaulttmpfs retry-revocations` now):")
         for p in report["pending"]:

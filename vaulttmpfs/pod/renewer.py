@@ -11,6 +11,7 @@ from __future__ import annotations
 import signal
 import threading
 import time
+from typing import Callable
 
 from ..config import Config
 from ..errors import DriverError, VaultDenied
@@ -20,6 +21,7 @@ from .output import Held
 MIN_WAIT = 0.5  # seconds: the shortest sleep between renewals or retries
 FIRST_BACKOFF = 0.5
 MAX_BACKOFF = 30.0
+ROTATION_POLL = 2.0  # seconds between looks at the volume for a rotated token (two small file reads)
 
 
 def stop_on_signals() -> threading.Event:
@@ -34,7 +36,10 @@ def stop_on_signals() -> threading.Event:
     return stop
 
 
-def keep_alive(config: Config, held: Held, options, stop: threading.Event, logger) -> int:
+def keep_alive(config: Config, held: Held, options, stop: threading.Event, logger,
+               rotated: Callable[[], Held | None] | None = None) -> int:
+    """Renew until stopped. `rotated`, asked every ROTATION_POLL seconds: the token a node-side rotation
+    put in the volume, once taken (unwrapped, the outputs switched), else None; renewal goes on with it."""
     if not held.renewable:
         logger.error("the pod's token is not renewable: nothing to keep alive", accessor=held.accessor)
         return 1
@@ -42,9 +47,19 @@ def keep_alive(config: Config, held: Held, options, stop: threading.Event, logge
     # The lease known so far was counted from the token's creation (the mount), maybe long ago:
     # renew at once, and learn the real TTL from Vault's answer.
     expires = time.monotonic() + float(held.lease_duration)
-    wait, backoff = 0.0, FIRST_BACKOFF
+    renew_at, backoff = time.monotonic(), FIRST_BACKOFF
     logger.info("renewing the pod's token", accessor=held.accessor, fraction=options.renew_fraction)
-    while not stop.wait(wait):
+    while not stop.wait(_until(renew_at, rotated is not None)):
+        if rotated is not None:
+            new = rotated()
+            if new is not None:
+                held, client = new, Vault(config, new.token)
+                expires = time.monotonic() + float(held.lease_duration)
+                renew_at = time.monotonic() + _next_wait(float(held.lease_duration), options.renew_fraction)
+                logger.info("switched to the rotated token", accessor=held.accessor)
+                continue
+        if time.monotonic() < renew_at:
+            continue
         try:
             auth = client.renew_self(what="the pod's token")
         except VaultDenied as exc:
@@ -57,14 +72,21 @@ def keep_alive(config: Config, held: Held, options, stop: threading.Event, logge
                              error=str(exc))
                 return 1
             wait, backoff = max(MIN_WAIT, min(backoff, left / 2)), min(backoff * 2, MAX_BACKOFF)
+            renew_at = time.monotonic() + wait
             logger.warning("renewal failed; retrying", accessor=held.accessor, error=str(exc),
                            retry_in=round(wait, 2), expires_in=round(left, 2))
             continue
         ttl = float(auth.get("lease_duration") or 0)
         expires = time.monotonic() + ttl
         wait, backoff = _next_wait(ttl, options.renew_fraction), FIRST_BACKOFF
+        renew_at = time.monotonic() + wait
         logger.info("renewed the pod's token", accessor=held.accessor, ttl=ttl, next_in=round(wait, 2))
     return _stopping(client, held, options, logger)
+
+
+def _until(renew_at: float, polling: bool) -> float:
+    left = max(0.0, renew_at - time.monotonic())
+    return min(left, ROTATION_POLL) if polling else left
 
 
 def _next_wait(ttl: float, fraction: float) -> float:

@@ -53,7 +53,39 @@ def run(options: Options, env: dict[str, str] | None = None) -> int:
         return 1
     if stop is None:
         return 0
-    return renewer.keep_alive(config, held, options, stop, logger)
+    watch = Rotation(config, options, held, volume.token, logger)
+    return renewer.keep_alive(config, held, options, stop, logger, rotated=watch.taken if volume.wrapped else None)
+
+
+class Rotation:
+    """Notices a token a node-side rotation (`vaulttmpfs rotate`) put in the volume, and takes it.
+
+    The node writes the new wrapping token, then the metadata naming it; a look between the two
+    renames sees one new file and one old: only a volume whose accessor AND wrapping token both
+    changed is taken, so an old wrapping token is never unwrapped a second time."""
+
+    def __init__(self, config: Config, options: Options, held: Held, wrapping_token: str, logger):
+        self.config, self.options, self.held, self.logger = config, options, held, logger
+        self.wrapping_token = wrapping_token  # the one `held` was unwrapped from
+        self.failed: str | None = None  # a new volume token that could not be taken: said once
+
+    def taken(self) -> Held | None:
+        try:
+            volume = source.read(self.options.volume_dir, self.config.token_filename)
+        except DriverError:
+            return None  # mid-write, or the volume going away with the pod
+        log.secret(volume.token)
+        if not volume.wrapped or volume.accessor == self.held.accessor or volume.token == self.wrapping_token:
+            return None
+        try:
+            held = obtain(self.config, volume, self.options.out_dir, self.logger)
+        except DriverError as exc:
+            if self.failed != volume.token:
+                self.logger.error("cannot take the rotated token; keeping the current one", error=str(exc))
+                self.failed = volume.token
+            return None
+        self.held, self.wrapping_token = held, volume.token
+        return held
 
 
 def _with_volume_ca(config: Config, volume: source.VolumeToken) -> Config:

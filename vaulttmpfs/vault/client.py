@@ -325,6 +325,16 @@ class Vault:
         warnings = response.get("warnings") or [] if isinstance(response, dict) else []
         return not any("no token found" in str(w).lower() for w in warnings)
 
+    def lookup_accessor(self, accessor: str) -> dict[str, Any] | None:
+        """A token's properties by accessor (never the token itself); None when Vault no longer has it."""
+        try:
+            with self._call("looking up a pod token by accessor"):
+                return self.client.auth.token.lookup_accessor(accessor)["data"]
+        except VaultDenied as exc:
+            if "invalid accessor" in str(exc).lower():  # expired or revoked
+                return None
+            raise
+
     def lookup_self(self, what: str = "the generator token") -> dict[str, Any]:
         with self._call(f"looking up {what}"):
             return self.client.auth.token.lookup_self()["data"]

@@ -1,0 +1,237 @@
+"""On-demand rotation (docs/rotation.md): `vaulttmpfs rotate` gives a mounted volume a freshly minted
+wrapped token (files replaced atomically, a read-only tmpfs stays read-only); `vaulttmpfs token --renew`
+in the pod notices it, unwraps it and switches its output files; the old token is revoked once the
+pod side took the new one, or after the grace period; the real `bao agent` consumer keeps rendering
+its secret across the rotation; and nothing is left alive once the pods are gone.
+
+A real agent serving CSI, real OpenBao, real tmpfs, the kubelet's calls, the real `bao agent`."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from .conftest import eventually, remember_secret, source_cmd
+from .csikubelet import new_pod
+from .csinode import CsiNode
+from .kubelet import mount_entry
+from .vaultserver import REPO, bao_binary, dies_with_parent, stop_process
+from .volumes import read_volume
+
+NGINX = {"vault/policies": "nginx"}
+FS_GROUP = 2000
+SHORT_ROLE = "rotate-short"
+
+
+@pytest.fixture(scope="module")
+def short_role(bao) -> str:
+    """Tokens with a 3 s period: a `bao agent` consumer renews them every ~2 s, so it meets the old
+    token's revocation (and re-reads its token file) within seconds, not at 2/3 of an hour."""
+    bao.write_role(SHORT_ROLE, allowed_policies=["nginx"], orphan=True, token_period="3s")
+    policy = bao.request("GET", "sys/policies/acl/token_generator")["data"]["policy"]
+    grant = f'path "auth/token/create/{SHORT_ROLE}" {{ capabilities = ["update"] }}'
+    if grant not in policy:
+        bao.write_policy("token_generator", policy + "\n" + grant + "\n")
+    return SHORT_ROLE
+
+
+@pytest.fixture(scope="module")
+def node(bao, generator, log_dir, tmp_path_factory):
+    node = CsiNode(source_cmd(), bao, generator, tmp_path_factory.mktemp("rotate-node"), log_dir).start()
+    yield node
+    node.stop()
+
+
+
+def cli(node: CsiNode, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([*node.cmd, *args], capture_output=True, text=True, env=node.env, timeout=120)
+
+
+def rotate(node: CsiNode, *args: str) -> list[dict]:
+    out = cli(node, "rotate", "--json", *args)
+    assert out.returncode == 0, out.stdout + out.stderr
+    return json.loads(out.stdout)["volumes"]
+
+
+def pending(node: CsiNode) -> set[str]:
+    return {json.loads(p.read_text())["accessor"] for p in (node.root / "state" / "pending").glob("*.json")}
+
+
+def pod_out(tmp_path: Path) -> Path:
+    out = tmp_path / "out"
+    out.mkdir()
+    os.chown(out, 0, FS_GROUP)
+    out.chmod(0o2770)
+    return out
+
+
+def start_token(volume: Path, out: Path, vault_addr: str) -> subprocess.Popen:
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": str(REPO), "VAULT_ADDR": vault_addr}
+    return subprocess.Popen([*source_cmd(), "token", "--volume", str(volume), "--out", str(out), "--renew"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, umask=0,
+                            preexec_fn=dies_with_parent())
+
+
+AGENT_HCL = """
+vault {{ address = "{addr}" }}
+auto_auth {{
+  method {{
+    type = "token_file"
+    config = {{ token_file_path = "{token}" }}
+  }}
+}}
+template_config {{ static_secret_render_interval = "1s" }}
+template {{
+  contents    = "{{{{ with secret \\"secret/data/nginx/rotated\\" }}}}{{{{ .Data.data.password }}}}{{{{ end }}}}"
+  destination = "{out}"
+}}
+"""
+
+
+def test_rotation_switches_the_pod_and_its_bao_agent_to_a_new_token_and_revokes_the_old(node, bao, short_role,
+                                                                                         tmp_path):
+    kubelet = node.kubelet
+    bao.request("POST", "secret/data/nginx/rotated", {"data": {"password": "before"}})
+    pod = new_pod("rotated", namespace="shop")
+    volume = kubelet.publish(pod, {**NGINX, "vault/role": short_role}, fs_group=FS_GROUP, read_only=True)
+    old = read_volume(volume)[1]
+    out = pod_out(tmp_path)
+    token = start_token(volume, out, bao.addr)
+    agent = None
+    try:
+        old_token = eventually(lambda: (out / "token").exists() and (out / "token").read_text(), "the pod's token")
+        remember_secret(old_token)
+        rendered = tmp_path / "rendered.txt"
+        (tmp_path / "agent.hcl").write_text(AGENT_HCL.format(addr=bao.addr, token=out / "token", out=rendered))
+        with open(tmp_path / "agent.log", "wb") as agent_log:  # the child keeps its own copy of the fd
+            agent = subprocess.Popen([bao_binary(), "agent", f"-config={tmp_path / 'agent.hcl'}"],
+                                     env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(tmp_path)},
+                                     stdout=agent_log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                     preexec_fn=dies_with_parent())
+        eventually(lambda: rendered.exists() and rendered.read_text() == "before", "the agent's first render")
+
+        [result] = rotate(node, "--pod-uid", pod.uid)
+        assert result["outcome"] == "rotated", result
+        new = read_volume(volume)[1]
+        assert new["wrapped_accessor"] != old["wrapped_accessor"]
+        assert "ro" in mount_entry(volume)["options"]  # still read-only for the pod
+        assert (volume / "vault-token").stat().st_gid == FS_GROUP
+
+        # The pod side takes the new token: its output files switch to it.
+        new_token = eventually(lambda: (t := (out / "token").read_text()) != old_token and t, "the switch")
+        remember_secret(new_token)
+        assert bao.lookup_accessor(new["wrapped_accessor"]) is not None
+        assert json.loads((out / "kubernetes-vault.json").read_text())["accessor"] == new["wrapped_accessor"]
+        # It took the new one, so the agent's retry revokes the old one now (the grace period is 10m).
+        assert cli(node, "retry-revocations").returncode == 0
+        assert bao.lookup_accessor(old["wrapped_accessor"]) is None
+        assert bao.lookup_accessor(new["wrapped_accessor"]) is not None and not pending(node)
+
+        # The agent held the revoked token: its next renewal fails, it reads the token file again (the
+        # new token) and renders the new value.
+        bao.request("POST", "secret/data/nginx/rotated", {"data": {"password": "after"}})
+        eventually(lambda: rendered.read_text() == "after", "the agent rendering with the new token", timeout=60)
+        assert token.poll() is None  # still renewing, the new token
+    finally:
+        if agent is not None:
+            stop_process(agent)
+        token.terminate()
+        stderr = token.communicate(timeout=30)[1]
+    assert "switched to the rotated token" in stderr and new_token not in stderr and old_token not in stderr
+    kubelet.teardown(pod)
+    assert bao.lookup_accessor(new["wrapped_accessor"]) is None and bao.lookup_accessor(new["accessor"]) is None
+
+
+def test_an_old_token_nobody_took_the_new_one_for_lives_out_its_grace_then_goes(node, bao):
+    kubelet = node.kubelet
+    pods = [new_pod("grace-a", namespace="default"), new_pod("grace-b", namespace="default"),
+            new_pod("other", namespace="shop")]
+    paths = [kubelet.publish(p, NGINX) for p in pods]
+    olds = [read_volume(p)[1] for p in paths]
+    results = rotate(node, "--namespace", "default", "--grace", "3s")
+    assert sorted(r["pod"] for r in results) == ["grace-a", "grace-b"]
+    assert all(r["outcome"] == "rotated" for r in results)
+    assert read_volume(paths[2])[1] == olds[2]  # another namespace: untouched
+    news = [read_volume(p)[1] for p in paths[:2]]
+    # Nobody unwrapped the new tokens: the old ones wait for the grace period.
+    assert cli(node, "retry-revocations").returncode == 0
+    assert all(bao.lookup_accessor(o["wrapped_accessor"]) is not None for o in olds[:2])
+    assert {o["wrapped_accessor"] for o in olds[:2]} <= pending(node)
+    time.sleep(3.5)
+    assert cli(node, "retry-revocations").returncode == 0
+    assert all(bao.lookup_accessor(o["wrapped_accessor"]) is None for o in olds[:2]) and not pending(node)
+    for path, new in zip(paths[:2], news, strict=True):
+        remember_secret((path / "vault-token").read_text())
+        assert bao.lookup_accessor(new["wrapped_accessor"]) is not None
+    for pod in pods:
+        kubelet.teardown(pod)
+    assert all(bao.lookup_accessor(n["wrapped_accessor"]) is None for n in news)
+    assert bao.lookup_accessor(olds[2]["wrapped_accessor"]) is None
+
+
+def test_rotate_names_what_it_rotates_and_skips_what_it_cannot(node, bao):
+    kubelet = node.kubelet
+    plain = new_pod("plain", namespace="shop")
+    path = kubelet.publish(plain, {**NGINX, "vault/unwrap": "true"})
+    remember_secret((path / "vault-token").read_text())
+    before = read_volume(path)[1]
+    [result] = rotate(node, "--pod-uid", plain.uid)
+    assert result["outcome"] == "skipped" and "vault/unwrap" in result["why"]
+    assert read_volume(path)[1] == before
+    out = cli(node, "rotate")
+    assert out.returncode != 0 and "--pod-uid" in out.stderr
+    kubelet.teardown(plain)
+
+
+def test_a_flexvolume_volume_rotates_the_same_way(kubelet, bao):
+    """The other front end (and, through driver_cmd, the PyInstaller build): the same records, the same
+    command."""
+    pod = kubelet.new_pod("flex-rotated")
+    reply, volume = kubelet.mount(pod, NGINX, fs_group=FS_GROUP)
+    assert reply.ok, reply.body
+    old = read_volume(volume)[1]
+    out = subprocess.run([*kubelet.driver_cmd, "rotate", "--pod-uid", pod.uid, "--grace", "1s", "--json"],
+                         capture_output=True, text=True, env=kubelet.env, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    [result] = json.loads(out.stdout)["volumes"]
+    assert result["outcome"] == "rotated" and old["wrapped_accessor"] not in out.stdout
+    token, new = read_volume(volume)
+    info = (volume / "vault-token").stat()
+    assert info.st_gid == FS_GROUP and info.st_mode & 0o777 == 0o440
+    auth = bao.unwrap(token)["auth"]
+    remember_secret(auth["client_token"])
+    assert auth["accessor"] == new["wrapped_accessor"] != old["wrapped_accessor"]
+    assert auth["metadata"]["pod_uid"] == pod.uid and "nginx" in auth["policies"]
+    time.sleep(1.2)
+    assert subprocess.run([*kubelet.driver_cmd, "retry-revocations"], env=kubelet.env, capture_output=True,
+                          timeout=120).returncode == 0
+    assert bao.lookup_accessor(old["wrapped_accessor"]) is None
+    assert kubelet.teardown(volume).ok
+    assert bao.lookup_accessor(new["wrapped_accessor"]) is None
+
+
+def test_a_record_older_than_made_with_keeps_the_volumes_group(node, bao):
+    """Records written before read_only/fs_group were kept: the rotated files keep the group they had."""
+    kubelet = node.kubelet
+    pod = new_pod("old-record", namespace="shop")
+    path = kubelet.publish(pod, NGINX, fs_group=FS_GROUP)
+    [record_file] = [p for p in (node.root / "state" / "volumes").glob("*.json")
+                     if json.loads(p.read_text()).get("pod_uid") == pod.uid]
+    record = json.loads(record_file.read_text())
+    record.pop("read_only"), record.pop("fs_group")
+    record_file.write_text(json.dumps(record))
+    old = read_volume(path)[1]
+    [result] = rotate(node, "--pod-uid", pod.uid, "--grace", "1s")
+    assert result["outcome"] == "rotated", result
+    info = (path / "vault-token").stat()
+    assert info.st_gid == FS_GROUP and info.st_mode & 0o777 == 0o440
+    assert read_volume(path)[1]["wrapped_accessor"] != old["wrapped_accessor"]
+    kubelet.teardown(pod)
+    time.sleep(1.2)
+    assert cli(node, "retry-revocations").returncode == 0
+    assert bao.lookup_accessor(old["wrapped_accessor"]) is None
