@@ -9,6 +9,15 @@ class VaultUnavailable(DriverError):
     """Vault could not be reached or kept failing (network, TLS, 5xx, sealed)."""
 
 
+class VaultRateLimited(VaultUnavailable):
+    """Vault's rate-limit quota (429) turned the request away before acting on it, for longer than the
+    call could wait: safe to send again later."""
+
+
+class VaultBusy(VaultUnavailable):
+    """This node already had its budget of Vault writes in flight for longer than the call could wait."""
+
+
 class VaultDenied(DriverError):
     """Vault answered and refused (4xx): retrying the same request will not help."""
 

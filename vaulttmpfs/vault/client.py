@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import signal
 import stat
 import threading
@@ -17,7 +18,8 @@ from typing import Any, Iterator
 
 from .. import log, telemetry
 from ..config import Config
-from ..errors import DriverError, VaultDenied, VaultUnavailable
+from ..errors import DriverError, VaultDenied, VaultRateLimited, VaultUnavailable
+from . import write_budget
 
 # The build leaves charset_normalizer out (~20 ms and 3.5 MiB per call): Vault answers JSON, which
 # requests decodes as UTF-8 without it. Its import-time complaint about that is noise.
@@ -39,6 +41,27 @@ def _session(config: Config, resend: bool):
     from urllib3.util.retry import Retry
 
     class _Adapter(HTTPAdapter):
+        def send(self, request, **kwargs):
+            # Every call, a create too, is resent after a 429: a rate-limit quota answers it before the
+            # request reaches its handler (nothing was minted). Within the call's deadline only.
+            backoff = RATE_LIMIT_BACKOFF[0]
+            while True:
+                with write_budget.slot(request.method, _calling.deadline):
+                    response = super().send(request, **kwargs)
+                if response.status_code != 429:
+                    return response
+                wait = _retry_after(response.headers.get("Retry-After"), backoff)
+                backoff = min(backoff * 2, RATE_LIMIT_BACKOFF[1])
+                telemetry.rate_limited(_calling.action)
+                if _calling.deadline is None or time.monotonic() + wait > _calling.deadline:
+                    return response  # hvac raises it: VaultRateLimited
+                response.content  # read, so the connection goes back to the pool  # noqa: B018
+                _calling.throttled += 1
+                _calling.waited += wait
+                time.sleep(wait)
+                if wait > MINT_IDLE:
+                    self.poolmanager.clear()  # idle that long: a create must not go out on it (MINT_IDLE)
+
         def init_poolmanager(self, *args, **kwargs):
             # VAULT_TLS_SERVER_NAME: the name sent in SNI and checked in Vault's certificate.
             if config.tls_server_name:
@@ -119,6 +142,33 @@ def _vault_errors(exc: Exception) -> str:
     return str(exc) or type(exc).__name__
 
 
+RATE_LIMIT_BACKOFF = (0.25, 4.0)  # seconds: the first wait when a 429 names none, doubling up to the second
+
+
+def _retry_after(header: str | None, backoff: float) -> float:
+    """Seconds to wait after a 429: its Retry-After (OpenBao sends one when sys/quotas/config has
+    enable_rate_limit_response_headers), else `backoff`; plus up to a quarter more, so the nodes a
+    quota turned away do not all come back in the same instant."""
+    try:
+        wait = min(max(float(header), 0.0), 60.0) if header else backoff
+    except ValueError:  # an HTTP date: not worth parsing, back off instead
+        wait = backoff
+    return wait * random.uniform(1.0, 1.25)
+
+
+class _Calling(threading.local):
+    """The Vault call this thread is making (set by Vault._call), for its transport: when it must be
+    over (time.monotonic()), what it is, and the 429s it waited out."""
+
+    deadline: float | None = None
+    action: str = ""
+    throttled = 0
+    waited = 0.0
+
+
+_calling = _Calling()
+
+
 class _DeadlinePassed(BaseException):
     """Raised by SIGALRM inside whatever socket call is running; BaseException so no library swallows it."""
 
@@ -158,7 +208,9 @@ def translate_errors(action: str, addr: str, deadline: float | None = None) -> I
         status = _STATUS.get(type(exc).__name__, 0)
         if isinstance(exc, (hexc.VaultDown, hexc.VaultNotInitialized)):
             raise VaultUnavailable(f"{action}: Vault at {addr} is sealed or down: {_vault_errors(exc)}") from None
-        cls = VaultDenied if 400 <= status < 500 and status != 429 else VaultUnavailable
+        if status == 429:
+            raise VaultRateLimited(f"{action}: Vault answered 429 (a rate-limit quota): {_vault_errors(exc)}") from None
+        cls = VaultDenied if 400 <= status < 500 else VaultUnavailable
         raise cls(f"{action}: Vault answered {status or 'an error'}: {_vault_errors(exc)}") from None
     except requests.exceptions.SSLError as exc:
         raise VaultUnavailable(
@@ -276,14 +328,22 @@ class Vault:
 
     @contextlib.contextmanager
     def _call(self, action: str) -> Iterator[None]:
-        # Every attempt may take the full timeout; one more for connects and backoff.
+        # Every attempt may take the full timeout; one more for connects and backoff. Waits after a 429
+        # and for a slot in the node's write budget come out of the same deadline.
         deadline = self.config.timeout * (self.config.max_retries + 2)
         started, ok = time.monotonic(), False
+        _calling.deadline, _calling.action, _calling.throttled, _calling.waited = started + deadline, action, 0, 0.0
         try:
             with translate_errors(action, self.config.vault_addr, deadline):
                 yield
             ok = True
+        except VaultRateLimited as exc:
+            raise VaultRateLimited(
+                f"{exc} -- still over the quota after {_calling.throttled} retries ({_calling.waited:.1f}s of "
+                f"backing off) within this call's {deadline:g}s deadline; nothing was created; retried later "
+                "(the kubelet retries the mount)") from None
         finally:
+            _calling.deadline = None
             telemetry.vault_call(action, time.monotonic() - started, ok)
 
     def create_wrapped_token(
