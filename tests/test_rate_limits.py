@@ -38,7 +38,8 @@ def quota_bao():
 
 @pytest.fixture
 def limited(quota_bao, tmp_path):
-    """quota(rate, interval): creates at auth/token/create/* (a glob: a bare prefix matches only itself) over `rate` per `interval` get a 429."""
+    """quota(rate, interval): creates at auth/token/create/* over `rate` per `interval` get a 429 (the path
+    is a glob: OpenBao matches a bare "auth/token/create" only to itself, not to create/<role>)."""
     (tmp_path / "generator").mkdir()
     generator = {"path": str(tmp_path / "generator" / "token")}
     generator_file(quota_bao, Path(generator["path"]), ttl="1h")  # before the quota: it is a create too
