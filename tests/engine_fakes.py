@@ -52,6 +52,7 @@ class MemoryStore:
         self.volumes: dict[str, VolumeRecord] = {}
         self.pending: dict[str, dict[str, Any]] = {}
         self.notes: dict[str, dict[str, Any]] = {}
+        self.intents: dict[str, dict[str, Any]] = {}  # creates noted before they were sent, not yet settled
         self.held: set[str] = set()  # volumes whose lock is held right now
         self._locks: dict[str, threading.Lock] = {}
         self._guard = threading.Lock()
@@ -93,6 +94,17 @@ class MemoryStore:
 
     def list_pending(self) -> list[dict[str, Any]]:
         return list(self.pending.values())
+
+    def add_intent(self, mount_dir: str, value: dict[str, Any]) -> str:
+        name = f"intent-{len(self.intents) + len(self.notes)}-{mount_dir}"
+        self.intents[name] = {**value, "mount_dir": mount_dir, "name": name}
+        return name
+
+    def drop_intent(self, name: str) -> None:
+        self.intents.pop(name, None)
+
+    def list_intents(self) -> list[dict[str, Any]]:
+        return list(self.intents.values())
 
     def read_note(self, name: str) -> dict[str, Any] | None:
         return self.notes.get(name)
@@ -223,3 +235,6 @@ class VaultDouble:
 
     def lookup_self(self) -> dict[str, Any]:
         return {"policies": list(self.generator_policies)}
+
+    def read_token_role(self, name: str) -> dict[str, Any] | None:
+        return {"token_period": 3600, "token_explicit_max_ttl": 0}

@@ -19,6 +19,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from .. import log, telemetry
 from ..config import Config
+from ..engine import intents
 from ..engine.state import StateStore
 from ..vault import write_budget
 from .httpd import serve_http
@@ -92,6 +93,11 @@ class NodeState:
                                 value=len(store.list_pending()))
         yield GaugeMetricFamily("vaulttmpfs_volumes", "Volumes this node holds (state records)",
                                 value=len(store.list_volumes()))
+        unrecorded = intents.summary(store)
+        yield GaugeMetricFamily("vaulttmpfs_unrecorded_tokens", "Token creates whose answer was lost after Vault may "
+                                "have acted: tokens that may be alive, accessor unknown", value=unrecorded["count"])
+        yield GaugeMetricFamily("vaulttmpfs_unrecorded_tokens_alive_until_seconds", "Unix time by which every "
+                                "such token has expired (0: none)", value=unrecorded["until"] or 0)
         budget = write_budget.current()
         if budget:
             yield GaugeMetricFamily("vaulttmpfs_vault_write_budget", "Vault writes this agent lets be in flight at "

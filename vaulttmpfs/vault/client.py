@@ -207,15 +207,18 @@ def translate_errors(action: str, addr: str, deadline: float | None = None) -> I
     except hexc.VaultError as exc:
         status = _STATUS.get(type(exc).__name__, 0)
         if isinstance(exc, (hexc.VaultDown, hexc.VaultNotInitialized)):
-            raise VaultUnavailable(f"{action}: Vault at {addr} is sealed or down: {_vault_errors(exc)}") from None
+            down = VaultUnavailable(f"{action}: Vault at {addr} is sealed or down: {_vault_errors(exc)}")
+            raise _unsent(down) from None
         if status == 429:
             raise VaultRateLimited(f"{action}: Vault answered 429 (a rate-limit quota): {_vault_errors(exc)}") from None
         cls = VaultDenied if 400 <= status < 500 else VaultUnavailable
         raise cls(f"{action}: Vault answered {status or 'an error'}: {_vault_errors(exc)}") from None
     except requests.exceptions.SSLError as exc:
-        raise VaultUnavailable(
+        raise _unsent(VaultUnavailable(
             f"{action}: TLS to {addr} failed ({_reason(exc)}); check VAULT_CACERT/VAULT_CAPATH/VAULT_TLS_SERVER_NAME"
-        ) from None
+        )) from None
+    except requests.exceptions.ConnectTimeout:
+        raise _unsent(VaultUnavailable(f"{action}: Vault at {addr} did not accept a connection in time")) from None
     except requests.exceptions.Timeout:
         raise VaultUnavailable(f"{action}: Vault at {addr} did not answer in time") from None
     except requests.exceptions.RetryError as exc:
@@ -229,7 +232,21 @@ def translate_errors(action: str, addr: str, deadline: float | None = None) -> I
         if type(_innermost(exc)).__name__ == "ReadTimeoutError":
             raise VaultUnavailable(f"{action}: Vault at {addr} did not answer in time (not resent: "
                                    "Vault may have acted on it)") from None
-        raise VaultUnavailable(f"{action}: cannot reach Vault at {addr}: {_reason(exc)}") from None
+        failed = VaultUnavailable(f"{action}: cannot reach Vault at {addr}: {_reason(exc)}")
+        if type(_innermost(exc)).__name__ in _BEFORE_SENDING:
+            raise _unsent(failed) from None
+        raise failed from None  # e.g. the connection dropped after the request went out
+
+
+# urllib3's errors for a connection that never carried the request.
+_BEFORE_SENDING = {"NewConnectionError", "ConnectTimeoutError", "NameResolutionError"}
+
+
+def _unsent(exc: VaultUnavailable) -> VaultUnavailable:
+    """Mark a failure as certainly before Vault saw the request (refused, sealed, TLS): a create that
+    failed so minted nothing. Unmarked, a create's failure may have come after Vault acted."""
+    exc.unsent = True
+    return exc
 
 
 def _reason(exc: Exception) -> str:
