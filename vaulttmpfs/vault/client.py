@@ -48,6 +48,10 @@ def _session(config: Config, resend: bool):
             while True:
                 with write_budget.slot(request.method, _calling.deadline):
                     response = super().send(request, **kwargs)
+                if response.is_redirect:
+                    # A standby that redirects may first have tried to forward the request, and the
+                    # active node may have acted on it (seen: a leader killed mid-create).
+                    _calling.redirected = True
                 if response.status_code != 429:
                     return response
                 wait = _retry_after(response.headers.get("Retry-After"), backoff)
@@ -164,6 +168,7 @@ class _Calling(threading.local):
     action: str = ""
     throttled = 0
     waited = 0.0
+    redirected = False  # a node answered with a redirect: the request reached Vault
 
 
 _calling = _Calling()
@@ -244,8 +249,9 @@ _BEFORE_SENDING = {"NewConnectionError", "ConnectTimeoutError", "NameResolutionE
 
 def _unsent(exc: VaultUnavailable) -> VaultUnavailable:
     """Mark a failure as certainly before Vault saw the request (refused, sealed, TLS): a create that
-    failed so minted nothing. Unmarked, a create's failure may have come after Vault acted."""
-    exc.unsent = True
+    failed so minted nothing. Unmarked, a create's failure may have come after Vault acted. Not after a
+    redirect: the node that redirected had the request (a standby may have forwarded it first)."""
+    exc.unsent = not _calling.redirected
     return exc
 
 
@@ -350,6 +356,7 @@ class Vault:
         deadline = self.config.timeout * (self.config.max_retries + 2)
         started, ok = time.monotonic(), False
         _calling.deadline, _calling.action, _calling.throttled, _calling.waited = started + deadline, action, 0, 0.0
+        _calling.redirected = False
         try:
             with translate_errors(action, self.config.vault_addr, deadline):
                 yield
