@@ -299,8 +299,8 @@ def check_unrecorded(node: Node) -> Check:
 
     found = intents.summary(StateStore(node.config.state_dir))
     if not found["count"]:
-        return Check("unrecorded tokens", OK, "no create lost its answer")
-    return Check("unrecorded tokens", FAIL,
+        return Check("unrecorded", OK, "no create lost its answer")
+    return Check("unrecorded", FAIL,
                  f"{found['count']} token create(s) lost their answer after Vault may have acted: up to that many "
                  f"tokens are alive that nothing can revoke (accessor unknown), until {intents.iso(found['until'])} "
                  "at the latest (`vaulttmpfs status`)",
