@@ -223,7 +223,8 @@ class Agent:
     def __init__(self, cmd: list[str], env: dict[str, str], socket_path: str, serve: tuple[str, ...] = ("--relay",)):
         self.socket_path = socket_path
         # Metrics on, as a DaemonSet runs it (each agent on a port of its own).
-        env = {**env, "VAULTTMPFS_METRICS_ADDR": f"127.0.0.1:{free_port()}"}
+        self.metrics_addr = f"127.0.0.1:{free_port()}"
+        env = {**env, "VAULTTMPFS_METRICS_ADDR": self.metrics_addr}
         # Its own stdout and stderr (a crash before logging says why there) go beside its log file.
         with open(env["VAULTTMPFS_LOG_FILE"] + ".out", "ab") as output:
             self.proc = subprocess.Popen([*cmd, "agent", *serve, "--health-addr", "", "--retry-interval", "1h"],

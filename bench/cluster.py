@@ -62,6 +62,24 @@ class SimulatedNode:
                "VAULTTMPFS_AGENT_SOCKET": str(root / "no-agent.sock")}
         self.csi = csi_node(args.cmd, env, pods, root)  # bench.CsiNode: an agent and a kubelet stand-in
 
+    def budget(self) -> dict:
+        """The agent's write budget as its /metrics tells: size, peak in flight, waits, refusals."""
+        conn = http.client.HTTPConnection(*self.csi.agent.metrics_addr.split(":"), timeout=30)
+        try:
+            conn.request("GET", "/metrics")
+            text = conn.getresponse().read().decode()
+        finally:
+            conn.close()
+        wanted = {"vaulttmpfs_vault_write_budget": "size", "vaulttmpfs_vault_writes_in_flight_peak": "peak",
+                  "vaulttmpfs_vault_write_budget_waits_total": "waits",
+                  "vaulttmpfs_vault_write_budget_refusals_total": "refusals"}
+        found = {}
+        for line in text.splitlines():
+            name, _, number = line.partition(" ")
+            if name in wanted:
+                found[wanted[name]] = float(number)
+        return found
+
     def cycle(self, publish_ms: list, unpublish_ms: list) -> None:
         sample, pod = self.csi.publish(timed_cpu=False)
         publish_ms.append(sample.wall_ms)
@@ -128,6 +146,7 @@ def run(args, bao, work: Path, env_base: dict[str, str], role: str, wrap_ttl: st
         before = handled(bao)
         ceiling = _drive_raw(raw, len(nodes) * args.cluster_pods, len(nodes) * args.cluster_concurrency)
         ceiling["vault_requests_per_pod"] = round((handled(bao) - before - 1) / ceiling["pods"], 2)
+        ours["write_budget_per_node"] = [node.budget() for node in nodes]
     finally:
         for node in nodes:
             node.csi.stop()
@@ -166,5 +185,9 @@ def table(result: dict) -> str:
         r = result[who]
         rows.append(f"{who:<12} {r['pods_per_s']:>8} {r['publish_p50_ms']:>9} {r['publish_p99_ms']:>9} "
                     f"{r['unpublish_p50_ms']:>10} {r['unpublish_p99_ms']:>10} {r['vault_requests_per_pod']:>8}")
+    budgets = result["ours"]["write_budget_per_node"]
+    rows.append("write budget per node (size/peak in flight/waits/refusals): " + ", ".join(
+        f"{b.get('size', 0):.0f}/{b.get('peak', 0):.0f}/{b.get('waits', 0):.0f}/{b.get('refusals', 0):.0f}"
+        for b in budgets))
     rows += [f"{c['result']}  {c['name']}: {c['value']} ({c['rule']})" for c in result["targets"]]
     return "\n".join(rows)

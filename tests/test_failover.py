@@ -23,23 +23,9 @@ import pytest
 from .conftest import source_cmd, token_file
 from .csikubelet import new_pod
 from .csinode import NODE_NAME, CsiNode
-from .raftcluster import RaftCluster
 
 NGINX = {"vault/policies": "nginx"}
 BACKOFF = (0.5, 1, 2, 4, 8, 8, 8)  # the kubelet's: 0.5 s doubling (capped here to keep the test short)
-
-
-@pytest.fixture(scope="module")
-def raft():
-    with RaftCluster() as cluster:
-        cluster.leader().setup_driver()
-        yield cluster
-
-
-@pytest.fixture
-def cluster(raft):
-    raft.heal()
-    return raft
 
 
 @pytest.fixture
