@@ -29,10 +29,11 @@ class Journal:
     def __init__(self) -> None:
         self.events: list[tuple[str, ...]] = []
         self.fail_at: str | None = None
+        self.fail_with: Exception | None = None  # what fail_at raises (default: Injected)
 
     def step(self, name: str, *detail: str) -> None:
         if name == self.fail_at:
-            raise Injected(f"injected failure at {name}")
+            raise self.fail_with or Injected(f"injected failure at {name}")
         self.events.append((name, *detail))
 
     def names(self) -> list[str]:
@@ -103,8 +104,8 @@ class MemoryStore:
     def drop_intent(self, name: str) -> None:
         self.intents.pop(name, None)
 
-    def list_intents(self) -> list[dict[str, Any]]:
-        return list(self.intents.values())
+    def list_intents(self, mount_dir: str | None = None) -> list[dict[str, Any]]:
+        return [i for i in self.intents.values() if mount_dir in (None, i["mount_dir"])]
 
     def read_note(self, name: str) -> dict[str, Any] | None:
         return self.notes.get(name)

@@ -14,10 +14,17 @@ import json
 import signal
 import subprocess
 import time
+from pathlib import Path
 
-from vaulttmpfs.engine import intents
+import pytest
+
+from vaulttmpfs.config import Config
+from vaulttmpfs.engine import intents, operation
+from vaulttmpfs.engine.operation import Engine, MountRequest
 from vaulttmpfs.engine.state import StateStore
+from vaulttmpfs.errors import DriverError, VaultDenied, VaultRateLimited, VaultUnavailable
 
+from .engine_fakes import FakeFilesystem, Journal, MemoryStore, VaultDouble
 from .faultserver import CREATE, wait_for
 from .kubelet import is_mount_point
 from .vaultserver import closed_addr
@@ -123,6 +130,9 @@ def test_a_driver_killed_while_vault_answers_leaves_its_intent_for_status(bao, f
         reply, path = faulty.mount(pod, NGINX)  # the kubelet's retry on the same volume
         assert reply.ok, reply.body
         assert unrecorded(faulty)["count"] == 1
+        lines = [json.loads(line) for line in Path(faulty.env["VAULTTMPFS_LOG_FILE"]).read_text().splitlines()]
+        assert [line for line in lines if line.get("pod_uid") == pod.uid and line.get("level") == "warning"
+                and "an earlier token create for this volume lost its answer" in line.get("event", "")]
         assert faulty.teardown(path).ok
     finally:
         bao.request("POST", "auth/token/revoke-accessor", {"accessor": stray["accessor"]})
@@ -155,3 +165,48 @@ def test_metrics_count_unrecorded_tokens(tmp_path):
     assert families["vaulttmpfs_unrecorded_tokens_alive_until_seconds"].samples[0].value > time.time()
 
 
+
+
+# --- the engine's side, in-process over tests/engine_fakes.py: which failures keep the intent
+
+def sent_then_lost() -> VaultUnavailable:
+    return VaultUnavailable("creating a token: Vault at ... did not answer in time (not resent)")
+
+
+def refused_before_sending() -> VaultUnavailable:
+    exc = VaultUnavailable("creating a token: cannot reach Vault: connection refused")
+    exc.unsent = True
+    return exc
+
+
+@pytest.mark.parametrize("step, error, kept", [
+    (None, None, 0),  # mounted: the token is recorded
+    ("create token", sent_then_lost(), 1),  # the answer was lost: may be alive
+    ("create token", refused_before_sending(), 0),
+    ("create token", VaultRateLimited("429"), 0),
+    ("create token", VaultDenied("403 permission denied"), 0),
+    ("write vault-token", None, 0),  # minted, then the mount failed: revoked by the undo, so known
+], ids=["mounted", "lost-answer", "never-sent", "rate-limited", "refused", "failed-after-mint"])
+def test_the_intent_is_kept_only_when_a_token_may_be_alive_unrecorded(tmp_path, monkeypatch, step, error, kept):
+    monkeypatch.setattr(operation, "_generator_checks", {})
+    journal = Journal()
+    store, vault = MemoryStore(journal), VaultDouble(journal)
+    generator = tmp_path / "generator-token"
+    generator.write_text("s.generator-token\n")
+    generator.chmod(0o600)
+    pods = tmp_path / "pods"
+    mount_dir = pods / "0f1e2d3c-aaaa-bbbb-cccc-000000000001" / "volumes" / "cloudwatt~vaulttmpfs" / "vault"
+    mount_dir.mkdir(parents=True)
+    config = Config(generator_token_path=str(generator), state_dir=str(tmp_path / "state"), log_file="",
+                    pods_dir=str(pods), node_name="node-1")
+    journal.fail_at, journal.fail_with = step, error
+    request = MountRequest(mount_dir=str(mount_dir), policies=["nginx"], role="applications",
+                           pod_namespace="default", pod_name="nginx", volume_name="vault")
+    try:
+        Engine(config, store=store, vault=vault, fs=FakeFilesystem(journal)).mount(request)
+    except DriverError:  # Injected, the Vault errors, and a refusal the engine words for the operator
+        assert step
+    assert len(store.intents) == kept
+    if kept:
+        [intent] = store.intents.values()
+        assert intent["policies"] == ["nginx"] and intent["until"] > intent["at"] + 3600  # the double's period

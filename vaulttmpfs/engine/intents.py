@@ -48,8 +48,9 @@ def lifetime(store: Store, client: VaultClient, role: str) -> tuple[int, str]:
             found = client.read_token_role(role)
             seconds, why = role_lifetime(found) if found else (DEFAULT_MAX_TTL, "Vault's default max TTL (768h): "
                                                                                 "the role was not found")
-        except DriverError as exc:  # an older generator policy without read on the role: bound it anyway
+        except VaultDenied as exc:  # an older generator policy without read on the role: bound it anyway
             seconds, why = DEFAULT_MAX_TTL, f"Vault's default max TTL (768h): the role could not be read ({exc})"
+        # Vault unreachable: raised, so the mount fails before its create is sent (it would fail anyway).
         known = {"at": now, "seconds": seconds, "why": why}
         store.write_note(note, known)
     _lifetimes[role] = known
@@ -69,6 +70,10 @@ class Intent:
         else:
             seconds, why = lifetime(store, client, request.role)
         self.store, self.logger, self.minted = store, logger, False
+        for earlier in store.list_intents(request.mount_dir):  # a create for this volume that lost its answer
+            logger.warning("an earlier token create for this volume lost its answer: its token may be alive, "
+                           "unrecorded (accessor unknown)", since=iso(float(earlier.get("at") or 0)),
+                           until=iso(float(earlier.get("until") or 0)), intent=earlier.get("name"))
         # Vault may act on the create at any time until the call's deadline, not only at once.
         deadline = config.timeout * (config.max_retries + 2)
         self.value = {"at": at, "until": at + deadline + seconds, "bound": why, "pod_uid": request.pod_uid,

@@ -172,14 +172,16 @@ class StateStore:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(os.path.join(self.intents, _safe(name) + ".json"))
 
-    def list_intents(self) -> list[dict[str, Any]]:
-        """Every intent left (oldest first): creates whose token was neither recorded nor revoked."""
+    def list_intents(self, mount_dir: str | None = None) -> list[dict[str, Any]]:
+        """Every intent left (oldest first), or those of one volume: creates whose token was neither
+        recorded nor revoked."""
         self.trust()
+        prefix = self.key(mount_dir) + "." if mount_dir is not None else ""
         try:
-            names = sorted(os.listdir(self.intents))
+            names = sorted(n for n in os.listdir(self.intents) if n.startswith(prefix) and n.endswith(".json"))
         except FileNotFoundError:
             return []
-        found = (_read_json(os.path.join(self.intents, n)) for n in names if n.endswith(".json"))
+        found = (_read_json(os.path.join(self.intents, n)) for n in names)
         return sorted((i for i in found if i and i.get("name")), key=lambda i: float(i.get("at") or 0))
 
     def read_note(self, name: str) -> dict[str, Any] | None:
