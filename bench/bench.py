@@ -28,6 +28,8 @@ separate pass (Linux charges the forking parent's peak RSS to a child's ru_maxrs
 this ~20 MiB Python process would never show less than that; `/usr/bin/time` is a ~1 MiB parent).
 For the agent mode, the agent's own CPU per call (from /proc) and its resident size are reported too.
 Everything is cleaned up: volumes unmounted, tokens revoked, agent and OpenBao stopped.
+
+With --cluster-nodes N, none of the above: the cluster throughput mode of bench/cluster.py instead.
 """
 
 from __future__ import annotations
@@ -229,7 +231,8 @@ class Agent:
         self.socket_path = socket_path
         self.banner = banner
         # Metrics on, as a DaemonSet runs it (each agent on a port of its own).
-        env = {**env, "VAULTTMPFS_METRICS_ADDR": f"127.0.0.1:{free_port()}"}
+        self.metrics_addr = f"127.0.0.1:{free_port()}"
+        env = {**env, "VAULTTMPFS_METRICS_ADDR": self.metrics_addr}
         # Its own stdout and stderr (a crash before logging says why there) go beside its log file.
         with open(env["VAULTTMPFS_LOG_FILE"] + ".out", "ab") as output:
             self.proc = subprocess.Popen([*cmd, "agent", *serve, "--health-addr", "", "--retry-interval", "1h"],
@@ -664,6 +667,12 @@ def parse_args(argv: list[str] | None = None):
                         help="dev: one `bao server -dev`; raft: a 3-node Raft cluster on loopback "
                              "(tests/raftcluster.py), the driver pointed at a standby, which forwards writes "
                              "to the active node [default: dev]")
+    parser.add_argument("--cluster-nodes", type=int, default=0,
+                        help="instead of the above: the cluster throughput mode (bench/cluster.py) with this many "
+                             "simulated nodes, each its own CSI agent, state dir and generator token, against a raw "
+                             "client making the same Vault calls at the same concurrency (the ceiling)")
+    parser.add_argument("--cluster-concurrency", type=int, default=4, help="publishes at a time per node [4]")
+    parser.add_argument("--cluster-pods", type=int, default=50, help="publish+unpublish cycles per node [50]")
     parser.add_argument("--json", default=str(REPO / "bench" / "results.json"), help="write results here")
     parser.add_argument("--fail-on-miss", action="store_true",
                         help="exit 1 when a target of the first mode misses (init, RSS, its mount and burst)")
@@ -691,6 +700,8 @@ def main(argv: list[str] | None = None) -> int:
             generator_path.write_text(generator["client_token"] + "\n")
             generator_path.chmod(0o600)
             bench = Bench(args, bao, work, generator, generator_path)
+            if args.cluster_nodes:
+                return cluster_mode(args, bao, bench, work)
             try:
                 if "agent" in args.modes:
                     bench.start_agent()
@@ -752,6 +763,21 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nJSON: {args.json}")
     missed = [c for c in checks if c["result"] == "FAIL" and c["mode"] in (None, args.modes[0])]
     return 1 if args.fail_on_miss and missed else 0
+
+
+def cluster_mode(args, bao: VaultServer, bench: Bench, work: Path) -> int:
+    import cluster  # bench/cluster.py, beside this script (its dir is on sys.path)
+
+    env = {k: v for k, v in bench.node.env.items() if k not in ("VAULTTMPFS_GENERATOR_TOKEN_PATH",)}
+    result = cluster.run(args, bao, work, env, ROLE, WRAP_TTL, CsiNode)
+    print(cluster.table(result))
+    result.update(command=shlex.join([sys.argv[0], *sys.argv[1:]]), driver=args.exe, commit=git_commit(),
+                  time=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), vault=args.vault,
+                  machine={"cpus": os.cpu_count(), "kernel": platform.release()})
+    path = Path(args.json).with_name("cluster-results.json")
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\nJSON: {path}")
+    return 1 if args.fail_on_miss and any(c["result"] == "FAIL" for c in result["targets"]) else 0
 
 
 @contextlib.contextmanager

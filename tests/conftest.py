@@ -22,6 +22,7 @@ from . import idmap, otheruser
 from .faultserver import FaultServer
 from .kubelet import Kubelet
 from .pki import issue, make_ca
+from .raftcluster import RaftCluster
 from .vaultserver import REPO, VaultServer, free_port
 
 BUILD_EXE = Path(os.environ.get("VAULTTMPFS_BUILD_EXE", REPO / "dist" / "vaulttmpfs" / "vaulttmpfs"))
@@ -48,6 +49,20 @@ def bao():
         server.setup_driver()
         SEEN_SECRETS.add(server.root_token)
         yield server
+
+
+@pytest.fixture(scope="module")
+def raft():
+    """A real 3-node OpenBao Raft cluster (tests/raftcluster.py), set up for the driver, per module."""
+    with RaftCluster() as cluster:
+        cluster.leader().setup_driver()
+        yield cluster
+
+
+@pytest.fixture
+def cluster(raft):
+    raft.heal()  # a node a test killed is back, a standby
+    return raft
 
 
 @pytest.fixture(scope="session")

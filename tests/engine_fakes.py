@@ -29,10 +29,11 @@ class Journal:
     def __init__(self) -> None:
         self.events: list[tuple[str, ...]] = []
         self.fail_at: str | None = None
+        self.fail_with: Exception | None = None  # what fail_at raises (default: Injected)
 
     def step(self, name: str, *detail: str) -> None:
         if name == self.fail_at:
-            raise Injected(f"injected failure at {name}")
+            raise self.fail_with or Injected(f"injected failure at {name}")
         self.events.append((name, *detail))
 
     def names(self) -> list[str]:
@@ -52,6 +53,7 @@ class MemoryStore:
         self.volumes: dict[str, VolumeRecord] = {}
         self.pending: dict[str, dict[str, Any]] = {}
         self.notes: dict[str, dict[str, Any]] = {}
+        self.intents: dict[str, dict[str, Any]] = {}  # creates noted before they were sent, not yet settled
         self.held: set[str] = set()  # volumes whose lock is held right now
         self._locks: dict[str, threading.Lock] = {}
         self._guard = threading.Lock()
@@ -93,6 +95,17 @@ class MemoryStore:
 
     def list_pending(self) -> list[dict[str, Any]]:
         return list(self.pending.values())
+
+    def add_intent(self, mount_dir: str, value: dict[str, Any]) -> str:
+        name = f"intent-{len(self.intents) + len(self.notes)}-{mount_dir}"
+        self.intents[name] = {**value, "mount_dir": mount_dir, "name": name}
+        return name
+
+    def drop_intent(self, name: str) -> None:
+        self.intents.pop(name, None)
+
+    def list_intents(self, mount_dir: str | None = None) -> list[dict[str, Any]]:
+        return [i for i in self.intents.values() if mount_dir in (None, i["mount_dir"])]
 
     def read_note(self, name: str) -> dict[str, Any] | None:
         return self.notes.get(name)
@@ -224,3 +237,6 @@ class VaultDouble:
 
     def lookup_self(self) -> dict[str, Any]:
         return {"policies": list(self.generator_policies)}
+
+    def read_token_role(self, name: str) -> dict[str, Any] | None:
+        return {"token_period": 3600, "token_explicit_max_ttl": 0}

@@ -24,10 +24,12 @@ class Rule:
     # "error" | "hang" | "hold-answer" | "drip" | "forward-then-error" (Vault acts, the gateway answers
     # `status`) | "strip-wrap-ttl" (forwarded without X-Vault-Wrap-TTL) | "delay" (Vault acts at once, its
     # answer is passed on only when released) | "answer-then-close" (answered as if the connection stays
-    # open, then closed: a server or gateway ending an idle kept-alive connection)
+    # open, then closed: a server or gateway ending an idle kept-alive connection) | "slow" (forwarded
+    # after `seconds`: a loaded Vault)
     action: str
     times: int | None = None  # None: every time
     status: int = 500
+    seconds: float = 0.0
 
 
 class FaultServer:
@@ -41,6 +43,8 @@ class FaultServer:
         self.arrived = threading.Event()  # a hang / hold-answer rule has caught a request
         self.release = threading.Event()  # let held requests go (closed without an answer)
         self.lock = threading.Lock()
+        self.writes_in_flight = 0  # POST/PUT requests being handled right now
+        self.writes_peak = 0  # ... and the most at once
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
         self.httpd.daemon_threads = True
         self.addr = f"http://127.0.0.1:{self.httpd.server_address[1]}"
@@ -55,9 +59,9 @@ class FaultServer:
         self.httpd.shutdown()
         self.httpd.server_close()
 
-    def add(self, path: str, action: str, times: int | None = None, status: int = 500) -> None:
+    def add(self, path: str, action: str, times: int | None = None, status: int = 500, seconds: float = 0.0) -> None:
         with self.lock:
-            self.rules.append(Rule(path, action, times, status))
+            self.rules.append(Rule(path, action, times, status, seconds))
 
     def clear(self) -> None:
         with self.lock:
@@ -104,6 +108,23 @@ def _handler(server: FaultServer):
             self.number = next(numbers)
 
         def _handle(self) -> None:
+            # A write is in flight from its arrival until its answer starts going out (the client may send
+            # its next one as soon as it has the answer, before this thread is done).
+            self.counted = self.command in ("POST", "PUT")
+            with server.lock:
+                server.writes_in_flight += self.counted
+                server.writes_peak = max(server.writes_peak, server.writes_in_flight)
+            try:
+                self._serve()
+            finally:
+                self._answered()
+
+        def _answered(self) -> None:
+            with server.lock:
+                server.writes_in_flight -= self.counted
+                self.counted = False
+
+        def _serve(self) -> None:
             length = int(self.headers.get("Content-Length") or 0)
             body = self.rfile.read(length) if length else b""
             with server.lock:
@@ -118,6 +139,8 @@ def _handler(server: FaultServer):
                 self.close_connection = True
                 return None
             headers = self.headers
+            if action == "slow":
+                time.sleep(rule.seconds)
             if action == "strip-wrap-ttl":
                 headers = {k: v for k, v in headers.items() if k.lower() != "x-vault-wrap-ttl"}
             answer = server.forward(self.command, self.path, headers, body)
@@ -139,6 +162,7 @@ def _handler(server: FaultServer):
             return self._answer(*answer)
 
         def _answer(self, status: int, content_type: str, data: bytes) -> None:
+            self._answered()
             self.send_response(status)
             self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(len(data)))

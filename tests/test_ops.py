@@ -146,10 +146,10 @@ def test_doctor_on_a_healthy_node(bao, generator, driver_cmd, tmp_path, log_dir,
         assert report["ok"] is True
         assert statuses(report) == {name: "OK" for name in (
             "config", "driver", "agent", "settings", "vault", "tls", "generator", "role", "state",
-            "revocations", "socket")}, report
+            "revocations", "unrecorded", "socket")}, report
         text = subprocess.run([*driver_cmd, "doctor"], capture_output=True, text=True, timeout=120,
                               env={**node.env, "VAULTTMPFS_HEALTH_ADDR": f"127.0.0.1:{node.agent.port}"})
-        assert text.returncode == 0 and len(text.stdout.splitlines()) == 11
+        assert text.returncode == 0 and len(text.stdout.splitlines()) == 12
         assert all(line.startswith("OK ") for line in text.stdout.splitlines()), text.stdout
         assert generator["token"] not in text.stdout + json.dumps(report)
     finally:

@@ -16,22 +16,8 @@ import pytest
 
 from .conftest import driver_env, token_file, unmount_everything_under
 from .kubelet import Kubelet, is_mount_point
-from .raftcluster import RaftCluster
 
 NGINX = {"vault/policies": "nginx"}
-
-
-@pytest.fixture(scope="module")
-def raft():
-    with RaftCluster() as cluster:
-        cluster.leader().setup_driver()
-        yield cluster
-
-
-@pytest.fixture
-def cluster(raft):
-    raft.heal()  # a node a test killed is back, a standby
-    return raft
 
 
 @pytest.fixture

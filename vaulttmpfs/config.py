@@ -63,6 +63,7 @@ _SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
 TMPFS_SIZE_RANGE = (4 << 10, 64 << 20)
 MAX_RETRIES_RANGE = (0, 10)
 TIMEOUT_RANGE = (0.1, 300.0)  # seconds; the kubelet waits for us with no timeout of its own
+WRITE_BUDGET_RANGE = (1, 256)
 
 
 def parse_size(text: str, setting: str, low: int, high: int) -> str:
@@ -215,6 +216,8 @@ class Config:
     wrap_ttl: str = "5m"
     max_retries: int = 2
     timeout: float = 10.0
+    # The agent's Vault writes in flight at once (creates, revocations, renewals), whatever asks for them.
+    vault_write_budget: int = 4
     state_dir: str = "/var/lib/vaulttmpfs"
     log_file: str = "/var/log/vaulttmpfs.log"
     tmpfs_size: str = "1m"
@@ -256,6 +259,10 @@ class Config:
         timeout_text = get("VAULT_CLIENT_TIMEOUT", "10s")
         timeout = in_range(parse_duration(timeout_text, "VAULT_CLIENT_TIMEOUT"), "VAULT_CLIENT_TIMEOUT",
                            timeout_text, *TIMEOUT_RANGE)
+        budget_text = get("VAULTTMPFS_VAULT_WRITE_BUDGET", str(cls.vault_write_budget))
+        if not budget_text.isdigit():
+            raise DriverError(f"VAULTTMPFS_VAULT_WRITE_BUDGET={budget_text!r} is not an integer")
+        in_range(int(budget_text), "VAULTTMPFS_VAULT_WRITE_BUDGET", budget_text, *WRITE_BUDGET_RANGE)
         return cls(
             generator_token_path=get("VAULTTMPFS_GENERATOR_TOKEN_PATH", cls.generator_token_path),
             token_filename=safe_name(
@@ -273,6 +280,7 @@ class Config:
             wrap_ttl=wrap_ttl,
             max_retries=max_retries,
             timeout=timeout,
+            vault_write_budget=int(budget_text),
             state_dir=get("VAULTTMPFS_STATE_DIR", cls.state_dir),
             log_file=get("VAULTTMPFS_LOG_FILE", cls.log_file),
             tmpfs_size=parse_size(get("VAULTTMPFS_TMPFS_SIZE", cls.tmpfs_size), "VAULTTMPFS_TMPFS_SIZE",

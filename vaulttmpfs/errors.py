@@ -8,6 +8,21 @@ class DriverError(Exception):
 class VaultUnavailable(DriverError):
     """Vault could not be reached or kept failing (network, TLS, 5xx, sealed)."""
 
+    unsent = False  # True: certainly failed before Vault saw the request (so a create minted nothing)
+
+
+class VaultRateLimited(VaultUnavailable):
+    """Vault's rate-limit quota (429) turned the request away before acting on it, for longer than the
+    call could wait: safe to send again later."""
+
+    unsent = True
+
+
+class VaultBusy(VaultUnavailable):
+    """This node already had its budget of Vault writes in flight for longer than the call could wait."""
+
+    unsent = True
+
 
 class VaultDenied(DriverError):
     """Vault answered and refused (4xx): retrying the same request will not help."""

@@ -13,13 +13,14 @@ import json
 import os
 import threading
 
-from .errors import BadRequest, DriverError, VaultDenied, VaultUnavailable
+from .errors import BadRequest, DriverError, VaultBusy, VaultDenied, VaultRateLimited, VaultUnavailable
 
 SPOOL_DIR = "metrics"
 SPOOL_FILE = "calls.jsonl"
 MAX_SPOOL_BYTES = 1 << 20  # ~5000 calls; past it (no agent folding) further records are dropped
 # The reason label: a small fixed set, so a Prometheus series never carries a message.
-REASONS = ("ok", "bad_request", "refused", "denied", "vault_unavailable", "os_error", "internal")
+REASONS = ("ok", "bad_request", "refused", "denied", "rate_limited", "vault_busy", "vault_unavailable", "os_error",
+           "internal")
 VAULT_CALLS = {"creating": "create", "revoking": "revoke", "looking": "lookup", "renewing": "renew",
                "logging": "login", "reading": "read", "writing": "write"}
 
@@ -36,6 +37,7 @@ def begin() -> None:
     """A volume call starts on this thread: its Vault round trips are kept with it."""
     _local.vault = []
     _local.revocations = []
+    _local.throttled = []
     _local.reason = "ok"
 
 
@@ -45,6 +47,10 @@ def failed(exc: BaseException) -> None:
 
 
 def reason(exc: BaseException) -> str:
+    if isinstance(exc, VaultRateLimited):
+        return "rate_limited"
+    if isinstance(exc, VaultBusy):
+        return "vault_busy"
     if isinstance(exc, VaultUnavailable):
         return "vault_unavailable"
     if isinstance(exc, VaultDenied):
@@ -75,6 +81,16 @@ def revocation(seconds: float) -> None:
         _local.revocations.append(round(seconds, 6))
 
 
+def rate_limited(action: str) -> None:
+    """Vault answered 429 (a rate-limit quota) to the call on this thread; counted whether or not a
+    retry then got through."""
+    kind = VAULT_CALLS.get(action.split(" ", 1)[0], "other")
+    if _sink is not None:
+        _sink.rate_limited_call(kind)
+    elif getattr(_local, "vault", None) is not None:
+        _local.throttled = [*getattr(_local, "throttled", []), kind]
+
+
 def finish(verb: str, ok: bool, seconds: float, state_dir: str, via: str = "driver", front_end: str = "flexvolume",
            relay: str = "") -> None:
     """Record the call that began on this thread, in the agent's sink, else spooled under the call's
@@ -82,10 +98,11 @@ def finish(verb: str, ok: bool, seconds: float, state_dir: str, via: str = "driv
     record = {"verb": verb, "front_end": front_end, "via": via, "outcome": "success" if ok else "failure",
               "reason": "ok" if ok else getattr(_local, "reason", "internal"), "seconds": round(seconds, 6),
               "vault": getattr(_local, "vault", None) or [], "relay": relay,
-              "revocations": getattr(_local, "revocations", None) or []}
+              "revocations": getattr(_local, "revocations", None) or [],
+              "throttled": getattr(_local, "throttled", None) or []}
     if not ok and record["reason"] == "ok":
         record["reason"] = "internal"
-    _local.vault = _local.revocations = None
+    _local.vault = _local.revocations = _local.throttled = None
     try:
         if _sink is not None:
             _sink.call(record)

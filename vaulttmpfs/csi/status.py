@@ -5,7 +5,16 @@ from __future__ import annotations
 
 import grpc
 
-from ..errors import BadRequest, Conflict, DriverError, Forbidden, VaultDenied, VaultUnavailable
+from ..errors import (
+    BadRequest,
+    Conflict,
+    DriverError,
+    Forbidden,
+    VaultBusy,
+    VaultDenied,
+    VaultRateLimited,
+    VaultUnavailable,
+)
 
 # Most specific first: the typed errors are all DriverErrors.
 _CODES = (
@@ -13,6 +22,10 @@ _CODES = (
     (Conflict, grpc.StatusCode.ALREADY_EXISTS),  # the spec's answer to an incompatible republish
     (Forbidden, grpc.StatusCode.PERMISSION_DENIED),
     (VaultDenied, grpc.StatusCode.PERMISSION_DENIED),
+    # A quota (Vault's, or this node's write budget) turned the call away before anything was made: gRPC's
+    # code for "a per-user quota is exhausted"; the kubelet retries it with backoff, as UNAVAILABLE.
+    (VaultRateLimited, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (VaultBusy, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (VaultUnavailable, grpc.StatusCode.UNAVAILABLE),  # the kubelet retries with backoff
     (DriverError, grpc.StatusCode.INTERNAL),
 )

@@ -25,7 +25,7 @@ from .. import log, telemetry
 from ..config import Config
 from ..errors import Conflict, DriverError, Forbidden, VaultDenied
 from ..vault.client import TokenNotWrapped, Vault  # hvac itself is imported only when a call is made
-from . import generator, rotate, volume
+from . import generator, intents, rotate, volume
 from .layout import FLEXVOLUME, Layout
 from .record import FROM_METADATA, GONE, NOTHING, QUEUED, REVOKED, MadeWith, Minted, Revocation, VolumeRecord
 from .state import StateStore
@@ -154,7 +154,13 @@ class Engine:
             token = generator.read_token(config.generator_token_path)
             log.secret(token)
             self._refuse_root_generator(token)
+            # Durably noted before the create goes out: if its answer is lost, the token it may have made
+            # is at least counted (engine.intents). Dropped below once the record is on disk.
+            intent = intents.Intent(self.store, request, config,
+                                    None if request.login else self.vault(config, token), logger)
+            undo.push(intent)
             minted = self._mint(request, token, logger)
+            intent.minted = True
             log.secret(minted.secret)
             record = VolumeRecord(minted.accessor, minted.wrapping_accessor, request.mount_dir, request.role,
                                   policies=tuple(request.policies), pod_uid=request.pod_uid,
@@ -170,6 +176,7 @@ class Engine:
                 if request.read_only:
                     fs.remount_readonly(tmpfs)
             written.wait()  # the record is on disk before the kubelet hears of the volume
+            intent.done()
         logger.info("mounted", accessor=minted.accessor, policies=request.policies, role=request.role,
                     wrapped=not request.unwrapped)
         return f"token for policies {','.join(request.policies)} mounted"

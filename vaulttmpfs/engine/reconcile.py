@@ -22,7 +22,7 @@ from typing import Any
 
 from .. import log
 from ..config import Config
-from . import operation, volume
+from . import intents, operation, volume
 from .record import VolumeRecord
 from .state import StateStore
 
@@ -77,6 +77,8 @@ def reconcile(config: Config, dry_run: bool = False) -> dict[str, Any]:
     store = StateStore(config.state_dir)
     logger = log.get(verb="reconcile")
     outcomes = [_one(config, store, record, dry_run, logger) for record in store.list_volumes()]
+    if not dry_run:
+        intents.prune(store)  # a create's lost answer whose token has expired by now: nothing left to count
     errors = [f"{o.mount_dir}: {o.detail}" for o in outcomes if o.action == "error"]
     if any(o.reason == "pods_dir_not_visible" for o in outcomes):
         errors.insert(0, f"the kubelet's pods dir {config.pods_dir} (VAULTTMPFS_PODS_DIR) is not visible here: "

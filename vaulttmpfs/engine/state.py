@@ -4,6 +4,8 @@ Layout under the state dir (0700, never the kubelet's plugin dir):
   volumes/<key>.json   one per mounted volume: its dir, the pod token's accessor, the pod
   volumes/<key>.lock   flock held while a verb works on that volume
   pending/<accessor>.json  revocations that failed (Vault down) and are to be retried
+  intents/<key>.<ns>.json  a token create about to be sent (fsync'd first), dropped once its token is
+                       recorded or revoked: one left behind names a token that may be alive unrecorded
   corrupt/<key>.<time>.json  records that could not be read, kept for an operator
   <name>.json          small cached facts (generator-check: is the generator token root?)
 
@@ -37,6 +39,7 @@ class StateStore:
         self._resolve = resolve
         self.volumes = os.path.join(root, "volumes")
         self.pending = os.path.join(root, "pending")
+        self.intents = os.path.join(root, "intents")
         self._trusted = False
         # A store lives for one verb: each volume dir is resolved, each dir made and checked, once.
         self._keys: dict[str, str] = {}
@@ -156,6 +159,30 @@ class StateStore:
     def drop_pending(self, accessor: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(os.path.join(self.pending, _safe(accessor) + ".json"))
+
+    def add_intent(self, mount_dir: str, value: dict[str, Any]) -> str:
+        """Durably note a create about to be sent for `mount_dir`; its name, for drop_intent."""
+        self._ensure(self.intents)
+        name = f"{self.key(mount_dir)}.{time.time_ns()}"
+        _write_json(os.path.join(self.intents, name + ".json"),
+                    {**value, "mount_dir": os.fsdecode(mount_dir), "name": name})
+        return name
+
+    def drop_intent(self, name: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(self.intents, _safe(name) + ".json"))
+
+    def list_intents(self, mount_dir: str | None = None) -> list[dict[str, Any]]:
+        """Every intent left (oldest first), or those of one volume: creates whose token was neither
+        recorded nor revoked."""
+        self.trust()
+        prefix = self.key(mount_dir) + "." if mount_dir is not None else ""
+        try:
+            names = sorted(n for n in os.listdir(self.intents) if n.startswith(prefix) and n.endswith(".json"))
+        except FileNotFoundError:
+            return []
+        found = (_read_json(os.path.join(self.intents, n)) for n in names)
+        return sorted((i for i in found if i and i.get("name")), key=lambda i: float(i.get("at") or 0))
 
     def read_note(self, name: str) -> dict[str, Any] | None:
         """A small cached fact (e.g. the generator check) in the root-only state dir."""

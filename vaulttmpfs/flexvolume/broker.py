@@ -133,6 +133,10 @@ class BrokerVault:
     def lookup_self(self) -> dict:
         return self.broker.request("lookup_self", {"token": self.token})
 
+    def read_token_role(self, name: str) -> dict | None:
+        """The role's lifetime bounds a lost create's token (engine.intents); read at most once an hour."""
+        return self.broker.request("read_token_role", {"name": name, "token": self.token})
+
 
 def find(path: str, env) -> tuple[Broker | None, str]:
     """The broker at `path` if root serves it with the banner now; else None and why (the call then

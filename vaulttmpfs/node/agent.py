@@ -20,6 +20,7 @@ from typing import Any
 
 from .. import log
 from ..config import Config
+from ..vault import write_budget
 from .generator_login import GeneratorLogin
 from .generator_renewal import GeneratorRenewal
 from .health import DEFAULT_HEALTH_ADDR, HealthServer
@@ -38,6 +39,7 @@ def services(config: Config, renew_interval: float | None = None,
     """What the agent runs besides its health server. The opt-in services are imported only when
     asked for: grpc (CSI) and prometheus_client (metrics) cost an agent without them start-up time
     and memory."""
+    write_budget.configure(config.vault_write_budget)  # every Vault write the agent makes, whoever asks
     if config.auth_role:
         # The agent logs in itself (service-account JWT) and keeps the token it gets alive.
         keeper: Service = GeneratorLogin(config, renew_interval)

@@ -37,7 +37,7 @@ from .relay_server import RelayServer
 JOURNAL_DIR = "broker"
 SWEEP_INTERVAL = 300.0
 VAULT_THREADS = 8  # long-lived, so each keeps its warm clients (vault.client keeps them per thread)
-OPS = set(broker.MINTS) | {"revoke_accessor", "lookup_self"}
+OPS = set(broker.MINTS) | {"revoke_accessor", "lookup_self", "read_token_role"}
 
 
 @dataclass

@@ -19,7 +19,9 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from .. import log, telemetry
 from ..config import Config
+from ..engine import intents
 from ..engine.state import StateStore
+from ..vault import write_budget
 from .httpd import serve_http
 from .service import Family, Loop
 
@@ -51,6 +53,9 @@ class Metrics:
                                      "revocation (unmount, reconcile) to revoked: the revoke call, or since "
                                      "it was queued", buckets=REVOKE_BUCKETS,
                                      registry=registry)
+        self.rate_limited = Counter("vaulttmpfs_vault_rate_limited",
+                                    "Vault answers 429 (a rate-limit quota), whether a retry then got through or not",
+                                    ["call"], registry=registry)
         self.spooled = Counter("vaulttmpfs_spooled_records", "Records folded in from driver processes",
                                registry=registry)
 
@@ -68,11 +73,16 @@ class Metrics:
                 self.vault_call(str(entry[0]), float(entry[1]), bool(entry[2]))
         for seconds in record.get("revocations") or []:
             self.revocation(float(seconds))
+        for kind in record.get("throttled") or []:
+            self.rate_limited_call(str(kind))
         if record.get("relay") == "fallback":
             self.fallbacks.inc()
 
     def revocation(self, seconds: float) -> None:
         self.revocations.observe(max(0.0, seconds))
+
+    def rate_limited_call(self, kind: str) -> None:
+        self.rate_limited.labels(kind if kind in set(telemetry.VAULT_CALLS.values()) else "other").inc()
 
     def vault_call(self, kind: str, seconds: float, ok: bool) -> None:
         kind = kind if kind in set(telemetry.VAULT_CALLS.values()) | {"other"} else "other"
@@ -95,6 +105,23 @@ class NodeState:
                                 value=len(store.list_pending()))
         yield GaugeMetricFamily("vaulttmpfs_volumes", "Volumes this node holds (state records)",
                                 value=len(store.list_volumes()))
+        unrecorded = intents.summary(store)
+        yield GaugeMetricFamily("vaulttmpfs_unrecorded_tokens", "Token creates whose answer was lost after Vault may "
+                                "have acted: tokens that may be alive, accessor unknown", value=unrecorded["count"])
+        yield GaugeMetricFamily("vaulttmpfs_unrecorded_tokens_alive_until_seconds", "Unix time by which every "
+                                "such token has expired (0: none)", value=unrecorded["until"] or 0)
+        budget = write_budget.current()
+        if budget:
+            yield GaugeMetricFamily("vaulttmpfs_vault_write_budget", "Vault writes this agent lets be in flight at "
+                                    "once (VAULTTMPFS_VAULT_WRITE_BUDGET)", value=budget.size)
+            yield GaugeMetricFamily("vaulttmpfs_vault_writes_in_flight", "Vault writes in flight now",
+                                    value=budget.in_flight)
+            yield GaugeMetricFamily("vaulttmpfs_vault_writes_in_flight_peak", "The most Vault writes in flight at "
+                                    "once since the agent started", value=budget.peak)
+            yield CounterMetricFamily("vaulttmpfs_vault_write_budget_waits", "Vault writes that waited for a slot",
+                                      value=budget.waited)
+            yield CounterMetricFamily("vaulttmpfs_vault_write_budget_refusals", "Vault writes that found no slot "
+                                      "within their deadline", value=budget.refused)
         for service in self.services:
             for family in service.metric_families():
                 yield prometheus_family(family)

@@ -68,7 +68,7 @@ def run(env: dict[str, str] | None = None, health_addr: str | None = None,
     if node.config is None:
         return checks
     for check in (check_driver, check_agent, check_drift, check_vault, check_tls, check_generator,
-                  check_role, check_state_dir, check_pending, check_socket):
+                  check_role, check_state_dir, check_pending, check_unrecorded, check_socket):
         try:
             checks.append(check(node))
         except DriverError as exc:  # a check's own unexpected refusal is its FAIL, not a crash
@@ -292,6 +292,21 @@ def check_pending(node: Node) -> Check:
     return Check("revocations", FAIL, f"{len(pending)} pod token(s) still to revoke (oldest {oldest:.0f}s): "
                                       f"{pending[0].get('error', '')}",
                  "the agent retries them; make Vault reachable and run `vaulttmpfs retry-revocations`")
+
+
+def check_unrecorded(node: Node) -> Check:
+    from ..engine import intents
+
+    found = intents.summary(StateStore(node.config.state_dir))
+    if not found["count"]:
+        return Check("unrecorded", OK, "no create lost its answer")
+    return Check("unrecorded", FAIL,
+                 f"{found['count']} token create(s) lost their answer after Vault may have acted: up to that many "
+                 f"tokens are alive that nothing can revoke (accessor unknown), until {intents.iso(found['until'])} "
+                 "at the latest (`vaulttmpfs status`)",
+                 "nothing to do but wait (they expire with the token role's period); to shorten that bound, lower "
+                 "the role's token_period / token_explicit_max_ttl (docs/vault-cluster.md), and look for the "
+                 "gateway or timeout that loses answers")
 
 
 def check_socket(node: Node) -> Check:

@@ -12,7 +12,7 @@ import time
 from typing import Any
 
 from ..config import Config
-from ..engine import inventory, volume
+from ..engine import intents, inventory, volume
 from ..engine.record import VolumeRecord
 from ..engine.state import StateStore
 
@@ -25,8 +25,19 @@ def collect(config: Config, now: float | None = None) -> dict[str, Any]:
     records, note = store.list_volumes(), store.read_note(inventory.NOTE)
     volumes = [_volume(record, now, note) for record in records]
     pending = [_pending(record, now) for record in store.list_pending()]
+    unrecorded = intents.summary(store, now)
     return {"node": config.node_name, "state_dir": config.state_dir, "volumes": volumes, "pending": pending,
-            "inventory": inventory.summary(records, note, now)}
+            "inventory": inventory.summary(records, note, now),
+            "unrecorded": {"count": unrecorded["count"],
+                           "until": unrecorded["until"] and intents.iso(unrecorded["until"]),
+                           "creates": [_intent(i) for i in unrecorded["intents"]]}}
+
+
+def _intent(intent: dict[str, Any]) -> dict[str, Any]:
+    return {"at": intents.iso(float(intent["at"])), "until": intents.iso(float(intent["until"])),
+            "bound": intent.get("bound", ""), "namespace": intent.get("namespace", ""), "pod": intent.get("pod", ""),
+            "pod_uid": intent.get("pod_uid", ""), "policies": intent.get("policies", []),
+            "role": intent.get("role", ""), "mount_dir": intent.get("mount_dir", "")}
 
 
 def _volume(record: VolumeRecord, now: float, note: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -100,6 +111,13 @@ def render(report: dict[str, Any]) -> list[str]:
             lines.append(f"{v['namespace'] or '-':<20} {v['pod'] or v['pod_uid'] or '-':<32} "
                          f"{','.join(v['policies']):<24} {v['accessor']:<10} {age(v['age_seconds']):>5} "
                          f"{_expires(v):>8}  {'yes' if v['mounted'] else 'NO (record only)'}")
+    unrecorded = report["unrecorded"]
+    if unrecorded["count"]:
+        lines.append(f"{unrecorded['count']} token(s) whose create lost its answer may be alive, unrecorded (accessor "
+                     f"unknown: nothing can revoke them), until {unrecorded['until']} at the latest:")
+        for i in unrecorded["creates"]:
+            lines.append(f"  {i['at']} {i['namespace'] or '-'}/{i['pod'] or i['pod_uid'] or '-'} "
+                         f"{','.join(i['policies']) or '(auth role)'}: until {i['until']} ({i['bound']})")
     if report["pending"]:
         lines.append("pending revocations (the agent retries them; `vaulttmpfs retry-revocations` now):")
         for p in report["pending"]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import signal
 import stat
 import threading
@@ -17,7 +18,8 @@ from typing import Any, Iterator
 
 from .. import log, telemetry
 from ..config import Config
-from ..errors import DriverError, VaultDenied, VaultUnavailable
+from ..errors import DriverError, VaultDenied, VaultRateLimited, VaultUnavailable
+from . import write_budget
 
 # The build leaves charset_normalizer out (~20 ms and 3.5 MiB per call): Vault answers JSON, which
 # requests decodes as UTF-8 without it. Its import-time complaint about that is noise.
@@ -39,6 +41,31 @@ def _session(config: Config, resend: bool):
     from urllib3.util.retry import Retry
 
     class _Adapter(HTTPAdapter):
+        def send(self, request, **kwargs):
+            # Every call, a create too, is resent after a 429: a rate-limit quota answers it before the
+            # request reaches its handler (nothing was minted). Within the call's deadline only.
+            backoff = RATE_LIMIT_BACKOFF[0]
+            while True:
+                with write_budget.slot(request.method, _calling.deadline):
+                    response = super().send(request, **kwargs)
+                if response.is_redirect:
+                    # A standby that redirects may first have tried to forward the request, and the
+                    # active node may have acted on it (seen: a leader killed mid-create).
+                    _calling.redirected = True
+                if response.status_code != 429:
+                    return response
+                wait = _retry_after(response.headers.get("Retry-After"), backoff)
+                backoff = min(backoff * 2, RATE_LIMIT_BACKOFF[1])
+                telemetry.rate_limited(_calling.action)
+                if _calling.deadline is None or time.monotonic() + wait > _calling.deadline:
+                    return response  # hvac raises it: VaultRateLimited
+                response.content  # read, so the connection goes back to the pool  # noqa: B018
+                _calling.throttled += 1
+                _calling.waited += wait
+                time.sleep(wait)
+                if wait > MINT_IDLE:
+                    self.poolmanager.clear()  # idle that long: a create must not go out on it (MINT_IDLE)
+
         def init_poolmanager(self, *args, **kwargs):
             # VAULT_TLS_SERVER_NAME: the name sent in SNI and checked in Vault's certificate.
             if config.tls_server_name:
@@ -119,6 +146,34 @@ def _vault_errors(exc: Exception) -> str:
     return str(exc) or type(exc).__name__
 
 
+RATE_LIMIT_BACKOFF = (0.25, 4.0)  # seconds: the first wait when a 429 names none, doubling up to the second
+
+
+def _retry_after(header: str | None, backoff: float) -> float:
+    """Seconds to wait after a 429: its Retry-After (OpenBao sends one when sys/quotas/config has
+    enable_rate_limit_response_headers), else `backoff`; plus up to a quarter more, so the nodes a
+    quota turned away do not all come back in the same instant."""
+    try:
+        wait = min(max(float(header), 0.0), 60.0) if header else backoff
+    except ValueError:  # an HTTP date: not worth parsing, back off instead
+        wait = backoff
+    return wait * random.uniform(1.0, 1.25)
+
+
+class _Calling(threading.local):
+    """The Vault call this thread is making (set by Vault._call), for its transport: when it must be
+    over (time.monotonic()), what it is, and the 429s it waited out."""
+
+    deadline: float | None = None
+    action: str = ""
+    throttled = 0
+    waited = 0.0
+    redirected = False  # a node answered with a redirect: the request reached Vault
+
+
+_calling = _Calling()
+
+
 class _DeadlinePassed(BaseException):
     """Raised by SIGALRM inside whatever socket call is running; BaseException so no library swallows it."""
 
@@ -157,13 +212,18 @@ def translate_errors(action: str, addr: str, deadline: float | None = None) -> I
     except hexc.VaultError as exc:
         status = _STATUS.get(type(exc).__name__, 0)
         if isinstance(exc, (hexc.VaultDown, hexc.VaultNotInitialized)):
-            raise VaultUnavailable(f"{action}: Vault at {addr} is sealed or down: {_vault_errors(exc)}") from None
-        cls = VaultDenied if 400 <= status < 500 and status != 429 else VaultUnavailable
+            down = VaultUnavailable(f"{action}: Vault at {addr} is sealed or down: {_vault_errors(exc)}")
+            raise _unsent(down) from None
+        if status == 429:
+            raise VaultRateLimited(f"{action}: Vault answered 429 (a rate-limit quota): {_vault_errors(exc)}") from None
+        cls = VaultDenied if 400 <= status < 500 else VaultUnavailable
         raise cls(f"{action}: Vault answered {status or 'an error'}: {_vault_errors(exc)}") from None
     except requests.exceptions.SSLError as exc:
-        raise VaultUnavailable(
+        raise _unsent(VaultUnavailable(
             f"{action}: TLS to {addr} failed ({_reason(exc)}); check VAULT_CACERT/VAULT_CAPATH/VAULT_TLS_SERVER_NAME"
-        ) from None
+        )) from None
+    except requests.exceptions.ConnectTimeout:
+        raise _unsent(VaultUnavailable(f"{action}: Vault at {addr} did not accept a connection in time")) from None
     except requests.exceptions.Timeout:
         raise VaultUnavailable(f"{action}: Vault at {addr} did not answer in time") from None
     except requests.exceptions.RetryError as exc:
@@ -177,7 +237,22 @@ def translate_errors(action: str, addr: str, deadline: float | None = None) -> I
         if type(_innermost(exc)).__name__ == "ReadTimeoutError":
             raise VaultUnavailable(f"{action}: Vault at {addr} did not answer in time (not resent: "
                                    "Vault may have acted on it)") from None
-        raise VaultUnavailable(f"{action}: cannot reach Vault at {addr}: {_reason(exc)}") from None
+        failed = VaultUnavailable(f"{action}: cannot reach Vault at {addr}: {_reason(exc)}")
+        if type(_innermost(exc)).__name__ in _BEFORE_SENDING:
+            raise _unsent(failed) from None
+        raise failed from None  # e.g. the connection dropped after the request went out
+
+
+# urllib3's errors for a connection that never carried the request.
+_BEFORE_SENDING = {"NewConnectionError", "ConnectTimeoutError", "NameResolutionError"}
+
+
+def _unsent(exc: VaultUnavailable) -> VaultUnavailable:
+    """Mark a failure as certainly before Vault saw the request (refused, sealed, TLS): a create that
+    failed so minted nothing. Unmarked, a create's failure may have come after Vault acted. Not after a
+    redirect: the node that redirected had the request (a standby may have forwarded it first)."""
+    exc.unsent = not _calling.redirected
+    return exc
 
 
 def _reason(exc: Exception) -> str:
@@ -276,14 +351,23 @@ class Vault:
 
     @contextlib.contextmanager
     def _call(self, action: str) -> Iterator[None]:
-        # Every attempt may take the full timeout; one more for connects and backoff.
+        # Every attempt may take the full timeout; one more for connects and backoff. Waits after a 429
+        # and for a slot in the node's write budget come out of the same deadline.
         deadline = self.config.timeout * (self.config.max_retries + 2)
         started, ok = time.monotonic(), False
+        _calling.deadline, _calling.action, _calling.throttled, _calling.waited = started + deadline, action, 0, 0.0
+        _calling.redirected = False
         try:
             with translate_errors(action, self.config.vault_addr, deadline):
                 yield
             ok = True
+        except VaultRateLimited as exc:
+            raise VaultRateLimited(
+                f"{exc} -- still over the quota after {_calling.throttled} retries ({_calling.waited:.1f}s of "
+                f"backing off) within this call's {deadline:g}s deadline; nothing was created; retried later "
+                "(the kubelet retries the mount)") from None
         finally:
+            _calling.deadline = None
             telemetry.vault_call(action, time.monotonic() - started, ok)
 
     def create_wrapped_token(

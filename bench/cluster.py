@@ -1,0 +1,193 @@
+"""`make bench BENCH_ARGS="--cluster-nodes 3"`: throughput against the Vault, not the node.
+
+Several simulated nodes, each with its own agent serving CSI (`<exe> agent --csi-endpoint`), its own
+state dir, pods dir, log and generator token, drive publish+unpublish cycles over their sockets as the
+kubelet sends them, --cluster-concurrency at a time per node, --cluster-pods cycles per node. Reported:
+pods/s (cycles completed per second of wall time), p50/p99 publish and unpublish latency, and Vault
+requests per pod lifecycle, counted by the server (`vault_core_handle_request_count` in OpenBao's
+`sys/metrics`, before and after; the scrapes themselves are subtracted).
+
+In the same run a raw client makes the same Vault calls at the same total concurrency, on kept-alive
+connections as the agent does: create a wrapped token against the role, revoke the pod token, revoke
+the wrapping token. That is the ceiling; the target is >= 80% of its pods/s.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from urllib.parse import urlsplit
+
+CEILING_SHARE = 0.8
+CALLS_PER_POD = 3  # create (wrapped) + revoke the pod token + revoke the wrapping token: see --help
+
+
+def percentile(values: list[float], share: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return round(ordered[min(len(ordered) - 1, int(share * len(ordered)))], 2)
+
+
+def handled(bao) -> float:
+    """The server's count of requests it handled (OpenBao's own metric)."""
+    conn = http.client.HTTPConnection(urlsplit(bao.addr).hostname, urlsplit(bao.addr).port, timeout=30)
+    try:
+        conn.request("GET", "/v1/sys/metrics?format=prometheus", headers={"X-Vault-Token": bao.root_token})
+        text = conn.getresponse().read().decode()
+    finally:
+        conn.close()
+    for line in text.splitlines():
+        if line.startswith("vault_core_handle_request_count "):
+            return float(line.split()[1])
+    return 0.0
+
+
+class SimulatedNode:
+    def __init__(self, index: int, args, bao, work: Path, env_base: dict[str, str], csi_node):
+        root = work / f"cluster-node{index}"
+        (root / "state").mkdir(parents=True)
+        self.generator = bao.generator_token(ttl="2h")
+        token_path = root / "vaulttoken"
+        token_path.write_text(self.generator["client_token"] + "\n")
+        token_path.chmod(0o600)
+        pods = root / "pods"
+        env = {**env_base, "VAULTTMPFS_GENERATOR_TOKEN_PATH": str(token_path),
+               "VAULTTMPFS_STATE_DIR": str(root / "state"), "VAULTTMPFS_PODS_DIR": str(pods),
+               "VAULTTMPFS_NODE_NAME": f"bench-cluster-node{index}",
+               "VAULTTMPFS_AGENT_SOCKET": str(root / "no-agent.sock")}
+        self.csi = csi_node(args.cmd, env, pods, root)  # bench.CsiNode: an agent and a kubelet stand-in
+
+    def budget(self) -> dict:
+        """The agent's write budget as its /metrics tells: size, peak in flight, waits, refusals."""
+        conn = http.client.HTTPConnection(*self.csi.agent.metrics_addr.split(":"), timeout=30)
+        try:
+            conn.request("GET", "/metrics")
+            text = conn.getresponse().read().decode()
+        finally:
+            conn.close()
+        wanted = {"vaulttmpfs_vault_write_budget": "size", "vaulttmpfs_vault_writes_in_flight_peak": "peak",
+                  "vaulttmpfs_vault_write_budget_waits_total": "waits",
+                  "vaulttmpfs_vault_write_budget_refusals_total": "refusals"}
+        found = {}
+        for line in text.splitlines():
+            name, _, number = line.partition(" ")
+            if name in wanted:
+                found[wanted[name]] = float(number)
+        return found
+
+    def cycle(self, publish_ms: list, unpublish_ms: list) -> None:
+        sample, pod = self.csi.publish(timed_cpu=False)
+        publish_ms.append(sample.wall_ms)
+        unpublish_ms.append(self.csi.unpublish(pod, timed_cpu=False).wall_ms)
+
+
+def drive(nodes: list[SimulatedNode], per_node: int, concurrency: int) -> dict:
+    publish_ms: list[float] = []
+    unpublish_ms: list[float] = []
+    started = time.perf_counter()
+    with ThreadPoolExecutor(len(nodes) * concurrency) as pool:
+        jobs = [pool.submit(node.cycle, publish_ms, unpublish_ms) for _ in range(per_node) for node in nodes]
+        for job in jobs:
+            job.result()
+    seconds = time.perf_counter() - started
+    pods = len(nodes) * per_node
+    return {"pods": pods, "seconds": round(seconds, 2), "pods_per_s": round(pods / seconds, 1),
+            "publish_p50_ms": percentile(publish_ms, 0.5), "publish_p99_ms": percentile(publish_ms, 0.99),
+            "unpublish_p50_ms": percentile(unpublish_ms, 0.5), "unpublish_p99_ms": percentile(unpublish_ms, 0.99)}
+
+
+class RawClient:
+    """The ceiling: the same Vault calls per pod, nothing else, one kept-alive connection per thread."""
+
+    def __init__(self, bao, token: str, role: str, wrap_ttl: str):
+        self.host, self.port = urlsplit(bao.addr).hostname, urlsplit(bao.addr).port
+        self.token, self.role, self.wrap_ttl = token, role, wrap_ttl
+        self.local = threading.local()
+
+    def _post(self, path: str, body: dict, extra: dict | None = None) -> dict:
+        conn = getattr(self.local, "conn", None)
+        if conn is None:
+            conn = self.local.conn = http.client.HTTPConnection(self.host, self.port, timeout=30)
+        conn.request("POST", f"/v1/{path}", body=json.dumps(body),
+                     headers={"X-Vault-Token": self.token, "Content-Type": "application/json", **(extra or {})})
+        response = conn.getresponse()
+        data = response.read()
+        if response.status not in (200, 204):
+            raise RuntimeError(f"raw POST {path}: HTTP {response.status}: {data[:200]!r}")
+        return json.loads(data) if data else {}
+
+    def cycle(self, publish_ms: list, unpublish_ms: list) -> None:
+        started = time.perf_counter()
+        wrap = self._post(f"auth/token/create/{self.role}", {"policies": ["nginx"], "display_name": "bench-raw"},
+                          {"X-Vault-Wrap-TTL": self.wrap_ttl})["wrap_info"]
+        publish_ms.append((time.perf_counter() - started) * 1000)
+        started = time.perf_counter()
+        self._post("auth/token/revoke-accessor", {"accessor": wrap["wrapped_accessor"]})
+        self._post("auth/token/revoke-accessor", {"accessor": wrap["accessor"]})
+        unpublish_ms.append((time.perf_counter() - started) * 1000)
+
+
+def run(args, bao, work: Path, env_base: dict[str, str], role: str, wrap_ttl: str, csi_node) -> dict:
+    """Both runs, ours then the ceiling's, and the verdicts; every node stopped and token revoked after."""
+    nodes = [SimulatedNode(i, args, bao, work, env_base, csi_node) for i in range(args.cluster_nodes)]
+    try:
+        for node in nodes:
+            node.csi.wait_ready()
+        drive(nodes, 2, 1)  # warm-up: connections, the generator check and the role read, per node
+        before = handled(bao)
+        ours = drive(nodes, args.cluster_pods, args.cluster_concurrency)
+        ours["vault_requests_per_pod"] = round((handled(bao) - before - 1) / ours["pods"], 2)
+        raw = RawClient(bao, nodes[0].generator["client_token"], role, wrap_ttl)
+        before = handled(bao)
+        ceiling = _drive_raw(raw, len(nodes) * args.cluster_pods, len(nodes) * args.cluster_concurrency)
+        ceiling["vault_requests_per_pod"] = round((handled(bao) - before - 1) / ceiling["pods"], 2)
+        ours["write_budget_per_node"] = [node.budget() for node in nodes]
+    finally:
+        for node in nodes:
+            node.csi.stop()
+            bao.revoke_token(node.generator["client_token"])
+    share = ours["pods_per_s"] / ceiling["pods_per_s"]
+    checks = [
+        {"name": "cluster pods/s vs the raw client's", "value": round(share, 2), "limit": CEILING_SHARE,
+         "result": "PASS" if share >= CEILING_SHARE else "FAIL", "rule": f">= {CEILING_SHARE:.0%} of the ceiling"},
+        {"name": "Vault requests per pod lifecycle", "value": ours["vault_requests_per_pod"],
+         "limit": CALLS_PER_POD + 0.1,
+         "result": "PASS" if ours["vault_requests_per_pod"] <= CALLS_PER_POD + 0.1 else "FAIL",
+         "rule": f"<= {CALLS_PER_POD} (create + 2 revocations; the pod's own unwrap is not the node's)"},
+    ]
+    return {"nodes": args.cluster_nodes, "concurrency_per_node": args.cluster_concurrency,
+            "pods_per_node": args.cluster_pods, "ours": ours, "ceiling": ceiling, "targets": checks}
+
+
+def _drive_raw(raw: RawClient, pods: int, concurrency: int) -> dict:
+    publish_ms: list[float] = []
+    unpublish_ms: list[float] = []
+    started = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        for job in [pool.submit(raw.cycle, publish_ms, unpublish_ms) for _ in range(pods)]:
+            job.result()
+    seconds = time.perf_counter() - started
+    return {"pods": pods, "seconds": round(seconds, 2), "pods_per_s": round(pods / seconds, 1),
+            "publish_p50_ms": percentile(publish_ms, 0.5), "publish_p99_ms": percentile(publish_ms, 0.99),
+            "unpublish_p50_ms": percentile(unpublish_ms, 0.5), "unpublish_p99_ms": percentile(unpublish_ms, 0.99)}
+
+
+def table(result: dict) -> str:
+    rows = [f"cluster throughput: {result['nodes']} nodes x {result['concurrency_per_node']} at a time, "
+            f"{result['pods_per_node']} pods per node",
+            f"{'':<12} {'pods/s':>8} {'pub p50':>9} {'pub p99':>9} {'unpub p50':>10} {'unpub p99':>10} {'req/pod':>8}"]
+    for who in ("ours", "ceiling"):
+        r = result[who]
+        rows.append(f"{who:<12} {r['pods_per_s']:>8} {r['publish_p50_ms']:>9} {r['publish_p99_ms']:>9} "
+                    f"{r['unpublish_p50_ms']:>10} {r['unpublish_p99_ms']:>10} {r['vault_requests_per_pod']:>8}")
+    budgets = result["ours"]["write_budget_per_node"]
+    rows.append("write budget per node (size/peak in flight/waits/refusals): " + ", ".join(
+        f"{b.get('size', 0):.0f}/{b.get('peak', 0):.0f}/{b.get('waits', 0):.0f}/{b.get('refusals', 0):.0f}"
+        for b in budgets))
+    rows += [f"{c['result']}  {c['name']}: {c['value']} ({c['rule']})" for c in result["targets"]]
+    return "\n".join(rows)
