@@ -70,7 +70,10 @@ def main() -> int:
                "VAULTTMPFS_GENERATOR_TOKEN_PATH": str(token_path),
                "VAULTTMPFS_STATE_DIR": str(work / "var/lib/vaulttmpfs"),
                "VAULTTMPFS_LOG_FILE": str(work / "var/log/vaulttmpfs.log"),
-               "VAULTTMPFS_PODS_DIR": str(work / "var/lib/kubelet/pods")}
+               "VAULTTMPFS_PODS_DIR": str(work / "var/lib/kubelet/pods"),
+               # Not the machine's: in a plain user's namespace the host's /etc is not root's (it shows as
+               # nobody's), and the driver refuses a config path through an untrusted directory.
+               "VAULTTMPFS_CONFIG_FILE": str(work / "etc/vaulttmpfs/config.env")}
         pod_uid = str(uuid.uuid4())
         volume = work / f"var/lib/kubelet/pods/{pod_uid}/volumes/cloudwatt~vaulttmpfs/vault"
         volume.mkdir(parents=True, mode=0o750)
