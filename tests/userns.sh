@@ -11,22 +11,29 @@ if [ "${1:-}" = --new-root ]; then
     # which a user namespace cannot map (they show as uid 65534), and the driver trusts only
     # paths whose every directory from / down is root's (sshd's rule). So: a / of our own (a
     # tmpfs at $2 holding the host's top-level entries bound in, and a fresh 1777 /tmp), chroot.
+    # The same for /etc, where the driver's default config path starts: a dir of our own holding
+    # the host's entries (a missing /etc/vaulttmpfs is then "no config", as on a node).
     root=$2 dir=$3
     shift 3
     mount -t tmpfs -o mode=0755 vaulttmpfs-root "$root"
-    for entry in /* /.[!.]*; do
-        name=${entry#/}
-        [ -e "$entry" ] || [ -L "$entry" ] || continue
-        if [ "$name" = tmp ] || [ "$entry" = "$root" ]; then
-            continue
-        elif [ -L "$entry" ]; then
-            ln -s "$(readlink "$entry")" "$root/$name"
-        elif [ -d "$entry" ]; then
-            mkdir "$root/$name" && mount --rbind "$entry" "$root/$name"
-        else
-            : >"$root/$name" && mount --bind "$entry" "$root/$name"
-        fi
-    done
+    bind_entries() { # host dir $1 (/ or /etc/) into our dir $2, but for the names in $3
+        for entry in "$1"* "$1".[!.]*; do
+            name=${entry#"$1"}
+            [ -e "$entry" ] || [ -L "$entry" ] || continue
+            case " $3 " in *" $name "*) continue ;; esac
+            if [ "$entry" = "$root" ]; then
+                continue
+            elif [ -L "$entry" ]; then
+                ln -s "$(readlink "$entry")" "$2/$name"
+            elif [ -d "$entry" ]; then
+                mkdir "$2/$name" && mount --rbind "$entry" "$2/$name"
+            else
+                : >"$2/$name" && mount --bind "$entry" "$2/$name"
+            fi
+        done
+    }
+    bind_entries / "$root" "tmp etc"
+    mkdir "$root/etc" && bind_entries /etc/ "$root/etc" ""
     mkdir -m 1777 "$root/tmp"
     chroot=$(PATH="$PATH:/usr/sbin:/sbin" command -v chroot)
     TMPDIR=/tmp exec "$chroot" "$root" /bin/sh -c 'cd "$0" && exec "$@"' "$dir" "$@"
