@@ -3,39 +3,27 @@
 from __future__ import annotations
 
 import time
-from typing import Any
 
-from .. import log
 from ..config import Config
 from ..engine import inventory
 from ..engine.state import StateStore
-from ..errors import DriverError
-from .service import Family, Loop, iso
+from .service import Family, Rounds, iso
 
 DEFAULT_INVENTORY_INTERVAL = 300.0  # one lookup per held volume each round: cheap for Vault at this pace
 
 
-class InventoryLoop(Loop):
+class InventoryLoop(Rounds):
     name = "inventory"
+    failure = "inventory failed"
 
     def __init__(self, config: Config, interval: float = DEFAULT_INVENTORY_INTERVAL):
-        super().__init__()
-        self.config = config
-        self.interval = interval
-        self.state: dict[str, Any] = {"interval": interval, "rounds": 0, "last_run": None, "last_error": None}
+        super().__init__(config, interval, {"interval": interval, "rounds": 0})
 
-    def run_once(self) -> float:
-        try:
-            inventory.take(self.config, StateStore(self.config.state_dir))
-        except (DriverError, OSError) as exc:
-            self.state.update(last_error=str(exc), last_run=iso(time.time()))
-            log.get(service=self.name).warning("inventory failed", error=str(exc))
-            return self.interval
+    def work(self) -> None:
+        inventory.take(self.config, StateStore(self.config.state_dir))
+
+    def done(self, result: None) -> None:
         self.state.update(rounds=self.state["rounds"] + 1, last_run=iso(time.time()), last_error=None)
-        return self.interval
-
-    def status(self) -> dict[str, Any]:
-        return dict(self.state)
 
     def metric_families(self) -> list[Family]:
         store = StateStore(self.config.state_dir)

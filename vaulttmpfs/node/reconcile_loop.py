@@ -8,37 +8,26 @@ from typing import Any
 from .. import log
 from ..config import Config
 from ..engine import reconcile
-from ..errors import DriverError
-from .service import Family, Loop, iso
+from .service import Family, Rounds, iso
 
 DEFAULT_RECONCILE_INTERVAL = 60.0
 MIN_RECONCILE_INTERVAL = 0.05  # a reconcile round is local (a listdir and an lstat per volume): cheap
 RECENT_REVOCATIONS = 10
 
 
-class ReconcileLoop(Loop):
+class ReconcileLoop(Rounds):
     name = "reconcile"
+    failure = "reconcile failed"
     min_interval = MIN_RECONCILE_INTERVAL
 
     def __init__(self, config: Config, interval: float = DEFAULT_RECONCILE_INTERVAL):
-        super().__init__()
-        self.config = config
-        self.interval = interval
-        self.state: dict[str, Any] = {"interval": interval, "rounds": 0, "revoked": 0, "queued": 0,
-                                      "by_reason": {}, "volumes": None, "last_run": None, "last_error": None,
-                                      "recent": []}
+        super().__init__(config, interval, {"interval": interval, "rounds": 0, "revoked": 0, "queued": 0,
+                                            "by_reason": {}, "volumes": None, "recent": []})
 
-    def run_once(self) -> float:
-        try:
-            result = reconcile.reconcile(self.config)
-        except (DriverError, OSError) as exc:
-            self.state.update(last_error=str(exc), last_run=iso(time.time()))
-            log.get(service=self.name).warning("reconcile failed", error=str(exc))
-            return self.interval
-        self._count(result)
-        return self.interval
+    def work(self) -> dict[str, Any]:
+        return reconcile.reconcile(self.config)
 
-    def _count(self, result: dict[str, Any]) -> None:
+    def done(self, result: dict[str, Any]) -> None:
         state = self.state
         state["rounds"] += 1
         for done in result["volumes"]:
@@ -54,9 +43,6 @@ class ReconcileLoop(Loop):
         if error and error != state["last_error"]:  # once per new error, not every round
             log.get(service=self.name).warning("reconcile incomplete", error=error)
         state.update(volumes=result["checked"], last_run=iso(time.time()), last_error=error)
-
-    def status(self) -> dict[str, Any]:
-        return dict(self.state)
 
     def metric_families(self) -> list[Family]:
         status = self.status()

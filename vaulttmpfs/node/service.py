@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .. import log
+from ..errors import DriverError
 
 FAILURE_RETRY = 10.0  # after a failed round, try again this soon (or sooner if the interval is shorter)
 MIN_INTERVAL = 1.0
@@ -89,6 +90,39 @@ class Loop(Service):
 
     def alive(self) -> bool:
         return bool(self._thread and self._thread.is_alive())
+
+
+class Rounds(Loop):
+    """A Loop doing one round of `work()` every `interval`. A round that fails (Vault away, a state dir
+    not trusted) is recorded in `last_error` and logged as `failure`; the next round comes as usual."""
+
+    failure = "round failed"
+
+    def __init__(self, config, interval: float, state: dict[str, Any]) -> None:
+        super().__init__()
+        self.config = config
+        self.interval = interval
+        self.state: dict[str, Any] = {**state, "last_run": None, "last_error": None}
+
+    def work(self) -> Any:
+        raise NotImplementedError
+
+    def done(self, result: Any) -> None:
+        """Record a round that ran (in `self.state`)."""
+        raise NotImplementedError
+
+    def run_once(self) -> float:
+        try:
+            result = self.work()
+        except (DriverError, OSError) as exc:
+            self.state.update(last_error=str(exc), last_run=iso(time.time()))
+            log.get(service=self.name).warning(self.failure, error=str(exc))
+            return self.interval
+        self.done(result)
+        return self.interval
+
+    def status(self) -> dict[str, Any]:
+        return dict(self.state)
 
 
 def iso(when: float) -> str:
