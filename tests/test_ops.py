@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import time
@@ -94,14 +95,14 @@ def test_untrusted_or_malformed_config_file_refuses_mounts_but_init_answers(bao,
 class DoctorNode:
     """A healthy node: driver installed, settings in the config file, agent running, token valid."""
 
-    def __init__(self, cmd, bao, generator, root: Path, log_dir: Path, plugin_dir: str):
+    def __init__(self, cmd, bao, generator, root: Path, log_dir: Path, plugin_dir: str, *agent_args: str):
         self.cmd = cmd
         base = driver_env(bao, generator, root, log_dir, VAULTTMPFS_PLUGIN_DIR=plugin_dir)
         self.env, self.shared = split_env(base)
         self.config = Path(self.env["VAULTTMPFS_CONFIG_FILE"])
         write_config(self.config, self.shared)
         self.kubelet = Kubelet(cmd, self.env, root)
-        self.agent = AgentProcess(cmd, self.env, "--retry-interval", "1h")
+        self.agent = AgentProcess(cmd, self.env, "--retry-interval", "1h", *agent_args)
         self.agent.wait_for(lambda s, b: s == 200, "a healthy agent")
 
     def doctor(self, *args: str, **env: str) -> tuple[int, dict, str]:
@@ -146,10 +147,10 @@ def test_doctor_on_a_healthy_node(bao, generator, driver_cmd, tmp_path, log_dir,
         assert report["ok"] is True
         assert statuses(report) == {name: "OK" for name in (
             "config", "driver", "agent", "settings", "vault", "tls", "generator", "role", "state",
-            "revocations", "unrecorded", "socket")}, report
+            "revocations", "unrecorded", "socket", "broker")}, report
         text = subprocess.run([*driver_cmd, "doctor"], capture_output=True, text=True, timeout=120,
                               env={**node.env, "VAULTTMPFS_HEALTH_ADDR": f"127.0.0.1:{node.agent.port}"})
-        assert text.returncode == 0 and len(text.stdout.splitlines()) == 12
+        assert text.returncode == 0 and len(text.stdout.splitlines()) == 13
         assert all(line.startswith("OK ") for line in text.stdout.splitlines()), text.stdout
         assert generator["token"] not in text.stdout + json.dumps(report)
     finally:
@@ -223,7 +224,39 @@ def test_doctor_broken_files(doctor_node, bao, tmp_path):
     code, report, _ = doctor_node.doctor()
     assert code == 1 and "stale socket" in failed(report, "socket")["fix"]
     os.unlink(doctor_node.shared["VAULTTMPFS_AGENT_SOCKET"])
+
+    broker_socket = {**doctor_node.env, **doctor_node.shared}["VAULTTMPFS_BROKER_SOCKET"]
+    stale = socket.socket(socket.AF_UNIX)
+    Path(broker_socket).parent.mkdir(parents=True, exist_ok=True)
+    stale.bind(broker_socket)
+    stale.close()
+    code, report, _ = doctor_node.doctor()
+    check = failed(report, "broker")
+    assert code == 1 and "stale socket" in check["fix"] and "fall back to standalone" in check["detail"]
+    os.unlink(broker_socket)
     assert doctor_node.doctor()[0] == 0  # everything put back: healthy again
+
+
+def test_doctor_sees_the_agents_broker(bao, generator, tmp_path, log_dir, plugin_dir):
+    """The plain DaemonSet's agent brokers the driver's Vault calls: doctor says the fast path is on,
+    and a broker that stopped answering is a FAIL (each call would fall back to standalone)."""
+    root = tmp_path / "node"
+    root.mkdir()
+    node = DoctorNode(source_cmd(), bao, generator, root, log_dir, plugin_dir, "--broker")
+    try:
+        code, report, _ = node.doctor()
+        check = next(c for c in report["checks"] if c["name"] == "broker")
+        assert code == 0 and check["status"] == "OK", report
+        assert "go through the agent" in check["detail"]
+        os.kill(node.agent.proc.pid, signal.SIGSTOP)  # the socket is there, nobody answers it
+        try:
+            code, report, _ = node.doctor(VAULTTMPFS_HEALTH_ADDR="127.0.0.1:1")
+            check = failed(report, "broker")
+            assert code == 1 and "does not answer" in check["detail"]
+        finally:
+            os.kill(node.agent.proc.pid, signal.SIGCONT)
+    finally:
+        node.stop()
 
 
 # --- status, and a revocation left pending ---------------------------------------------------

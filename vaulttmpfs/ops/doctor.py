@@ -23,7 +23,7 @@ from ..config import Config, config_file_path, file_values
 from ..engine import bindings, generator
 from ..engine.state import StateStore
 from ..errors import DriverError, VaultDenied
-from ..flexvolume import relay
+from ..flexvolume import broker, relay
 from ..vault.client import Vault
 from . import install
 
@@ -31,7 +31,8 @@ OK, FAIL, SKIP = "OK", "FAIL", "SKIP"
 # What the driver and the agent must agree on, or the agent renews another token, retries another
 # queue or talks to another Vault than the driver does.
 SHARED = ("vault_addr", "cacert", "capath", "tls_server_name", "namespace", "skip_verify",
-          "generator_token_path", "state_dir", "role_name", "policy_bindings", "pods_dir", "agent_socket")
+          "generator_token_path", "state_dir", "role_name", "policy_bindings", "pods_dir", "agent_socket",
+          "broker_socket")
 MIN_TTL_LEFT = 300  # a generator token with less left and no successful renewal is about to stop mounts
 
 
@@ -68,7 +69,7 @@ def run(env: dict[str, str] | None = None, health_addr: str | None = None,
     if node.config is None:
         return checks
     for check in (check_driver, check_agent, check_drift, check_vault, check_tls, check_generator,
-                  check_role, check_state_dir, check_pending, check_unrecorded, check_socket):
+                  check_role, check_state_dir, check_pending, check_unrecorded, check_socket, check_broker):
         try:
             checks.append(check(node))
         except DriverError as exc:  # a check's own unexpected refusal is its FAIL, not a crash
@@ -321,6 +322,23 @@ def check_socket(node: Node) -> Check:
                f"remove the stale socket {path}, or run the agent with --relay")
         return Check("socket", FAIL, f"relay socket {path} does not answer: {exc}", fix)
     return Check("socket", OK, f"{path} answers, served by root")
+
+
+def check_broker(node: Node) -> Check:
+    """The plain DaemonSet's fast path: the driver's Vault calls made by the agent (flexvolume.broker)."""
+    path = node.config.broker_socket
+    brokering = bool(node.agent and "broker" in (node.agent.get("services") or {}))
+    if not brokering and not os.path.exists(path):
+        return Check("broker", OK, f"no broker at {path}: each driver call talks to Vault itself (the slower "
+                     "standalone fallback; the plain DaemonSet runs the agent with --broker)")
+    try:
+        relay._connect(path, broker.BANNER).close()
+    except (OSError, relay.Refused) as exc:
+        fix = ("restart the agent (it runs with --broker)" if brokering else
+               f"remove the stale socket {path}, or run the agent with --broker")
+        return Check("broker", FAIL, f"broker socket {path} does not answer: {exc or type(exc).__name__}; "
+                     "driver calls fall back to standalone", fix)
+    return Check("broker", OK, f"{path} answers, served by root: the driver's Vault calls go through the agent")
 
 
 def _json(raw: bytes) -> dict:
