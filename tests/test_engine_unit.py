@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -62,7 +61,7 @@ class Node:
         base = MountRequest(mount_dir=changes.pop("mount_dir", None) or self.volume_dir(), policies=["nginx"],
                             role="applications", pod_namespace="default", pod_name="nginx",
                             service_account="default", volume_name="vault")
-        return replace(base, **changes)
+        return base.replace(**changes)
 
     def mount(self, request: MountRequest | None = None, **kwargs) -> str:
         return self.engine().mount(request or self.request(), **kwargs)
@@ -198,7 +197,7 @@ def test_a_republish_asking_for_another_read_only_or_fs_group_is_a_conflict(node
     node.mount(request)
     alive = set(node.vault.alive)
     with pytest.raises(Conflict, match="readOnly=false, fsGroup=2000; this call asks for readOnly=true"):
-        node.mount(replace(request, read_only=True))
+        node.mount(request.replace(read_only=True))
     assert node.vault.alive == alive and request.mount_dir in node.store.volumes
 
 
@@ -208,7 +207,7 @@ def test_a_record_from_before_made_with_takes_the_volume_as_it_is(node):
     old = VolumeRecord.from_json({**RECORD_BEFORE_MADE_WITH, "mount_dir": request.mount_dir,
                                   "accessor": node.store.volumes[request.mount_dir].accessor})
     node.store.volumes[request.mount_dir] = old
-    assert node.mount(replace(request, read_only=True, fs_group=3000)) == "already mounted"
+    assert node.mount(request.replace(read_only=True, fs_group=3000)) == "already mounted"
 
 
 def test_a_stale_record_is_revoked_before_the_new_token_is_minted(node):

@@ -14,24 +14,26 @@ Vault answers must leave none.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import time
-from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any, Callable
 
 from .. import log, telemetry
-from ..config import Config
-from ..errors import Conflict, DriverError, Forbidden, VaultDenied
-from ..vault.client import TokenNotWrapped, Vault  # hvac itself is imported only when a call is made
-from . import generator, intents, rotate, volume
+from ..errors import Conflict, DriverError, Forbidden, TokenNotWrapped, VaultDenied
+from ..value import Value
+from . import generator, intents, volume
 from .layout import FLEXVOLUME, Layout
 from .record import FROM_METADATA, GONE, NOTHING, QUEUED, REVOKED, MadeWith, Minted, Revocation, VolumeRecord
-from .state import StateStore
+from .state import StateStore, sha256_hex
 from .volume import MOUNT_SOURCE
 
-if TYPE_CHECKING:  # annotations only: the exec path need not build the Protocol classes
+# Annotations only (they are strings here): a brokered exec loads neither typing (~2.5 ms), the Protocol
+# classes, nor config's Config class body beyond what load() built. typing.TYPE_CHECKING without typing:
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any, Callable
+
+    from ..config import Config
     from .interfaces import Filesystem, Store, VaultFactory
 
 PLUGIN_DIR = FLEXVOLUME.plugin_dir  # <pods dir>/<pod uid>/volumes/<this>/<volume name>
@@ -39,16 +41,15 @@ GENERATOR_CHECK_SECONDS = 3600  # how long "the generator token is not root" is 
 _generator_checks: dict[str, dict[str, Any]] = {}  # token hash -> that check, in this process
 
 
-@dataclass(frozen=True)
-class PodLogin:
+class PodLogin(Value):
     """The pod logs itself in to Vault with its own service-account JWT (CSI tokenRequests)."""
 
+    _hidden = ("jwt",)  # never in a repr
     mount: str  # the Vault auth mount (jwt or kubernetes method), e.g. "jwt"
-    jwt: str = field(repr=False)
+    jwt: str
 
 
-@dataclass(frozen=True)
-class MountRequest:
+class MountRequest(Value):
     mount_dir: str
     policies: list[str]
     role: str
@@ -79,6 +80,14 @@ class MountRequest:
     def display_name(self) -> str:
         who = "-".join(p for p in (self.pod_namespace, self.pod_name) if p) or "pod"
         return f"vaulttmpfs-{who}"[:100]
+
+
+def _hvac_vault(config: Config, token: str | None):
+    """The default VaultFactory: vault.client.Vault (hvac), imported only by a call that talks to Vault
+    itself (standalone, the agent): a brokered exec never loads it."""
+    from ..vault.client import Vault
+
+    return Vault(config, token)
 
 
 def mount(config: Config, request: MountRequest, undo_prepared: Callable[[], object] | None = None) -> str:
@@ -127,7 +136,7 @@ class Engine:
                  fs: Filesystem | None = None):
         self.config = config
         self.fs: Filesystem = fs or volume  # type: ignore[assignment] -- the module is the real one
-        self.vault: VaultFactory = vault or Vault
+        self.vault: VaultFactory = vault or _hvac_vault
         self._real: dict[str, str] = {}
         self.store: Store = store or StateStore(config.state_dir, resolve=self.real)
 
@@ -326,6 +335,8 @@ class Engine:
     def retry_pending(self) -> dict[str, int]:
         logger = log.get(verb="retry-revocations")
         done = failed = waiting = 0
+        from . import rotate  # the agent's retries only: not a kubelet call's
+
         for pending in self.store.list_pending():
             if not rotate.due(pending, self._token_gone):  # an old token a rotation keeps for a while
                 failed, waiting = failed + 1, waiting + 1
@@ -369,7 +380,7 @@ class Engine:
                         service_account=request.service_account)
         else:
             logger.warning("no VAULTTMPFS_POLICY_BINDINGS: any pod may ask for any policy the token role allows")
-        return replace(request, pod_uid=pod_uid, real_dir=real_dir)
+        return request.replace(pod_uid=pod_uid, real_dir=real_dir)
 
     def _refuse_root_generator(self, token: str) -> None:
         """A root generator token could mint anything and revoke everything: refuse to use it.
@@ -379,7 +390,7 @@ class Engine:
         a new token in the file is checked at once). The mount hot path stays one Vault call.
         """
         config, store = self.config, self.store
-        key = hashlib.sha256(token.encode()).hexdigest()
+        key = sha256_hex(token.encode())
         known = _generator_checks.get(key)  # the agent's calls skip the state dir read too
         if not _checked_lately(known, key):
             known = store.read_note("generator-check")

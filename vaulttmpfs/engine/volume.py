@@ -11,10 +11,13 @@ import ctypes
 import errno
 import os
 import stat
-from typing import Iterator
 
 from ..errors import DriverError
 from . import files
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing on the exec path
+if TYPE_CHECKING:
+    from typing import Iterator
 
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT = 1, 2, 4, 8, 32
 MNT_DETACH = 2

@@ -24,7 +24,7 @@ import json
 import os
 import time
 
-from ..errors import DriverError, VaultDenied, VaultUnavailable
+from ..errors import DriverError, TokenNotWrapped, VaultDenied, VaultUnavailable
 from . import relay
 
 BANNER = b"vaulttmpfs-broker/1\n"
@@ -93,8 +93,6 @@ def _read_reply(sock) -> bytes:
 def _error(answer: dict) -> DriverError:
     kind, message = answer.get("error"), str(answer.get("message") or "the Vault broker failed")
     if kind == "TokenNotWrapped":
-        from ..vault.client import TokenNotWrapped  # no hvac: that module imports it per call
-
         return TokenNotWrapped(message, answer.get("accessor"))
     return {"VaultDenied": VaultDenied, "VaultUnavailable": VaultUnavailable}.get(kind, DriverError)(message)
 
