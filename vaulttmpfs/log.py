@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import _thread  # not threading: a lock is all this needs (the exec path need not load threading)
 import fcntl
-import json
 import os
 import stat
 import sys
 import time
+
+from . import jsonlite  # json's output, without json's import (re, enum: ~5 ms of a kubelet call)
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (~2.5 ms on the exec path)
 if TYPE_CHECKING:
@@ -82,7 +83,7 @@ def _forms(value: str) -> list[str]:
     of those JSON-escaped (lines are masked as rendered, after JSON added its escapes)."""
     plain = {value, value.strip()}
     quoted = plain | {repr(form)[1:-1] for form in plain}
-    written = quoted | {json.dumps(form)[1:-1] for form in quoted}
+    written = quoted | {jsonlite.dumps(form)[1:-1] for form in quoted}
     return list(dict.fromkeys([value, *sorted(f for f in written if len(f) >= MIN_SECRET)]))
 
 
@@ -144,7 +145,7 @@ class _LineLogger:
 
             error = exc if isinstance(exc, BaseException) else sys.exc_info()[1]
             line["exception"] = "".join(traceback.format_exception(error)) if error else ""
-        self._handle.write(_redact_processor(None, level, json.dumps(line, default=repr)) + "\n")
+        self._handle.write(_redact_processor(None, level, jsonlite.dumps(line, default=repr)) + "\n")
 
     def debug(self, event: str, **fields: Any) -> None:
         self._write("debug", event, fields)

@@ -13,12 +13,10 @@ Vault answers must leave none.
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
 import time
 
-from .. import log, telemetry
+from .. import jsonlite, log, telemetry
 from ..errors import Conflict, DriverError, Forbidden, TokenNotWrapped, VaultDenied
 from ..value import Value
 from . import generator, intents, volume
@@ -116,7 +114,54 @@ def _ours(info: dict[str, str] | None) -> bool:
     return bool(info and info["fstype"] == "tmpfs" and info["source"] == MOUNT_SOURCE)
 
 
-def _on_failure(undo: contextlib.ExitStack, step_undo: Callable[..., object], *args: Any) -> None:
+class UndoStack:
+    """contextlib.ExitStack's push/enter_context/__exit__, which is all a mount needs of it: contextlib
+    loads collections and functools (~2.4 ms of a brokered mount, python -X importtime; see
+    docs/performance-flexvolume.md). As ExitStack: callbacks run newest first, each with the exception
+    in flight (one a callback raised replaces it, the others still run), a true return suppresses it."""
+
+    def __init__(self) -> None:
+        self._exits: list[Callable[..., object]] = []
+
+    def push(self, exit: object) -> None:
+        """A context manager's __exit__ (an object that has one), or a callable taking its arguments."""
+        method = getattr(type(exit), "__exit__", None)
+        self._exits.append(exit if method is None else method.__get__(exit))
+
+    def enter_context(self, manager: Any) -> Any:
+        entered = type(manager).__enter__(manager)
+        self._exits.append(type(manager).__exit__.__get__(manager))
+        return entered
+
+    def __enter__(self) -> UndoStack:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        received, suppressed, raised = exc is not None, False, None
+        while self._exits:
+            try:
+                if self._exits.pop()(exc_type, exc, tb):
+                    suppressed, raised, exc_type, exc, tb = True, None, None, None, None
+            except BaseException as new:  # noqa: BLE001 -- re-raised below, once every undo has run
+                if exc is not None and new is not exc:
+                    _chain(new, exc)
+                raised, exc_type, exc, tb = new, type(new), new, new.__traceback__
+        if raised is not None:
+            raise raised
+        return received and suppressed
+
+
+def _chain(new: BaseException, old: BaseException) -> None:
+    """ExitStack's context fix: `old` (what was being undone) becomes the context at the end of `new`'s chain."""
+    seen, last = set(), new
+    while last.__context__ is not None and last.__context__ is not old and id(last.__context__) not in seen:
+        seen.add(id(last))
+        last = last.__context__
+    if last is not old:
+        last.__context__ = old
+
+
+def _on_failure(undo: UndoStack, step_undo: Callable[..., object], *args: Any) -> None:
     """Push the undo of a step just done: it runs only if the operation fails (an exception leaves
     the stack), as csi-lib's `defer func() { if !success {...} }`. The lock entered on the same stack
     before the steps is released after their undo, and at the end of a call that succeeded."""
@@ -150,7 +195,7 @@ class Engine:
     def mount(self, request: MountRequest, undo_prepared: Callable[[], object] | None = None) -> str:
         """undo_prepared: the undo of what the front end did for this call (CSI: made the target dir)."""
         config, fs = self.config, self.fs
-        with contextlib.ExitStack() as undo:  # the call's one undo stack: see the module docstring
+        with UndoStack() as undo:  # the call's one undo stack: see the module docstring
             if undo_prepared:
                 _on_failure(undo, undo_prepared)
             fs.check_target(request.mount_dir)
@@ -196,9 +241,11 @@ class Engine:
         self.store.forget_volume(record.mount_dir)
 
     def _unmount_if_ours(self, mount_dir: str, real_dir: str) -> None:
-        with contextlib.suppress(Exception):  # the caller hears of the failure that made us undo
+        try:
             if _ours(self.fs.mount_info(real_dir)):
                 self.fs.unmount(mount_dir)
+        except Exception:  # noqa: BLE001 -- the caller hears of the failure that made us undo
+            pass
 
     def _already_mounted(self, request: MountRequest, logger) -> bool:
         """True for a complete volume made for this request; otherwise undo what an earlier mount left
@@ -229,7 +276,7 @@ class Engine:
         if record or not fs.is_mount_point(mount_dir) or not _ours(fs.mount_info(self.real(mount_dir))):
             return record
         try:
-            meta = json.loads(fs.read_small_file(os.path.join(mount_dir, self.config.token_filename + ".json"),
+            meta = jsonlite.loads(fs.read_small_file(os.path.join(mount_dir, self.config.token_filename + ".json"),
                                                  64 * 1024, follow=False))
         except (OSError, ValueError):
             return None
@@ -270,7 +317,7 @@ class Engine:
         mode = 0o440 if request.fs_group is not None else 0o400
         name = config.token_filename
         files = {
-            f"{name}.json": json.dumps(minted.info, indent=2).encode() + b"\n",
+            f"{name}.json": jsonlite.dumps(minted.info, indent=2).encode() + b"\n",
             name: minted.secret.encode(),  # last: its presence marks a complete volume
         }
         if config.cacert:

@@ -6,8 +6,6 @@ unmount needs to revoke): from_json reads each older shape, to_json writes today
 
 from __future__ import annotations
 
-from collections import namedtuple
-
 from ..value import Value
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing on the exec path
@@ -18,11 +16,9 @@ FROM_METADATA = "volume metadata"  # a record rebuilt from the volume's own meta
 REVOKED, GONE, QUEUED, NOTHING = "revoked", "already gone", "queued", "nothing"  # Revocation.outcome
 
 
-class MadeWith(namedtuple("MadeWith", "read_only fs_group")):  # collections' (typing's costs ~2.5 ms to import)
-    """How the volume was mounted, to refuse a republish that asks otherwise: read_only (bool) and
-    fs_group (int or None)."""
+class MadeWith(Value):  # Value, not typing.NamedTuple: see value.py
+    """How the volume was mounted, to refuse a republish that asks otherwise."""
 
-    __slots__ = ()
     read_only: bool
     fs_group: int | None
 
@@ -91,13 +87,12 @@ class Minted(Value):
     wrapping_accessor: str | None  # None when unwrapped
 
 
-class Revocation(namedtuple("Revocation", "outcome accessor error", defaults=(None, ""))):
+class Revocation(Value):
     """What became of a volume's tokens: revoked, already gone, queued for the agent, or nothing to do."""
 
-    __slots__ = ()
     outcome: str  # REVOKED, GONE, QUEUED or NOTHING
-    accessor: str | None  # the pod token's (default None)
-    error: str  # why it was queued (default "")
+    accessor: str | None = None  # the pod token's
+    error: str = ""  # why it was queued
 
     @property
     def queued(self) -> bool:

@@ -20,10 +20,10 @@ fails is that call's error, never redone here: a create the agent may have sent 
 
 from __future__ import annotations
 
-import json
 import os
 import time
 
+from .. import jsonlite
 from ..errors import DriverError, TokenNotWrapped, VaultDenied, VaultUnavailable
 from . import relay
 
@@ -60,10 +60,10 @@ class Broker:
         try:
             if sock is None:
                 sock = relay._connect(self.path, BANNER)
-            sock.sendall(relay.encode_request([op, json.dumps(args)], self.env, os.uname().nodename))
+            sock.sendall(relay.encode_request([op, jsonlite.dumps(args)], self.env, os.uname().nodename))
             sock.settimeout(REPLY_TIMEOUT)
             payload, code = relay.decode_reply(_read_reply(sock))
-            answer = json.loads(payload)
+            answer = jsonlite.loads(payload)
         except (OSError, ValueError, relay.Refused) as exc:
             if sock is not None:
                 sock.close()
