@@ -11,8 +11,8 @@ docs/performance.md), and a relayed call loads only `relay`; a brokered mount or
 `broker` but no HTTP stack (docs/performance-flexvolume.md); tests/test_exec_path.py checks all three.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations` (it imports __future__ at run time, ~0.1 ms of `init`): these
+# annotations are valid at run time.
 import os
 import sys
 import time  # built in: no file to load
