@@ -6,9 +6,9 @@ library cannot corrupt the answer) and the answer is written to a saved copy of 
 Nothing here raises.
 
 Imports sit in the functions that use them: `init` runs on every plugin probe and loads nothing but
-this module (json and re ~8 ms, config ~10 ms, the engine and hvac far more: see
-docs/performance.md), and a relayed call loads only `relay`; a brokered mount or unmount loads the engine and
-`broker` but no HTTP stack (docs/performance-flexvolume.md); tests/test_exec_path.py checks all three.
+this module, and a relayed call loads only `relay`; a brokered mount or unmount loads the engine and
+`broker` and, of the stdlib, only what they use (no HTTP stack, no json/re, dataclasses, typing, hashlib,
+threading, contextlib: docs/performance-flexvolume.md); tests/test_exec_path.py checks all three.
 """
 
 # No `from __future__ import annotations` (it imports __future__ at run time, ~0.1 ms of `init`): these
@@ -253,7 +253,7 @@ def main(argv: list[str]) -> int:
         started = _now() if counted else 0.0
         relayed = _relay(argv)
         if relayed is None and counted:
-            _begin()  # only now: a relayed call is the agent's to count, and threading costs ~4 ms
+            _begin()  # only now: a relayed call is the agent's to count
         if relayed is None and argv[:1] != ["init"]:
             settings = _configure()
         payload, code = relayed if relayed is not None else encode(handle(argv, settings))

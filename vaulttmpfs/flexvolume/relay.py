@@ -25,7 +25,7 @@ import os
 import sys
 
 BANNER = b"vaulttmpfs-relay/1\n"
-DEFAULT_SOCKET = "/run/vaulttmpfs/agent.sock"  # Config.agent_socket; not imported: config costs ~10 ms
+DEFAULT_SOCKET = "/run/vaulttmpfs/agent.sock"  # Config.agent_socket; config is not imported by a relayed call
 SOCKET_ENV = "VAULTTMPFS_AGENT_SOCKET"
 ACCEPT_TIMEOUT = 2.0  # connect + banner; past it the agent is wedged or overloaded: do the work here
 REPLY_TIMEOUT = 120.0  # bounds a wedged agent (the kubelet has no timeout); above Vault's own bounds
