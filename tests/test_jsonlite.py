@@ -60,3 +60,16 @@ def test_loading_it_loads_neither_json_nor_re():
     out = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True, check=True,
                          cwd=REPO).stdout
     assert out.strip() == "[]"
+
+
+@pytest.mark.parametrize("text", ['{"a": 1', "{not json", '["\\x"]', "[1] 2"])
+def test_an_error_before_json_is_loaded_is_still_json_s(text):
+    """Without json.decoder in sys.modules, 3.11's C scanner cannot raise JSONDecodeError (a SystemError):
+    the call still gets json's own error."""
+    code = ("import sys; from vaulttmpfs import jsonlite\ntry:\n    jsonlite.loads(sys.argv[1])\n"
+            "except ValueError as exc:\n    print(type(exc).__name__, exc)")
+    got = subprocess.run([sys.executable, "-S", "-c", code, text], capture_output=True, text=True, check=True,
+                         cwd=REPO).stdout.strip()
+    with pytest.raises(ValueError) as expected:
+        json.loads(text)
+    assert got == f"{type(expected.value).__name__} {expected.value}"

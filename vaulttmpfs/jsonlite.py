@@ -52,8 +52,8 @@ def loads(text: str | bytes | bytearray):
     start = len(text) - len(text.lstrip(_WHITESPACE))
     try:
         value, end = _scan(text, start)
-    except (StopIteration, ValueError):
-        end = -1
+    except Exception:  # noqa: BLE001 -- StopIteration, ValueError; SystemError when json.decoder is not loaded
+        end = -1  # (3.11's scanner then has no JSONDecodeError to raise): json.loads says what it is
     if end < 0 or text[end:].strip(_WHITESPACE):
         import json  # not JSON: json's own error for it
 
