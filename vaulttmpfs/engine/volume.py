@@ -1,11 +1,12 @@
 """The pod's volume on disk: a small tmpfs and the files in it. Knows nothing of Vault or the kubelet.
 
-mount(2)/umount2(2) are called directly (ctypes) rather than through /bin/mount: no child
+mount(2)/umount2(2) are called directly (ctypes' _ctypes) rather than through /bin/mount: no child
 process can keep the kubelet's pipes open, and it saves an exec per call.
 """
 
 from __future__ import annotations
 
+import _ctypes  # ctypes' C half: two libc calls need neither ctypes' Python half nor its ~1 ms of import
 import errno
 import os
 import stat
@@ -14,16 +15,12 @@ import sys
 from ..errors import DriverError
 from . import files
 
-# The bundle keeps ctypes where PyInstaller's bootstrap cannot import it (build.spec: LATE_DIR): its
-# ctypes hook imports ctypes on every start when it can, ~1.4 ms of each `init` that never mounts.
+# The bundle keeps ctypes' Python half where PyInstaller's bootstrap cannot import it (build.spec:
+# LATE_DIR): its ctypes hook imports ctypes on every start when it can (~1.4 ms of each `init`).
+# Nothing of ours imports it; for a dependency that does, it is found last on the path.
 LATE_DIR = "late-imports"
-try:
-    import ctypes
-except ModuleNotFoundError:
-    if not getattr(sys, "frozen", False):
-        raise
+if getattr(sys, "frozen", False):
     sys.path.append(os.path.join(sys._MEIPASS, LATE_DIR))
-    import ctypes
 
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT = 1, 2, 4, 8, 32
 MNT_DETACH = 2
@@ -32,16 +29,35 @@ _SOURCE = MOUNT_SOURCE.encode()
 _libc = None
 
 
-def _sys():
+class _Int(_ctypes._SimpleCData):  # ctypes.c_int
+    _type_ = "i"
+
+
+class _LibcFunction(_ctypes.CFuncPtr):  # what ctypes.CDLL(None, use_errno=True).<name> is
+    _flags_ = _ctypes.FUNCFLAG_CDECL | _ctypes.FUNCFLAG_USE_ERRNO
+    _restype_ = _Int
+
+
+class _Libc:
+    """libc's mount(2) and umount2(2), as ctypes.CDLL(None, use_errno=True) has them (bytes are char *,
+    None is NULL, ints are int; errno kept for get_errno)."""
+
+    def __init__(self):
+        self._handle = _ctypes.dlopen(None, os.RTLD_NOW)
+        self.mount = _LibcFunction(("mount", self))
+        self.umount2 = _LibcFunction(("umount2", self))
+
+
+def _sys() -> _Libc:
     global _libc
     if _libc is None:
-        _libc = ctypes.CDLL(None, use_errno=True)
+        _libc = _Libc()
     return _libc
 
 
 def _check(result: int, what: str) -> None:
     if result != 0:
-        err = ctypes.get_errno()
+        err = _ctypes.get_errno()
         raise OSError(err, f"{what}: {os.strerror(err)}")
 
 
@@ -233,7 +249,7 @@ def unmount(path: str) -> None:
     """Unmount; a busy mount is detached lazily so a stuck process cannot keep the pod Terminating."""
     result = _sys().umount2(os.fsencode(path), 0)
     if result != 0:
-        err = ctypes.get_errno()
+        err = _ctypes.get_errno()
         if err == errno.EINVAL and not is_mount_point(path):
             return  # already unmounted
         if err != errno.EBUSY:
