@@ -132,9 +132,9 @@ def test_a_relayed_call_loads_only_the_relay_client(probed, tmp_path, log_dir):
 BROKERED_NEVER = (*NEVER, "hvac", "requests", "urllib3", "http.client", "ssl", "structlog", "yaml")
 # Nor anything else it does not need (issue 25; docs/performance-flexvolume.md): the Vault client module
 # and what it loads (random, signal, threading), hashlib (OpenSSL), dataclasses (inspect, ast, dis,
-# tokenize), typing, json (re, enum), contextlib (collections, functools), socket, ctypes (its C half, _ctypes,
-# is enough for mount(2)), and the engine's parts
-# for the agent only. The standalone path may load them.
+# tokenize), typing, json (re, enum), contextlib (collections, functools), socket, ctypes (its C half,
+# _ctypes, is enough for mount(2)), and the engine's parts for the agent only. The standalone path may
+# load them.
 BROKERED_LEAN = ("vaulttmpfs.vault", "random", "signal", "threading", "hashlib", "_hashlib", "dataclasses", "inspect",
                  "ast", "dis", "tokenize", "typing", "json", "re", "enum", "contextlib", "collections", "functools",
                  "socket", "warnings", "ctypes", "vaulttmpfs.engine.rotate", "vaulttmpfs.engine.interfaces",
