@@ -12,13 +12,11 @@ import contextlib
 import itertools
 import os
 import threading
-from dataclasses import replace
 from typing import Any, Iterator
 
 from vaulttmpfs.engine import volume
 from vaulttmpfs.engine.record import VolumeRecord
-from vaulttmpfs.errors import DriverError, VaultUnavailable
-from vaulttmpfs.vault.client import TokenNotWrapped
+from vaulttmpfs.errors import DriverError, TokenNotWrapped, VaultUnavailable
 
 
 class Injected(DriverError):
@@ -76,7 +74,7 @@ class MemoryStore:
 
     def write_volume(self, mount_dir: str, record: VolumeRecord) -> _Written:
         self.journal.step("write record", mount_dir)
-        self.volumes[mount_dir] = replace(record, mount_dir=mount_dir)
+        self.volumes[mount_dir] = record.replace(mount_dir=mount_dir)
         return _Written()
 
     def forget_volume(self, mount_dir: str) -> None:

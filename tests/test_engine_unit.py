@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -62,7 +61,7 @@ class Node:
         base = MountRequest(mount_dir=changes.pop("mount_dir", None) or self.volume_dir(), policies=["nginx"],
                             role="applications", pod_namespace="default", pod_name="nginx",
                             service_account="default", volume_name="vault")
-        return replace(base, **changes)
+        return base.replace(**changes)
 
     def mount(self, request: MountRequest | None = None, **kwargs) -> str:
         return self.engine().mount(request or self.request(), **kwargs)
@@ -198,7 +197,7 @@ def test_a_republish_asking_for_another_read_only_or_fs_group_is_a_conflict(node
     node.mount(request)
     alive = set(node.vault.alive)
     with pytest.raises(Conflict, match="readOnly=false, fsGroup=2000; this call asks for readOnly=true"):
-        node.mount(replace(request, read_only=True))
+        node.mount(request.replace(read_only=True))
     assert node.vault.alive == alive and request.mount_dir in node.store.volumes
 
 
@@ -208,7 +207,7 @@ def test_a_record_from_before_made_with_takes_the_volume_as_it_is(node):
     old = VolumeRecord.from_json({**RECORD_BEFORE_MADE_WITH, "mount_dir": request.mount_dir,
                                   "accessor": node.store.volumes[request.mount_dir].accessor})
     node.store.volumes[request.mount_dir] = old
-    assert node.mount(replace(request, read_only=True, fs_group=3000)) == "already mounted"
+    assert node.mount(request.replace(read_only=True, fs_group=3000)) == "already mounted"
 
 
 def test_a_stale_record_is_revoked_before_the_new_token_is_minted(node):
@@ -345,3 +344,45 @@ def test_revocation_messages_are_the_ones_operators_read():
     queued = Revocation(QUEUED, "a1", "Vault is down")
     assert queued.queued and str(queued) == "could not revoke the pod token (accessor a1) now, queued for retry: " \
                                             "Vault is down"
+
+
+def test_the_undo_stack_runs_as_exitstack_does():
+    """operation.UndoStack stands in for contextlib.ExitStack on the exec path: same order, same exceptions."""
+    import contextlib
+
+    from vaulttmpfs.engine.operation import UndoStack
+
+    class Manager:
+        def __init__(self, log, name):
+            self.log, self.name = log, name
+
+        def __enter__(self):
+            self.log.append(f"enter {self.name}")
+            return self.name
+
+        def __exit__(self, exc_type, exc, tb):
+            self.log.append(f"exit {self.name} {exc_type.__name__ if exc_type else None}")
+
+    def run(stack_class, fail_in_block: bool, fail_in_undo: bool):
+        log: list[str] = []
+
+        def undo(exc_type, exc, tb):
+            log.append(f"undo {exc_type.__name__ if exc_type else None}")
+            if fail_in_undo and exc_type:
+                raise OSError("undo failed")
+
+        try:
+            with stack_class() as stack:
+                log.append(stack.enter_context(Manager(log, "lock")))
+                stack.push(undo)
+                stack.push(Manager(log, "intent"))
+                if fail_in_block:
+                    raise ValueError("step failed")
+        except Exception as exc:  # noqa: BLE001 -- what leaves the stack is the point
+            context = exc.__context__
+            log.append(f"raised {type(exc).__name__} {exc} (context: {type(context).__name__ if context else None})")
+        return log
+
+    for fail_in_block, fail_in_undo in [(False, False), (True, False), (True, True)]:
+        assert run(UndoStack, fail_in_block, fail_in_undo) == run(contextlib.ExitStack, fail_in_block, fail_in_undo)
+    assert run(UndoStack, True, True)[-1] == "raised OSError undo failed (context: ValueError)"

@@ -16,6 +16,7 @@ from .kubelet import Kubelet
 from .vaultserver import REPO
 
 PROBE = [sys.executable, str(REPO / "tests" / "exec_probe.py")]
+BARE_PROBE = [sys.executable, "-S", str(REPO / "tests" / "exec_probe.py")]
 NGINX = {"vault/policies": "nginx"}
 # Never on a kubelet call: the agent's (grpc, protobuf, prometheus_client), the operator commands' (click),
 # and every other front end of ours.
@@ -51,6 +52,14 @@ def probed(bao, generator, tmp_path, log_dir) -> ProbedNode:
     env = driver_env(bao, generator, root, log_dir)
     write_config(Path(env["VAULTTMPFS_CONFIG_FILE"]), {"VAULTTMPFS_TMPFS_SIZE": "1m"})
     return ProbedNode(env, root, tmp_path / "report")
+
+
+@pytest.fixture
+def bare(probed) -> ProbedNode:
+    """The same node, its calls probed in an interpreter started without site (`python -S`, as the bundle
+    starts): what the call loads is then all that is loaded. The brokered path needs the stdlib only."""
+    probed.driver_cmd = [*BARE_PROBE, str(probed.report)]
+    return probed
 
 
 def test_init_loads_only_its_answer(probed):
@@ -121,25 +130,46 @@ def test_a_relayed_call_loads_only_the_relay_client(probed, tmp_path, log_dir):
 # The brokered call (the plain DaemonSet's default): the agent makes the Vault calls, so no HTTP stack,
 # no Vault client library and no structlog are loaded; the engine and the broker client (stdlib) are.
 BROKERED_NEVER = (*NEVER, "hvac", "requests", "urllib3", "http.client", "ssl", "structlog", "yaml")
+# Nor anything else it does not need (issue 25; docs/performance-flexvolume.md): the Vault client module
+# and what it loads (random, signal, threading), hashlib (OpenSSL), dataclasses (inspect, ast, dis,
+# tokenize), typing, json (re, enum), contextlib (collections, functools), socket, ctypes (its C half,
+# _ctypes, is enough for mount(2)), and the engine's parts for the agent only. The standalone path may
+# load them.
+BROKERED_LEAN = ("vaulttmpfs.vault", "random", "signal", "threading", "hashlib", "_hashlib", "dataclasses", "inspect",
+                 "ast", "dis", "tokenize", "typing", "json", "re", "enum", "contextlib", "collections", "functools",
+                 "socket", "warnings", "ctypes", "vaulttmpfs.engine.rotate", "vaulttmpfs.engine.interfaces",
+                 "vaulttmpfs.engine.bindings", "vaulttmpfs.engine.reconcile")
 
 
 @pytest.mark.parametrize("verb", ["mount", "unmount"])
-def test_a_brokered_call_loads_no_http_stack(probed, verb, tmp_path, log_dir):
-    agent = AgentProcess.brokering([sys.executable, "-m", "vaulttmpfs"], probed.env,
+def test_a_brokered_call_loads_no_http_stack(bare, verb, tmp_path, log_dir):
+    agent = AgentProcess.brokering([sys.executable, "-m", "vaulttmpfs"], bare.env,
                                    log_dir / f"{tmp_path.name}-agent.log", health=False)
     try:
-        reply, path = probed.mount(probed.new_pod(), NGINX)
+        reply, path = bare.mount(bare.new_pod(), NGINX)
         assert reply.ok, reply.body
-        report = probed.last()
+        report = bare.last()
         if verb == "unmount":
-            assert probed.unmount(path).ok
-            report = probed.last()
+            assert bare.unmount(path).ok
+            report = bare.last()
         else:
-            assert probed.unmount(path).ok
+            assert bare.unmount(path).ok
         assert loaded(report, *BROKERED_NEVER) == []
-        assert {"vaulttmpfs.flexvolume.broker", "vaulttmpfs.engine.operation"} <= set(report["after"])
-        calls = [json.loads(line) for line in Path(probed.env["VAULTTMPFS_LOG_FILE"]).read_text().splitlines()
+        # Started without site (as the bundle is), so everything in sys.modules is the call's or the interpreter's.
+        assert loaded(report, *BROKERED_LEAN) == []
+        assert {"vaulttmpfs.flexvolume.broker", "vaulttmpfs.engine.operation", "vaulttmpfs.jsonlite", "_json",
+                "_sha256"} <= set(report["after"]) - set(report["before"])
+        calls = [json.loads(line) for line in Path(bare.env["VAULTTMPFS_LOG_FILE"]).read_text().splitlines()
                  if '"driver call"' in line]
         assert [c["vault"] for c in calls[-2:]] == ["broker", "broker"]
     finally:
         agent.stop()
+
+
+def test_a_standalone_call_may_load_what_a_brokered_one_does_not(probed):
+    """The fallback talks to Vault itself: hvac's client and the lean path's exclusions are its own."""
+    reply, path = probed.mount(probed.new_pod(), NGINX)
+    assert reply.ok, reply.body
+    report = probed.last()
+    assert probed.unmount(path).ok
+    assert {"vaulttmpfs.vault.client", "hvac"} <= set(report["after"])

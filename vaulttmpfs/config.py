@@ -9,32 +9,60 @@ so it is read only when root owns it and its directories and nobody else can wri
 from __future__ import annotations
 
 import os
-import re
 import stat
-from dataclasses import asdict, dataclass
 
 from . import trust
 from .errors import DriverError
+from .value import Value
 
-# "ms" before "m": alternation takes the first that matches, and 1500ms is not 1500 minutes.
-_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)?")
+# The settings' small grammars are read by hand, not with re: re (and enum under it) is ~4 ms of every
+# kubelet call, which reads them all (docs/performance-flexvolume.md). Each names the pattern it reads.
 _UNIT_SECONDS = {"h": 3600, "m": 60, "s": 1, "ms": 0.001, None: 1}
 _TRUE = {"1", "t", "true", "yes", "on"}
 _FALSE = {"", "0", "f", "false", "no", "off"}
 # A role or file name becomes part of a Vault path or a file path: one plain segment only.
-SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+SAFE_NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}"
+_ALNUM = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789")
+_NAME_CHARS = _ALNUM | frozenset("._-")
+
+
+def is_safe_name(text: str) -> bool:
+    """SAFE_NAME_PATTERN.fullmatch(text)."""
+    return 0 < len(text) <= 128 and text[0] in _ALNUM and all(c in _NAME_CHARS for c in text)
+
+
+def __getattr__(name: str):
+    # SAFE_NAME, the compiled pattern, for the operator commands (cli): compiled on first use only.
+    if name == "SAFE_NAME":
+        import re
+
+        globals()["SAFE_NAME"] = found = re.compile(SAFE_NAME_PATTERN)
+        return found
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _digits(text: str, pos: int) -> int:
+    """The end of the run of decimal digits (re's \\d) at `pos`."""
+    while pos < len(text) and text[pos].isdecimal():
+        pos += 1
+    return pos
 
 
 def parse_duration(text: str, setting: str) -> float:
-    """Vault/Go style duration ("5m", "90s", "1h30m", "300") to seconds."""
+    """Vault/Go style duration ("5m", "90s", "1h30m", "300") to seconds: (\\d+(?:\\.\\d+)?)(ms|h|m|s)?, repeated."""
     text = text.strip()
     pos, total = 0, 0.0
     while pos < len(text):
-        match = _DURATION.match(text, pos)
-        if not match:
+        end = _digits(text, pos)
+        if end == pos:
             break
-        total += float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
-        pos = match.end()
+        if text.startswith(".", end) and _digits(text, end + 1) > end + 1:
+            end = _digits(text, end + 1)
+        number, pos = float(text[pos:end]), end
+        # "ms" before "m": 1500ms is not 1500 minutes.
+        unit = "ms" if text.startswith("ms", pos) else text[pos] if pos < len(text) and text[pos] in "hms" else None
+        total += number * _UNIT_SECONDS[unit]
+        pos += len(unit or "")
     if not text or pos != len(text):
         raise DriverError(f"{setting}={text!r} is not a duration (examples: 300, 90s, 5m, 1h)")
     return total
@@ -50,14 +78,13 @@ def parse_bool(text: str, setting: str) -> bool:
 
 
 def safe_name(text: str, setting: str) -> str:
-    if not SAFE_NAME.fullmatch(text) or text in {".", ".."}:
+    if not is_safe_name(text) or text in {".", ".."}:
         raise DriverError(
             f"{setting}={text!r} must be a plain name (letters, digits, '.', '_', '-'; no '/' or '..')"
         )
     return text
 
 
-_TMPFS_SIZE = re.compile(r"(\d+)([kmg]?)", re.IGNORECASE)  # what tmpfs's size= takes (no %: bounded here)
 _SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
 # A page at least; a token, its metadata and a CA bundle need far less than the top.
 TMPFS_SIZE_RANGE = (4 << 10, 64 << 20)
@@ -67,11 +94,14 @@ WRITE_BUDGET_RANGE = (1, 256)
 
 
 def parse_size(text: str, setting: str, low: int, high: int) -> str:
-    """A tmpfs size (bytes, or with k/m/g) within [low, high]; returned as given."""
-    match = _TMPFS_SIZE.fullmatch(text.strip())
-    if not match:
+    """A tmpfs size (bytes, or with k/m/g: what tmpfs's size= takes, no %: bounded here) within [low, high];
+    returned as given. (\\d+)([kmg]?), case-insensitive."""
+    stripped = text.strip()
+    end = _digits(stripped, 0)
+    unit = stripped[end:].lower()
+    if not end or unit not in _SIZE_UNITS:
         raise DriverError(f"{setting}={text!r} is not a size (examples: 64k, 1m)")
-    size = int(match.group(1)) * _SIZE_UNITS[match.group(2).lower()]
+    size = int(stripped[:end]) * _SIZE_UNITS[unit]
     if not low <= size <= high:
         raise DriverError(f"{setting}={text!r} is outside {low >> 10}k..{high >> 20}m")
     return text.strip()
@@ -86,7 +116,8 @@ def in_range(value: float, setting: str, text: str, low: float, high: float) -> 
 CONFIG_FILE_ENV = "VAULTTMPFS_CONFIG_FILE"
 DEFAULT_CONFIG_FILE = "/etc/vaulttmpfs/config/config.env"
 MAX_CONFIG_BYTES = 64 * 1024
-_LINE = re.compile(r"(?:export\s+)?([A-Z_][A-Z0-9_]*)\s*=\s*(.*)")
+_NAME_START = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZ_")
+_NAME_REST = _NAME_START | frozenset("0123456789")
 # Which names a config file may set: ours and Vault's, never a credential.
 _FILE_PREFIXES = ("VAULT_", "VAULTTMPFS_")
 _FILE_NAMES = {"NODE_NAME"}
@@ -159,10 +190,10 @@ def parse_config_text(text: str, source: str = "config file") -> dict[str, str]:
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
-        match = _LINE.fullmatch(line)
-        if not match:
+        found = _assignment(line)
+        if not found:
             raise DriverError(f"{source} line {number}: expected NAME=VALUE, got {line[:60]!r}")
-        name, value = match.group(1), match.group(2).strip()
+        name, value = found[0], found[1].strip()
         if not (name.startswith(_FILE_PREFIXES) or name in _FILE_NAMES) or name in _NOT_IN_FILE:
             raise DriverError(f"{source} line {number}: {name} is not a vaulttmpfs setting "
                               "(VAULT_* and VAULTTMPFS_* only; never VAULT_TOKEN)")
@@ -172,6 +203,22 @@ def parse_config_text(text: str, source: str = "config file") -> dict[str, str]:
             raise DriverError(f"{source} line {number}: {name} is set twice")
         values[name] = value
     return values
+
+
+def _assignment(line: str) -> tuple[str, str] | None:
+    """(name, value) of `(?:export\\s+)?([A-Z_][A-Z0-9_]*)\\s*=\\s*(.*)` matching the whole line, else None."""
+    after = line[6:].lstrip() if line.startswith("export") and line[6:7].isspace() else None
+    return (after is not None and _name_and_value(after)) or _name_and_value(line)
+
+
+def _name_and_value(text: str) -> tuple[str, str] | None:
+    end = 0
+    while end < len(text) and text[end] in (_NAME_REST if end else _NAME_START):
+        end += 1
+    rest = text[end:].lstrip()
+    if not end or not rest.startswith("="):
+        return None
+    return text[:end], rest[1:].lstrip()
 
 
 def settings(env=None) -> dict[str, str]:
@@ -200,8 +247,7 @@ def load(env=None) -> tuple["Config", Exception | None]:
         return Config.fallback(values), exc
 
 
-@dataclass(frozen=True)
-class Config:
+class Config(Value):  # a Value, not a dataclass: see value.py (~4 ms of every kubelet call)
     generator_token_path: str = "/etc/vaulttmpfs/vaulttoken"  # a dir of its own: mount only it
     token_filename: str = "vault-token"
     role_name: str = "applications"
@@ -319,11 +365,11 @@ class Config:
 
     def public(self) -> dict:
         """Every setting by field name (no credential is a setting): for doctor and the agent's report."""
-        return asdict(self)
+        return self.asdict()
 
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
-_SIZE = re.compile(r"(\d+)\s*([kmg]i?b?)?", re.IGNORECASE)
+_BYTE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
 
 
 def log_level(text: str) -> str:
@@ -335,9 +381,10 @@ def log_level(text: str) -> str:
 
 
 def byte_size(text: str, setting: str) -> int:
-    """ "10485760", "10m", "10MiB" -> bytes."""
-    match = _SIZE.fullmatch(text.strip())
-    if not match:
+    """ "10485760", "10m", "10MiB" -> bytes: (\\d+)\\s*([kmg]i?b?)?, case-insensitive."""
+    stripped = text.strip()
+    end = _digits(stripped, 0)
+    unit = stripped[end:].lstrip().lower()
+    if not end or not (unit == "" or unit[0] in "kmg" and unit[1:] in ("", "i", "b", "ib")):
         raise DriverError(f"{setting}={text!r} is not a size (examples: 1048576, 512k, 10m)")
-    unit = (match.group(2) or "").lower()[:1]
-    return int(match.group(1)) * {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}[unit]
+    return int(stripped[:end]) * _BYTE_UNITS[unit[:1]]

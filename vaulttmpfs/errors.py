@@ -38,3 +38,14 @@ class Forbidden(DriverError):
 
 class Conflict(DriverError):
     """The volume is already there, made for a different request (readOnly, fsGroup): not remade."""
+
+
+class TokenNotWrapped(VaultUnavailable):
+    """Vault answered with a plain token (something stripped X-Vault-Wrap-TTL): not for the pod.
+
+    Here, not in vault.client (which re-exports it): the engine catches it on the brokered exec path,
+    which never loads the Vault client."""
+
+    def __init__(self, message: str, accessor: str | None):
+        super().__init__(message)
+        self.accessor = accessor

@@ -25,19 +25,22 @@ from __future__ import annotations
 
 import os
 import stat
-from typing import NamedTuple
 
 from .errors import DriverError
 
 MAX_SYMLINKS = 40  # as the kernel's path lookup (ELOOP beyond)
 
 
-class _Walked(NamedTuple):
-    directory: str  # the last directory reached, resolved; every directory above it checked
-    info: os.stat_result
-    leaf: str | None  # the resolved path of a non-directory that ends the path
-    leaf_info: os.stat_result | None
-    missing: tuple[str, ...]  # the components from the first that does not exist
+class _Walked:  # a plain class: typing.NamedTuple costs ~2.5 ms to load, collections' ~1.5
+    __slots__ = ("directory", "info", "leaf", "leaf_info", "missing")
+
+    def __init__(self, directory: str, info: os.stat_result, leaf: str | None, leaf_info: os.stat_result | None,
+                 missing: tuple[str, ...]):
+        self.directory = directory  # the last directory reached, resolved; every directory above it checked
+        self.info = info
+        self.leaf = leaf  # the resolved path of a non-directory that ends the path
+        self.leaf_info = leaf_info
+        self.missing = missing  # the components from the first that does not exist
 
 
 def check_dirs(path: str, what: str, strict_leaf: bool = True) -> None:

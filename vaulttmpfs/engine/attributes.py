@@ -4,7 +4,7 @@ end's users call it (CSI: attribute, FlexVolume: option)."""
 
 from __future__ import annotations
 
-from ..config import SAFE_NAME
+from ..config import is_safe_name
 from ..errors import BadRequest
 
 POLICIES = "vault/policies"
@@ -21,7 +21,7 @@ def policies(text: str | None, noun: str = "attribute") -> list[str]:
     if not any(names):
         raise BadRequest(f"{noun} {POLICIES!r} is empty")
     for name in names:
-        if not name or not SAFE_NAME.fullmatch(name):
+        if not name or not is_safe_name(name):
             raise BadRequest(f"{noun} {POLICIES!r} has an invalid policy name {name!r}")
     if len(names) > MAX_POLICIES:
         raise BadRequest(f"{noun} {POLICIES!r} names more than {MAX_POLICIES} policies")
@@ -30,7 +30,7 @@ def policies(text: str | None, noun: str = "attribute") -> list[str]:
 
 def role(text: str | None, default: str, noun: str = "attribute") -> str:
     name = text or default
-    if not SAFE_NAME.fullmatch(name):
+    if not is_safe_name(name):
         raise BadRequest(f"{noun} {ROLE!r} has an invalid role name {name!r}")
     return name
 

@@ -12,13 +12,15 @@ until when they may be alive; reconcile drops them once that time has passed.
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any
 
 from .. import log
 from ..config import parse_duration
 from ..errors import DriverError, VaultDenied, VaultUnavailable
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing on the exec path
 if TYPE_CHECKING:
+    from typing import Any
+
     from .interfaces import Store, VaultClient
 
 ROLE_CHECK_SECONDS = 3600  # how long a role's lifetime, as read, is trusted (one GET per role per hour)

@@ -7,14 +7,12 @@ cannot choose: the kubelet makes it from the pod's uid, so admission reads the u
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from ..errors import BadRequest
+from ..value import Value
 from . import volume
 
 
-@dataclass(frozen=True)
-class Layout:
+class Layout(Value):
     plugin_dir: str  # the component after volumes/
     leaf: str | None = None  # a fixed last component (CSI's target path ends in /mount)
 

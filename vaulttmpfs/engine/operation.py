@@ -13,25 +13,25 @@ Vault answers must leave none.
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import json
 import os
 import time
-from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any, Callable
 
-from .. import log, telemetry
-from ..config import Config
-from ..errors import Conflict, DriverError, Forbidden, VaultDenied
-from ..vault.client import TokenNotWrapped, Vault  # hvac itself is imported only when a call is made
-from . import generator, intents, rotate, volume
+from .. import jsonlite, log, telemetry
+from ..errors import Conflict, DriverError, Forbidden, TokenNotWrapped, VaultDenied
+from ..value import Value
+from . import generator, intents, volume
 from .layout import FLEXVOLUME, Layout
 from .record import FROM_METADATA, GONE, NOTHING, QUEUED, REVOKED, MadeWith, Minted, Revocation, VolumeRecord
-from .state import StateStore
+from .state import StateStore, sha256_hex
 from .volume import MOUNT_SOURCE
 
-if TYPE_CHECKING:  # annotations only: the exec path need not build the Protocol classes
+# Annotations only (they are strings here): a brokered exec loads neither typing (~2.5 ms), the Protocol
+# classes, nor config's Config class body beyond what load() built. typing.TYPE_CHECKING without typing:
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any, Callable
+
+    from ..config import Config
     from .interfaces import Filesystem, Store, VaultFactory
 
 PLUGIN_DIR = FLEXVOLUME.plugin_dir  # <pods dir>/<pod uid>/volumes/<this>/<volume name>
@@ -39,16 +39,15 @@ GENERATOR_CHECK_SECONDS = 3600  # how long "the generator token is not root" is 
 _generator_checks: dict[str, dict[str, Any]] = {}  # token hash -> that check, in this process
 
 
-@dataclass(frozen=True)
-class PodLogin:
+class PodLogin(Value):
     """The pod logs itself in to Vault with its own service-account JWT (CSI tokenRequests)."""
 
+    _hidden = ("jwt",)  # never in a repr
     mount: str  # the Vault auth mount (jwt or kubernetes method), e.g. "jwt"
-    jwt: str = field(repr=False)
+    jwt: str
 
 
-@dataclass(frozen=True)
-class MountRequest:
+class MountRequest(Value):
     mount_dir: str
     policies: list[str]
     role: str
@@ -81,6 +80,14 @@ class MountRequest:
         return f"vaulttmpfs-{who}"[:100]
 
 
+def _hvac_vault(config: Config, token: str | None):
+    """The default VaultFactory: vault.client.Vault (hvac), imported only by a call that talks to Vault
+    itself (standalone, the agent): a brokered exec never loads it."""
+    from ..vault.client import Vault
+
+    return Vault(config, token)
+
+
 def mount(config: Config, request: MountRequest, undo_prepared: Callable[[], object] | None = None) -> str:
     return Engine(config).mount(request, undo_prepared)
 
@@ -107,7 +114,54 @@ def _ours(info: dict[str, str] | None) -> bool:
     return bool(info and info["fstype"] == "tmpfs" and info["source"] == MOUNT_SOURCE)
 
 
-def _on_failure(undo: contextlib.ExitStack, step_undo: Callable[..., object], *args: Any) -> None:
+class UndoStack:
+    """contextlib.ExitStack's push/enter_context/__exit__, which is all a mount needs of it: contextlib
+    loads collections and functools (~2.4 ms of a brokered mount, python -X importtime; see
+    docs/performance-flexvolume.md). As ExitStack: callbacks run newest first, each with the exception
+    in flight (one a callback raised replaces it, the others still run), a true return suppresses it."""
+
+    def __init__(self) -> None:
+        self._exits: list[Callable[..., object]] = []
+
+    def push(self, exit: object) -> None:
+        """A context manager's __exit__ (an object that has one), or a callable taking its arguments."""
+        method = getattr(type(exit), "__exit__", None)
+        self._exits.append(exit if method is None else method.__get__(exit))
+
+    def enter_context(self, manager: Any) -> Any:
+        entered = type(manager).__enter__(manager)
+        self._exits.append(type(manager).__exit__.__get__(manager))
+        return entered
+
+    def __enter__(self) -> UndoStack:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        received, suppressed, raised = exc is not None, False, None
+        while self._exits:
+            try:
+                if self._exits.pop()(exc_type, exc, tb):
+                    suppressed, raised, exc_type, exc, tb = True, None, None, None, None
+            except BaseException as new:  # noqa: BLE001 -- re-raised below, once every undo has run
+                if exc is not None and new is not exc:
+                    _chain(new, exc)
+                raised, exc_type, exc, tb = new, type(new), new, new.__traceback__
+        if raised is not None:
+            raise raised
+        return received and suppressed
+
+
+def _chain(new: BaseException, old: BaseException) -> None:
+    """ExitStack's context fix: `old` (what was being undone) becomes the context at the end of `new`'s chain."""
+    seen, last = set(), new
+    while last.__context__ is not None and last.__context__ is not old and id(last.__context__) not in seen:
+        seen.add(id(last))
+        last = last.__context__
+    if last is not old:
+        last.__context__ = old
+
+
+def _on_failure(undo: UndoStack, step_undo: Callable[..., object], *args: Any) -> None:
     """Push the undo of a step just done: it runs only if the operation fails (an exception leaves
     the stack), as csi-lib's `defer func() { if !success {...} }`. The lock entered on the same stack
     before the steps is released after their undo, and at the end of a call that succeeded."""
@@ -127,7 +181,7 @@ class Engine:
                  fs: Filesystem | None = None):
         self.config = config
         self.fs: Filesystem = fs or volume  # type: ignore[assignment] -- the module is the real one
-        self.vault: VaultFactory = vault or Vault
+        self.vault: VaultFactory = vault or _hvac_vault
         self._real: dict[str, str] = {}
         self.store: Store = store or StateStore(config.state_dir, resolve=self.real)
 
@@ -141,7 +195,7 @@ class Engine:
     def mount(self, request: MountRequest, undo_prepared: Callable[[], object] | None = None) -> str:
         """undo_prepared: the undo of what the front end did for this call (CSI: made the target dir)."""
         config, fs = self.config, self.fs
-        with contextlib.ExitStack() as undo:  # the call's one undo stack: see the module docstring
+        with UndoStack() as undo:  # the call's one undo stack: see the module docstring
             if undo_prepared:
                 _on_failure(undo, undo_prepared)
             fs.check_target(request.mount_dir)
@@ -187,9 +241,11 @@ class Engine:
         self.store.forget_volume(record.mount_dir)
 
     def _unmount_if_ours(self, mount_dir: str, real_dir: str) -> None:
-        with contextlib.suppress(Exception):  # the caller hears of the failure that made us undo
+        try:
             if _ours(self.fs.mount_info(real_dir)):
                 self.fs.unmount(mount_dir)
+        except Exception:  # noqa: BLE001 -- the caller hears of the failure that made us undo
+            pass
 
     def _already_mounted(self, request: MountRequest, logger) -> bool:
         """True for a complete volume made for this request; otherwise undo what an earlier mount left
@@ -220,7 +276,7 @@ class Engine:
         if record or not fs.is_mount_point(mount_dir) or not _ours(fs.mount_info(self.real(mount_dir))):
             return record
         try:
-            meta = json.loads(fs.read_small_file(os.path.join(mount_dir, self.config.token_filename + ".json"),
+            meta = jsonlite.loads(fs.read_small_file(os.path.join(mount_dir, self.config.token_filename + ".json"),
                                                  64 * 1024, follow=False))
         except (OSError, ValueError):
             return None
@@ -261,7 +317,7 @@ class Engine:
         mode = 0o440 if request.fs_group is not None else 0o400
         name = config.token_filename
         files = {
-            f"{name}.json": json.dumps(minted.info, indent=2).encode() + b"\n",
+            f"{name}.json": jsonlite.dumps(minted.info, indent=2).encode() + b"\n",
             name: minted.secret.encode(),  # last: its presence marks a complete volume
         }
         if config.cacert:
@@ -326,6 +382,8 @@ class Engine:
     def retry_pending(self) -> dict[str, int]:
         logger = log.get(verb="retry-revocations")
         done = failed = waiting = 0
+        from . import rotate  # the agent's retries only: not a kubelet call's
+
         for pending in self.store.list_pending():
             if not rotate.due(pending, self._token_gone):  # an old token a rotation keeps for a while
                 failed, waiting = failed + 1, waiting + 1
@@ -369,7 +427,7 @@ class Engine:
                         service_account=request.service_account)
         else:
             logger.warning("no VAULTTMPFS_POLICY_BINDINGS: any pod may ask for any policy the token role allows")
-        return replace(request, pod_uid=pod_uid, real_dir=real_dir)
+        return request.replace(pod_uid=pod_uid, real_dir=real_dir)
 
     def _refuse_root_generator(self, token: str) -> None:
         """A root generator token could mint anything and revoke everything: refuse to use it.
@@ -379,7 +437,7 @@ class Engine:
         a new token in the file is checked at once). The mount hot path stays one Vault call.
         """
         config, store = self.config, self.store
-        key = hashlib.sha256(token.encode()).hexdigest()
+        key = sha256_hex(token.encode())
         known = _generator_checks.get(key)  # the agent's calls skip the state dir read too
         if not _checked_lately(known, key):
             known = store.read_note("generator-check")

@@ -6,22 +6,24 @@ unmount needs to revoke): from_json reads each older shape, to_json writes today
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from ..value import Value
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing on the exec path
+if TYPE_CHECKING:
+    from typing import Any
 
 FROM_METADATA = "volume metadata"  # a record rebuilt from the volume's own metadata file
 REVOKED, GONE, QUEUED, NOTHING = "revoked", "already gone", "queued", "nothing"  # Revocation.outcome
 
 
-class MadeWith(NamedTuple):  # NamedTuple, not dataclass: the exec path builds it at import, ~0.5 ms less
+class MadeWith(Value):  # Value, not typing.NamedTuple: see value.py
     """How the volume was mounted, to refuse a republish that asks otherwise."""
 
     read_only: bool
     fs_group: int | None
 
 
-@dataclass(frozen=True)
-class VolumeRecord:
+class VolumeRecord(Value):
     accessor: str | None  # the pod token's: what unmount revokes
     wrapping_accessor: str | None = None  # the wrapping token's (alive until unwrapped or its TTL ends)
     mount_dir: str = ""
@@ -75,17 +77,17 @@ def _text(value: dict[str, Any], key: str) -> str:
     return found if isinstance(found, str) else ""
 
 
-@dataclass(frozen=True)
-class Minted:
+class Minted(Value):
     """A new token for a volume, as Vault answered."""
 
-    secret: str = field(repr=False)  # the token file's content: the wrapping token (the plain one with vault/unwrap)
-    info: dict[str, Any] = field(repr=False)  # the metadata file's content; never the plain token
+    _hidden = ("secret", "info")  # never in a repr
+    secret: str  # the token file's content: the wrapping token (the plain one with vault/unwrap)
+    info: dict[str, Any]  # the metadata file's content; never the plain token
     accessor: str  # the pod token's
     wrapping_accessor: str | None  # None when unwrapped
 
 
-class Revocation(NamedTuple):
+class Revocation(Value):
     """What became of a volume's tokens: revoked, already gone, queued for the agent, or nothing to do."""
 
     outcome: str  # REVOKED, GONE, QUEUED or NOTHING

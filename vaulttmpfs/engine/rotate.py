@@ -20,7 +20,6 @@ import contextlib
 import json
 import os
 import time
-from dataclasses import replace
 from typing import Any, Callable
 
 from .. import log
@@ -98,8 +97,8 @@ def _rotate_one(engine: Engine, mount_dir: str, grace: float, logger) -> dict[st
             store.add_pending(accessor, {"why": ROTATED, "pod_uid": record.pod_uid, "not_before": now + grace,
                                          "watch": minted.wrapping_accessor})
         _on_failure(undo, lambda: [store.drop_pending(a) for a in record.accessors()])
-        store.write_volume(mount_dir, replace(record, accessor=minted.accessor,
-                                              wrapping_accessor=minted.wrapping_accessor)).wait()
+        store.write_volume(mount_dir, record.replace(accessor=minted.accessor,
+                                             wrapping_accessor=minted.wrapping_accessor)).wait()
         _on_failure(undo, lambda: store.write_volume(mount_dir, record).wait())
         _write_files(engine, mount_dir, real, info, record, minted)
         for accessor in new.accessors():

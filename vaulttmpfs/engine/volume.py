@@ -1,20 +1,26 @@
 """The pod's volume on disk: a small tmpfs and the files in it. Knows nothing of Vault or the kubelet.
 
-mount(2)/umount2(2) are called directly (ctypes) rather than through /bin/mount: no child
+mount(2)/umount2(2) are called directly (ctypes' _ctypes) rather than through /bin/mount: no child
 process can keep the kubelet's pipes open, and it saves an exec per call.
 """
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
+import _ctypes  # ctypes' C half: two libc calls need neither ctypes' Python half nor its ~1 ms of import
 import errno
 import os
 import stat
-from typing import Iterator
+import sys
 
 from ..errors import DriverError
 from . import files
+
+# The bundle keeps ctypes' Python half where PyInstaller's bootstrap cannot import it (build.spec:
+# LATE_DIR): its ctypes hook imports ctypes on every start when it can (~1.4 ms of each `init`).
+# Nothing of ours imports it; for a dependency that does, it is found last on the path.
+LATE_DIR = "late-imports"
+if getattr(sys, "frozen", False):
+    sys.path.append(os.path.join(sys._MEIPASS, LATE_DIR))
 
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT = 1, 2, 4, 8, 32
 MNT_DETACH = 2
@@ -23,16 +29,35 @@ _SOURCE = MOUNT_SOURCE.encode()
 _libc = None
 
 
-def _sys():
+class _Int(_ctypes._SimpleCData):  # ctypes.c_int
+    _type_ = "i"
+
+
+class _LibcFunction(_ctypes.CFuncPtr):  # what ctypes.CDLL(None, use_errno=True).<name> is
+    _flags_ = _ctypes.FUNCFLAG_CDECL | _ctypes.FUNCFLAG_USE_ERRNO
+    _restype_ = _Int
+
+
+class _Libc:
+    """libc's mount(2) and umount2(2), as ctypes.CDLL(None, use_errno=True) has them (bytes are char *,
+    None is NULL, ints are int; errno kept for get_errno)."""
+
+    def __init__(self):
+        self._handle = _ctypes.dlopen(None, os.RTLD_NOW)
+        self.mount = _LibcFunction(("mount", self))
+        self.umount2 = _LibcFunction(("umount2", self))
+
+
+def _sys() -> _Libc:
     global _libc
     if _libc is None:
-        _libc = ctypes.CDLL(None, use_errno=True)
+        _libc = _Libc()
     return _libc
 
 
 def _check(result: int, what: str) -> None:
     if result != 0:
-        err = ctypes.get_errno()
+        err = _ctypes.get_errno()
         raise OSError(err, f"{what}: {os.strerror(err)}")
 
 
@@ -177,21 +202,36 @@ def mount_tmpfs(path: str, real_path: str, size: str, gid: int | None) -> None:
         os.close(fd)
 
 
-@contextlib.contextmanager
-def opened_mount(path: str, real_path: str) -> Iterator[str]:
-    """A path (/proc/self/fd/N) to the root of the tmpfs just mounted at `path`, checked to be ours
-    and to sit at `real_path`: the files go there even if `path` is swapped for a symlink meanwhile."""
-    fd = open_dir(path)
-    try:
-        dev = os.fstat(fd).st_dev
-        entry = mount_info(real_path)
-        if (os.readlink(f"/proc/self/fd/{fd}") != real_path or not entry or entry["source"] != MOUNT_SOURCE
-                or entry["dev"] != f"{os.major(dev)}:{os.minor(dev)}"):
-            raise DriverError(f"mount dir {path} no longer leads to the tmpfs just mounted at {real_path}; "
-                              "refusing to write the token")
-        yield f"/proc/self/fd/{fd}"
-    finally:
-        os.close(fd)
+def opened_mount(path: str, real_path: str) -> _OpenedMount:
+    """A context manager: a path (/proc/self/fd/N) to the root of the tmpfs just mounted at `path`, checked
+    to be ours and to sit at `real_path`: the files go there even if `path` is swapped for a symlink meanwhile."""
+    return _OpenedMount(path, real_path)
+
+
+class _OpenedMount:
+    """A class, not a contextlib.contextmanager: contextlib costs a kubelet call ~2.4 ms."""
+
+    def __init__(self, path: str, real_path: str):
+        self.path, self.real_path, self.fd = path, real_path, -1
+
+    def __enter__(self) -> str:
+        path, real_path = self.path, self.real_path
+        fd = open_dir(path)
+        try:
+            dev = os.fstat(fd).st_dev
+            entry = mount_info(real_path)
+            if (os.readlink(f"/proc/self/fd/{fd}") != real_path or not entry or entry["source"] != MOUNT_SOURCE
+                    or entry["dev"] != f"{os.major(dev)}:{os.minor(dev)}"):
+                raise DriverError(f"mount dir {path} no longer leads to the tmpfs just mounted at {real_path}; "
+                                  "refusing to write the token")
+        except BaseException:
+            os.close(fd)
+            raise
+        self.fd = fd
+        return f"/proc/self/fd/{fd}"
+
+    def __exit__(self, *_exc) -> None:
+        os.close(self.fd)
 
 
 def remount_readonly(path: str) -> None:
@@ -209,7 +249,7 @@ def unmount(path: str) -> None:
     """Unmount; a busy mount is detached lazily so a stuck process cannot keep the pod Terminating."""
     result = _sys().umount2(os.fsencode(path), 0)
     if result != 0:
-        err = ctypes.get_errno()
+        err = _ctypes.get_errno()
         if err == errno.EINVAL and not is_mount_point(path):
             return  # already unmounted
         if err != errno.EBUSY:

@@ -20,11 +20,11 @@ fails is that call's error, never redone here: a create the agent may have sent 
 
 from __future__ import annotations
 
-import json
 import os
 import time
 
-from ..errors import DriverError, VaultDenied, VaultUnavailable
+from .. import jsonlite
+from ..errors import DriverError, TokenNotWrapped, VaultDenied, VaultUnavailable
 from . import relay
 
 BANNER = b"vaulttmpfs-broker/1\n"
@@ -60,10 +60,10 @@ class Broker:
         try:
             if sock is None:
                 sock = relay._connect(self.path, BANNER)
-            sock.sendall(relay.encode_request([op, json.dumps(args)], self.env, os.uname().nodename))
+            sock.sendall(relay.encode_request([op, jsonlite.dumps(args)], self.env, os.uname().nodename))
             sock.settimeout(REPLY_TIMEOUT)
             payload, code = relay.decode_reply(_read_reply(sock))
-            answer = json.loads(payload)
+            answer = jsonlite.loads(payload)
         except (OSError, ValueError, relay.Refused) as exc:
             if sock is not None:
                 sock.close()
@@ -93,8 +93,6 @@ def _read_reply(sock) -> bytes:
 def _error(answer: dict) -> DriverError:
     kind, message = answer.get("error"), str(answer.get("message") or "the Vault broker failed")
     if kind == "TokenNotWrapped":
-        from ..vault.client import TokenNotWrapped  # no hvac: that module imports it per call
-
         return TokenNotWrapped(message, answer.get("accessor"))
     return {"VaultDenied": VaultDenied, "VaultUnavailable": VaultUnavailable}.get(kind, DriverError)(message)
 

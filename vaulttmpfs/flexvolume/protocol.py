@@ -6,13 +6,13 @@ library cannot corrupt the answer) and the answer is written to a saved copy of 
 Nothing here raises.
 
 Imports sit in the functions that use them: `init` runs on every plugin probe and loads nothing but
-this module (json and re ~8 ms, config ~10 ms, the engine and hvac far more: see
-docs/performance.md), and a relayed call loads only `relay`; a brokered mount or unmount loads the engine and
-`broker` but no HTTP stack (docs/performance-flexvolume.md); tests/test_exec_path.py checks all three.
+this module, and a relayed call loads only `relay`; a brokered mount or unmount loads the engine and
+`broker` and, of the stdlib, only what they use (no HTTP stack, no json/re, dataclasses, typing, hashlib,
+threading, contextlib: docs/performance-flexvolume.md); tests/test_exec_path.py checks all three.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations` (it imports __future__ at run time, ~0.1 ms of `init`): these
+# annotations are valid at run time.
 import os
 import sys
 import time  # built in: no file to load
@@ -38,12 +38,12 @@ def answer(status: str, message: str | None = None, **extra) -> dict:
 
 
 def parse_options(text: str) -> dict[str, str]:
-    import json  # here, not at the top: json imports re (~8 ms), which `init` does not need
+    from .. import jsonlite  # not for init, whose answer is fixed (and not `json`: see jsonlite)
 
     if len(text.encode("utf-8", errors="replace")) > MAX_OPTIONS_BYTES:
         raise BadCall(f"options JSON is larger than {MAX_OPTIONS_BYTES} bytes")
     try:
-        options = json.loads(text)
+        options = jsonlite.loads(text)
     except ValueError as exc:
         raise BadCall(f"options are not valid JSON: {exc}") from None
     if not isinstance(options, dict):
@@ -233,13 +233,13 @@ def encode(reply: dict) -> tuple[bytes, int]:
     """The bytes the kubelet reads for `reply`, and the exit code to go with them."""
     if reply == INIT_ANSWER:
         return INIT_PAYLOAD, 0
-    import json  # not for init: its answer is pre-encoded
+    from .. import jsonlite  # not for init: its answer is pre-encoded
 
     try:
-        payload = json.dumps(reply)
+        payload = jsonlite.dumps(reply)
     except (TypeError, ValueError):
         reply = answer(FAILURE, "internal error: unserialisable answer")
-        payload = json.dumps(reply)
+        payload = jsonlite.dumps(reply)
     return payload.encode("utf-8") + b"\n", 1 if reply["status"] == FAILURE else 0
 
 
@@ -253,7 +253,7 @@ def main(argv: list[str]) -> int:
         started = _now() if counted else 0.0
         relayed = _relay(argv)
         if relayed is None and counted:
-            _begin()  # only now: a relayed call is the agent's to count, and threading costs ~4 ms
+            _begin()  # only now: a relayed call is the agent's to count
         if relayed is None and argv[:1] != ["init"]:
             settings = _configure()
         payload, code = relayed if relayed is not None else encode(handle(argv, settings))

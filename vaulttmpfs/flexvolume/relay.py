@@ -25,7 +25,7 @@ import os
 import sys
 
 BANNER = b"vaulttmpfs-relay/1\n"
-DEFAULT_SOCKET = "/run/vaulttmpfs/agent.sock"  # Config.agent_socket; not imported: config costs ~10 ms
+DEFAULT_SOCKET = "/run/vaulttmpfs/agent.sock"  # Config.agent_socket; config is not imported by a relayed call
 SOCKET_ENV = "VAULTTMPFS_AGENT_SOCKET"
 ACCEPT_TIMEOUT = 2.0  # connect + banner; past it the agent is wedged or overloaded: do the work here
 REPLY_TIMEOUT = 120.0  # bounds a wedged agent (the kubelet has no timeout); above Vault's own bounds
@@ -121,9 +121,9 @@ def _why(exc: BaseException) -> str:
 
 
 def _failure(message: str) -> bytes:
-    import json  # only on this rare path: json (and re under it) is ~8 ms of startup
+    from .. import jsonlite  # only on this rare path
 
-    return json.dumps({"status": "Failure", "message": message}).encode() + b"\n"
+    return jsonlite.dumps({"status": "Failure", "message": message}).encode() + b"\n"
 
 
 def _invisible_mount(mount_dir: str, env) -> bytes:

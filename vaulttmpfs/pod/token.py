@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from .. import log
 from ..config import Config, load
@@ -36,7 +36,7 @@ def run(options: Options, env: dict[str, str] | None = None) -> int:
     """The whole command; its exit code. Errors are logged (stderr), never raised."""
     env = os.environ if env is None else env
     config, problem = load(env)
-    log.configure(replace(config, log_file=log.STDERR))  # a container's log is its stderr
+    log.configure(config.replace(log_file=log.STDERR))  # a container's log is its stderr
     logger = log.get(component="vaulttmpfs-token", volume=options.volume_dir, out=options.out_dir)
     stop = renewer.stop_on_signals() if options.renew else None
     try:
@@ -91,7 +91,7 @@ class Rotation:
 def _with_volume_ca(config: Config, volume: source.VolumeToken) -> Config:
     # The volume's ca.crt is Vault's CA as the node trusts it; VAULT_CACERT/VAULT_CAPATH still win.
     if volume.ca_path and not config.cacert and not config.capath:
-        return replace(config, cacert=volume.ca_path)
+        return config.replace(cacert=volume.ca_path)
     return config
 
 
@@ -140,7 +140,7 @@ def _reuse(config: Config, record: dict, logger) -> Held:
 def _unwrap(config: Config, volume: source.VolumeToken, out_dir: str, logger) -> Held:
     # Never resent: a gateway that passed the first one on and then failed would make the second
     # find a used token (and blame an interceptor).
-    client = Vault(replace(config, max_retries=0), volume.token)
+    client = Vault(config.replace(max_retries=0), volume.token)
     try:
         response = client.unwrap_self()
     except VaultDenied as exc:

@@ -18,7 +18,9 @@ from typing import Any, Iterator
 
 from .. import log, telemetry
 from ..config import Config
-from ..errors import DriverError, VaultDenied, VaultRateLimited, VaultUnavailable
+
+# TokenNotWrapped lives in errors (the brokered exec path catches it without loading this module): re-exported.
+from ..errors import DriverError, TokenNotWrapped, VaultDenied, VaultRateLimited, VaultUnavailable
 from . import write_budget
 
 # The build leaves charset_normalizer out (~20 ms and 3.5 MiB per call): Vault answers JSON, which
@@ -314,14 +316,6 @@ def _warm_client(config: Config, token: str | None, resend: bool):
     while len(clients) > KEEP_CLIENTS:
         clients.pop(next(iter(clients)))[0].adapter.close()
     return entry[0]
-
-
-class TokenNotWrapped(VaultUnavailable):
-    """Vault answered with a plain token (something stripped X-Vault-Wrap-TTL): not for the pod."""
-
-    def __init__(self, message: str, accessor: str | None):
-        super().__init__(message)
-        self.accessor = accessor
 
 
 class Vault:
