@@ -469,8 +469,10 @@ class Vault:
             with self._call("revoking the pod token", ask_active):
                 response = self.client.auth.token.revoke_accessor(accessor)
         except VaultDenied as exc:
-            # HashiCorp Vault answers 400 "invalid accessor" for a token that expired or was revoked.
-            if "invalid accessor" in str(exc).lower():
+            # HashiCorp Vault answers 400 "invalid accessor" for a token that expired or was revoked;
+            # 400 "token not found": the accessor's entry is there but not the token's (revoked meanwhile,
+            # or a standby that has applied one write of the create and not yet the other).
+            if "invalid accessor" in str(exc).lower() or "token not found" in str(exc).lower():
                 return False
             raise
         # OpenBao answers 200 with a warning instead; a 204 comes back as a Response object.
