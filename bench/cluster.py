@@ -5,8 +5,8 @@ state dir, pods dir, log and generator token, drive publish+unpublish cycles ove
 kubelet sends them, --cluster-concurrency at a time per node, --cluster-pods cycles per node. Reported:
 pods/s (cycles completed per second of wall time), p50/p99 publish and unpublish latency, and Vault
 requests per pod lifecycle, counted by the servers (`vault_core_handle_request_count` in OpenBao's
-`sys/metrics`, before and after, summed over every node of a Raft cluster: a standby's forwarded
-request is counted by the active node that handled it; the scrapes themselves are subtracted).
+`sys/metrics`, before and after; on a Raft cluster on the active node, where every write lands (see
+servers()); what the scrapes themselves add is measured and subtracted).
 
 In the same run a raw client makes the same Vault calls, on kept-alive connections as the agent does:
 create a wrapped token against the role, revoke the pod token, revoke the wrapping token (a "not
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -42,13 +43,17 @@ def percentile(values: list[float], share: float) -> float | None:
 
 
 def servers(bao) -> list:
-    """Every node that handles requests: the dev server, or each live node of the Raft cluster."""
+    """Where the requests are counted: the dev server, or a Raft cluster's active node. Every write
+    reaches the active node; a standby counts a request it forwards as well (it runs it first, as a
+    read, and forwards on the first storage write), so summing the nodes counts each write twice
+    (measured: 6.01 per pod for the raw client's 3 calls). Reads a standby answers itself are not
+    counted here: the cycle makes none (the generator check and the role read are hourly)."""
     cluster = getattr(bao, "cluster", None)
-    return [n for n in cluster.nodes if n.alive()] if cluster else [bao]
+    return [cluster.leader()] if cluster else [bao]
 
 
 def handled(bao) -> float:
-    """The servers' count of requests they handled (OpenBao's own metric), summed over the nodes."""
+    """The count of requests handled (OpenBao's own metric) where they are counted (servers())."""
     total = 0.0
     for server in servers(bao):
         conn = http.client.HTTPConnection(urlsplit(server.addr).hostname, urlsplit(server.addr).port, timeout=30)
@@ -58,17 +63,34 @@ def handled(bao) -> float:
             text = response.read().decode()
         finally:
             conn.close()
-        counts = [float(line.split()[1]) for line in text.splitlines()
-                  if line.startswith("vault_core_handle_request_count ")]
-        if response.status != 200 or not counts:
-            raise RuntimeError(f"{server.addr} sys/metrics: HTTP {response.status}, no vault_core_handle_request_count "
+        if response.status != 200 or "vault_" not in text:
+            raise RuntimeError(f"{server.addr} sys/metrics: HTTP {response.status}, no metrics "
                                "(is telemetry's prometheus_retention_time set?)")
-        total += counts[0]
+        # A node that has handled nothing yet (a standby) has no such line.
+        total += sum(float(line.split()[1]) for line in text.splitlines()
+                     if line.startswith("vault_core_handle_request_count "))
     return total
 
 
-def requests_per_pod(bao, before: float, pods: int) -> float:
-    return round((handled(bao) - before - len(servers(bao))) / pods, 2)  # less the scrapes counted
+def cpu_ms(pid: int) -> float:
+    """A process's CPU time so far (utime + stime), ms."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) * 1000 / os.sysconf("SC_CLK_TCK")
+
+
+def vault_pids(bao) -> list[int]:
+    cluster = getattr(bao, "cluster", None)
+    return [n.proc.pid for n in (cluster.nodes if cluster else [bao]) if n.proc and n.proc.poll() is None]
+
+
+def scrape_cost(bao) -> float:
+    """What one handled() adds to the count itself (the scrapes a node counts), measured."""
+    first = handled(bao)
+    return handled(bao) - first
+
+
+def requests_per_pod(bao, before: float, pods: int, cost: float) -> float:
+    return round((handled(bao) - before - cost) / pods, 2)
 
 
 class SimulatedNode:
@@ -84,6 +106,8 @@ class SimulatedNode:
                "VAULTTMPFS_STATE_DIR": str(root / "state"), "VAULTTMPFS_PODS_DIR": str(pods),
                "VAULTTMPFS_NODE_NAME": f"bench-cluster-node{index}",
                "VAULTTMPFS_AGENT_SOCKET": str(root / "no-agent.sock")}
+        if os.environ.get("VAULTTMPFS_VAULT_WRITE_BUDGET"):  # the budget under test, from the bench's environment
+            env["VAULTTMPFS_VAULT_WRITE_BUDGET"] = os.environ["VAULTTMPFS_VAULT_WRITE_BUDGET"]
         self.csi = csi_node(args.cmd, env, pods, root)  # bench.CsiNode: an agent and a kubelet stand-in
 
     def budget(self) -> dict:
@@ -156,6 +180,12 @@ class RawClient:
             from vaulttmpfs.vault.client import _beyond  # the driver's own index arithmetic
 
             self.asked_active += 1
+            if not self.local.index:  # an error (400 "token not found") carries none; a read's answer does
+                conn = self.local.conn
+                conn.request("GET", "/v1/auth/token/lookup-self", headers={"X-Vault-Token": self.token})
+                response = conn.getresponse()
+                response.read()
+                self.local.index = response.getheader("X-Vault-Index")
             again = self._post("auth/token/revoke-accessor", {"accessor": accessor}, gone_ok=True, extra={
                 "X-Vault-Index": _beyond(self.local.index or ""), "X-Vault-Inconsistent": "forward-active-node"})
             if again.get("gone"):
@@ -179,20 +209,26 @@ def run(args, bao, work: Path, env_base: dict[str, str], role: str, wrap_ttl: st
         for node in nodes:
             node.csi.wait_ready()
         drive(nodes, 2, 1)  # warm-up: connections, the generator check and the role read, per node
+        cost = scrape_cost(bao)
         before = handled(bao)
+        cpu = ([n.csi.agent.cpu_ms() for n in nodes], [cpu_ms(p) for p in vault_pids(bao)])
         ours = drive(nodes, args.cluster_pods, args.cluster_concurrency)
-        ours["vault_requests_per_pod"] = requests_per_pod(bao, before, ours["pods"])
+        ours["agent_cpu_ms_per_pod"] = round((sum(n.csi.agent.cpu_ms() for n in nodes) - sum(cpu[0])) / ours["pods"], 1)
+        ours["vault_cpu_ms_per_pod"] = round((sum(map(cpu_ms, vault_pids(bao))) - sum(cpu[1])) / ours["pods"], 1)
+        ours["vault_requests_per_pod"] = requests_per_pod(bao, before, ours["pods"], cost)
         ours["write_budget_per_node"] = [node.budget() for node in nodes]
         budget = int(min(b.get("size", 4) for b in ours["write_budget_per_node"]))
         in_flight = len(nodes) * min(args.cluster_concurrency, budget)
         raw = RawClient(bao, nodes[0].generator["client_token"], role, wrap_ttl)
         before = handled(bao)
+        cpu = ([], [cpu_ms(p) for p in vault_pids(bao)])
         ceiling = _drive_raw(raw, len(nodes) * args.cluster_pods, in_flight)
-        ceiling["vault_requests_per_pod"] = requests_per_pod(bao, before, ceiling["pods"])
+        ceiling["vault_cpu_ms_per_pod"] = round((sum(map(cpu_ms, vault_pids(bao))) - sum(cpu[1])) / ceiling["pods"], 1)
+        ceiling["vault_requests_per_pod"] = requests_per_pod(bao, before, ceiling["pods"], cost)
         ceiling["in_flight"] = in_flight
         before = handled(bao)
         unbounded = _drive_raw(raw, len(nodes) * args.cluster_pods, len(nodes) * args.cluster_concurrency)
-        unbounded["vault_requests_per_pod"] = requests_per_pod(bao, before, unbounded["pods"])
+        unbounded["vault_requests_per_pod"] = requests_per_pod(bao, before, unbounded["pods"], cost)
         unbounded["in_flight"] = len(nodes) * args.cluster_concurrency
         ceiling["asked_active"] = raw.asked_active  # both raw runs'
         ours["in_flight"] = in_flight
@@ -239,6 +275,9 @@ def table(result: dict) -> str:
         r = result[who]
         rows.append(f"{who:<12} {r['pods_per_s']:>8} {r['publish_p50_ms']:>9} {r['publish_p99_ms']:>9} "
                     f"{r['unpublish_p50_ms']:>10} {r['unpublish_p99_ms']:>10} {r['vault_requests_per_pod']:>8}")
+    rows.append(f"CPU ms per pod: agents {result['ours']['agent_cpu_ms_per_pod']:.1f}, Vault under ours "
+                f"{result['ours']['vault_cpu_ms_per_pod']:.1f}, Vault under the ceiling "
+                f"{result['ceiling']['vault_cpu_ms_per_pod']:.1f} ({os.cpu_count()} CPUs)")
     rows.append(f"ours / unbounded raw: {result['unbounded_share']} (not the target: the budget caps ours); "
                 f"raw 'not found' asked again of the active node: {result['ceiling']['asked_active']}")
     budgets = result["ours"]["write_budget_per_node"]

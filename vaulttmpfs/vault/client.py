@@ -460,9 +460,20 @@ class Vault:
         catching up) then answers "no token found" for a live token. So a "gone" answer that came with
         an X-Vault-Index (a Raft cluster) is asked once more of the active node."""
         revoked = self._revoke_accessor(accessor)
-        if not revoked and _calling.index:
-            revoked = self._revoke_accessor(accessor, ask_active=_calling.index)
+        if not revoked and (index := self._cluster_index()):
+            revoked = self._revoke_accessor(accessor, ask_active=index)
         return revoked
+
+    def _cluster_index(self) -> str | None:
+        """The X-Vault-Index of the last answer, else of a lookup-self's: a Raft cluster's answers carry
+        one, its errors (400 "token not found") do not. None: not a Raft cluster (HashiCorp Vault's open
+        source standbys answer nothing themselves), or it cannot be read now (then "gone" is believed,
+        as before)."""
+        if _calling.index:
+            return _calling.index
+        with contextlib.suppress(DriverError):
+            self.lookup_self("this client's token (for the cluster's X-Vault-Index)")
+        return _calling.index
 
     def _revoke_accessor(self, accessor: str, ask_active: str | None = None) -> bool:
         try:
@@ -483,8 +494,8 @@ class Vault:
         """A token's properties by accessor (never the token itself); None when Vault no longer has it
         (asked of the active node too before it is believed: see revoke_accessor)."""
         found = self._lookup_accessor(accessor)
-        if found is None and _calling.index:
-            found = self._lookup_accessor(accessor, ask_active=_calling.index)
+        if found is None and (index := self._cluster_index()):
+            found = self._lookup_accessor(accessor, ask_active=index)
         return found
 
     def _lookup_accessor(self, accessor: str, ask_active: str | None = None) -> dict[str, Any] | None:
