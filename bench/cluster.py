@@ -78,6 +78,14 @@ def cpu_ms(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) * 1000 / os.sysconf("SC_CLK_TCK")
 
 
+def own_cpu_ms() -> float:
+    """This process's CPU time (every thread): the kubelet stand-in's gRPC for ours, the raw client's HTTP."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return (usage.ru_utime + usage.ru_stime) * 1000
+
+
 def vault_pids(bao) -> list[int]:
     cluster = getattr(bao, "cluster", None)
     return [n.proc.pid for n in (cluster.nodes if cluster else [bao]) if n.proc and n.proc.poll() is None]
@@ -110,14 +118,30 @@ class SimulatedNode:
             env["VAULTTMPFS_VAULT_WRITE_BUDGET"] = os.environ["VAULTTMPFS_VAULT_WRITE_BUDGET"]
         self.csi = csi_node(args.cmd, env, pods, root)  # bench.CsiNode: an agent and a kubelet stand-in
 
-    def budget(self) -> dict:
-        """The agent's write budget as its /metrics tells: size, peak in flight, waits, refusals."""
+    def metrics(self) -> str:
         conn = http.client.HTTPConnection(*self.csi.agent.metrics_addr.split(":"), timeout=30)
         try:
             conn.request("GET", "/metrics")
-            text = conn.getresponse().read().decode()
+            return conn.getresponse().read().decode()
         finally:
             conn.close()
+
+    def seconds(self) -> dict[str, float]:
+        """Seconds spent so far, from the agent's histograms: in volume calls (mount, unmount: the agent's
+        side of publish and unpublish) and in Vault calls by kind (waits for the write budget included)."""
+        spent: dict[str, float] = {}
+        for line in self.metrics().splitlines():
+            name, _, number = line.rpartition(" ")
+            for metric, key in (("vaulttmpfs_volume_operation_duration_seconds_sum{", "verb"),
+                                ("vaulttmpfs_vault_request_duration_seconds_sum{", "call")):
+                if name.startswith(metric):
+                    label = name.split(f'{key}="', 1)[1].split('"', 1)[0]
+                    spent[label] = spent.get(label, 0.0) + float(number)
+        return spent
+
+    def budget(self) -> dict:
+        """The agent's write budget as its /metrics tells: size, peak in flight, waits, refusals."""
+        text = self.metrics()
         wanted = {"vaulttmpfs_vault_write_budget": "size", "vaulttmpfs_vault_writes_in_flight_peak": "peak",
                   "vaulttmpfs_vault_write_budget_waits_total": "waits",
                   "vaulttmpfs_vault_write_budget_refusals_total": "refusals"}
@@ -211,8 +235,15 @@ def run(args, bao, work: Path, env_base: dict[str, str], role: str, wrap_ttl: st
         drive(nodes, 2, 1)  # warm-up: connections, the generator check and the role read, per node
         cost = scrape_cost(bao)
         before = handled(bao)
-        cpu = ([n.csi.agent.cpu_ms() for n in nodes], [cpu_ms(p) for p in vault_pids(bao)])
+        cpu = ([n.csi.agent.cpu_ms() for n in nodes], [cpu_ms(p) for p in vault_pids(bao)], own_cpu_ms())
+        spent = [node.seconds() for node in nodes]
         ours = drive(nodes, args.cluster_pods, args.cluster_concurrency)
+        ours["agent_ms_per_pod"] = {}  # where a pod's time in the agents went, summed over the nodes
+        for node, earlier in zip(nodes, spent, strict=True):
+            for what, total in node.seconds().items():
+                ms = (total - earlier.get(what, 0.0)) * 1000 / ours["pods"]
+                ours["agent_ms_per_pod"][what] = round(ours["agent_ms_per_pod"].get(what, 0.0) + ms, 1)
+        ours["client_cpu_ms_per_pod"] = round((own_cpu_ms() - cpu[2]) / ours["pods"], 1)
         ours["agent_cpu_ms_per_pod"] = round((sum(n.csi.agent.cpu_ms() for n in nodes) - sum(cpu[0])) / ours["pods"], 1)
         ours["vault_cpu_ms_per_pod"] = round((sum(map(cpu_ms, vault_pids(bao))) - sum(cpu[1])) / ours["pods"], 1)
         ours["vault_requests_per_pod"] = requests_per_pod(bao, before, ours["pods"], cost)
@@ -221,8 +252,9 @@ def run(args, bao, work: Path, env_base: dict[str, str], role: str, wrap_ttl: st
         in_flight = len(nodes) * min(args.cluster_concurrency, budget)
         raw = RawClient(bao, nodes[0].generator["client_token"], role, wrap_ttl)
         before = handled(bao)
-        cpu = ([], [cpu_ms(p) for p in vault_pids(bao)])
+        cpu = ([], [cpu_ms(p) for p in vault_pids(bao)], own_cpu_ms())
         ceiling = _drive_raw(raw, len(nodes) * args.cluster_pods, in_flight)
+        ceiling["client_cpu_ms_per_pod"] = round((own_cpu_ms() - cpu[2]) / ceiling["pods"], 1)
         ceiling["vault_cpu_ms_per_pod"] = round((sum(map(cpu_ms, vault_pids(bao))) - sum(cpu[1])) / ceiling["pods"], 1)
         ceiling["vault_requests_per_pod"] = requests_per_pod(bao, before, ceiling["pods"], cost)
         ceiling["in_flight"] = in_flight
@@ -275,9 +307,16 @@ def table(result: dict) -> str:
         r = result[who]
         rows.append(f"{who:<12} {r['pods_per_s']:>8} {r['publish_p50_ms']:>9} {r['publish_p99_ms']:>9} "
                     f"{r['unpublish_p50_ms']:>10} {r['unpublish_p99_ms']:>10} {r['vault_requests_per_pod']:>8}")
-    rows.append(f"CPU ms per pod: agents {result['ours']['agent_cpu_ms_per_pod']:.1f}, Vault under ours "
-                f"{result['ours']['vault_cpu_ms_per_pod']:.1f}, Vault under the ceiling "
-                f"{result['ceiling']['vault_cpu_ms_per_pod']:.1f} ({os.cpu_count()} CPUs)")
+    o, c = result["ours"], result["ceiling"]
+    ours_cpu = o["agent_cpu_ms_per_pod"] + o["vault_cpu_ms_per_pod"] + o["client_cpu_ms_per_pod"]
+    ceiling_cpu = c["vault_cpu_ms_per_pod"] + c["client_cpu_ms_per_pod"]
+    rows.append(f"CPU ms per pod, ours: agents {o['agent_cpu_ms_per_pod']:.1f} + Vault {o['vault_cpu_ms_per_pod']:.1f} "
+                f"+ kubelet stand-in {o['client_cpu_ms_per_pod']:.1f} = {ours_cpu:.1f}; ceiling: Vault "
+                f"{c['vault_cpu_ms_per_pod']:.1f} + raw client {c['client_cpu_ms_per_pod']:.1f} = {ceiling_cpu:.1f} "
+                f"(on {os.cpu_count()} CPUs shared by all; CPU-bound, the share is ~{ceiling_cpu / ours_cpu:.2f})")
+    rows.append("ms per pod in the agents (mount/unmount: the agent's side of publish/unpublish; the others: Vault "
+                "calls, waits for the write budget included): " + ", ".join(
+                    f"{k} {v}" for k, v in sorted(o.get("agent_ms_per_pod", {}).items()) if v))
     rows.append(f"ours / unbounded raw: {result['unbounded_share']} (not the target: the budget caps ours); "
                 f"raw 'not found' asked again of the active node: {result['ceiling']['asked_active']}")
     budgets = result["ours"]["write_budget_per_node"]
