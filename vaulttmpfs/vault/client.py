@@ -467,12 +467,11 @@ class Vault:
     def _cluster_index(self) -> str | None:
         """The X-Vault-Index of the last answer, else of a lookup-self's: a Raft cluster's answers carry
         one, its errors (400 "token not found") do not. None: not a Raft cluster (HashiCorp Vault's open
-        source standbys answer nothing themselves), or it cannot be read now (then "gone" is believed,
-        as before)."""
+        source standbys answer nothing themselves). When the lookup fails, so does the call: "gone" is
+        not believed unasked (a revocation is then queued and retried)."""
         if _calling.index:
             return _calling.index
-        with contextlib.suppress(DriverError):
-            self.lookup_self("this client's token (for the cluster's X-Vault-Index)")
+        self.lookup_self("this client's token (for the cluster's X-Vault-Index, before believing 'not found')")
         return _calling.index
 
     def _revoke_accessor(self, accessor: str, ask_active: str | None = None) -> bool:
