@@ -40,6 +40,7 @@ class RaftNode(VaultServer):
         self.addr = f"http://127.0.0.1:{self.port}"
         self.root_token = ""  # known once the cluster is initialised
         self.proc: subprocess.Popen | None = None
+        self.cluster: RaftCluster | None = None  # set by RaftCluster: a node handed out alone knows its peers
 
     def _config(self) -> str:
         # Raft's tightest timings (elections in ~2 s), as for a LAN; autopilot promotes joined nodes
@@ -61,6 +62,11 @@ api_addr = "{self.addr}"
 cluster_addr = "https://127.0.0.1:{self.cluster_port}"
 disable_mlock = true
 log_level = "info"
+# sys/metrics in Prometheus form (the bench's request count: vault_core_handle_request_count, per node)
+telemetry {{
+  prometheus_retention_time = "1h"
+  disable_hostname = true
+}}
 """
 
     def start(self, timeout: float = 30.0) -> "RaftNode":
@@ -104,6 +110,8 @@ class RaftCluster:
     def __init__(self, size: int = 3, binary: str | None = None):
         self.workdir = tempfile.mkdtemp(prefix="vaulttmpfs-raft-")
         self.nodes = [RaftNode(f"node{n}", self.workdir, binary) for n in range(1, size + 1)]
+        for node in self.nodes:
+            node.cluster = self  # a node handed out alone (the bench's standby) still knows its peers
         self.unseal_key = ""
         self.root_token = ""
 

@@ -47,13 +47,39 @@ def _session(config: Config, resend: bool):
             # Every call, a create too, is resent after a 429: a rate-limit quota answers it before the
             # request reaches its handler (nothing was minted). Within the call's deadline only.
             backoff = RATE_LIMIT_BACKOFF[0]
+            redirects = 0
+            if _calling.ask_active:
+                # Asked of the active node: a standby that has applied less than this forwards it.
+                request.headers["X-Vault-Index"] = _beyond(_calling.ask_active)
+                request.headers["X-Vault-Inconsistent"] = "forward-active-node"
             while True:
                 with write_budget.slot(request.method, _calling.deadline):
                     response = super().send(request, **kwargs)
-                if response.is_redirect:
-                    # A standby that redirects may first have tried to forward the request, and the
-                    # active node may have acted on it (seen: a leader killed mid-create).
+                _calling.index = response.headers.get("X-Vault-Index") or _calling.index
+                if 300 <= response.status_code < 400:
+                    # Never followed (requests would re-send X-Vault-Token to wherever Location points,
+                    # any host, https -> http too). OpenBao redirects (307) from a standby that cannot
+                    # forward: http/handler.go respondStandby, reached when forwarding is off for the
+                    # request or, in forwardRequest, when core.ForwardRequest failed. That last case
+                    # means the active node may have acted on it (seen: a leader killed mid-create),
+                    # so a redirect is not "not sent": a create after one is never resent or taken as
+                    # unsent; an idempotent call is sent again to the same address, within its deadline.
                     _calling.redirected = True
+                    where = _location(response)
+                    response.close()
+                    wait = _retry_after(None, backoff)
+                    backoff = min(backoff * 2, RATE_LIMIT_BACKOFF[1])
+                    if not resend or redirects >= config.max_retries or _calling.deadline is None \
+                            or time.monotonic() + wait > _calling.deadline:
+                        raise VaultUnavailable(
+                            f"{_calling.action}: Vault at {config.vault_addr} answered {response.status_code} "
+                            f"redirecting to {where}, {redirects + 1} time(s); vaulttmpfs does not follow "
+                            "redirects (the token would go wherever it points): give VAULT_ADDR an address "
+                            "that answers itself (a load balancer over healthy nodes, or a node with request "
+                            "forwarding); retried later")
+                    redirects += 1
+                    time.sleep(wait)
+                    continue
                 if response.status_code != 429:
                     return response
                 wait = _retry_after(response.headers.get("Retry-After"), backoff)
@@ -92,6 +118,7 @@ def _session(config: Config, resend: bool):
     )
     session = requests.Session()
     session.trust_env = False  # no proxies or netrc from the kubelet's environment
+    session.max_redirects = 0  # and the adapter answers every 3xx with an error before requests could follow it
     # hvac lets a given session's verify/cert override its own arguments: set them here.
     session.verify = _verify(config)
     session.cert = _client_cert(config)
@@ -127,6 +154,33 @@ def _client_cert(config: Config) -> tuple[str, str] | str | None:
     if not config.client_cert:
         return None
     return (config.client_cert, config.client_key) if config.client_key else config.client_cert
+
+
+def _location(response) -> str:
+    """Where a redirect pointed, for the error: scheme, host and path only (a query is not shown)."""
+    from urllib.parse import urljoin, urlsplit
+
+    location = response.headers.get("Location")
+    if not location:
+        return "nowhere (no Location header)"
+    parts = urlsplit(urljoin(response.url or "", location))
+    return f"{parts.scheme}://{parts.netloc}{parts.path}"
+
+
+def _beyond(index: str) -> str:
+    """An X-Vault-Index of the same cluster past any state it has reached: with X-Vault-Inconsistent:
+    forward-active-node, a standby forwards the request to the active node instead of answering it
+    from its own (possibly older) copy of storage. The index is OpenBao's base64 JSON
+    {"cluster": ..., "value": "<raft index>"}; one we cannot read is sent as it came."""
+    import base64
+    import json
+
+    try:
+        state = json.loads(base64.b64decode(index))
+        state["value"] = str(int(state["value"]) + 2**32)
+        return base64.b64encode(json.dumps(state, separators=(",", ":")).encode()).decode()
+    except (ValueError, TypeError, KeyError):
+        return index
 
 
 def _check_files(config: Config) -> None:
@@ -171,6 +225,8 @@ class _Calling(threading.local):
     throttled = 0
     waited = 0.0
     redirected = False  # a node answered with a redirect: the request reached Vault
+    index: str | None = None  # the last X-Vault-Index an answer in this call carried (OpenBao's Raft state)
+    ask_active: str | None = None  # an X-Vault-Index: ask the active node, not a standby (Vault.revoke_accessor)
 
 
 _calling = _Calling()
@@ -344,13 +400,13 @@ class Vault:
         return _warm_client(self.config, self.token, resend=False)
 
     @contextlib.contextmanager
-    def _call(self, action: str) -> Iterator[None]:
+    def _call(self, action: str, ask_active: str | None = None) -> Iterator[None]:
         # Every attempt may take the full timeout; one more for connects and backoff. Waits after a 429
         # and for a slot in the node's write budget come out of the same deadline.
         deadline = self.config.timeout * (self.config.max_retries + 2)
         started, ok = time.monotonic(), False
         _calling.deadline, _calling.action, _calling.throttled, _calling.waited = started + deadline, action, 0, 0.0
-        _calling.redirected = False
+        _calling.redirected, _calling.index, _calling.ask_active = False, None, ask_active
         try:
             with translate_errors(action, self.config.vault_addr, deadline):
                 yield
@@ -390,13 +446,37 @@ class Vault:
         return _wrap_info(action, response)
 
     def revoke_accessor(self, accessor: str) -> bool:
-        """Revoke by accessor; False when the token is already gone (that is fine)."""
+        """Revoke by accessor; False when the token is already gone (that is fine).
+
+        "Gone" is only believed from the active node. An OpenBao (>= 2.5) standby answers a
+        revoke-accessor itself when its copy of storage has no such token: it never reaches the write
+        that would make it forward. A standby that has not yet applied the create (just unsealed,
+        catching up) then answers "no token found" for a live token. So a "gone" answer that came with
+        an X-Vault-Index (a Raft cluster) is asked once more of the active node."""
+        revoked = self._revoke_accessor(accessor)
+        if not revoked and (index := self._cluster_index()):
+            revoked = self._revoke_accessor(accessor, ask_active=index)
+        return revoked
+
+    def _cluster_index(self) -> str | None:
+        """The X-Vault-Index of the last answer, else of a lookup-self's: a Raft cluster's answers carry
+        one, its errors (400 "token not found") do not. None: not a Raft cluster (HashiCorp Vault's open
+        source standbys answer nothing themselves). When the lookup fails, so does the call: "gone" is
+        not believed unasked (a revocation is then queued and retried)."""
+        if _calling.index:
+            return _calling.index
+        self.lookup_self("this client's token (for the cluster's X-Vault-Index, before believing 'not found')")
+        return _calling.index
+
+    def _revoke_accessor(self, accessor: str, ask_active: str | None = None) -> bool:
         try:
-            with self._call("revoking the pod token"):
+            with self._call("revoking the pod token", ask_active):
                 response = self.client.auth.token.revoke_accessor(accessor)
         except VaultDenied as exc:
-            # HashiCorp Vault answers 400 "invalid accessor" for a token that expired or was revoked.
-            if "invalid accessor" in str(exc).lower():
+            # HashiCorp Vault answers 400 "invalid accessor" for a token that expired or was revoked;
+            # 400 "token not found": the accessor's entry is there but not the token's (revoked meanwhile,
+            # or a standby that has applied one write of the create and not yet the other).
+            if "invalid accessor" in str(exc).lower() or "token not found" in str(exc).lower():
                 return False
             raise
         # OpenBao answers 200 with a warning instead; a 204 comes back as a Response object.
@@ -404,9 +484,16 @@ class Vault:
         return not any("no token found" in str(w).lower() for w in warnings)
 
     def lookup_accessor(self, accessor: str) -> dict[str, Any] | None:
-        """A token's properties by accessor (never the token itself); None when Vault no longer has it."""
+        """A token's properties by accessor (never the token itself); None when Vault no longer has it
+        (asked of the active node too before it is believed: see revoke_accessor)."""
+        found = self._lookup_accessor(accessor)
+        if found is None and (index := self._cluster_index()):
+            found = self._lookup_accessor(accessor, ask_active=index)
+        return found
+
+    def _lookup_accessor(self, accessor: str, ask_active: str | None = None) -> dict[str, Any] | None:
         try:
-            with self._call("looking up a pod token by accessor"):
+            with self._call("looking up a pod token by accessor", ask_active):
                 return self.client.auth.token.lookup_accessor(accessor)["data"]
         except VaultDenied as exc:
             if "invalid accessor" in str(exc).lower():  # expired or revoked
