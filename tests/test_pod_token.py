@@ -31,13 +31,13 @@ from .conftest import (
 from .faultserver import FaultServer
 from .kubelet import Kubelet
 from .pki import issue, make_ca
+from .podside import FS_GROUP, out_dir, pod_env, token_argv, wrapping_token
 from .vaultserver import REPO, VaultHTTPError, VaultServer, bao_binary, dies_with_parent, free_port, stop_process
 
 EXAMPLES = REPO / "installer" / "examples" / "pod-side"
 EXAMPLE_FILES = sorted(EXAMPLES.glob("*.yaml"))
 NGINX = {"vault/policies": "nginx"}
 SHORT_ROLE, PERIOD = "pod-short", 3  # seconds: the renewal tests' token period
-FS_GROUP = 2000
 # The renewal tests run `token` from the source and the build side by side; the kubelet mounts with the source.
 BOTH_SIDE_BY_SIDE = pytest.mark.parametrize("driver_cmd", [source_cmd()], ids=["source+build"])
 
@@ -59,25 +59,6 @@ def short_role(bao) -> str:
     if grant not in policy:
         bao.write_policy("token_generator", policy + "\n" + grant + "\n")
     return SHORT_ROLE
-
-
-def out_dir(tmp_path: Path, name: str = "out", group: int | None = FS_GROUP) -> Path:
-    """The shared emptyDir as the kubelet makes it under an fsGroup: group-owned, setgid."""
-    path = tmp_path / name
-    path.mkdir()
-    if group is not None:
-        os.chown(path, 0, group)
-        path.chmod(0o2770)
-    return path
-
-
-def token_argv(driver_cmd: list[str], volume: Path, out: Path, *flags: str) -> list[str]:
-    return [*driver_cmd, "token", "--volume", str(volume), "--out", str(out), *flags]
-
-
-def pod_env(vault_addr: str) -> dict[str, str]:
-    # A container's environment: VAULT_ADDR and nothing of the node's settings.
-    return {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": str(REPO), "VAULT_ADDR": vault_addr}
 
 
 def run_token(driver_cmd, bao, volume, out, *flags, vault_addr: str | None = None) -> subprocess.CompletedProcess:
@@ -107,10 +88,6 @@ def rfc3339(text: str) -> datetime:
 
 def read_kv(bao, token: str) -> dict:
     return bao.request("GET", "secret/data/nginx/app", token=token)["data"]["data"]
-
-
-def wrapping_token(volume: Path) -> str:
-    return remember_secret((volume / "vault-token").read_text())
 
 
 def test_token_unwraps_once_writes_every_format_and_a_restart_reuses_it(kubelet, bao, kv_secret, driver_cmd,

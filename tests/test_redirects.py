@@ -24,7 +24,7 @@ from .csikubelet import new_pod
 from .csinode import CsiNode
 from .kubelet import Kubelet
 from .pki import issue, make_ca
-from .test_pod_token import FS_GROUP, out_dir, pod_env, token_argv, wrapping_token
+from .podside import FS_GROUP, out_dir, pod_env, token_argv, wrapping_token
 
 NGINX = {"vault/policies": "nginx"}
 
