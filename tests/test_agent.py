@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 import time
 from itertools import pairwise
 
@@ -17,7 +18,7 @@ import pytest
 from .agents import AgentProcess
 from .conftest import driver_env, generator_file, on_source_and_build, remember_secret
 from .kubelet import is_mount_point
-from .vaultserver import closed_addr
+from .vaultserver import REPO, closed_addr
 
 NGINX = {"vault/policies": "nginx"}
 
@@ -163,3 +164,27 @@ def test_health_port_in_use_fails_fast_with_a_clear_error(bao, driver_cmd, tmp_p
                               capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1
     assert f"127.0.0.1:{port}" in proc.stderr and "health server cannot listen" in proc.stderr
+
+
+def test_the_vault_stack_is_imported_before_any_service_starts(tmp_path):
+    """hvac's modules import each other: two services' threads importing it for the first time at once
+    got importlib's _DeadlockError and the agent died at start (seen in a full run: the relay's start
+    against the generator renewal's first call). So the agent imports it in its main thread first."""
+    probe = tmp_path / "probe.py"
+    probe.write_text(
+        "import sys, threading\n"
+        "from vaulttmpfs.node.agent import Agent\n"
+        "from vaulttmpfs.node.service import Service\n"
+        "seen = []\n"
+        "class Probe(Service):\n"
+        "    def start(self):\n"
+        "        seen.append('hvac.exceptions' in sys.modules and 'requests' in sys.modules)\n"
+        "        agent.stopping.set()\n"
+        "agent = Agent([Probe()], health_addr=None)\n"
+        "assert 'hvac' not in sys.modules\n"
+        "agent.run(handle_signals=False)\n"
+        "print(seen)\n")
+    proc = subprocess.run([sys.executable, str(probe)], capture_output=True, text=True, timeout=60,
+                          cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[True]"

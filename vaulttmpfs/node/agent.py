@@ -94,6 +94,7 @@ class Agent:
                 signal.signal(signum, lambda *_: self.stopping.set())
             signal.signal(signal.SIGHUP, lambda *_: log.reopen())  # logrotate's postrotate
         started: list[Service] = []
+        import_vault_stack()
         try:
             for service in ([self.health] if self.health else []) + self.services:
                 service.start()
@@ -106,3 +107,17 @@ class Agent:
             for service in started:
                 if isinstance(service, Loop):
                     service.join(timeout=5)
+
+
+def import_vault_stack() -> None:
+    """Import what a Vault call imports, here in the main thread before any service starts. hvac's
+    modules import each other; two services' threads importing it for the first time at once got
+    `_DeadlockError` from importlib (seen: the relay's start against the generator renewal's first
+    call). Paid once at start, not on the first pod's mount. vault.client first: it quiets requests'
+    import warning."""
+    # isort: off
+    from ..vault import client  # noqa: F401
+    from ..engine import operation  # noqa: F401
+    import hvac.exceptions  # noqa: F401
+    import requests  # noqa: F401
+    # isort: on

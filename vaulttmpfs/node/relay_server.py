@@ -54,7 +54,6 @@ class RelayServer(Service):
         self._thread = None
 
     def start(self) -> None:
-        _warm_up()
         self._sock, self._inode = _listen(self.path, self.banner)
         self._thread = threading.Thread(target=self._accept_loop, name=self.name, daemon=True)
         self._thread.start()
@@ -154,18 +153,6 @@ class RelayServer(Service):
             conn.sendall(encode_reply(payload, code))
         except OSError as exc:
             logger.warning("relay caller gone before the answer", verb=argv[0], peer_pid=pid, error=str(exc))
-
-
-def _warm_up() -> None:
-    # What a call would import, paid once at start instead of on the first pod's mount (hvac and
-    # requests otherwise load on a Vault client's first use). vault.client first: it quiets
-    # requests' import warning.
-    # isort: off
-    from ..vault import client  # noqa: F401
-    from ..engine import operation  # noqa: F401
-    import hvac  # noqa: F401
-    import requests  # noqa: F401
-    # isort: on
 
 
 def _current_thread():
