@@ -91,6 +91,62 @@ def vault_pids(bao) -> list[int]:
     return [n.proc.pid for n in (cluster.nodes if cluster else [bao]) if n.proc and n.proc.poll() is None]
 
 
+AUDITED_HEADERS = ("x-vault-index", "x-vault-inconsistent", "x-vault-forward", "x-vault-wrap-ttl")
+
+
+def audit_start(bao) -> dict | None:
+    """With --cluster-audit (tests/raftcluster.py's audit device on every node): the headers the audit shows
+    unhashed, and where each node's log ends now (what follows is the phase to count)."""
+    cluster = getattr(bao, "cluster", None)
+    if not cluster or not os.environ.get("VAULTTMPFS_RAFT_AUDIT"):
+        return None
+    leader = cluster.leader()
+    for header in AUDITED_HEADERS:
+        leader.request("POST", f"sys/config/auditing/request-headers/{header}", {"hmac": False})
+    return {node.name: os.path.getsize(node.log_path) for node in cluster.nodes}
+
+
+def audit_count(bao, marks: dict | None) -> dict | None:
+    """Per node (active or standby): request entries per "operation path [headers] {body keys}", and the
+    client connections (remote ports) they came on, since audit_start()."""
+    if marks is None:
+        return None
+    cluster = bao.cluster
+    active = cluster.leader().name
+    counted = {}
+    for node in cluster.nodes:
+        with open(node.log_path, "rb") as log:
+            log.seek(marks[node.name])
+            lines = log.read().splitlines()
+        requests: dict[str, int] = {}
+        ports: set = set()
+        errors: dict[str, int] = {}
+        for line in lines:
+            if not line.startswith(b"{"):
+                continue
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue
+            req = entry.get("request") or {}
+            path = req.get("path", "")
+            key = f"{req.get('operation')} {path}"
+            if entry.get("type") == "request":
+                headers = sorted(h for h in (req.get("headers") or {}))
+                body = sorted((req.get("data") or {}).keys())
+                key += (f" [{','.join(headers)}]" if headers else "") + (f" {{{','.join(body)}}}" if body else "")
+                if req.get("wrap_ttl"):
+                    key += f" wrap_ttl={req['wrap_ttl']}"
+                requests[key] = requests.get(key, 0) + 1
+                ports.add((req.get("remote_address"), req.get("remote_port")))
+            elif entry.get("error"):
+                err = f"{key}: {entry['error'][:80]}"
+                errors[err] = errors.get(err, 0) + 1
+        counted[f"{node.name} ({'active' if node.name == active else 'standby'})"] = {
+            "requests": dict(sorted(requests.items())), "connections": len(ports), "errors": errors}
+    return counted
+
+
 def scrape_cost(bao) -> float:
     """What one handled() adds to the count itself (the scrapes a node counts), measured."""
     first = handled(bao)
@@ -234,10 +290,12 @@ def run(args, bao, work: Path, env_base: dict[str, str], role: str, wrap_ttl: st
             node.csi.wait_ready()
         drive(nodes, 2, 1)  # warm-up: connections, the generator check and the role read, per node
         cost = scrape_cost(bao)
+        marks = audit_start(bao)
         before = handled(bao)
         cpu = ([n.csi.agent.cpu_ms() for n in nodes], [cpu_ms(p) for p in vault_pids(bao)], own_cpu_ms())
         spent = [node.seconds() for node in nodes]
         ours = drive(nodes, args.cluster_pods, args.cluster_concurrency)
+        ours["audit"] = audit_count(bao, marks)
         ours["agent_ms_per_pod"] = {}  # where a pod's time in the agents went, summed over the nodes
         for node, earlier in zip(nodes, spent, strict=True):
             for what, total in node.seconds().items():
@@ -251,9 +309,11 @@ def run(args, bao, work: Path, env_base: dict[str, str], role: str, wrap_ttl: st
         budget = int(min(b.get("size", 4) for b in ours["write_budget_per_node"]))
         in_flight = len(nodes) * min(args.cluster_concurrency, budget)
         raw = RawClient(bao, nodes[0].generator["client_token"], role, wrap_ttl)
+        marks = audit_start(bao)
         before = handled(bao)
         cpu = ([], [cpu_ms(p) for p in vault_pids(bao)], own_cpu_ms())
         ceiling = _drive_raw(raw, len(nodes) * args.cluster_pods, in_flight)
+        ceiling["audit"] = audit_count(bao, marks)
         ceiling["client_cpu_ms_per_pod"] = round((own_cpu_ms() - cpu[2]) / ceiling["pods"], 1)
         ceiling["vault_cpu_ms_per_pod"] = round((sum(map(cpu_ms, vault_pids(bao))) - sum(cpu[1])) / ceiling["pods"], 1)
         ceiling["vault_requests_per_pod"] = requests_per_pod(bao, before, ceiling["pods"], cost)
@@ -323,5 +383,10 @@ def table(result: dict) -> str:
     rows.append("write budget per node (size/peak in flight/waits/refusals): " + ", ".join(
         f"{b.get('size', 0):.0f}/{b.get('peak', 0):.0f}/{b.get('waits', 0):.0f}/{b.get('refusals', 0):.0f}"
         for b in budgets))
+    for who in ("ours", "ceiling"):
+        for node, seen in (result[who].get("audit") or {}).items():
+            rows.append(f"audit, {who}, {node}: {seen['connections']} client connections")
+            rows += [f"  {n:>5}  {what}" for what, n in seen["requests"].items()]
+            rows += [f"  {n:>5}  error: {what}" for what, n in seen["errors"].items()]
     rows += [f"{c['result']}  {c['name']}: {c['value']} ({c['rule']})" for c in result["targets"]]
     return "\n".join(rows)
