@@ -25,7 +25,6 @@ from pathlib import Path
 
 from .vaultserver import PortTaken, VaultServer, bao_binary, free_port, stop_process
 
-
 # VAULTTMPFS_RAFT_AUDIT=1 (the bench's --cluster-audit): a file audit device on every node, writing to the
 # node's stdout, i.e. its own bao.log (a declared device is replicated: one file_path for all nodes, so
 # stdout is what keeps them apart). Values stay HMAC'd: only paths, operations and headers are counted.
