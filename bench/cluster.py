@@ -150,7 +150,7 @@ def audit_count(bao, marks: dict | None) -> dict | None:
                 requests[key] = requests.get(key, 0) + 1
                 ports.add((req.get("remote_address"), req.get("remote_port")))
             elif entry.get("error"):
-                err = f"{key}: {entry['error'][:80]}"
+                err = f"{key}: {' '.join(entry['error'].split())[:100]}"  # the standby's own try, then forwarded
                 errors[err] = errors.get(err, 0) + 1
         counted[f"{node.name} ({'active' if node.name == active else 'standby'})"] = {
             "requests": dict(sorted(requests.items())), "connections": len(ports), "errors": errors}
