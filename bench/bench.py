@@ -666,10 +666,15 @@ def parse_args(argv: list[str] | None = None):
                              "client making the same Vault calls at the same concurrency (the ceiling)")
     parser.add_argument("--cluster-concurrency", type=int, default=4, help="publishes at a time per node [4]")
     parser.add_argument("--cluster-pods", type=int, default=50, help="publish+unpublish cycles per node [50]")
+    parser.add_argument("--cluster-audit", action="store_true",
+                        help="with --vault raft: a file audit device on every node; prints what each node was asked "
+                             "per path and operation, ours vs the raw client (the audit's own cost is in the figures)")
     parser.add_argument("--json", default=str(REPO / "bench" / "results.json"), help="write results here")
     parser.add_argument("--fail-on-miss", action="store_true",
                         help="exit 1 when a target of the first mode misses (init, RSS, its mount and burst)")
     args = parser.parse_args(argv)
+    if args.cluster_audit:
+        os.environ["VAULTTMPFS_RAFT_AUDIT"] = "1"  # tests/raftcluster.py: read when each node's config is written
     args.cmd = shlex.split(args.exe)
     args.modes = [m for m in args.modes.split(",") if m]
     if not set(args.modes) <= {"broker", "agent", "standalone", "csi"} or not args.modes:

@@ -25,6 +25,17 @@ from pathlib import Path
 
 from .vaultserver import PortTaken, VaultServer, bao_binary, free_port, stop_process
 
+# VAULTTMPFS_RAFT_AUDIT=1 (the bench's --cluster-audit): a file audit device on every node, writing to the
+# node's stdout, i.e. its own bao.log (a declared device is replicated: one file_path for all nodes, so
+# stdout is what keeps them apart). Values stay HMAC'd: only paths, operations and headers are counted.
+AUDIT_STANZA = """
+audit "file" "bench" {
+  options {
+    file_path = "stdout"
+  }
+}
+"""
+
 
 class RaftNode(VaultServer):
     """One Raft node; the admin helpers of VaultServer (request, write_policy, ...) against it."""
@@ -67,7 +78,7 @@ telemetry {{
   prometheus_retention_time = "1h"
   disable_hostname = true
 }}
-"""
+""" + (AUDIT_STANZA if os.environ.get("VAULTTMPFS_RAFT_AUDIT") else "")
 
     def start(self, timeout: float = 30.0) -> "RaftNode":
         for _ in range(3):
