@@ -15,6 +15,14 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def remove(path: str) -> None:
+    """Unlink `path`; one already gone is fine (contextlib.suppress without contextlib's import)."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
 def replace(path: str, data: bytes, mode: int = 0o600, gid: int | None = None, durable: bool = True) -> None:
     """Write `data` to a temp file beside `path` (owner root, group `gid`), then rename it over `path`.
 

@@ -127,10 +127,7 @@ class StateStore:
 
     def forget_volume(self, mount_dir: str) -> None:
         # Only the record: the lock file goes when its holder releases it (see locked()).
-        try:
-            os.unlink(self._volume_path(mount_dir, ".json"))
-        except FileNotFoundError:
-            pass
+        files.remove(self._volume_path(mount_dir, ".json"))
 
     def list_volumes(self) -> list[VolumeRecord]:
         """Every volume record (with `since`: when it was written), oldest first."""
@@ -165,10 +162,7 @@ class StateStore:
         return [r for r in records if r and r.get("accessor")]
 
     def drop_pending(self, accessor: str) -> None:
-        try:
-            os.unlink(os.path.join(self.pending, _safe(accessor) + ".json"))
-        except FileNotFoundError:
-            pass
+        files.remove(os.path.join(self.pending, _safe(accessor) + ".json"))
 
     def add_intent(self, mount_dir: str, value: dict[str, Any]) -> str:
         """Durably note a create about to be sent for `mount_dir`; its name, for drop_intent."""
@@ -179,10 +173,7 @@ class StateStore:
         return name
 
     def drop_intent(self, name: str) -> None:
-        try:
-            os.unlink(os.path.join(self.intents, _safe(name) + ".json"))
-        except FileNotFoundError:
-            pass
+        files.remove(os.path.join(self.intents, _safe(name) + ".json"))
 
     def list_intents(self, mount_dir: str | None = None) -> list[dict[str, Any]]:
         """Every intent left (oldest first), or those of one volume: creates whose token was neither
@@ -221,10 +212,7 @@ class _Locked:
         store = self.store
         try:
             if not os.path.exists(store._volume_path(self.mount_dir, ".json")):
-                try:
-                    os.unlink(store._volume_path(self.mount_dir, ".lock"))
-                except FileNotFoundError:
-                    pass
+                files.remove(store._volume_path(self.mount_dir, ".lock"))
         finally:
             os.close(self.fd)
 
