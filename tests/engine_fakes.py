@@ -94,10 +94,10 @@ class MemoryStore:
     def list_pending(self) -> list[dict[str, Any]]:
         return list(self.pending.values())
 
-    def add_intent(self, mount_dir: str, value: dict[str, Any]) -> str:
+    def add_intent(self, mount_dir: str, value: dict[str, Any]) -> tuple[str, _Written]:
         name = f"intent-{len(self.intents) + len(self.notes)}-{mount_dir}"
         self.intents[name] = {**value, "mount_dir": mount_dir, "name": name}
-        return name
+        return name, _Written()
 
     def drop_intent(self, name: str) -> None:
         self.intents.pop(name, None)
@@ -232,6 +232,15 @@ class VaultDouble:
         found = accessor in self.alive
         self.alive.discard(accessor)
         return found
+
+    def revoke_accessors(self, accessors: list[str]) -> list[bool | DriverError]:
+        answers: list[bool | DriverError] = []
+        for accessor in accessors:
+            try:
+                answers.append(self.revoke_accessor(accessor))
+            except DriverError as exc:
+                answers.append(exc)
+        return answers
 
     def lookup_self(self) -> dict[str, Any]:
         return {"policies": list(self.generator_policies)}

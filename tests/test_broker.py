@@ -105,6 +105,51 @@ def test_a_brokered_mount_and_unmount(node, agent, bao):
     assert node.driver_calls()[-1]["vault"] == "broker"
 
 
+def test_an_unmount_revokes_both_tokens_in_one_broker_request(node, agent, bao):
+    reply, path = node.mount(node.new_pod(), NGINX)
+    assert reply.ok, reply.body
+    info = json.loads((path / "vault-token.json").read_text())
+    pod_token, wrapping_token = info["wrapped_accessor"], info["accessor"]
+    assert bao.lookup_accessor(pod_token) and bao.lookup_accessor(wrapping_token)
+    before = broker_status(agent)["relayed"]
+    assert node.unmount(path).ok
+    assert broker_status(agent)["relayed"] == before + 1  # one round trip, not one per token
+    assert bao.lookup_accessor(pod_token) is None and bao.lookup_accessor(wrapping_token) is None
+    assert node.driver_calls()[-1]["vault"] == "broker"
+
+
+def test_an_agent_without_the_batch_is_asked_once_per_token(node, bao, monkeypatch):
+    """An agent from before revoke_accessors (a DaemonSet mid-rollout) refuses it; each token is then
+    revoked on its own: the real broker, in-process, with the op taken out."""
+    from vaulttmpfs.engine.operation import Engine
+    from vaulttmpfs.engine.record import VolumeRecord
+    from vaulttmpfs.flexvolume import broker, protocol
+    from vaulttmpfs.node import broker_server
+
+    monkeypatch.setattr(broker_server, "OPS", broker_server.OPS - {"revoke_accessors"})
+    config, problem = protocol.load_settings(node.env)
+    assert problem is None
+    server = broker_server.BrokerServer(config)
+    server.start()
+    try:
+        tokens = [bao.create_token(policies=["nginx"])["accessor"] for _ in range(2)]
+        found, why = broker.find(config.broker_socket, node.env)
+        assert found, why
+        engine = Engine(config, vault=found)
+        outcome = engine.revoke_or_queue(VolumeRecord(*tokens, pod_uid="p"), _Logger(), why="test")
+        assert str(outcome).startswith("token revoked"), outcome
+        assert [bao.lookup_accessor(t) for t in tokens] == [None, None]
+        assert server.status()["relayed"] == 2
+        assert server.status()["failed"] == 0
+    finally:
+        server.stop()
+
+
+class _Logger:
+    def __getattr__(self, _name):
+        return lambda *args, **kwargs: None
+
+
 def test_without_an_agent_the_call_is_standalone_and_says_so(node, bao):
     reply, path = node.mount(node.new_pod(), NGINX)
     assert reply.ok, reply.body

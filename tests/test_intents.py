@@ -149,7 +149,8 @@ def test_a_driver_killed_while_vault_answers_leaves_its_intent_for_status(bao, f
 
 def test_reconcile_forgets_an_intent_once_its_bound_has_passed(tmp_path):
     store = StateStore(str(tmp_path / "state"))
-    name = store.add_intent("/pods/x/volumes/v", {"at": 1000.0, "until": 5000.0, "bound": "test"})
+    name, synced = store.add_intent("/pods/x/volumes/v", {"at": 1000.0, "until": 5000.0, "bound": "test"})
+    synced.wait()
     assert [i["name"] for i in intents.outstanding(store, now=4999.0)] == [name]
     assert intents.prune(store, now=4999.0) == 0
     assert intents.prune(store, now=5000.0) == 1
@@ -168,7 +169,7 @@ def test_metrics_count_unrecorded_tokens(tmp_path):
     from vaulttmpfs.node.metrics import NodeState
 
     store = StateStore(str(tmp_path / "state"))
-    store.add_intent("/pods/x/volumes/v", {"at": time.time(), "until": time.time() + 3600, "bound": "test"})
+    store.add_intent("/pods/x/volumes/v", {"at": time.time(), "until": time.time() + 3600, "bound": "test"})[1].wait()
     families = {f.name: f for f in NodeState(Config(state_dir=store.root), []).collect()}
     assert families["vaulttmpfs_unrecorded_tokens"].samples[0].value == 1
     assert families["vaulttmpfs_unrecorded_tokens_alive_until_seconds"].samples[0].value > time.time()

@@ -164,13 +164,13 @@ class StateStore:
     def drop_pending(self, accessor: str) -> None:
         files.remove(os.path.join(self.pending, _safe(accessor) + ".json"))
 
-    def add_intent(self, mount_dir: str, value: dict[str, Any]) -> str:
-        """Durably note a create about to be sent for `mount_dir`; its name, for drop_intent."""
+    def add_intent(self, mount_dir: str, value: dict[str, Any]) -> tuple[str, files.Sync]:
+        """Note a create about to be sent for `mount_dir`: its name (for drop_intent), and its fsync,
+        under way meanwhile (as write_volume's). In place at once: this process dying keeps it."""
         self._ensure(self.intents)
         name = f"{self.key(mount_dir)}.{time.time_ns()}"
-        _write_json(os.path.join(self.intents, name + ".json"),
-                    {**value, "mount_dir": os.fsdecode(mount_dir), "name": name})
-        return name
+        data = jsonlite.dumps({**value, "mount_dir": os.fsdecode(mount_dir), "name": name}).encode()
+        return name, files.replace_then_sync(os.path.join(self.intents, name + ".json"), data, 0o600)
 
     def drop_intent(self, name: str) -> None:
         files.remove(os.path.join(self.intents, _safe(name) + ".json"))

@@ -37,7 +37,7 @@ from .relay_server import RelayServer
 JOURNAL_DIR = "broker"
 SWEEP_INTERVAL = 300.0
 VAULT_THREADS = 8  # long-lived, so each keeps its warm clients (vault.client keeps them per thread)
-OPS = set(broker.MINTS) | {"revoke_accessor", "lookup_self", "read_token_role"}
+OPS = set(broker.MINTS) | {"revoke_accessor", "revoke_accessors", "lookup_self", "read_token_role"}
 
 
 @dataclass
@@ -76,7 +76,7 @@ class BrokerServer(RelayServer):
         try:
             op, args = argv[0], json.loads(argv[1])
             if op not in OPS or not isinstance(args, dict) or len(argv) != 2:
-                raise DriverError(f"the broker does not do {op!r}")
+                raise DriverError(f"{broker.UNKNOWN_OP} {op!r}")
             config, problem = protocol.load_settings(env)  # the caller's settings, as the relay takes them
             if problem is not None:
                 raise problem
@@ -87,10 +87,19 @@ class BrokerServer(RelayServer):
             return
         if op in broker.MINTS:
             self._serve_mint(conn, op, args, token, config, logger)
+        elif op == "revoke_accessors":
+            _send(conn, self._revoke_all(config, token, args.get("accessors")))
         else:
-            _send(conn, self._vault.submit(_call, config, token, op, args).result())
+            _send(conn, _encode(self._vault.submit(_call, config, token, op, args).result()))
         self._count("relayed")
         logger.debug("brokered", op=op, peer_pid=pid, ms=round((time.monotonic() - started) * 1000, 1))
+
+    def _revoke_all(self, config, token, accessors) -> tuple[bytes, int]:
+        """Each accessor's revocation on its own warm client, all at once; one answer per accessor."""
+        if not isinstance(accessors, list) or not all(isinstance(a, str) and a for a in accessors):
+            return _failure(DriverError("revoke_accessors takes a list of accessors"))
+        calls = [self._vault.submit(_call, config, token, "revoke_accessor", {"accessor": a}) for a in accessors]
+        return _success([call.result() for call in calls])
 
     # ---------------------------------------------------------------- mints
 
@@ -281,21 +290,30 @@ def _journal_entries(state_dir: str):
             continue  # torn by a crash before its fsync: its answer never left (written before it)
 
 
-def _call(config, token, op, args) -> tuple[bytes, int]:
+def _call(config, token, op, args) -> dict:
+    """{"result": ...}, or {"error": <kind>, "message": ...} (flexvolume.broker turns it back into the error)."""
     from ..vault.client import Vault
 
     try:
-        return _success(getattr(Vault(config, token), op)(**args))
+        return {"result": getattr(Vault(config, token), op)(**args)}
     except DriverError as exc:
-        return _failure(exc)
+        return _error_answer(exc)
+
+
+def _error_answer(exc: Exception, **extra) -> dict:
+    return {"error": type(exc).__name__, "message": str(exc), **extra}
+
+
+def _encode(answer: dict) -> tuple[bytes, int]:
+    return json.dumps(answer).encode() + b"\n", 1 if "error" in answer else 0
 
 
 def _success(result) -> tuple[bytes, int]:
-    return json.dumps({"result": result}).encode() + b"\n", 0
+    return _encode({"result": result})
 
 
 def _failure(exc: Exception, **extra) -> tuple[bytes, int]:
-    return json.dumps({"error": type(exc).__name__, "message": str(exc), **extra}).encode() + b"\n", 1
+    return _encode(_error_answer(exc, **extra))
 
 
 def _send(conn, answer: tuple[bytes, int]) -> None:

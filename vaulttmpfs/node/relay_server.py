@@ -103,18 +103,42 @@ class RelayServer(Service):
                     log.get().error("relay accept failed", error=str(exc))
                     self._stopping.wait(0.5)
                     continue
-                worker = threading.Thread(target=self._serve, args=(conn,), name="relay-call", daemon=True)
+                pid = self._greet(conn)
+                if pid is None:
+                    self._slots.release()
+                    continue
+                worker = threading.Thread(target=self._serve, args=(conn, pid), name="relay-call", daemon=True)
                 with self._lock:
                     self._workers.add(worker)
                 worker.start()
         finally:
             self._sock.close()
 
-    def _serve(self, conn) -> None:
+    def _greet(self, conn) -> int | None:
+        """The caller's pid once it has the banner; None if it is refused or gone (then closed). Done
+        here, not in the call's thread: the caller then waits for the banner, not for a thread to start."""
+        try:
+            pid, uid = _peer(conn)
+            if uid != 0:
+                self._count("refused")
+                log.get(component="relay").warning("relay refused a caller that is not root", peer_pid=pid,
+                                                   peer_uid=uid)
+                conn.close()
+                return None
+            conn.settimeout(self.REQUEST_TIMEOUT)
+            conn.sendall(self.banner)
+        except OSError as exc:
+            self._count("dropped")
+            log.get(component="relay").warning("relay call dropped before it started", error=str(exc))
+            conn.close()
+            return None
+        return pid
+
+    def _serve(self, conn, pid: int) -> None:
         logger = log.get(component="relay")
         try:
             with conn:
-                self._serve_call(conn, logger)
+                self._serve_call(conn, pid, logger)
         except Exception as exc:  # one broken call must not take the agent down
             self._count("failed")
             logger.error("relay call failed", exc_info=exc)
@@ -123,15 +147,8 @@ class RelayServer(Service):
                 self._workers.discard(_current_thread())
             self._slots.release()
 
-    def _serve_call(self, conn, logger) -> None:
-        pid, uid = _peer(conn)
-        if uid != 0:
-            self._count("refused")
-            logger.warning("relay refused a caller that is not root", peer_pid=pid, peer_uid=uid)
-            return
-        conn.settimeout(self.REQUEST_TIMEOUT)
+    def _serve_call(self, conn, pid: int, logger) -> None:
         try:
-            conn.sendall(self.banner)
             argv, env, node = decode_request(_read_frame(conn))
         except (OSError, ValueError) as exc:
             # The caller went away before its commit point, or spoke garbage: nothing was done.

@@ -458,6 +458,16 @@ class Vault:
             revoked = self._revoke_accessor(accessor, ask_active=index)
         return revoked
 
+    def revoke_accessors(self, accessors: list[str]) -> list[bool | DriverError]:
+        """revoke_accessor for each in turn: its answer, or the DriverError it raised (the rest still go)."""
+        answers: list[bool | DriverError] = []
+        for accessor in accessors:
+            try:
+                answers.append(self.revoke_accessor(accessor))
+            except DriverError as exc:
+                answers.append(exc)
+        return answers
+
     def _cluster_index(self) -> str | None:
         """The X-Vault-Index of the last answer, else of a lookup-self's: a Raft cluster's answers carry
         one, its errors (400 "token not found") do not. None: not a Raft cluster (HashiCorp Vault's open
