@@ -4,10 +4,10 @@ The driver call does the filesystem part itself; the agent only talks to Vault, 
 privilege. What keeps a token from outliving its pod when a call dies half-way:
 
 - A mint is journalled (<state dir>/broker/<hash>.json: the volume and the accessors) before its
-  answer is sent, and its connection stays open until the driver call ends. When it ends (exit,
-  crash, kill -9), the broker takes the volume's lock (the call's lock is released with it) and keeps
-  the token only if the volume's record names it; otherwise it revokes it (or queues the revocation
-  as unmount does). Either way the journal entry goes.
+  answer is sent (fsync'd while it goes: _write_journal), and its connection stays open until the
+  driver call ends. When it ends (exit, crash, kill -9), the broker takes the volume's lock (the
+  call's lock is released with it) and keeps the token only if the volume's record names it;
+  otherwise it revokes it (or queues the revocation as unmount does). Either way the journal entry goes.
 - One mint per volume (resolved mount dir, pod uid) at a time: a kubelet retry that asks for the same
   token while the first call's mint is still in flight, or answered to a call that is gone and not yet
   settled, is handed that token. The create is never sent to Vault twice.
@@ -51,6 +51,7 @@ class _Mint:
     done: threading.Event = field(default_factory=threading.Event)
     answer: tuple[bytes, int] | None = None
     accessors: list[str] = field(default_factory=list)
+    journalled: object = None  # the journal entry's fsync, under way once it is written (files.Sync)
 
 
 class BrokerServer(RelayServer):
@@ -141,6 +142,7 @@ class BrokerServer(RelayServer):
         if not mine:
             return  # handed over while Vault answered: the retry's connection answers and settles it
         _send(conn, mint.answer)
+        _durable(mint, logger)
         _wait_until_closed(conn)
         self._settle(mint, conn, config, logger)
 
@@ -170,7 +172,7 @@ class BrokerServer(RelayServer):
         mint.accessors = accessors
         if accessors:
             try:
-                _write_journal(mint.state_dir, mint.volume, accessors)
+                mint.journalled = _write_journal(mint.state_dir, mint.volume, accessors)
             except OSError as exc:
                 from ..engine.operation import Engine
                 from ..engine.record import VolumeRecord
@@ -257,13 +259,25 @@ def _journal_path(state_dir: str, accessor: str) -> str:
     return os.path.join(state_dir, JOURNAL_DIR, hashlib.sha256(accessor.encode()).hexdigest()[:40] + ".json")
 
 
-def _write_journal(state_dir: str, volume: tuple[str, str], accessors: list[str]) -> None:
+def _write_journal(state_dir: str, volume: tuple[str, str], accessors: list[str]):
+    """In place before the answer leaves (this agent killed, the next one finds it); its fsync, under
+    way meanwhile, is waited for once the answer is out (_durable). Only a power loss in between can
+    lose it, while the driver call fsyncs its own record of the token and its intent counts it."""
     from ..engine import files
 
     os.makedirs(os.path.join(state_dir, JOURNAL_DIR), mode=0o700, exist_ok=True)
     data = json.dumps({"mount_dir": volume[0], "pod_uid": volume[1], "accessors": accessors,
                        "at": time.time()}).encode()
-    files.replace(_journal_path(state_dir, accessors[0]), data, 0o600)
+    return files.replace_then_sync(_journal_path(state_dir, accessors[0]), data, 0o600)
+
+
+def _durable(mint: _Mint, logger) -> None:
+    if mint.journalled is None:
+        return
+    try:
+        mint.journalled.wait()
+    except OSError as exc:  # the token is the call's now: its record, or this agent's settling, covers it
+        logger.error("a broker journal entry could not be fsync'd", error=str(exc))
 
 
 def _drop_journal(state_dir: str, accessors: list[str]) -> None:
@@ -287,7 +301,7 @@ def _journal_entries(state_dir: str):
             yield path, {"mount_dir": str(entry["mount_dir"]), "pod_uid": str(entry.get("pod_uid") or ""),
                          "accessors": accessors}
         except (OSError, ValueError, KeyError, TypeError):
-            continue  # torn by a crash before its fsync: its answer never left (written before it)
+            continue  # torn by a power loss before its fsync (the call's record or intent covers it)
 
 
 def _call(config, token, op, args) -> dict:
