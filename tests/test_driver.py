@@ -312,6 +312,26 @@ def test_unwritable_log_file_does_not_break_mounts(kubelet, tmp_path):
     assert blocker.read_text() == ""
 
 
+def test_a_full_log_filesystem_does_not_break_mounts_or_unmounts(kubelet, bao, tmp_path):
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4k", "logfull", str(logs)], check=True)
+    try:
+        log_file = logs / "vaulttmpfs.log"
+        log_file.write_bytes(b"x" * 4096)  # the whole tmpfs: every further write gets ENOSPC
+        kubelet.env["VAULTTMPFS_LOG_FILE"] = str(log_file)
+        reply, path = kubelet.mount(kubelet.new_pod(), NGINX)
+        assert reply.ok, reply.body
+        _token, wrap_info = read_volume(path)
+        assert bao.lookup_accessor(wrap_info["wrapped_accessor"]) is not None
+        reply = kubelet.unmount(path)
+        assert reply.ok, reply.body
+        assert not is_mount_point(path)
+        assert bao.lookup_accessor(wrap_info["wrapped_accessor"]) is None
+    finally:
+        subprocess.run(["umount", str(logs)], check=False)
+
+
 @pytest.mark.parametrize("content", [b"t\xc3\xb6ken\n", b"two words\n", b"\x00\x01\x02"])
 def test_garbage_generator_token_file_is_named(kubelet, bao, tmp_path, content):
     garbage = tmp_path / "vaulttoken"

@@ -3,7 +3,8 @@
 A kubelet call (the exec) writes the same lines with `_LineLogger`, stdlib only: structlog costs
 ~35 ms of import, more than the whole brokered mount (docs/performance-flexvolume.md).
 
-If the log file cannot be opened, logging degrades to nothing rather than failing a mount.
+If the log file cannot be opened, logging degrades to nothing rather than failing a mount; a
+line that cannot be written (a full disk) is dropped.
 Token values registered with `secret()` are masked wherever they appear in an event.
 VAULTTMPFS_LOG_LEVEL (debug, info, warning, error) drops lines below it. The file is kept under
 VAULTTMPFS_LOG_MAX_BYTES: past it, whichever process writes next renames it to <file>.1 (one
@@ -182,17 +183,26 @@ class _LogFile:
         return fd
 
     def write(self, text: str) -> None:
+        """Append one line. A line that cannot be written (the log's disk full, an I/O error, a
+        rotation that fails) is dropped: a log line never fails the call that writes it (a mount
+        that minted, an unmount that revoked). The next line tries again."""
         data = text.encode("utf-8", errors="replace")
         with self.lock:
-            if self.reopen_requested or (self.max_bytes and self.regular and self._moved()):
-                self._reopen()
-            # Rotated before the line that would cross the limit, not after it: the newest line is
-            # always in the current file (where an operator looks first).
-            if self.max_bytes and self.regular:
-                size = os.fstat(self.fd).st_size
-                if size and size + len(data) > self.max_bytes:
-                    self._rotate()
-            os.write(self.fd, data)
+            try:
+                self._append(data)
+            except OSError:
+                pass
+
+    def _append(self, data: bytes) -> None:
+        if self.reopen_requested or (self.max_bytes and self.regular and self._moved()):
+            self._reopen()
+        # Rotated before the line that would cross the limit, not after it: the newest line is
+        # always in the current file (where an operator looks first).
+        if self.max_bytes and self.regular:
+            size = os.fstat(self.fd).st_size
+            if size and size + len(data) > self.max_bytes:
+                self._rotate()
+        os.write(self.fd, data)
 
     def flush(self) -> None:
         pass  # every line is one write(2)
