@@ -31,7 +31,7 @@ from .jwtsign import Signer
 from .kubelet import mount_entry
 from .manifests import SINCE, documents, render, rendered, validate
 from .vaultserver import REPO, closed_addr, free_port
-from .volumes import read_volume
+from .volumes import fill, read_volume, small_state_fs
 
 NGINX = {"vault/policies": "nginx"}
 @pytest.fixture(scope="module")
@@ -350,6 +350,22 @@ def test_vault_down_is_unavailable_and_nothing_is_mounted(bao, generator, log_di
         assert not node.kubelet.target_path(pod).exists() and state_records(node) == []
     finally:
         node.stop()
+
+
+def test_a_full_state_filesystem_is_resource_exhausted_and_nothing_is_minted(bao, generator, log_dir, tmp_path):
+    node = CsiNode(source_cmd(), bao, generator, tmp_path, log_dir)
+    with small_state_fs(tmp_path) as state:
+        node.start()
+        try:
+            fill(state)
+            before, pod = pod_tokens(bao), new_pod(namespace="shop")
+            # gRPC's code for "perhaps the entire file system is out of space": the kubelet retries it.
+            message = refused(lambda: node.kubelet.publish(pod, NGINX), grpc.StatusCode.RESOURCE_EXHAUSTED)
+            assert f"the state dir {state} (VAULTTMPFS_STATE_DIR) is full" in message, message
+            assert pod_tokens(bao) == before and state_records(node) == []
+            assert mount_entry(node.kubelet.target_path(pod)) is None
+        finally:
+            node.stop()
 
 
 def test_vault_connections_are_kept_alive_and_one_the_server_closed_never_costs_a_token(bao, generator, log_dir,

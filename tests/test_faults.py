@@ -23,8 +23,8 @@ from .conftest import driver_env, on_source_and_build, remember_secret, token_fi
 from .faultserver import CREATE, LOOKUP_SELF, FaultServer
 from .kubelet import Kubelet, is_mount_point
 from .pki import issue, make_ca, openssl
-from .vaultserver import VaultServer, bao_binary, free_port
-from .volumes import assert_refused, mounts_under, read_wrap, state_records
+from .vaultserver import VaultServer, bao_binary, closed_addr, free_port
+from .volumes import assert_refused, fill, mounts_under, read_wrap, small_state_fs, state_records
 
 NGINX = {"vault/policies": "nginx"}
 
@@ -203,6 +203,54 @@ def test_a_full_tmpfs_fails_unmounted_with_the_token_revoked(kubelet, bao, tmp_p
     assert_refused(reply, kubelet, bao, before, "cannot write ca.crt")
     assert "No space left on device" in reply.message and "VAULTTMPFS_TMPFS_SIZE=4k" in reply.message
     assert not is_mount_point(path) and os.listdir(path) == []
+
+
+# --- a full state filesystem ------------------------------------------------------------------------
+
+def test_a_full_state_filesystem_refuses_mounts_before_minting_and_lets_pods_go(kubelet, bao):
+    with small_state_fs(kubelet.root) as state:
+        reply, mounted = kubelet.mount(kubelet.new_pod(), NGINX)
+        assert reply.ok, reply.body
+        wrap = read_wrap(mounted)
+        fill(state)
+        before = set(bao.accessors())
+
+        reply, path = kubelet.mount(kubelet.new_pod(), NGINX)
+        assert reply.status == "Failure" and reply.exit_code == 1, reply.body
+        # What, where, why and what to do, in the kubelet's event: not a bare "[Errno 28]".
+        assert "No space left on device" in reply.message and "nothing was sent to Vault" in reply.message
+        assert f"the state dir {state} (VAULTTMPFS_STATE_DIR) is full" in reply.message, reply.message
+        assert set(bao.accessors()) == before and not is_mount_point(path)
+
+        reply = kubelet.unmount(mounted)  # a revocation needs no space
+        assert reply.ok, reply.body
+        assert not is_mount_point(mounted) and bao.lookup_accessor(wrap["wrapped_accessor"]) is None
+        assert state_records(kubelet) == []
+
+
+def test_a_full_state_filesystem_with_vault_down_keeps_the_volume_until_it_can_revoke(kubelet, bao):
+    with small_state_fs(kubelet.root) as state:
+        reply, mounted = kubelet.mount(kubelet.new_pod(), NGINX)
+        assert reply.ok, reply.body
+        wrap = read_wrap(mounted)
+        filler = fill(state)
+        kubelet.env["VAULT_ADDR"] = closed_addr()
+
+        # Neither revoked nor queued: the unmount fails, and what names the token (tmpfs, record) stays.
+        reply = kubelet.unmount(mounted)
+        assert reply.status == "Failure" and reply.exit_code == 1, reply.body
+        assert f"token {wrap['wrapped_accessor']} could not be revoked (" in reply.message, reply.message
+        assert "cannot reach Vault" in reply.message and "nor queued for a retry" in reply.message
+        assert f"the state dir {state} (VAULTTMPFS_STATE_DIR) is full" in reply.message
+        assert is_mount_point(mounted) and len(state_records(kubelet)) == 1
+        assert bao.lookup_accessor(wrap["wrapped_accessor"]) is not None
+
+        filler.unlink()  # the kubelet calls again once the node is healthy
+        kubelet.env["VAULT_ADDR"] = bao.addr
+        reply = kubelet.unmount(mounted)
+        assert reply.ok, reply.body
+        assert not is_mount_point(mounted) and bao.lookup_accessor(wrap["wrapped_accessor"]) is None
+        assert state_records(kubelet) == []
 
 
 # --- real OpenBao faults: sealed, generator revoked ------------------------------------------------

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+from contextlib import contextmanager
 from pathlib import Path
 
 from .conftest import remember_secret
@@ -55,3 +57,32 @@ def teardown_ok(kubelet, path: Path) -> None:
     if token.exists():
         remember_secret(token.read_text())
     assert kubelet.teardown(path).ok
+
+
+@contextmanager
+def small_state_fs(kubelet_root: Path):
+    """The node's state dir on a 256 KiB tmpfs of its own (the tests fill it)."""
+    state = kubelet_root / "state"
+    state.mkdir(mode=0o700, exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k,mode=0700", "vaulttmpfs-test-state", str(state)],
+                   check=True)
+    try:
+        yield state
+    finally:
+        subprocess.run(["umount", "-l", str(state)], check=False)
+
+
+def fill(directory: Path) -> Path:
+    """Every byte left on `directory`'s filesystem taken (ENOSPC for the next write); the filler's path."""
+    filler = directory / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        for size in (65536, 4096, 1):
+            try:
+                while True:
+                    os.write(fd, b"x" * size)
+            except OSError:
+                pass
+    finally:
+        os.close(fd)
+    return filler

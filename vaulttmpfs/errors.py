@@ -40,6 +40,22 @@ class Conflict(DriverError):
     """The volume is already there, made for a different request (readOnly, fsGroup): not remade."""
 
 
+class StateUnwritable(DriverError, OSError):
+    """The state dir could not take a write (its filesystem full or read-only, an I/O error): what
+    needed it was not done. An OSError too, so every handler of a failed state write still catches it."""
+
+    def __init__(self, message: str, cause: OSError):
+        super().__init__(message)
+        self.errno, self.strerror = cause.errno, cause.strerror
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+class StateFull(StateUnwritable):
+    """The state dir's filesystem is out of space (or quota)."""
+
+
 class TokenNotWrapped(VaultUnavailable):
     """Vault answered with a plain token (something stripped X-Vault-Wrap-TTL): not for the pod.
 

@@ -10,6 +10,7 @@ from ..errors import (
     Conflict,
     DriverError,
     Forbidden,
+    StateFull,
     VaultBusy,
     VaultDenied,
     VaultRateLimited,
@@ -26,6 +27,7 @@ _CODES = (
     # code for "a per-user quota is exhausted"; the kubelet retries it with backoff, as UNAVAILABLE.
     (VaultRateLimited, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (VaultBusy, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (StateFull, grpc.StatusCode.RESOURCE_EXHAUSTED),  # gRPC's words: "perhaps the entire file system is out of space"
     (VaultUnavailable, grpc.StatusCode.UNAVAILABLE),  # the kubelet retries with backoff
     (DriverError, grpc.StatusCode.INTERNAL),
 )

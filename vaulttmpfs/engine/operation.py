@@ -17,7 +17,7 @@ import os
 import time
 
 from .. import jsonlite, log, telemetry
-from ..errors import Conflict, DriverError, Forbidden, TokenNotWrapped, VaultDenied
+from ..errors import Conflict, DriverError, Forbidden, StateUnwritable, TokenNotWrapped, VaultDenied
 from ..value import Value
 from . import generator, intents, volume
 from .layout import FLEXVOLUME, Layout
@@ -369,8 +369,14 @@ class Engine:
         for accessor, revoked in zip(accessors, answers, strict=True):
             if isinstance(revoked, DriverError):
                 first = {"since": queued_at} if queued_at else {}  # a retry keeps when it was first queued
-                self.store.add_pending(accessor, {"why": why, "error": str(revoked), "pod_uid": record.pod_uid,
-                                                  **first})
+                try:
+                    self.store.add_pending(accessor, {"why": why, "error": str(revoked), "pod_uid": record.pod_uid,
+                                                      **first})
+                except StateUnwritable as exc:
+                    # Neither revoked nor queued: raised, so the caller keeps what names the token (the
+                    # volume's record, the tmpfs) and the kubelet calls again.
+                    raise type(exc)(f"token {accessor} could not be revoked ({revoked}) nor queued for a retry "
+                                    f"({exc})", exc) from None
                 logger.warning("revocation queued", accessor=accessor, error=str(revoked), why=why)
                 failures.append(str(revoked))
                 continue

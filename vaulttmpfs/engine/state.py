@@ -15,11 +15,13 @@ symlinked kubelet root, the real path) finds the same record and the same lock.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import time
 
 from .. import jsonlite, trust
+from ..errors import StateFull, StateUnwritable
 from . import files, volume
 from .record import VolumeRecord
 
@@ -118,12 +120,16 @@ class StateStore:
         name = f"{os.path.basename(path)[:-5]}.{time.time():.0f}.json"
         os.replace(path, os.path.join(corrupt, name))
 
-    def write_volume(self, mount_dir: str, record: VolumeRecord) -> files.Sync:
+    def write_volume(self, mount_dir: str, record: VolumeRecord) -> _Durable:
         """The volume's record, in place now and durable once the result's wait() returns (a mount
         does its work meanwhile). A record torn by a crash before that reads as corrupt (see read_volume)."""
-        self._ensure(self.volumes)
-        data = jsonlite.dumps({**record.to_json(), "mount_dir": os.fsdecode(mount_dir)}).encode()
-        return files.replace_then_sync(self._volume_path(mount_dir, ".json"), data, 0o600)
+        path = self._volume_path(mount_dir, ".json")
+        try:
+            self._ensure(self.volumes)
+            data = jsonlite.dumps({**record.to_json(), "mount_dir": os.fsdecode(mount_dir)}).encode()
+            return _Durable(files.replace_then_sync(path, data, 0o600), self, "the volume's record", path)
+        except OSError as exc:
+            raise self.unwritable("the volume's record", path, exc) from None
 
     def forget_volume(self, mount_dir: str) -> None:
         # Only the record: the lock file goes when its holder releases it (see locked()).
@@ -148,9 +154,12 @@ class StateStore:
         return sorted(records, key=lambda r: r.since)
 
     def add_pending(self, accessor: str, record: dict[str, Any]) -> None:
-        self._ensure(self.pending)
-        _write_json(os.path.join(self.pending, _safe(accessor) + ".json"),
-                    {"accessor": accessor, "since": time.time(), **record})
+        path = os.path.join(self.pending, _safe(accessor) + ".json")
+        try:
+            self._ensure(self.pending)
+            _write_json(path, {"accessor": accessor, "since": time.time(), **record})
+        except OSError as exc:
+            raise self.unwritable("a queued revocation", path, exc) from None
 
     def list_pending(self) -> list[dict[str, Any]]:
         self.trust()
@@ -164,13 +173,18 @@ class StateStore:
     def drop_pending(self, accessor: str) -> None:
         files.remove(os.path.join(self.pending, _safe(accessor) + ".json"))
 
-    def add_intent(self, mount_dir: str, value: dict[str, Any]) -> tuple[str, files.Sync]:
+    def add_intent(self, mount_dir: str, value: dict[str, Any]) -> tuple[str, _Durable]:
         """Note a create about to be sent for `mount_dir`: its name (for drop_intent), and its fsync,
         under way meanwhile (as write_volume's). In place at once: this process dying keeps it."""
-        self._ensure(self.intents)
         name = f"{self.key(mount_dir)}.{time.time_ns()}"
-        data = jsonlite.dumps({**value, "mount_dir": os.fsdecode(mount_dir), "name": name}).encode()
-        return name, files.replace_then_sync(os.path.join(self.intents, name + ".json"), data, 0o600)
+        path = os.path.join(self.intents, name + ".json")
+        what = "the note of a token create before sending it (nothing was sent to Vault)"
+        try:
+            self._ensure(self.intents)
+            data = jsonlite.dumps({**value, "mount_dir": os.fsdecode(mount_dir), "name": name}).encode()
+            return name, _Durable(files.replace_then_sync(path, data, 0o600), self, "the note of a token create", path)
+        except OSError as exc:
+            raise self.unwritable(what, path, exc) from None
 
     def drop_intent(self, name: str) -> None:
         files.remove(os.path.join(self.intents, _safe(name) + ".json"))
@@ -193,8 +207,37 @@ class StateStore:
         return _read_json(os.path.join(self.root, _safe(name) + ".json"))
 
     def write_note(self, name: str, value: dict[str, Any]) -> None:
-        self._ensure(self.root)
-        _write_json(os.path.join(self.root, _safe(name) + ".json"), value)
+        path = os.path.join(self.root, _safe(name) + ".json")
+        try:
+            self._ensure(self.root)
+            _write_json(path, value)
+        except OSError as exc:
+            raise self.unwritable(f"the {name} note", path, exc) from None
+
+    def unwritable(self, what: str, path: str, exc: OSError) -> StateUnwritable:
+        """A failed write as the operator needs it: what, where, and (full, read-only) what to do."""
+        if isinstance(exc, StateUnwritable):
+            return exc
+        reason = exc.strerror or str(exc)
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return StateFull(f"cannot write {what} to {path}: {reason}; the filesystem of the state dir "
+                             f"{self.root} (VAULTTMPFS_STATE_DIR) is full: free space there", exc)
+        if exc.errno == errno.EROFS:
+            reason += f"; the state dir {self.root} (VAULTTMPFS_STATE_DIR) is on a read-only filesystem"
+        return StateUnwritable(f"cannot write {what} to {path}: {reason}", exc)
+
+
+class _Durable:
+    """files.Sync whose failure (a full disk may only show at fsync) names the file, as the write's would."""
+
+    def __init__(self, sync: files.Sync, store: StateStore, what: str, path: str):
+        self._sync, self._store, self._what, self._path = sync, store, what, path
+
+    def wait(self) -> None:
+        try:
+            self._sync.wait()
+        except OSError as exc:
+            raise self._store.unwritable(self._what, self._path, exc) from None
 
 
 class _Locked:
