@@ -253,6 +253,17 @@ def test_a_full_state_filesystem_with_vault_down_keeps_the_volume_until_it_can_r
         assert state_records(kubelet) == []
 
 
+def test_a_read_only_state_filesystem_is_named_and_nothing_is_minted(kubelet, bao):
+    with small_state_fs(kubelet.root) as state:
+        subprocess.run(["mount", "-o", "remount,ro", str(state)], check=True)
+        before = set(bao.accessors())
+        reply, path = kubelet.mount(kubelet.new_pod(), NGINX)
+        assert reply.status == "Failure" and reply.exit_code == 1, reply.body
+        assert "Read-only file system" in reply.message, reply.message
+        assert f"the state dir {state} (VAULTTMPFS_STATE_DIR) is on a read-only filesystem" in reply.message
+        assert set(bao.accessors()) == before and not is_mount_point(path)
+
+
 # --- real OpenBao faults: sealed, generator revoked ------------------------------------------------
 
 @pytest.fixture(scope="module")

@@ -248,8 +248,12 @@ class _Locked:
 
     def __enter__(self) -> None:
         store = self.store
-        store._ensure(store.volumes)
-        self.fd = _lock(store._volume_path(self.mount_dir, ".lock"))
+        path = store._volume_path(self.mount_dir, ".lock")
+        try:
+            store._ensure(store.volumes)
+            self.fd = _lock(path)
+        except OSError as exc:  # a read-only state dir fails here first
+            raise store.unwritable("the volume's lock", path, exc) from None
 
     def __exit__(self, *_exc) -> None:
         store = self.store
