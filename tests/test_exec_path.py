@@ -157,6 +157,8 @@ def test_a_brokered_call_loads_no_http_stack(bare, verb, tmp_path, log_dir):
         assert loaded(report, *BROKERED_NEVER) == []
         # Started without site (as the bundle is), so everything in sys.modules is the call's or the interpreter's.
         assert loaded(report, *BROKERED_LEAN) == []
+        if verb == "unmount":  # what only a mount uses: the options' attributes, the note of a create
+            assert loaded(report, "vaulttmpfs.engine.attributes", "vaulttmpfs.engine.intents") == []
         assert {"vaulttmpfs.flexvolume.broker", "vaulttmpfs.engine.operation", "vaulttmpfs.jsonlite", "_json",
                 "_sha256"} <= set(report["after"]) - set(report["before"])
         calls = [json.loads(line) for line in Path(bare.env["VAULTTMPFS_LOG_FILE"]).read_text().splitlines()
