@@ -386,3 +386,28 @@ def test_the_undo_stack_runs_as_exitstack_does():
     for fail_in_block, fail_in_undo in [(False, False), (True, False), (True, True)]:
         assert run(UndoStack, fail_in_block, fail_in_undo) == run(contextlib.ExitStack, fail_in_block, fail_in_undo)
     assert run(UndoStack, True, True)[-1] == "raised OSError undo failed (context: ValueError)"
+
+
+def test_a_state_dir_that_cannot_be_written_is_an_os_error_to_every_handler_and_named_to_the_operator(tmp_path):
+    import errno
+
+    from vaulttmpfs import telemetry
+    from vaulttmpfs.csi import status
+    from vaulttmpfs.engine.state import StateStore
+    from vaulttmpfs.errors import StateFull, StateUnwritable
+
+    store = StateStore(str(tmp_path / "state"))
+    no_space = OSError(errno.ENOSPC, "No space left on device")
+    no_writes = OSError(errno.EROFS, "Read-only file system")
+    full = store.unwritable("the volume's record", "/s/volumes/k.json", no_space)
+    read_only = store.unwritable("the volume's lock", "/s/volumes/k.lock", no_writes)
+    assert isinstance(full, StateFull) and isinstance(full, OSError) and full.errno == errno.ENOSPC
+    assert str(full) == ("cannot write the volume's record to /s/volumes/k.json: No space left on device; the "
+                         f"filesystem of the state dir {tmp_path / 'state'} (VAULTTMPFS_STATE_DIR) is full: free "
+                         "space there")
+    assert type(read_only) is StateUnwritable and "is on a read-only filesystem" in str(read_only)
+    assert store.unwritable("x", "/y", full) is full  # named once, where it happened
+    # Counted as the node's disk (as before it had a message); CSI: gRPC's code for a full filesystem.
+    assert telemetry.reason(full) == telemetry.reason(read_only) == "os_error"
+    assert status.of(full)[0].name == "RESOURCE_EXHAUSTED" and status.of(read_only)[0].name == "INTERNAL"
+    assert not status.is_bug(full)
