@@ -18,6 +18,7 @@ from .agents import AgentProcess
 from .conftest import driver_env, remember_secret, source_cmd, write_config
 from .kubelet import Kubelet
 from .vaultserver import REPO, closed_addr, dies_with_parent, free_port
+from .volumes import fill, small_state_fs
 
 NGINX = {"vault/policies": "nginx"}
 # What the DaemonSet's ConfigMap carries; the kubelet's environment then needs none of it.
@@ -235,6 +236,21 @@ def test_doctor_broken_files(doctor_node, bao, tmp_path):
     assert code == 1 and "stale socket" in check["fix"] and "fall back to standalone" in check["detail"]
     os.unlink(broker_socket)
     assert doctor_node.doctor()[0] == 0  # everything put back: healthy again
+
+
+def test_doctor_sees_a_full_or_read_only_state_dir(doctor_node):
+    with small_state_fs(Path(doctor_node.shared["VAULTTMPFS_STATE_DIR"]).parent, size="4m") as state:
+        code, report, _ = doctor_node.doctor()
+        assert code == 0 and "MiB free" in next(c for c in report["checks"] if c["name"] == "state")["detail"]
+        fill(state)
+        code, report, _ = doctor_node.doctor()
+        check = failed(report, "state")
+        assert code == 1 and "is full (0 KiB" in check["detail"] and "cannot queue a revocation" in check["detail"]
+        assert str(state) in check["fix"]
+        (state / "filler").unlink()
+        subprocess.run(["mount", "-o", "remount,ro", str(state)], check=True)
+        code, report, _ = doctor_node.doctor()
+        assert code == 1 and "read-only filesystem" in failed(report, "state")["detail"]
 
 
 def test_doctor_sees_the_agents_broker(bao, generator, tmp_path, log_dir, plugin_dir):

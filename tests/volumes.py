@@ -60,11 +60,11 @@ def teardown_ok(kubelet, path: Path) -> None:
 
 
 @contextmanager
-def small_state_fs(kubelet_root: Path):
-    """The node's state dir on a 256 KiB tmpfs of its own (the tests fill it)."""
+def small_state_fs(kubelet_root: Path, size: str = "256k"):
+    """The node's state dir (<kubelet_root>/state) on a small tmpfs of its own (the tests fill it)."""
     state = kubelet_root / "state"
     state.mkdir(mode=0o700, exist_ok=True)
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k,mode=0700", "vaulttmpfs-test-state", str(state)],
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "vaulttmpfs-test-state", str(state)],
                    check=True)
     try:
         yield state

@@ -34,6 +34,8 @@ SHARED = ("vault_addr", "cacert", "capath", "tls_server_name", "namespace", "ski
           "generator_token_path", "state_dir", "role_name", "policy_bindings", "pods_dir", "agent_socket",
           "broker_socket")
 MIN_TTL_LEFT = 300  # a generator token with less left and no successful renewal is about to stop mounts
+# Below this the state dir is as good as full: a mount writes ~2 KiB there (its intent and record).
+MIN_STATE_FREE, MIN_STATE_INODES = 1 << 20, 64
 
 
 @dataclass
@@ -282,7 +284,16 @@ def check_state_dir(node: Node) -> Check:
         detail, _, fix = str(exc).partition("; fix it with: ")
         parent = os.path.dirname(os.path.abspath(path))
         return Check("state", FAIL, detail, fix or f"chown root {parent} && chmod go-w {parent}")
-    return Check("state", OK, f"{path} root-only (0{stat.S_IMODE(info.st_mode):o})")
+    room = os.statvfs(path)
+    free = room.f_bavail * room.f_frsize
+    if room.f_flag & os.ST_RDONLY:
+        return Check("state", FAIL, f"{path} is on a read-only filesystem: every mount fails at the volume's lock",
+                     f"remount the filesystem holding {path} read-write")
+    if free < MIN_STATE_FREE or (room.f_files and room.f_favail < MIN_STATE_INODES):
+        return Check("state", FAIL, f"{path}'s filesystem is full ({free // 1024} KiB, {room.f_favail} inodes free): "
+                                    "mounts fail before minting, and an unmount cannot queue a revocation Vault "
+                                    "did not take", f"free space on the filesystem holding {path}")
+    return Check("state", OK, f"{path} root-only (0{stat.S_IMODE(info.st_mode):o}), {free // 2**20} MiB free")
 
 
 def check_pending(node: Node) -> Check:
