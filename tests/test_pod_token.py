@@ -138,6 +138,26 @@ def test_token_unwraps_once_writes_every_format_and_a_restart_reuses_it(kubelet,
     assert bao.lookup_accessor(meta["wrapped_accessor"]) is None
 
 
+@pytest.mark.parametrize("stderr", ["broken pipe", "closed"])
+def test_a_log_the_container_cannot_take_does_not_stop_the_token(kubelet, bao, kv_secret, driver_cmd, tmp_path,
+                                                                   stderr):
+    # The container's log pipe gone (its reader dead) or never given: the token is still the pod's.
+    reply, volume = kubelet.mount(kubelet.new_pod("app"), NGINX)
+    assert reply.ok, reply.body
+    out = out_dir(tmp_path, group=None)
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        run = subprocess.run(token_argv(driver_cmd, volume, out), env=pod_env(bao.addr), stdout=subprocess.DEVNULL,
+                             stderr=write_end if stderr == "broken pipe" else None, timeout=60, umask=0,
+                             preexec_fn=(lambda: os.close(2)) if stderr == "closed" else None)
+    finally:
+        os.close(write_end)
+    assert run.returncode == 0
+    assert read_kv(bao, remember_secret((out / "token").read_text())) == kv_secret
+    assert kubelet.teardown(volume).ok
+
+
 def test_two_containers_starting_together_unwrap_once_and_share_the_token(kubelet, bao, driver_cmd, tmp_path):
     reply, volume = kubelet.mount(kubelet.new_pod("twins"), NGINX)
     assert reply.ok, reply.body

@@ -163,6 +163,35 @@ class _LineLogger:
 _file: "_LogFile | None" = None
 
 
+class _Stderr:
+    """Standard error as a log destination (a container's log), one write(2) per line as _LogFile: a line
+    it cannot take (the log pipe's reader gone) is dropped, never raised into the command that logs it.
+    Not through sys.stderr, whose buffer would keep the line and fail the interpreter's exit (status 120)."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+        self.lock = _thread.allocate_lock()
+
+    def write(self, text: str) -> None:
+        data = text.encode("utf-8", errors="replace")
+        with self.lock:
+            try:
+                while data:
+                    data = data[os.write(self.fd, data):]
+            except OSError:  # EPIPE, EIO, EBADF
+                pass
+
+    def flush(self) -> None:
+        pass  # every line is one write(2)
+
+
+def _stderr() -> _Stderr | None:
+    try:
+        return _Stderr(sys.stderr.fileno())
+    except (AttributeError, OSError, ValueError):  # started without a stderr (None), or one with no fd
+        return None
+
+
 class _LogFile:
     """An append-only log file shared by many processes, rotated by size without losing a line."""
 
@@ -253,7 +282,7 @@ def configure(config, lean: bool = False) -> None:
         _file = _LogFile(log_file, config.log_max_bytes) if log_file and log_file != STDERR else None
     except OSError:
         _file = None
-    handle = sys.stderr if log_file == STDERR else _file  # pod-side commands: a container's log is its stderr
+    handle = _stderr() if log_file == STDERR else _file  # pod-side commands: a container's log is its stderr
     if handle is None:
         _logger = _NullLogger()
         return
