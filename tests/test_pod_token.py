@@ -11,6 +11,7 @@ import signal
 import stat
 import subprocess
 import time
+from contextlib import contextmanager
 from datetime import datetime
 from itertools import pairwise
 from pathlib import Path
@@ -314,6 +315,78 @@ def test_an_unwrap_that_got_no_answer_is_never_resent_and_the_restart_says_why(k
     assert restart.returncode == 1
     error = log_lines(restart.stderr)[-1]["error"]
     assert "got no answer" in error and "INTERCEPTION" not in error
+    assert kubelet.teardown(volume).ok
+
+
+def test_a_run_killed_while_vault_unwraps_leaves_its_restart_saying_so_not_interception(kubelet, bao, driver_cmd,
+                                                                                      tmp_path):
+    reply, volume = kubelet.mount(kubelet.new_pod("killed"), NGINX)
+    assert reply.ok, reply.body
+    wrapping_token(volume)
+    out = out_dir(tmp_path)
+    unwrap = "/v1/sys/wrapping/unwrap"
+    with FaultServer(bao.addr) as gateway:
+        gateway.add(unwrap, "hold-answer")  # Vault has unwrapped it; the answer is held back
+        proc = start_token(driver_cmd, bao, volume, out, vault_addr=gateway.addr)
+        try:
+            assert gateway.arrived.wait(30)
+            proc.kill()  # the container killed (OOM, eviction) while the answer is on its way
+            proc.wait(timeout=30)
+        finally:
+            gateway.release.set()
+            stop_process(proc)
+    assert [p.name for p in out.iterdir() if not p.name.startswith(".")] == []  # no token files
+    restart = run_token(driver_cmd, bao, volume, out)
+    assert restart.returncode == 1
+    error = log_lines(restart.stderr)[-1]["error"]
+    assert "sent the unwrap at" in error and "not necessarily interception" in error and "INTERCEPTION" not in error
+    assert kubelet.teardown(volume).ok
+
+
+@contextmanager
+def one_page_out_dir(tmp_path: Path):
+    """The pod's out dir on a 4 KiB tmpfs: room for one small file."""
+    out = out_dir(tmp_path, group=None)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4k", "vaulttmpfs-test-out", str(out)], check=True)
+    try:
+        yield out
+    finally:
+        subprocess.run(["umount", "-l", str(out)], check=False)
+
+
+def test_an_out_dir_with_no_room_stops_the_run_before_the_unwrap(kubelet, bao, kv_secret, driver_cmd, tmp_path):
+    reply, volume = kubelet.mount(kubelet.new_pod("cramped"), NGINX)
+    assert reply.ok, reply.body
+    wrapping_token(volume)
+    with one_page_out_dir(tmp_path) as out:
+        (out / "filler").write_bytes(b"x" * 4096)  # the whole tmpfs
+        first = run_token(driver_cmd, bao, volume, out)
+        assert first.returncode == 1
+        error = log_lines(first.stderr)[-1]["error"]
+        assert "No space left on device" in error and "nothing was unwrapped" in error, error
+        subprocess.run(["mount", "-o", "remount,size=64k", str(out)], check=True)  # room given
+        again = run_token(driver_cmd, bao, volume, out)  # the wrapping token is still good
+        assert again.returncode == 0, again.stderr
+        assert read_kv(bao, remember_secret((out / "token").read_text())) == kv_secret
+        assert not (out / ".unwrap-unanswered").exists()  # dropped once the token is out
+    assert kubelet.teardown(volume).ok
+
+
+def test_a_token_unwrapped_but_not_written_is_revoked_and_the_restart_says_why(kubelet, bao, driver_cmd, tmp_path):
+    reply, volume = kubelet.mount(kubelet.new_pod("half-room"), NGINX)
+    assert reply.ok, reply.body
+    wrapping_token(volume)
+    meta = json.loads((volume / "vault-token.json").read_text())
+    with one_page_out_dir(tmp_path) as out:  # the note before the unwrap fits; the token's record does not
+        first = run_token(driver_cmd, bao, volume, out)
+        assert first.returncode == 1
+        error = log_lines(first.stderr)[-1]["error"]
+        assert "unwrapped but could not be written" in error and "it was revoked" in error, error
+        assert bao.lookup_accessor(meta["wrapped_accessor"]) is None  # nobody could have used it
+        restart = run_token(driver_cmd, bao, volume, out)
+        assert restart.returncode == 1
+        error = log_lines(restart.stderr)[-1]["error"]
+        assert "sent the unwrap at" in error and "INTERCEPTION" not in error, error
     assert kubelet.teardown(volume).ok
 
 

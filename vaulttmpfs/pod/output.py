@@ -60,9 +60,17 @@ def read_record(out_dir: str) -> dict | None:
 
 
 def note_unanswered(out_dir: str, accessor: str, when: float) -> None:
-    """An unwrap went out and no answer came back: Vault may have acted. Kept so the next run can say so."""
+    """An unwrap is about to go out (or went out at `when` and its token was never written): Vault may
+    act on it. Kept so the next run can say so; dropped once the token is written."""
     data = json.dumps({"accessor": accessor, "at": when}).encode()
     files.replace(os.path.join(out_dir, UNANSWERED_FILE), data, 0o400, gid=None, durable=False)
+
+
+def forget_unanswered(out_dir: str) -> None:
+    try:
+        os.unlink(os.path.join(out_dir, UNANSWERED_FILE))
+    except FileNotFoundError:
+        pass
 
 
 def unanswered(out_dir: str, accessor: str) -> float | None:
@@ -95,10 +103,7 @@ def write(out_dir: str, held: Held, vault_addr: str, ca: bytes | None) -> None:
         _replace(out_dir, CA_FILE, ca, mode | 0o044)  # public
     _replace(out_dir, RECORD_FILE, json.dumps(record, indent=2).encode() + b"\n", mode)
     _replace(out_dir, TOKEN_FILE, held.token.encode(), mode)
-    try:
-        os.unlink(os.path.join(out_dir, UNANSWERED_FILE))
-    except FileNotFoundError:
-        pass
+    forget_unanswered(out_dir)
 
 
 def _replace(out_dir: str, name: str, data: bytes, mode: int) -> None:

@@ -106,11 +106,13 @@ def obtain(config: Config, volume: source.VolumeToken, out_dir: str, logger) -> 
             reused = bool(record and record["accessor"] == volume.accessor)
             if reused:
                 held = _reuse(config, record, logger)
+                output.write(out_dir, held, config.vault_addr, _read_ca(volume))
             elif volume.wrapped:
                 held = _unwrap(config, volume, out_dir, logger)
+                _write_unwrapped(config, held, out_dir, _read_ca(volume), logger)
             else:
                 held = _plain(config, volume)
-            output.write(out_dir, held, config.vault_addr, _read_ca(volume))
+                output.write(out_dir, held, config.vault_addr, _read_ca(volume))
     except OSError as exc:
         raise DriverError(f"cannot write into {out_dir}: {exc.strerror or exc} (the pod's user must be able to "
                           "write there: an emptyDir under the pod's fsGroup)") from None
@@ -138,28 +140,38 @@ def _reuse(config: Config, record: dict, logger) -> Held:
 
 
 def _unwrap(config: Config, volume: source.VolumeToken, out_dir: str, logger) -> Held:
+    # Noted before it is sent, dropped once the token is written: a run that ends in between (killed, its
+    # answer lost, the out dir full) leaves it, and the next run says why the wrapping token is spent
+    # instead of suspecting interception. A note that cannot be written stops the run before the unwrap.
+    earlier = output.unanswered(out_dir, volume.accessor)
+    try:
+        if earlier is None:
+            output.note_unanswered(out_dir, volume.accessor, time.time())
+    except OSError as exc:
+        raise DriverError(f"cannot write into {out_dir}: {exc.strerror or exc}; nothing was unwrapped (the wrapping "
+                          "token is still good: the next run tries again)") from None
     # Never resent: a gateway that passed the first one on and then failed would make the second
     # find a used token (and blame an interceptor).
     client = Vault(config.replace(max_retries=0), volume.token)
     try:
         response = client.unwrap_self()
     except VaultDenied as exc:
-        raise DriverError(_unwrap_refused(volume, exc, output.unanswered(out_dir, volume.accessor))) from None
+        if earlier is None:  # Vault refused this run's unwrap: nothing of it to remember
+            output.forget_unanswered(out_dir)
+        raise DriverError(_unwrap_refused(volume, exc, earlier)) from None
     except VaultUnavailable as exc:
-        try:
-            output.note_unanswered(out_dir, volume.accessor, time.time())
-        except OSError:
-            pass
         raise DriverError(f"{exc}; if Vault acted on it anyway the wrapping token is now used and this pod needs a "
                           "new volume (delete the pod); otherwise the next restart of this container tries again") \
             from None
     auth = (response or {}).get("auth") if isinstance(response, dict) else None
     if not auth or not auth.get("client_token"):
+        output.forget_unanswered(out_dir)  # answered: the next run must not blame a lost answer
         raise DriverError(f"the wrapping token in {volume.directory} did not wrap a Vault token")
     held = Held(auth["client_token"], auth.get("accessor", ""), int(auth.get("lease_duration") or 0),
                 bool(auth.get("renewable")))
     log.secret(held.token)
     if held.accessor != volume.accessor:
+        output.forget_unanswered(out_dir)
         _revoke_quietly(config, held.token, logger)
         raise DriverError(f"the wrapping token in {volume.directory} wrapped a token (accessor {held.accessor}) "
                           f"other than the volume's ({volume.accessor}): possible tampering; it was revoked")
@@ -172,9 +184,9 @@ def _unwrap_refused(volume: source.VolumeToken, exc: Exception, unanswered_at: f
     if "not valid or does not exist" not in str(exc).lower():
         return f"unwrapping {where} failed: {exc}"
     if unanswered_at is not None:
-        cause = (f"an earlier run of this container sent the unwrap at {_iso(unanswered_at)} and got no answer: "
-                 "Vault most likely unwrapped it then, and the answer was lost on the way (a network fault, "
-                 "not necessarily interception)")
+        cause = (f"an earlier run of this container sent the unwrap at {_iso(unanswered_at)} and got no answer it "
+                 "could write out (the answer lost on the way, or that run killed or its out dir full first): "
+                 "Vault most likely unwrapped it then (not necessarily interception)")
     elif volume.expires_at is not None and time.time() >= volume.expires_at:
         cause = (f"it expired at {_iso(volume.expires_at)} "
                  "(the volume's wrap TTL, VAULT_WRAP_TTL on the node, ran out before the pod unwrapped it)")
@@ -209,6 +221,21 @@ def _read_ca(volume: source.VolumeToken) -> bytes | None:
             return handle.read()
     except OSError as exc:
         raise DriverError(f"cannot read {volume.ca_path}: {exc.strerror}") from None
+
+
+def _write_unwrapped(config: Config, held: Held, out_dir: str, ca: bytes | None, logger) -> None:
+    """A token just unwrapped goes out, or is revoked: its wrapping token is spent, so one the pod never
+    got is one nobody can use (unless the record naming it was written: the next run heals from that)."""
+    try:
+        output.write(out_dir, held, config.vault_addr, ca)
+    except OSError as exc:
+        record = output.read_record(out_dir)
+        if record and record["accessor"] == held.accessor:
+            raise
+        _revoke_quietly(config, held.token, logger)
+        raise DriverError(f"the pod's token was unwrapped but could not be written into {out_dir} "
+                          f"({exc.strerror or exc}): it was revoked, and its wrapping token is spent; delete the pod "
+                          "to get a new volume (and give this command a writable out dir with room)") from None
 
 
 def _revoke_quietly(config: Config, token: str, logger) -> None:
