@@ -104,15 +104,16 @@ def obtain(config: Config, volume: source.VolumeToken, out_dir: str, logger) -> 
         with output.locked(out_dir):
             record = output.read_record(out_dir)
             reused = bool(record and record["accessor"] == volume.accessor)
+            ca = _read_ca(volume)  # before the unwrap: a CA that cannot be read must not cost the token
             if reused:
                 held = _reuse(config, record, logger)
-                output.write(out_dir, held, config.vault_addr, _read_ca(volume))
+                output.write(out_dir, held, config.vault_addr, ca)
             elif volume.wrapped:
                 held = _unwrap(config, volume, out_dir, logger)
-                _write_unwrapped(config, held, out_dir, _read_ca(volume), logger)
+                _write_unwrapped(config, held, out_dir, ca, logger)
             else:
                 held = _plain(config, volume)
-                output.write(out_dir, held, config.vault_addr, _read_ca(volume))
+                output.write(out_dir, held, config.vault_addr, ca)
     except OSError as exc:
         raise DriverError(f"cannot write into {out_dir}: {exc.strerror or exc} (the pod's user must be able to "
                           "write there: an emptyDir under the pod's fsGroup)") from None
