@@ -284,7 +284,10 @@ def check_state_dir(node: Node) -> Check:
         detail, _, fix = str(exc).partition("; fix it with: ")
         parent = os.path.dirname(os.path.abspath(path))
         return Check("state", FAIL, detail, fix or f"chown root {parent} && chmod go-w {parent}")
-    room = os.statvfs(path)
+    try:
+        room = os.statvfs(path)
+    except OSError as exc:
+        return Check("state", FAIL, f"cannot tell how much room {path} has: {exc.strerror}")
     free = room.f_bavail * room.f_frsize
     if room.f_flag & os.ST_RDONLY:
         return Check("state", FAIL, f"{path} is on a read-only filesystem: every mount fails at the volume's lock",
