@@ -67,10 +67,7 @@ def note_unanswered(out_dir: str, accessor: str, when: float) -> None:
 
 
 def forget_unanswered(out_dir: str) -> None:
-    try:
-        os.unlink(os.path.join(out_dir, UNANSWERED_FILE))
-    except FileNotFoundError:
-        pass
+    files.remove(os.path.join(out_dir, UNANSWERED_FILE))
 
 
 def unanswered(out_dir: str, accessor: str) -> float | None:

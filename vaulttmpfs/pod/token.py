@@ -145,12 +145,12 @@ def _unwrap(config: Config, volume: source.VolumeToken, out_dir: str, logger) ->
     # answer lost, the out dir full) leaves it, and the next run says why the wrapping token is spent
     # instead of suspecting interception. A note that cannot be written stops the run before the unwrap.
     earlier = output.unanswered(out_dir, volume.accessor)
-    try:
-        if earlier is None:
+    if earlier is None:
+        try:
             output.note_unanswered(out_dir, volume.accessor, time.time())
-    except OSError as exc:
-        raise DriverError(f"cannot write into {out_dir}: {exc.strerror or exc}; nothing was unwrapped (the wrapping "
-                          "token is still good: the next run tries again)") from None
+        except OSError as exc:
+            raise DriverError(f"cannot write into {out_dir}: {exc.strerror or exc}; nothing was unwrapped (the "
+                              "wrapping token is still good: the next run tries again)") from None
     # Never resent: a gateway that passed the first one on and then failed would make the second
     # find a used token (and blame an interceptor).
     client = Vault(config.replace(max_retries=0), volume.token)
