@@ -296,26 +296,43 @@ def test_an_unwrap_that_got_no_answer_is_never_resent_and_the_restart_says_why(k
     assert reply.ok, reply.body
     wrapping_token(volume)
     out = out_dir(tmp_path)
+
+    def dropped(proc, gateway):
+        gateway.release.set()
+        assert proc.wait(timeout=30) == 1
+
+    proc, unwraps = token_run_with_the_unwrap_answer_held(driver_cmd, bao, volume, out, dropped)
+    assert unwraps == 1  # not resent
+    first = log_lines(proc.stderr.read())[-1]["error"]
+    assert "if Vault acted on it anyway" in first
+    assert [p.name for p in out.iterdir() if not p.name.startswith(".")] == []  # no token files
+
+    error = restart_error(driver_cmd, bao, volume, out)
+    assert "got no answer" in error and "INTERCEPTION" not in error
+    assert kubelet.teardown(volume).ok
+
+
+def token_run_with_the_unwrap_answer_held(driver_cmd, bao, volume, out, while_held) -> tuple[subprocess.Popen, int]:
+    """`token` through a gateway that passes the unwrap to Vault and holds its answer; while_held(proc,
+    gateway) runs then, and the answer is released after it. The run, and how many unwraps reached Vault."""
     unwrap = "/v1/sys/wrapping/unwrap"
     with FaultServer(bao.addr) as gateway:
         gateway.add(unwrap, "hold-answer")
         proc = start_token(driver_cmd, bao, volume, out, vault_addr=gateway.addr)
         try:
             assert gateway.arrived.wait(30)
-            gateway.release.set()
-            assert proc.wait(timeout=30) == 1
+            while_held(proc, gateway)
         finally:
+            gateway.release.set()
             stop_process(proc)
-        assert gateway.count(unwrap) == 1  # not resent
-    first = log_lines(proc.stderr.read())[-1]["error"]
-    assert "if Vault acted on it anyway" in first
-    assert [p.name for p in out.iterdir() if not p.name.startswith(".")] == []  # no token files
+        return proc, gateway.count(unwrap)
 
+
+def restart_error(driver_cmd, bao, volume, out) -> str:
+    """The container restarted: it fails, and says why."""
     restart = run_token(driver_cmd, bao, volume, out)
     assert restart.returncode == 1
-    error = log_lines(restart.stderr)[-1]["error"]
-    assert "got no answer" in error and "INTERCEPTION" not in error
-    assert kubelet.teardown(volume).ok
+    return log_lines(restart.stderr)[-1]["error"]
 
 
 def test_a_run_killed_while_vault_unwraps_leaves_its_restart_saying_so_not_interception(kubelet, bao, driver_cmd,
@@ -324,21 +341,14 @@ def test_a_run_killed_while_vault_unwraps_leaves_its_restart_saying_so_not_inter
     assert reply.ok, reply.body
     wrapping_token(volume)
     out = out_dir(tmp_path)
-    unwrap = "/v1/sys/wrapping/unwrap"
-    with FaultServer(bao.addr) as gateway:
-        gateway.add(unwrap, "hold-answer")  # Vault has unwrapped it; the answer is held back
-        proc = start_token(driver_cmd, bao, volume, out, vault_addr=gateway.addr)
-        try:
-            assert gateway.arrived.wait(30)
-            proc.kill()  # the container killed (OOM, eviction) while the answer is on its way
-            proc.wait(timeout=30)
-        finally:
-            gateway.release.set()
-            stop_process(proc)
+
+    def killed(proc, _gateway):  # the container killed (OOM, eviction) while Vault's answer is on its way
+        proc.kill()
+        proc.wait(timeout=30)
+
+    token_run_with_the_unwrap_answer_held(driver_cmd, bao, volume, out, killed)
     assert [p.name for p in out.iterdir() if not p.name.startswith(".")] == []  # no token files
-    restart = run_token(driver_cmd, bao, volume, out)
-    assert restart.returncode == 1
-    error = log_lines(restart.stderr)[-1]["error"]
+    error = restart_error(driver_cmd, bao, volume, out)
     assert "sent the unwrap at" in error and "not necessarily interception" in error and "INTERCEPTION" not in error
     assert kubelet.teardown(volume).ok
 
@@ -383,9 +393,7 @@ def test_a_token_unwrapped_but_not_written_is_revoked_and_the_restart_says_why(k
         error = log_lines(first.stderr)[-1]["error"]
         assert "unwrapped but could not be written" in error and "it was revoked" in error, error
         assert bao.lookup_accessor(meta["wrapped_accessor"]) is None  # nobody could have used it
-        restart = run_token(driver_cmd, bao, volume, out)
-        assert restart.returncode == 1
-        error = log_lines(restart.stderr)[-1]["error"]
+        error = restart_error(driver_cmd, bao, volume, out)
         assert "sent the unwrap at" in error and "INTERCEPTION" not in error, error
     assert kubelet.teardown(volume).ok
 
