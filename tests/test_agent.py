@@ -188,3 +188,32 @@ def test_the_vault_stack_is_imported_before_any_service_starts(tmp_path):
                           cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[True]"
+
+
+def test_the_agent_is_not_ready_until_every_service_has_started(tmp_path):
+    """The health server starts first, so /healthz answered 200 while the broker, the loops and the
+    metrics server were still starting (a service not started has nothing failed): a readiness probe
+    or `doctor` saw a ready agent with no broker socket yet (and a test counting the agent's threads
+    took its count too early)."""
+    probe = tmp_path / "probe.py"
+    probe.write_text(
+        "import threading\n"
+        "from vaulttmpfs.node.agent import Agent\n"
+        "from vaulttmpfs.node.service import Service\n"
+        "seen = []\n"
+        "class Probe(Service):\n"
+        "    def start(self):\n"
+        "        healthy, _alive, body = agent.report()\n"
+        "        seen.append((healthy, body.get('starting')))\n"
+        "        threading.Timer(0.5, self.after).start()\n"
+        "    def after(self):\n"
+        "        healthy, _alive, body = agent.report()\n"
+        "        seen.append((healthy, body.get('starting')))\n"
+        "        agent.stopping.set()\n"
+        "agent = Agent([Service(), Probe(), Service()], health_addr=None)\n"
+        "agent.run(handle_signals=False)\n"
+        "print(seen)\n")
+    proc = subprocess.run([sys.executable, str(probe)], capture_output=True, text=True, timeout=60,
+                          cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[(False, True), (True, None)]"

@@ -77,12 +77,16 @@ class Agent:
         self.settings = settings  # reported so `vaulttmpfs doctor` can compare them with the driver's
         self.health = HealthServer(health_addr, self.report) if health_addr else None
         self.stopping = threading.Event()
+        self.started = threading.Event()  # every service started: the health server answers before that
 
     def report(self) -> tuple[bool, bool, dict]:
         statuses = {s.name: s.status() for s in self.services}
-        healthy = all(s.healthy() for s in self.services)
+        # A service not yet started reports healthy (nothing has failed), but it serves nothing yet.
+        healthy = self.started.is_set() and all(s.healthy() for s in self.services)
         alive = all(s.alive() for s in self.services) and not self.stopping.is_set()
         body: dict[str, Any] = {"services": statuses}
+        if not self.started.is_set():
+            body["starting"] = True
         if self.settings is not None:
             body["settings"] = self.settings
         return healthy, alive, body
@@ -99,6 +103,7 @@ class Agent:
             for service in ([self.health] if self.health else []) + self.services:
                 service.start()
                 started.append(service)
+            self.started.set()
             while not self.stopping.wait(1.0):  # a timed wait lets signal handlers run promptly
                 pass
         finally:
