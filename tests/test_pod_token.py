@@ -159,6 +159,37 @@ def test_a_log_the_container_cannot_take_does_not_stop_the_token(kubelet, bao, k
     assert kubelet.teardown(volume).ok
 
 
+@pytest.mark.parametrize("planted", ["kubernetes-vault.json", ".unwrap-unanswered"])
+@pytest.mark.parametrize("kind", ["fifo", "symlink"])
+def test_a_fifo_or_symlink_planted_in_the_out_dir_is_not_read(kubelet, bao, kv_secret, driver_cmd, tmp_path,
+                                                              planted, kind):
+    # The out dir is the pod's shared emptyDir: another container may put anything under our names.
+    reply, volume = kubelet.mount(kubelet.new_pod("planted"), NGINX)
+    assert reply.ok, reply.body
+    out = out_dir(tmp_path, group=None)
+    if kind == "fifo":
+        os.mkfifo(out / planted)  # opened for reading, it blocks until a writer comes: none does
+    else:
+        elsewhere = tmp_path / "elsewhere.json"
+        forged = {"clientToken": "hvs.forged", "accessor": json.loads((volume / "vault-token.json").read_text())
+                  .get("wrapped_accessor", ""), "at": 1.0}
+        elsewhere.write_text(json.dumps(forged))
+        os.symlink(elsewhere, out / planted)
+    result = run_token(driver_cmd, bao, volume, out)
+    assert result.returncode == 0, result.stderr
+    token = remember_secret((out / "token").read_text())
+    assert token != "hvs.forged" and read_kv(bao, token) == kv_secret
+    if planted == ".unwrap-unanswered":
+        assert not os.path.lexists(out / planted)  # dropped once the token is written
+    else:
+        assert stat.S_ISREG(os.lstat(out / planted).st_mode)  # replaced by the real record
+        assert json.loads((out / planted).read_text())["clientToken"] == token
+    if kind == "symlink":
+        assert json.loads(elsewhere.read_text()) == forged  # never written through
+    assert [e["event"] for e in log_lines(result.stderr)].count("unwrapped the volume's token") == 1
+    assert kubelet.teardown(volume).ok
+
+
 def test_two_containers_starting_together_unwrap_once_and_share_the_token(kubelet, bao, driver_cmd, tmp_path):
     reply, volume = kubelet.mount(kubelet.new_pod("twins"), NGINX)
     assert reply.ok, reply.body

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import _thread  # not threading (~0.6 ms more of a kubelet call): a thread and a lock are all this needs
+import errno
 import os
+import stat
 
 
 def fsync_dir(path: str) -> None:
@@ -89,3 +91,19 @@ def _replace(path: str, data: bytes, mode: int, gid: int | None, fsync_first: bo
             pass
         raise
     return fd
+
+
+def read_small_file(path: str, limit: int = 1 << 20, follow: bool = True) -> bytes:
+    """A regular file's bytes, at most `limit`. Opened non-blocking and checked before reading:
+    a FIFO or a device named by a setting must fail the call, not hang it."""
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC | (0 if follow else os.O_NOFOLLOW)
+    fd = os.open(path, flags)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", path)
+        data = os.read(fd, limit + 1)
+    finally:
+        os.close(fd)
+    if len(data) > limit:
+        raise OSError(errno.EFBIG, f"larger than {limit} bytes", path)
+    return data

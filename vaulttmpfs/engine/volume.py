@@ -266,17 +266,4 @@ def holds_files(directory: str, names: list[str]) -> bool:
     return all(os.path.isfile(os.path.join(directory, name)) for name in names)
 
 
-def read_small_file(path: str, limit: int = 1 << 20, follow: bool = True) -> bytes:
-    """A regular file's bytes, at most `limit`. Opened non-blocking and checked before reading:
-    a FIFO or a device named by a setting must fail the call, not hang it."""
-    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC | (0 if follow else os.O_NOFOLLOW)
-    fd = os.open(path, flags)
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise OSError(errno.EINVAL, "not a regular file", path)
-        data = os.read(fd, limit + 1)
-    finally:
-        os.close(fd)
-    if len(data) > limit:
-        raise OSError(errno.EFBIG, f"larger than {limit} bytes", path)
-    return data
+read_small_file = files.read_small_file  # the filesystem interface's (interfaces.Filesystem)

@@ -50,8 +50,7 @@ def locked(out_dir: str) -> Iterator[None]:
 def read_record(out_dir: str) -> dict | None:
     """The kubernetes-vault JSON already there (a restart), or None."""
     try:
-        with open(os.path.join(out_dir, RECORD_FILE), "rb") as handle:
-            record = json.loads(handle.read(MAX_RECORD_BYTES))
+        record = json.loads(_read(out_dir, RECORD_FILE, MAX_RECORD_BYTES))
     except (OSError, ValueError):
         return None
     ok = isinstance(record, dict) and all(isinstance(record.get(k), str) and record[k]
@@ -73,8 +72,7 @@ def forget_unanswered(out_dir: str) -> None:
 def unanswered(out_dir: str, accessor: str) -> float | None:
     """When an earlier run's unwrap of this volume's token got no answer, if one did."""
     try:
-        with open(os.path.join(out_dir, UNANSWERED_FILE), "rb") as handle:
-            note = json.loads(handle.read(4096))
+        note = json.loads(_read(out_dir, UNANSWERED_FILE, 4096))
     except (OSError, ValueError):
         return None
     ok = isinstance(note, dict) and note.get("accessor") == accessor and isinstance(note.get("at"), (int, float))
@@ -106,3 +104,9 @@ def write(out_dir: str, held: Held, vault_addr: str, ca: bytes | None) -> None:
 def _replace(out_dir: str, name: str, data: bytes, mode: int) -> None:
     # gid None: no chown (we are the pod's user); a setgid dir gives the file its group.
     files.replace(os.path.join(out_dir, name), data, mode, gid=None, durable=False)
+
+
+def _read(out_dir: str, name: str, limit: int) -> bytes:
+    """The dir is shared with the pod's other containers: a FIFO planted under one of our names must not
+    hang the run, nor a symlink make it read another file. Either counts as no file (then replaced)."""
+    return files.read_small_file(os.path.join(out_dir, name), limit, follow=False)
