@@ -170,8 +170,8 @@ def test_the_vault_stack_is_imported_before_any_service_starts(tmp_path):
     """hvac's modules import each other: two services' threads importing it for the first time at once
     got importlib's _DeadlockError and the agent died at start (seen in a full run: the relay's start
     against the generator renewal's first call). So the agent imports it in its main thread first."""
-    probe = tmp_path / "probe.py"
-    probe.write_text(
+    seen = run_agent_probe(
+        tmp_path,
         "import sys, threading\n"
         "from vaulttmpfs.node.agent import Agent\n"
         "from vaulttmpfs.node.service import Service\n"
@@ -184,10 +184,7 @@ def test_the_vault_stack_is_imported_before_any_service_starts(tmp_path):
         "assert 'hvac' not in sys.modules\n"
         "agent.run(handle_signals=False)\n"
         "print(seen)\n")
-    proc = subprocess.run([sys.executable, str(probe)], capture_output=True, text=True, timeout=60,
-                          cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip() == "[True]"
+    assert seen == "[True]"
 
 
 def test_the_agent_is_not_ready_until_every_service_has_started(tmp_path):
@@ -195,8 +192,8 @@ def test_the_agent_is_not_ready_until_every_service_has_started(tmp_path):
     metrics server were still starting (a service not started has nothing failed): a readiness probe
     or `doctor` saw a ready agent with no broker socket yet (and a test counting the agent's threads
     took its count too early)."""
-    probe = tmp_path / "probe.py"
-    probe.write_text(
+    seen = run_agent_probe(
+        tmp_path,
         "import threading\n"
         "from vaulttmpfs.node.agent import Agent\n"
         "from vaulttmpfs.node.service import Service\n"
@@ -213,7 +210,14 @@ def test_the_agent_is_not_ready_until_every_service_has_started(tmp_path):
         "agent = Agent([Service(), Probe(), Service()], health_addr=None)\n"
         "agent.run(handle_signals=False)\n"
         "print(seen)\n")
+    assert seen == "[(False, True), (True, None)]"
+
+
+def run_agent_probe(tmp_path, script: str) -> str:
+    """Run `script` (an Agent driven by probe services) in a fresh interpreter; what it printed."""
+    probe = tmp_path / "probe.py"
+    probe.write_text(script)
     proc = subprocess.run([sys.executable, str(probe)], capture_output=True, text=True, timeout=60,
                           cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip() == "[(False, True), (True, None)]"
+    return proc.stdout.strip()
