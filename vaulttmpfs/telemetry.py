@@ -13,7 +13,7 @@ import os
 from _thread import _local  # threading.local is this class; threading itself costs a kubelet call ~0.6 ms
 
 from . import jsonlite
-from .errors import BadRequest, DriverError, StateUnwritable, VaultBusy, VaultDenied, VaultRateLimited, VaultUnavailable
+from .errors import BadRequest, DriverError, VaultBusy, VaultDenied, VaultRateLimited, VaultUnavailable
 
 SPOOL_DIR = "metrics"
 SPOOL_FILE = "calls.jsonl"
@@ -57,12 +57,10 @@ def reason(exc: BaseException) -> str:
         return "denied"
     if isinstance(exc, BadRequest):
         return "bad_request"
-    if isinstance(exc, StateUnwritable):
-        return "os_error"  # the node's disk, not a refusal: as it was counted before it got its message
+    if isinstance(exc, OSError):  # before DriverError: a state dir that cannot be written is both
+        return "os_error"
     if isinstance(exc, DriverError):
         return "refused"  # admission, bindings, settings, a mount that is not ours
-    if isinstance(exc, OSError):
-        return "os_error"
     return "internal"
 
 
