@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -17,6 +18,7 @@ import pytest
 from .agents import AgentProcess
 from .conftest import driver_env, remember_secret, source_cmd, write_config
 from .kubelet import Kubelet
+from .otheruser import become, other_user, shared_dir
 from .vaultserver import REPO, closed_addr, dies_with_parent, free_port
 from .volumes import fill, small_state_fs
 
@@ -402,6 +404,55 @@ def test_entrypoint_configures_driver_and_agent_from_one_configmap(bao, generato
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+def _dies_with_parent_as_nobody():
+    armed = dies_with_parent()
+    return lambda: (armed(), become())
+
+
+@other_user
+def test_doctor_takes_no_settings_from_a_kubelet_a_node_user_runs(doctor_node):
+    """Any node user can run a program called `kubelet`: doctor (root) would send the generator token to
+    its VAULT_ADDR and run the driver in its VAULTTMPFS_PLUGIN_DIR."""
+    shared = shared_dir()
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.setblocking(False)
+    try:
+        shutil.copy("/bin/sleep", shared / "kubelet")
+        (shared / "plugins").mkdir(mode=0o777)
+        shared.chmod(0o755)
+        env = {"VAULT_ADDR": f"http://127.0.0.1:{listener.getsockname()[1]}",
+               "VAULTTMPFS_PLUGIN_DIR": str(shared / "plugins")}
+        fake = subprocess.Popen([str(shared / "kubelet"), "60"], env=env, preexec_fn=_dies_with_parent_as_nobody())
+        try:
+            _, report, _ = doctor_node.doctor()
+            refused = subprocess.run([*doctor_node.cmd, "doctor", "--kubelet-pid", str(fake.pid)], env=doctor_node.env,
+                                     capture_output=True, text=True, timeout=120)
+        finally:
+            fake.kill()
+            fake.wait()
+        config = next(c for c in report["checks"] if c["name"] == "config")
+        assert "this command's environment (no kubelet process found)" in config["detail"], report
+        assert refused.returncode == 1 and not refused.stdout, refused
+        assert f"pid {fake.pid} does not run as root (uids 65534 65534 65534 65534)" in refused.stderr, refused.stderr
+        with pytest.raises(BlockingIOError):
+            listener.accept()  # nothing of doctor's reached the node user's address
+    finally:
+        listener.close()
+        shutil.rmtree(shared)
+
+
+def test_doctor_does_not_run_a_driver_someone_else_could_have_written(doctor_node, tmp_path):
+    driver_dir = tmp_path / "plugins" / "cloudwatt~vaulttmpfs"
+    driver_dir.mkdir(parents=True)
+    ran = tmp_path / "ran"
+    (driver_dir / "vaulttmpfs").write_text(f"#!/bin/sh\ntouch {ran}\necho '{{\"status\": \"Success\"}}'\n")
+    (driver_dir / "vaulttmpfs").chmod(0o755)
+    os.chown(driver_dir / "vaulttmpfs", 65534, 65534)
+    _, report, _ = doctor_node.doctor(VAULTTMPFS_PLUGIN_DIR=str(tmp_path / "plugins"))
+    assert "is not root's alone (owner uid 65534, mode 0755): not run" in failed(report, "driver")["detail"]
+    assert not ran.exists()
 
 
 def test_doctor_reads_the_kubelets_environment_and_reports_its_drift(doctor_node, tmp_path):

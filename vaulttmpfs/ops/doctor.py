@@ -80,23 +80,54 @@ def run(env: dict[str, str] | None = None, health_addr: str | None = None,
 
 
 def driver_environment(kubelet_pid: int | None = None) -> tuple[dict[str, str], str]:
-    """The kubelet's environment when a kubelet runs on this node (that is what the driver gets)."""
+    """The kubelet's environment when a kubelet runs on this node (that is what the driver gets).
+
+    Only a process root runs counts: any node user can start a program called `kubelet`, and this
+    root command would then send the generator token to its VAULT_ADDR and run its plugin dir's driver."""
     pids = [str(kubelet_pid)] if kubelet_pid else [p for p in os.listdir("/proc") if p.isdigit()]
     for pid in pids:
         try:
-            if not kubelet_pid:
-                with open(f"/proc/{pid}/comm", encoding="utf-8") as handle:
-                    if handle.read().strip() != "kubelet":
-                        continue
-            with open(f"/proc/{pid}/environ", "rb") as handle:
-                pairs = handle.read().split(b"\0")
+            env = _root_process_environment(pid, None if kubelet_pid else "kubelet")
         except OSError as exc:
             if kubelet_pid:
                 raise DriverError(f"cannot read the environment of pid {pid}: {exc.strerror}") from None
             continue
-        env = dict(p.decode(errors="replace").split("=", 1) for p in pairs if b"=" in p)
-        return env, f"the kubelet's environment (pid {pid})"
+        except DriverError:
+            if kubelet_pid:
+                raise
+            continue
+        if env is not None:
+            return env, f"the kubelet's environment (pid {pid})"
     return dict(os.environ), "this command's environment (no kubelet process found)"
+
+
+def _root_process_environment(pid: str, named: str | None) -> dict[str, str] | None:
+    """pid's environment; None if it is not called `named`; DriverError if root does not run it.
+    Read through one open /proc/<pid>: a pid that exits and is reused meanwhile reads as gone (ESRCH)."""
+    proc = os.open(f"/proc/{pid}", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        if named and _read_at(proc, "comm").strip() != named.encode():
+            return None
+        uids = next((line.split()[1:] for line in _read_at(proc, "status").splitlines()
+                     if line.startswith(b"Uid:")), [b"?"])
+        if any(uid != b"0" for uid in uids):
+            raise DriverError(f"pid {pid} does not run as root (uids {b' '.join(uids).decode()}): its environment "
+                              "is not the kubelet's, and this command will not take settings from it")
+        pairs = _read_at(proc, "environ").split(b"\0")
+    finally:
+        os.close(proc)
+    return dict(p.decode(errors="replace").split("=", 1) for p in pairs if b"=" in p)
+
+
+def _read_at(directory: int, name: str) -> bytes:
+    fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC, dir_fd=directory)
+    try:
+        chunks = []
+        while chunk := os.read(fd, 65536):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
 
 
 def check_config(node: Node) -> Check:
@@ -118,11 +149,23 @@ def check_driver(node: Node) -> Check:
     if not os.path.exists(exe):
         return Check("driver", FAIL, f"no driver at {exe}, where the kubelet looks (VAULTTMPFS_PLUGIN_DIR)", fix)
     try:
+        _refuse_untrusted_driver(exe)  # run as root below, as the kubelet would
         install.verify(exe)
     except DriverError as exc:
         return Check("driver", FAIL, str(exc), fix)
     bundle = install.current_bundle(os.path.dirname(exe)) or "not a bundle link"
     return Check("driver", OK, f"{exe} answers init ({bundle})")
+
+
+def _refuse_untrusted_driver(exe: str) -> None:
+    fd = trust.open_file(exe, "the driver")
+    try:
+        info = os.fstat(fd)
+    finally:
+        os.close(fd)
+    if info.st_uid != 0 or info.st_mode & 0o022:
+        raise DriverError(f"the driver {exe} is not root's alone (owner uid {info.st_uid}, mode "
+                          f"{stat.S_IMODE(info.st_mode):04o}): not run; reinstall it with `vaulttmpfs install`")
 
 
 def check_agent(node: Node) -> Check:
