@@ -10,9 +10,12 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from .agents import AgentProcess
 from .conftest import driver_env, generator_file, write_config
 from .kubelet import Kubelet
+from .otheruser import NOBODY
 from .vaultserver import REPO
 
 NGINX = {"vault/policies": "nginx"}
@@ -42,6 +45,33 @@ def test_log_level_from_the_config_file(bao, generator, driver_cmd, tmp_path, lo
     env["VAULTTMPFS_LOG_LEVEL"] = "chatty"
     reply, _ = node.mount(node.new_pod(), NGINX)
     assert not reply.ok and "VAULTTMPFS_LOG_LEVEL='chatty'" in reply.message
+
+
+@pytest.mark.parametrize("planted", ["symlink", "file", "fifo"])
+def test_a_log_file_a_node_user_planted_is_not_written(bao, generator, driver_cmd, tmp_path, log_dir, planted):
+    """The log's dir may be one others can write (/var/log is 0775 root:syslog on Ubuntu): root's calls never
+    append through their symlink, to their file, or block on their FIFO; logging is off instead."""
+    logs = tmp_path / "logs"
+    logs.mkdir(mode=0o777)
+    victim = tmp_path / "root-only"
+    victim.write_text("root's\n")
+    log_file = logs / "vaulttmpfs.log"
+    if planted == "symlink":
+        log_file.symlink_to(victim)
+    elif planted == "file":
+        log_file.touch()
+    else:
+        os.mkfifo(log_file)
+    os.lchown(log_file, NOBODY, NOBODY)
+    root = tmp_path / "node"
+    root.mkdir()
+    node = Kubelet(driver_cmd, driver_env(bao, generator, root, log_dir, VAULTTMPFS_LOG_FILE=str(log_file)), root)
+    reply, path = node.mount(node.new_pod(), NGINX)
+    assert reply.ok, reply.body
+    assert node.unmount(path).ok
+    assert victim.read_text() == "root's\n"
+    if planted == "file":
+        assert log_file.stat().st_size == 0
 
 
 def test_log_file_is_rotated_by_size_without_torn_lines(bao, generator, driver_cmd, tmp_path, log_dir):

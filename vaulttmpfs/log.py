@@ -15,6 +15,7 @@ generation kept) and every writer moves to the new file; SIGHUP makes the agent 
 from __future__ import annotations
 
 import _thread  # not threading: a lock is all this needs (the exec path need not load threading)
+import errno
 import fcntl
 import os
 import stat
@@ -206,9 +207,22 @@ class _LogFile:
         parent = os.path.dirname(self.path)
         if parent:
             os.makedirs(parent, mode=0o755, exist_ok=True)
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
-
-        self.regular = stat.S_ISREG(os.fstat(fd).st_mode)  # not /dev/stdout: never rotated
+        # Root appends here, often in a dir others may write (/var/log is 0775 root:syslog on Ubuntu): never
+        # through their symlink, into their file, or into a FIFO's blocking open (a call would hang).
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NONBLOCK
+        by_name = True
+        try:
+            fd = os.open(self.path, flags | os.O_NOFOLLOW, 0o600)
+        except OSError as exc:
+            if exc.errno != errno.ELOOP or os.lstat(self.path).st_uid != 0:
+                raise
+            fd, by_name = os.open(self.path, flags, 0o600), False  # root's own symlink, such as /dev/stdout
+        info = os.fstat(fd)
+        if by_name and not stat.S_ISCHR(info.st_mode) and info.st_uid not in (0, os.geteuid()):
+            os.close(fd)
+            raise OSError(errno.EPERM, f"owned by uid {info.st_uid}", self.path)
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)  # a full pipe waits
+        self.regular = stat.S_ISREG(info.st_mode)  # not /dev/stdout: never rotated
         return fd
 
     def write(self, text: str) -> None:
