@@ -207,6 +207,42 @@ def test_a_retry_is_handed_the_mint_still_in_flight_not_a_second_one(driver_cmd,
             agent.stop()
 
 
+def test_a_retry_is_never_handed_a_mint_whose_tokens_it_revoked(node, agent, bao, generator):
+    """A call killed after its record, before mount(2): the kubelet's retry takes the volume's lock before the
+    broker settles the dead call, revokes the record's tokens (a stale volume) and asks for a mint of its own.
+    The dead call's mint, not yet settled, matches that ask: handing it over gave the pod a revoked token."""
+    from vaulttmpfs.engine.state import StateStore
+    from vaulttmpfs.flexvolume import broker, protocol
+
+    config, problem = protocol.load_settings(node.env)
+    assert problem is None
+    volume = (str(node.volume_dir(node.new_pod())), "pod-uid")
+    ask = (config.role_name, ["nginx"], {"pod": "p"}, "retry-test")
+
+    def call():  # one driver call's broker, as `broker.find` hands it to the engine
+        found, why = broker.find(config.broker_socket, node.env)
+        assert found, why
+        return found
+
+    dead = call()
+    first = dead(config, generator["token"]).create_wrapped_token(*ask, volume=volume)
+    with StateStore(config.state_dir).locked(volume[0]):  # the retry's lock: the dead call's settling waits behind it
+        for held in dead._held:
+            held.close()  # the call is killed -9
+        retry = call()
+        assert retry(config, generator["token"]).revoke_accessors(
+            [first["wrapped_accessor"], first["accessor"]]) == [True, True]
+        second = retry(config, generator["token"]).create_wrapped_token(*ask, volume=volume)
+        assert second["wrapped_accessor"] != first["wrapped_accessor"], "handed the tokens it had just revoked"
+        assert bao.lookup_accessor(second["wrapped_accessor"])
+        assert broker_status(agent)["handed_over"] == 0
+    for held in retry._held:
+        held.close()  # the retry ends without a record: its own mint is revoked too
+    assert wait_for(lambda: not node.journalled(), timeout=30)
+    assert bao.lookup_accessor(second["wrapped_accessor"]) is None
+    assert broker_status(agent)["minting"] == 0
+
+
 def test_an_agent_killed_with_a_mint_in_its_journal_settles_it_when_it_starts_again(node, driver_cmd, bao):
     agent = AgentProcess.brokering(driver_cmd, node.env)
     pod = node.new_pod()

@@ -52,6 +52,7 @@ class _Mint:
     answer: tuple[bytes, int] | None = None
     accessors: list[str] = field(default_factory=list)
     journalled: object = None  # the journal entry's fsync, under way once it is written (files.Sync)
+    revoked: bool = False  # a call revoked its tokens (a retry's stale record): never handed over
 
 
 class BrokerServer(RelayServer):
@@ -89,11 +90,23 @@ class BrokerServer(RelayServer):
         if op in broker.MINTS:
             self._serve_mint(conn, op, args, token, config, logger)
         elif op == "revoke_accessors":
+            self._revoking(args.get("accessors"))
             _send(conn, self._revoke_all(config, token, args.get("accessors")))
         else:
+            if op == "revoke_accessor":
+                self._revoking([args.get("accessor")])
             _send(conn, _encode(self._vault.submit(_call, config, token, op, args).result()))
         self._count("relayed")
         logger.debug("brokered", op=op, peer_pid=pid, ms=round((time.monotonic() - started) * 1000, 1))
+
+    def _revoking(self, accessors) -> None:
+        """Before the revocation goes out: a mint holding one of these is dead, whatever Vault answers. A
+        kubelet retry revokes the tokens of a call killed after its record, then asks for a mint of its own."""
+        revoked = {a for a in accessors if isinstance(a, str)} if isinstance(accessors, list) else set()
+        with self._lock:
+            for mint in self._mints.values():
+                if revoked & set(mint.accessors):
+                    mint.revoked = True
 
     def _revoke_all(self, config, token, accessors) -> tuple[bytes, int]:
         """Each accessor's revocation on its own warm client, all at once; one answer per accessor."""
@@ -113,7 +126,7 @@ class BrokerServer(RelayServer):
         asked = json.dumps([op, args], sort_keys=True)
         with self._lock:
             mint = self._mints.get(volume)
-            handed = bool(mint and mint.asked == asked and _gone(mint.owner))
+            handed = bool(mint and mint.asked == asked and not mint.revoked and _gone(mint.owner))
             if handed:
                 mint.owner = conn
                 self.counts["handed_over"] += 1
@@ -194,7 +207,8 @@ class BrokerServer(RelayServer):
             with self._lock:
                 if mint.owner is not conn:
                     return  # a retry took it while we waited
-                self._mints.pop(mint.volume, None)
+                if self._mints.get(mint.volume) is mint:  # not a retry's own mint, made once this one was revoked
+                    del self._mints[mint.volume]
             kept = _settle_accessors(engine, mint.volume, mint.accessors, logger)
         if not kept and mint.accessors:
             self._count("revoked_orphans")
