@@ -26,7 +26,7 @@ from .agents import AgentProcess, scrape
 from .conftest import BUILD_EXE, remember_secret, source_cmd
 from .csikubelet import CsiKubelet, new_pod, volume_handle
 from .csinode import NODE_NAME, CsiNode
-from .faultserver import CREATE, FaultServer
+from .faultserver import CREATE, FaultServer, wait_for
 from .jwtsign import Signer
 from .kubelet import mount_entry
 from .manifests import SINCE, documents, render, rendered, validate
@@ -313,6 +313,81 @@ def test_concurrent_publishes_of_one_volume_mint_once_and_mount_once(node, kubel
     kubelet.teardown(pod)
     assert bao.lookup_accessor(info["wrapped_accessor"]) is None and bao.lookup_accessor(info["accessor"]) is None
     assert not kubelet.target_path(pod).exists() and state_records(node) == []
+
+
+REVOKE = "/v1/auth/token/revoke-accessor"
+
+
+def lock_waiters(node: CsiNode) -> int:
+    """Calls blocked on a volume's lock in the agent: flock waiters ("->" lines of /proc/locks) on the
+    inode of a lock file in its state dir. What a test waits for before letting the lock holder go."""
+    inodes = {str(path.stat().st_ino) for path in (node.root / "state" / "volumes").glob("*.lock")}
+    return sum(1 for line in Path("/proc/locks").read_text().splitlines()
+               if "->" in line.split() and line.split()[-3].rsplit(":", 1)[-1] in inodes)
+
+
+def test_a_publish_waiting_on_an_unpublish_of_its_volume_publishes_it_afresh(bao, generator, log_dir, tmp_path):
+    """The kubelet republishes a volume while its unpublish is still revoking (a slow Vault): the
+    publish waits on the volume's lock, and the target dir the unpublish removes is made again under
+    it. It used to be checked before the lock and removed after it: the publish minted a token, then
+    failed INTERNAL "No such file or directory" and revoked it."""
+    with FaultServer(bao.addr) as fault:
+        node = CsiNode(source_cmd(), bao, generator, tmp_path, log_dir, VAULT_ADDR=fault.addr).start()
+        try:
+            kubelet, pod = node.kubelet, new_pod(namespace="shop")
+            path = kubelet.publish(pod, NGINX)
+            old = read_volume(path)[1]
+            fault.add(REVOKE, "delay")  # Vault revokes at once; its answer waits for the release
+            with ThreadPoolExecutor(2) as pool:
+                unpublish = pool.submit(kubelet.unpublish, pod)
+                assert fault.arrived.wait(30)
+                creates = fault.count(CREATE)
+                publish = pool.submit(kubelet.node.NodePublishVolume, kubelet.publish_request(pod, NGINX), timeout=60)
+                assert wait_for(lambda: lock_waiters(node) == 1)
+                fault.release.set()
+                unpublish.result()
+                publish.result()
+            fault.clear()
+            assert fault.count(CREATE) == creates + 1  # one token for the new volume, none thrown away
+            new = read_volume(path)[1]
+            assert os.path.ismount(path) and new["wrapped_accessor"] != old["wrapped_accessor"]
+            assert bao.lookup_accessor(old["wrapped_accessor"]) is None
+            assert bao.lookup_accessor(new["wrapped_accessor"]) is not None
+            kubelet.teardown(pod)
+            assert bao.lookup_accessor(new["wrapped_accessor"]) is None and state_records(node) == []
+        finally:
+            fault.release.set()
+            node.stop()
+
+
+def test_a_retried_publish_waiting_on_a_failing_first_attempt_publishes(bao, generator, log_dir, tmp_path):
+    """The kubelet retries a publish whose first attempt is still out (its deadline passed); that attempt
+    then fails and removes the target dir it made. The retry, waiting on the lock, makes it again and
+    publishes (it used to mint, then fail INTERNAL "No such file or directory")."""
+    with FaultServer(bao.addr) as fault:
+        node = CsiNode(source_cmd(), bao, generator, tmp_path, log_dir, VAULT_ADDR=fault.addr).start()
+        try:
+            kubelet, pod = node.kubelet, new_pod(namespace="shop")
+            fault.add(CREATE, "hang", times=1)  # the first create is never answered
+            request = kubelet.publish_request(pod, NGINX)
+            with ThreadPoolExecutor(2) as pool:
+                first = pool.submit(kubelet.node.NodePublishVolume, request, timeout=60)
+                assert fault.arrived.wait(30)
+                retry = pool.submit(kubelet.node.NodePublishVolume, request, timeout=60)
+                assert wait_for(lambda: lock_waiters(node) == 1)
+                fault.release.set()  # the first create's connection closes without an answer
+                with pytest.raises(grpc.RpcError):
+                    first.result()
+                retry.result()
+            path = kubelet.target_path(pod)
+            assert fault.count(CREATE) == 2 and os.path.ismount(path)
+            info = read_volume(path)[1]
+            assert unwrap(bao, path)["metadata"]["pod_uid"] == pod.uid
+            kubelet.teardown(pod)
+            assert bao.lookup_accessor(info["wrapped_accessor"]) is None
+        finally:
+            fault.release.set()
+            node.stop()
 
 
 def test_service_account_tokens_in_the_volume_context_never_reach_the_log(node, kubelet):

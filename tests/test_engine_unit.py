@@ -276,19 +276,42 @@ def test_admission_refuses_a_spoofed_pod_uid_before_the_lock(node):
     assert node.journal.names() == []
 
 
-def test_the_front_ends_own_step_is_undone_last_and_only_on_failure(node):
-    """CSI makes the target dir before the call: its removal joins the engine's undo."""
-    undone: list[list[str]] = []
-    prepared = lambda: undone.append(node.journal.names())  # noqa: E731
-    node.mount(node.request(), undo_prepared=prepared)
-    assert undone == []
+def test_the_front_ends_own_step_runs_under_the_lock_and_is_undone_last_still_under_it(node):
+    """CSI makes the target dir in the call: made and (on failure) removed while the volume's lock is
+    held, so a call waiting on the lock never checks a dir that is then removed under it."""
+    def prepare():
+        node.journal.step("make dir")
+        return lambda: node.journal.step("remove dir")
+
+    node.mount(node.request(), prepare=prepare)
+    assert node.journal.names()[:3] == ["lock", "make dir", "create token"] and "remove dir" not in node.journal.names()
     node.journal.fail_at = "write vault-token"
+    mark = len(node.journal.events)
     with pytest.raises(Injected):
-        node.mount(node.request(mount_dir=node.volume_dir("other")), undo_prepared=prepared)
-    assert undone and undone[0][-1] == "unlock"  # after the engine's undo and the lock
-    with pytest.raises(Forbidden):  # a failure before the lock undoes it too
-        node.mount(node.request(pod_uid="another-pod"), undo_prepared=prepared)
-    assert len(undone) == 2
+        node.mount(node.request(mount_dir=node.volume_dir("other")), prepare=prepare)
+    assert node.since(mark)[:2] == ["lock", "make dir"]
+    assert node.since(mark)[-3:] == ["forget record", "remove dir", "unlock"]  # after the engine's undo, locked
+    mark = len(node.journal.events)
+    with pytest.raises(Forbidden):  # refused before the lock: the front end's step never ran
+        node.mount(node.request(pod_uid="another-pod"), prepare=prepare)
+    assert node.since(mark) == []
+
+
+def test_a_prepared_dir_that_is_no_directory_is_refused_under_the_lock(node):
+    """The target is checked after the front end's step, not before it (it may not exist yet)."""
+    mount_dir = node.volume_dir("target")
+    os.rmdir(mount_dir)
+    with pytest.raises(DriverError, match="does not exist"):
+        node.mount(node.request(mount_dir=mount_dir), prepare=lambda: None)
+    assert node.journal.names() == ["lock", "unlock"] and not node.vault.alive
+
+
+def test_the_front_ends_last_unmount_step_runs_under_the_lock(node):
+    request = node.request()
+    node.mount(request)
+    mark = len(node.journal.events)
+    node.engine().unmount(request.mount_dir, finish=lambda: node.journal.step("remove dir"))
+    assert node.since(mark) == ["lock", "revoke", "revoke", "unmount", "forget record", "remove dir", "unlock"]
 
 
 def test_unmount_revokes_both_tokens_then_unmounts_then_forgets(node):

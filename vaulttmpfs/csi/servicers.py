@@ -77,17 +77,17 @@ class Node(csi_pb2_grpc.NodeServicer):
 
     def NodePublishVolume(self, request, context):  # noqa: N802
         mount_request = publish_request(request, self.config, self.jwt_login)
-        created = _make_target(request.target_path)
-        # The target dir joins the engine's undo: removed, after the engine's own steps, if the mount fails.
-        undo = functools.partial(_remove_target, request.target_path, missing_ok=True) if created else None
-        operation.mount(self.config, mount_request, undo_prepared=undo)
+        # Made under the volume's lock (an unpublish or a failed publish of it may be removing it right now),
+        # and its removal joins the engine's undo: after the engine's own steps, before the lock goes.
+        operation.mount(self.config, mount_request, prepare=functools.partial(_make_target, request.target_path))
         return csi_pb2.NodePublishVolumeResponse()
 
     def NodeUnpublishVolume(self, request, context):  # noqa: N802
         _required(request, "volume_id", "target_path")
         CSI.parts(request.target_path, self.config.pods_dir)  # only ever unmount/remove inside the layout
-        operation.unmount(self.config, request.target_path)
-        _remove_target(request.target_path, missing_ok=True)  # the spec: the SP deletes what it created
+        # The spec: the SP deletes what it created; under the lock, as a publish waiting on it makes it anew.
+        operation.unmount(self.config, request.target_path,
+                          finish=functools.partial(_remove_target, request.target_path, missing_ok=True))
         return csi_pb2.NodeUnpublishVolumeResponse()
 
 
@@ -196,15 +196,15 @@ def _mount_group(capability) -> int | None:
     return int(group)
 
 
-def _make_target(path: str) -> bool:
-    """Create the target dir (the plugin's job per the spec); True if this call created it."""
+def _make_target(path: str):
+    """Create the target dir (the plugin's job per the spec); its undo if this call created it, else None."""
     try:
         os.mkdir(path, TARGET_MODE)
     except FileExistsError:
-        return False
+        return None
     except FileNotFoundError:
         raise BadRequest(f"the parent of target_path {path} does not exist (the kubelet creates it)") from None
-    return True
+    return functools.partial(_remove_target, path, missing_ok=True)
 
 
 def _remove_target(path: str, missing_ok: bool) -> None:

@@ -34,6 +34,8 @@ if TYPE_CHECKING:
     from ..config import Config
     from .interfaces import Filesystem, Store, VaultFactory
 
+    Prepare = Callable[[], Callable[[], object] | None]  # a front end's step under the lock, returning its undo
+
 PLUGIN_DIR = FLEXVOLUME.plugin_dir  # <pods dir>/<pod uid>/volumes/<this>/<volume name>
 GENERATOR_CHECK_SECONDS = 3600  # how long "the generator token is not root" is trusted
 _generator_checks: dict[str, dict[str, Any]] = {}  # token hash -> that check, in this process
@@ -88,12 +90,12 @@ def _hvac_vault(config: Config, token: str | None):
     return Vault(config, token)
 
 
-def mount(config: Config, request: MountRequest, undo_prepared: Callable[[], object] | None = None) -> str:
-    return Engine(config).mount(request, undo_prepared)
+def mount(config: Config, request: MountRequest, prepare: Prepare | None = None) -> str:
+    return Engine(config).mount(request, prepare)
 
 
-def unmount(config: Config, mount_dir: str) -> str:
-    return Engine(config).unmount(mount_dir)
+def unmount(config: Config, mount_dir: str, finish: Callable[[], object] | None = None) -> str:
+    return Engine(config).unmount(mount_dir, finish)
 
 
 def retry_pending(config: Config) -> dict[str, int]:
@@ -192,17 +194,23 @@ class Engine:
             found = self._real[path] = self.fs.resolve(path)
         return found
 
-    def mount(self, request: MountRequest, undo_prepared: Callable[[], object] | None = None) -> str:
-        """undo_prepared: the undo of what the front end did for this call (CSI: made the target dir)."""
+    def mount(self, request: MountRequest, prepare: Prepare | None = None) -> str:
+        """prepare: the front end's own step (CSI: make the target dir), run under the volume's lock once
+        admission passed; it returns its undo (or None), run on failure before the lock is released. Under
+        the lock, so an unmount of the same volume cannot remove the dir between its check and the mount."""
         config, fs = self.config, self.fs
         with UndoStack() as undo:  # the call's one undo stack: see the module docstring
-            if undo_prepared:
-                _on_failure(undo, undo_prepared)
-            fs.check_target(request.mount_dir)
+            if prepare is None:
+                fs.check_target(request.mount_dir)  # the kubelet made it (FlexVolume): its faults named first
             logger = log.get(verb="mount", dir=request.mount_dir)
             request = self._admit(request, logger)
             logger = logger.bind(pod_uid=request.pod_uid)
             undo.enter_context(self.store.locked(request.mount_dir))  # released after the undo below
+            if prepare is not None:
+                undo_prepared = prepare()
+                if undo_prepared is not None:
+                    _on_failure(undo, undo_prepared)  # runs last of the undos, still under the lock
+            fs.check_target(request.mount_dir)  # again under the lock: what is mounted on is what was checked
             if self._already_mounted(request, logger):
                 return "already mounted"
             token = generator.read_token(config.generator_token_path)
@@ -335,7 +343,9 @@ class Engine:
                 raise DriverError(f"cannot write {filename} ({len(data)} bytes) into {request.mount_dir}: "
                                   f"{exc.strerror}; is VAULTTMPFS_TMPFS_SIZE={config.tmpfs_size} too small?") from None
 
-    def unmount(self, mount_dir: str) -> str:
+    def unmount(self, mount_dir: str, finish: Callable[[], object] | None = None) -> str:
+        """finish: the front end's last step (CSI: remove the target dir), under the lock, so a mount
+        waiting on it never finds its checked dir gone."""
         fs = self.fs
         logger = log.get(verb="unmount", dir=mount_dir)
         with self.store.locked(mount_dir):
@@ -349,6 +359,8 @@ class Engine:
                 except OSError as exc:
                     raise DriverError(str(exc)) from None
             self.store.forget_volume(mount_dir)
+            if finish is not None:
+                finish()
         logger.info("unmounted", revocation=str(outcome))
         return f"unmounted; {outcome}"
 
