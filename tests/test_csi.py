@@ -171,6 +171,43 @@ def test_republish_asking_for_another_readonly_or_fsgroup_is_already_exists(node
     assert bao.lookup_accessor(made[1]["wrapped_accessor"]) is None
 
 
+@pytest.mark.parametrize("attributes, shown", [
+    ({"vault/policies": "other"}, "vault/policies=other"),
+    ({**NGINX, "vault/unwrap": "true"}, "vault/unwrap=true"),
+    ({**NGINX, "vault/role": "applications2"}, "vault/role=applications2"),
+])
+def test_republish_asking_for_another_token_is_already_exists(node, kubelet, bao, attributes, shown):
+    """The spec's ALREADY_EXISTS for parameters incompatible with the published volume: it used to
+    answer OK and leave the pod the token minted for the first attributes."""
+    pod = new_pod(namespace="shop")
+    path = kubelet.publish(pod, NGINX)
+    made, before = read_volume(path), pod_tokens(bao)
+    message = refused(lambda: kubelet.publish(pod, attributes), grpc.StatusCode.ALREADY_EXISTS)
+    assert shown in message and "unpublish it first" in message
+    assert os.path.ismount(path) and read_volume(path) == made and pod_tokens(bao) == before
+    assert kubelet.publish(pod, NGINX) == path
+    kubelet.teardown(pod)
+    assert bao.lookup_accessor(made[1]["wrapped_accessor"]) is None
+
+
+@pytest.mark.parametrize("mode", ["UNKNOWN", "MULTI_NODE_MULTI_WRITER", "MULTI_NODE_READER_ONLY"])
+def test_an_access_mode_other_than_single_node_is_invalid_argument(node, kubelet, bao, mode):
+    pod = new_pod(namespace="shop")
+    path = kubelet.publish(pod, NGINX)  # the kubelet's own: SINGLE_NODE_WRITER (csi_mounter.go, inline = RWO)
+    made, before = read_volume(path), pod_tokens(bao)
+    for target in (pod, new_pod(namespace="shop")):  # a republish, and a first publish
+        request = kubelet.publish_request(target, NGINX)
+        request.volume_capability.access_mode.mode = csi_pb2.VolumeCapability.AccessMode.Mode.Value(mode)
+        message = refused(lambda request=request: kubelet.node.NodePublishVolume(request, timeout=30),
+                          grpc.StatusCode.INVALID_ARGUMENT)
+        assert f"access mode {mode} is not supported" in message
+    assert read_volume(path) == made and pod_tokens(bao) == before
+    request = kubelet.publish_request(pod, NGINX)
+    request.volume_capability.access_mode.mode = csi_pb2.VolumeCapability.AccessMode.SINGLE_NODE_MULTI_WRITER
+    kubelet.node.NodePublishVolume(request, timeout=30)  # what a kubelet sends a plugin that advertises it
+    kubelet.teardown(pod)
+
+
 def test_republish_after_a_reboot_revokes_the_old_token_and_writes_a_fresh_one(node, kubelet, bao):
     pod = new_pod(namespace="shop")
     path = kubelet.publish(pod, NGINX)

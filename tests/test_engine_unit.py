@@ -32,6 +32,7 @@ RECORD_BEFORE_MADE_WITH = {  # 23f2ea3 .. e6a30eb: no read_only / fs_group
 }
 RECORD_WITH_MADE_WITH = {**RECORD_BEFORE_MADE_WITH, "read_only": True, "fs_group": 2000}  # e6a30eb ..
 RECORD_UNWRAPPED = {**RECORD_BEFORE_MADE_WITH, "wrapping_accessor": None, "read_only": False, "fs_group": None}
+RECORD_WITH_UNWRAP = {**RECORD_UNWRAPPED, "unwrapped": True}  # from this change on: vault/unwrap kept
 
 
 class Node:
@@ -89,7 +90,7 @@ def test_a_mount_mints_then_records_then_mounts_then_writes(node):
     assert files["vault-token"] == info["token"].encode() and info["wrapped_accessor"] in node.vault.alive
     record = node.store.volumes[request.mount_dir]
     assert (record.accessor, record.wrapping_accessor) == (info["wrapped_accessor"], info["accessor"])
-    assert record.made_with == MadeWith(read_only=True, fs_group=2000) and record.pod_uid == POD_UID
+    assert record.made_with == MadeWith(read_only=True, fs_group=2000, unwrapped=False) and record.pod_uid == POD_UID
     assert set(node.vault.tokens_used) == {"s.generator-token"}  # the generator check, then the create
 
 
@@ -199,6 +200,37 @@ def test_a_republish_asking_for_another_read_only_or_fs_group_is_a_conflict(node
     with pytest.raises(Conflict, match="readOnly=false, fsGroup=2000; this call asks for readOnly=true"):
         node.mount(request.replace(read_only=True))
     assert node.vault.alive == alive and request.mount_dir in node.store.volumes
+
+
+@pytest.mark.parametrize("change, shown", [
+    ({"policies": ["other"]}, "vault/policies=nginx; this call asks for readOnly=false, fsGroup=none, "
+                              "vault/policies=other"),
+    ({"policies": ["nginx", "other"]}, "vault/policies=nginx,other"),
+    ({"role": "Applications2"}, "vault/role=applications; this call asks for readOnly=false, fsGroup=none, "
+                                "vault/role=Applications2"),
+    ({"unwrapped": True}, "vault/unwrap=false; this call asks for readOnly=false, fsGroup=none, vault/unwrap=true"),
+])
+def test_a_republish_asking_for_another_token_is_a_conflict(node, change, shown):
+    """The CSI spec's ALREADY_EXISTS: not an OK that leaves the pod the token minted for other attributes."""
+    request = node.request()
+    node.mount(request)
+    alive, files = set(node.vault.alive), dict(node.files(request.mount_dir))
+    with pytest.raises(Conflict, match="unpublish it first") as refused:
+        node.mount(request.replace(**change))
+    assert shown in str(refused.value)
+    assert node.vault.alive == alive and node.files(request.mount_dir) == files
+    assert node.mount(request.replace(policies=list(reversed(request.policies)))) == "already mounted"
+
+
+def test_a_record_from_before_unwrap_was_kept_takes_either_unwrap(node):
+    request = node.request(unwrapped=True)
+    node.mount(request)
+    record = node.store.volumes[request.mount_dir]
+    written_before = {key: value for key, value in record.to_json().items() if key != "unwrapped"}
+    node.store.volumes[request.mount_dir] = VolumeRecord.from_json(written_before)
+    assert node.store.volumes[request.mount_dir].made_with.unwrapped is None
+    assert node.mount(request) == "already mounted"
+    assert node.mount(request.replace(unwrapped=False)) == "already mounted"
 
 
 def test_a_record_from_before_made_with_takes_the_volume_as_it_is(node):
@@ -346,11 +378,13 @@ def test_unmount_with_vault_down_queues_both_tokens(node):
     assert sorted(node.store.pending) == sorted(node.vault.alive) and not node.fs.mounts
 
 
-@pytest.mark.parametrize("shape", [RECORD_BEFORE_MADE_WITH, RECORD_WITH_MADE_WITH, RECORD_UNWRAPPED])
+@pytest.mark.parametrize("shape", [RECORD_BEFORE_MADE_WITH, RECORD_WITH_MADE_WITH, RECORD_UNWRAPPED,
+                                   RECORD_WITH_UNWRAP])
 def test_every_record_shape_reads_and_writes_back_as_it_was(shape):
     record = VolumeRecord.from_json(json.loads(json.dumps(shape)))
     assert record.accessor == "pod-acc" and record.pod_uid == POD_UID and record.policies == ("nginx",)
-    assert record.made_with == (MadeWith(shape["read_only"], shape["fs_group"]) if "read_only" in shape else None)
+    assert record.made_with == (MadeWith(shape["read_only"], shape["fs_group"], shape.get("unwrapped"))
+                                if "read_only" in shape else None)
     assert record.to_json() == shape and list(record.to_json()) == list(shape)
 
 

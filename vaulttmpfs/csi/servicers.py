@@ -32,6 +32,11 @@ SERVICE_ACCOUNT, EPHEMERAL = KUBELET + "serviceAccount.name", KUBELET + "ephemer
 SA_TOKENS = KUBELET + "serviceAccount.tokens"  # CSIDriver tokenRequests: {"<audience>": {"token": JWT, ...}}
 TARGET_MODE = 0o750  # as the kubelet makes the parent; the tmpfs mounted over it sets its own mode
 MAX_GID = 2**31 - 1
+_MODE = csi_pb2.VolumeCapability.AccessMode
+# One pod's tmpfs on one node: the single-node modes. The kubelet sends SINGLE_NODE_WRITER for an inline
+# volume (ReadWriteOnce; SINGLE_NODE_MULTI_WRITER only to a plugin advertising that capability).
+ACCESS_MODES = (_MODE.SINGLE_NODE_WRITER, _MODE.SINGLE_NODE_READER_ONLY, _MODE.SINGLE_NODE_SINGLE_WRITER,
+                _MODE.SINGLE_NODE_MULTI_WRITER)
 
 
 class Identity(csi_pb2_grpc.IdentityServicer):
@@ -182,6 +187,11 @@ def _mount_group(capability) -> int | None:
     if not capability.HasField("mount"):
         what = "a block volume" if capability.HasField("block") else "no access type"
         raise BadRequest(f"volume_capability asks for {what}; vaulttmpfs volumes are mounted file systems")
+    mode = capability.access_mode.mode
+    if mode not in ACCESS_MODES:
+        name = _MODE.Mode.Name(mode) if mode in _MODE.Mode.values() else str(mode)  # a number newer than our spec
+        raise BadRequest(f"access mode {name} is not supported: a vaulttmpfs volume is one pod's, on one node "
+                         f"({', '.join(map(_MODE.Mode.Name, ACCESS_MODES))})")
     mount = capability.mount
     if mount.fs_type not in ("", "tmpfs"):
         raise BadRequest(f"fsType {mount.fs_type!r} is not supported: the volume is always a tmpfs")

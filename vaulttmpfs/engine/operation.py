@@ -229,7 +229,7 @@ class Engine:
             record = VolumeRecord(minted.accessor, minted.wrapping_accessor, request.mount_dir, request.role,
                                   policies=tuple(request.policies), pod_uid=request.pod_uid,
                                   namespace=request.pod_namespace, pod=request.pod_name,
-                                  made_with=MadeWith(request.read_only, request.fs_group))
+                                  made_with=MadeWith(request.read_only, request.fs_group, request.unwrapped))
             _on_failure(undo, self._revoke_and_forget, record, logger, "mount failed after the token was created")
             written = self.store.write_volume(request.mount_dir, record)
             # Pushed before mount(2): a mount that took effect but did not return is undone too.
@@ -487,17 +487,34 @@ def _wrapped(wrap_info: dict[str, Any]) -> Minted:
 
 
 def _refuse_if_made_otherwise(record: VolumeRecord, request: MountRequest) -> None:
-    # Records written before these fields were kept say nothing: such a volume is taken as it is.
-    made = record.made_with or MadeWith(request.read_only, request.fs_group)
-    made_options = {"readOnly": made.read_only, "fsGroup": made.fs_group}
-    asked = {"readOnly": request.read_only, "fsGroup": request.fs_group}
-    if made_options != asked:
-        raise Conflict(f"{request.mount_dir} is already published with {_describe(made_options)}; this call asks "
-                       f"for {_describe(asked)}: unpublish it first (the volume and its token are left as they are)")
+    """A republish must ask for the volume the pod has: its token was minted for that role, those
+    policies and wrapping, mounted so (readOnly, fsGroup). Anything else is a Conflict, never an OK
+    that leaves the pod with a token other than the one asked for."""
+    from .attributes import POLICIES, ROLE, UNWRAP  # a republish's only: an unmount never loads attributes
+
+    asked = {"readOnly": request.read_only, "fsGroup": request.fs_group, ROLE: request.role,
+             POLICIES: ",".join(sorted(request.policies)), UNWRAP: request.unwrapped}
+    # What a record does not say (written before it was kept, or rebuilt from the volume) is taken as asked.
+    made = dict(asked)
+    if record.made_with:
+        made.update(readOnly=record.made_with.read_only, fsGroup=record.made_with.fs_group)
+        if record.made_with.unwrapped is not None:
+            made[UNWRAP] = record.made_with.unwrapped
+    if record.role:  # every record the state dir holds names its role and policies; a rebuilt one neither
+        made.update({ROLE: record.role, POLICIES: ",".join(sorted(record.policies))})
+    if made != asked:
+        # readOnly and fsGroup always (the mount's own options), the token's attributes when they differ.
+        shown = [name for name in asked if name in ("readOnly", "fsGroup") or made[name] != asked[name]]
+        raise Conflict(f"{request.mount_dir} is already published with {_describe(made, shown)}; this call asks "
+                       f"for {_describe(asked, shown)}: unpublish it first (the volume and its token are left as "
+                       "they are)")
 
 
-def _describe(options: dict[str, Any]) -> str:
-    return ", ".join(f"{name}={'none' if value is None else str(value).lower()}" for name, value in options.items())
+def _describe(options: dict[str, Any], names: list[str]) -> str:
+    def text(value: Any) -> str:
+        return "none" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+
+    return ", ".join(f"{name}={text(options[name])}" for name in names)
 
 
 def _record_from_metadata(meta: dict[str, Any], mount_dir: str) -> VolumeRecord | None:

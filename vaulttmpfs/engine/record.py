@@ -21,6 +21,7 @@ class MadeWith(Value):  # Value, not typing.NamedTuple: see value.py
 
     read_only: bool
     fs_group: int | None
+    unwrapped: bool | None = None  # vault/unwrap; None: written before it was kept (not compared)
 
 
 class VolumeRecord(Value):
@@ -46,16 +47,19 @@ class VolumeRecord(Value):
                  "namespace": self.namespace, "pod": self.pod}
         if self.made_with:
             value.update(read_only=self.made_with.read_only, fs_group=self.made_with.fs_group)
+            if self.made_with.unwrapped is not None:
+                value["unwrapped"] = self.made_with.unwrapped
         return value
 
     @classmethod
     def from_json(cls, value: dict[str, Any], since: float | None = None) -> VolumeRecord:
         """Any record a version of vaulttmpfs wrote; a field of the wrong type reads as absent."""
         made_with = None
-        if "read_only" in value or "fs_group" in value:
-            group = value.get("fs_group")
+        if "read_only" in value or "fs_group" in value or "unwrapped" in value:
+            group, unwrapped = value.get("fs_group"), value.get("unwrapped")
             made_with = MadeWith(value.get("read_only") is True,
-                                 group if isinstance(group, int) and not isinstance(group, bool) else None)
+                                 group if isinstance(group, int) and not isinstance(group, bool) else None,
+                                 unwrapped if isinstance(unwrapped, bool) else None)
         policies = value.get("policies")
         return cls(
             accessor=_text(value, "accessor") or None,
