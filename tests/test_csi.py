@@ -280,6 +280,35 @@ def test_bad_request_fields_are_invalid_argument(node, kubelet):
     assert not kubelet.target_path(pod).exists() and state_records(node) == []
 
 
+def test_unpublish_names_the_volume_it_unmounts(node, kubelet, bao):
+    """An unpublish whose volume_id is not the kubelet's handle for its target path, or whose path goes
+    through `..` (into another pod's volume, with this pod's handle), is refused and touches nothing:
+    it used to unmount the volume and revoke its token."""
+    victim, pod = new_pod(namespace="shop"), new_pod(namespace="shop")
+    path = kubelet.publish(victim, NGINX)
+    info = read_volume(path)[1]
+    dotdot = str(kubelet.target_path(pod).parent / ".." / ".." / ".." / ".." / victim.uid / "volumes" /
+                 "kubernetes.io~csi" / "vault" / "mount")
+    calls = {
+        "is not the kubelet's handle": csi_pb2.NodeUnpublishVolumeRequest(
+            volume_id=volume_handle(new_pod(), "vault"), target_path=str(path)),
+        "has a '..' component": csi_pb2.NodeUnpublishVolumeRequest(
+            volume_id=volume_handle(pod, "vault"), target_path=dotdot),
+    }
+    for expected, request in calls.items():
+        message = refused(lambda request=request: kubelet.node.NodeUnpublishVolume(request, timeout=30),
+                          grpc.StatusCode.INVALID_ARGUMENT)
+        assert expected in message
+    publish = kubelet.publish_request(pod, NGINX)
+    publish.target_path = dotdot
+    assert "has a '..' component" in refused(lambda: kubelet.node.NodePublishVolume(publish, timeout=30),
+                                             grpc.StatusCode.INVALID_ARGUMENT)
+    assert os.path.ismount(path) and read_volume(path)[1] == info
+    assert bao.lookup_accessor(info["wrapped_accessor"]) is not None
+    kubelet.teardown(victim)
+    assert bao.lookup_accessor(info["wrapped_accessor"]) is None
+
+
 def test_disallowed_policy_is_permission_denied_without_mount_or_token(node, kubelet, bao):
     before = pod_tokens(bao)
     pod = new_pod(namespace="payments")

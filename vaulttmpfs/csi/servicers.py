@@ -88,8 +88,7 @@ class Node(csi_pb2_grpc.NodeServicer):
         return csi_pb2.NodePublishVolumeResponse()
 
     def NodeUnpublishVolume(self, request, context):  # noqa: N802
-        _required(request, "volume_id", "target_path")
-        CSI.parts(request.target_path, self.config.pods_dir)  # only ever unmount/remove inside the layout
+        _kubelet_volume(request, self.config)  # only ever unmount/remove inside the layout, the volume named
         # The spec: the SP deletes what it created; under the lock, as a publish waiting on it makes it anew.
         operation.unmount(self.config, request.target_path,
                           finish=functools.partial(_remove_target, request.target_path, missing_ok=True))
@@ -98,8 +97,7 @@ class Node(csi_pb2_grpc.NodeServicer):
 
 def publish_request(request, config: Config, jwt_login: JwtLogin | None = None) -> operation.MountRequest:
     """The engine's request from the kubelet's, or BadRequest naming the field or attribute."""
-    _required(request, "volume_id", "target_path")
-    pod_uid, volume_name = CSI.parts(request.target_path, config.pods_dir)
+    pod_uid, volume_name = _kubelet_volume(request, config)
     context = dict(request.volume_context)
     if context.get(EPHEMERAL) != "true":
         raise BadRequest(f"attribute {EPHEMERAL!r} is not \"true\": vaulttmpfs serves ephemeral inline volumes "
@@ -107,10 +105,6 @@ def publish_request(request, config: Config, jwt_login: JwtLogin | None = None) 
     for key in (POD_UID, POD_NAMESPACE, POD_NAME, SERVICE_ACCOUNT):
         if not context.get(key):
             raise BadRequest(f"attribute {key!r} is missing: the CSIDriver {DRIVER_NAME} needs podInfoOnMount: true")
-    expected_id = "csi-" + hashlib.sha256((pod_uid + volume_name).encode()).hexdigest()
-    if request.volume_id != expected_id:
-        raise BadRequest(f"volume_id {request.volume_id!r} is not the kubelet's handle for volume "
-                         f"{volume_name!r} of pod {pod_uid} ({expected_id})")
     unknown = sorted(k for k in context if k.startswith("vault/") and k not in attributes.KNOWN)
     if unknown:
         raise BadRequest(f"unknown attribute {unknown[0]!r}; vaulttmpfs reads {', '.join(attributes.KNOWN)}")
@@ -140,6 +134,18 @@ def publish_request(request, config: Config, jwt_login: JwtLogin | None = None) 
         layout=CSI,
         login=login,
     )
+
+
+def _kubelet_volume(request, config: Config) -> tuple[str, str]:
+    """(pod uid, volume name) of the target path, once the volume_id is the kubelet's handle for that
+    volume (publish and unpublish alike: an unpublish naming one volume never touches another's)."""
+    _required(request, "volume_id", "target_path")
+    pod_uid, volume_name = CSI.parts(request.target_path, config.pods_dir)
+    expected_id = "csi-" + hashlib.sha256((pod_uid + volume_name).encode()).hexdigest()  # makeVolumeHandle
+    if request.volume_id != expected_id:
+        raise BadRequest(f"volume_id {request.volume_id!r} is not the kubelet's handle for volume "
+                         f"{volume_name!r} of pod {pod_uid} ({expected_id})")
+    return pod_uid, volume_name
 
 
 def _service_account_token(request, audience: str, pod_uid: str) -> str:
@@ -181,6 +187,9 @@ def _required(request, *fields: str) -> None:
     path = getattr(request, "target_path", "")
     if not os.path.isabs(path):
         raise BadRequest(f"target_path {path!r} is not an absolute path")
+    # The kubelet's paths never hold one: a `..` could reach another pod's volume (given its own id).
+    if os.pardir in path.split(os.sep):
+        raise BadRequest(f"target_path {path!r} has a '..' component; the kubelet's target paths never do")
 
 
 def _mount_group(capability) -> int | None:
