@@ -678,6 +678,21 @@ def test_the_pod_logs_in_with_its_token_only_in_secrets(jwt_node, sa_issuer, bao
     assert pod.uid in log and jwt not in log and jwt.split(".")[2] not in log
 
 
+def test_a_pods_own_service_account_tokens_attribute_never_beats_the_kubelets_secrets(jwt_node, sa_issuer, bao):
+    """With serviceAccountTokenInSecrets the kubelet merges no tokens key over the volume context, so one
+    there is the pod's own volumeAttributes: it used to be read before `secrets`. Refused, naming it."""
+    kubelet = jwt_node.kubelet
+    pod = new_pod("web-f", namespace="shop", service_account="web")
+    before = pod_tokens(bao)
+    own = json.dumps(sa_issuer.tokens(sa_issuer.pod_token(pod, ttl=3600)))  # a token the pod came by itself
+    attributes = {"vault/role": "shop-web", "csi.storage.k8s.io/serviceAccount.tokens": own}
+    message = refused(lambda: kubelet.publish(pod, attributes, tokens=sa_issuer.tokens(sa_issuer.pod_token(pod)),
+                                              tokens_in_secrets=True), grpc.StatusCode.INVALID_ARGUMENT)
+    assert "'csi.storage.k8s.io/serviceAccount.tokens' is the kubelet's" in message and "volumeAttributes" in message
+    assert pod_tokens(bao) == before and not kubelet.target_path(pod).exists()
+    assert own not in jwt_node.log_file.read_text()
+
+
 def test_sixty_republishes_with_fresh_pod_jwts_mint_nothing_and_call_vault_never(jwt_node, sa_issuer, bao):
     """requiresRepublish: the kubelet calls NodePublishVolume about every minute for a mounted volume,
     each time with a fresh service-account token. The pod already holds its Vault token (and renews

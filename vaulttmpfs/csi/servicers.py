@@ -149,8 +149,15 @@ def _kubelet_volume(request, config: Config) -> tuple[str, str]:
 
 
 def _service_account_token(request, audience: str, pod_uid: str) -> str:
-    """The pod's JWT for `audience`, from the volume context or (serviceAccountTokenInSecrets) the secrets."""
-    text = request.volume_context.get(SA_TOKENS) or request.secrets.get(SA_TOKENS)
+    """The pod's JWT for `audience`, from the secrets (serviceAccountTokenInSecrets) or the volume context.
+
+    With serviceAccountTokenInSecrets the kubelet writes the key into `secrets` only: one in the volume
+    context beside it is the pod's own attribute (nothing merged over it), refused rather than read."""
+    text = request.secrets.get(SA_TOKENS)
+    if text and SA_TOKENS in request.volume_context:
+        raise BadRequest(f"attribute {SA_TOKENS!r} is the kubelet's (it passes it in the call's secrets): remove it "
+                         "from the volume's volumeAttributes")
+    text = text or request.volume_context.get(SA_TOKENS)
     if not text:
         raise BadRequest(f"attribute {SA_TOKENS!r} is missing: the CSIDriver {DRIVER_NAME} needs "
                          f"tokenRequests: [{{audience: {audience}}}] for pods to log in to Vault")
