@@ -243,6 +243,10 @@ def test_unpublish_of_a_volume_never_published_is_ok(kubelet):
     ({"vault/policies": "other", "vault/role": "a/b"}, {}, "'vault/role' has an invalid role name 'a/b'"),
     ({"vault/polices": "other"}, {}, "unknown attribute 'vault/polices'"),
     ({"vault/policies": "other"}, {"fs_group": "staff"}, "volume_mount_group 'staff' is not a group id"),
+    # Digits to str.isdigit, not to the kernel: '²' was an INTERNAL ValueError, '١٢' (Arabic-Indic) gid 12.
+    ({"vault/policies": "other"}, {"fs_group": "\u00b2"}, "volume_mount_group '\u00b2' is not a group id"),
+    ({"vault/policies": "other"}, {"fs_group": "\u0661\u0662"},
+     "volume_mount_group '\u0661\u0662' is not a group id"),
     ({"vault/policies": "other", "vault/unwrap": "maybe"}, {}, "'vault/unwrap' must be \"true\" or \"false\""),
     ({"vault/policies": "other"}, {"pod_info_on_mount": False}, "csi.storage.k8s.io/ephemeral"),
 ])
@@ -268,7 +272,9 @@ def test_bad_request_fields_are_invalid_argument(node, kubelet):
     wrong_id.volume_id = volume_handle(new_pod(), "vault")
     flex_layout = kubelet.publish_request(pod, NGINX)
     flex_layout.target_path = str(kubelet.pods_dir / pod.uid / "volumes" / "cloudwatt~vaulttmpfs" / "vault")
-    cases = {"block volume": block, "is not the kubelet's handle": wrong_id,
+    nul = kubelet.publish_request(pod, NGINX)
+    nul.target_path += "\0x"  # was INTERNAL "ValueError: embedded null byte", logged as a bug
+    cases = {"block volume": block, "is not the kubelet's handle": wrong_id, "holds a NUL character": nul,
              "is not a pod volume dir <pods dir>/<pod uid>/volumes/kubernetes.io~csi/<name>/mount": flex_layout}
     for expected, request in cases.items():
         message = refused(lambda request=request: kubelet.node.NodePublishVolume(request, timeout=30),
@@ -276,6 +282,9 @@ def test_bad_request_fields_are_invalid_argument(node, kubelet):
         assert expected in message
     assert refused(lambda: kubelet.node.NodeUnpublishVolume(csi_pb2.NodeUnpublishVolumeRequest(
         volume_id="x", target_path="/etc"), timeout=30), grpc.StatusCode.INVALID_ARGUMENT)
+    assert "holds a NUL character" in refused(lambda: kubelet.node.NodeUnpublishVolume(
+        csi_pb2.NodeUnpublishVolumeRequest(volume_id=nul.volume_id, target_path=nul.target_path), timeout=30),
+        grpc.StatusCode.INVALID_ARGUMENT)
     assert os.path.isdir("/etc")
     assert not kubelet.target_path(pod).exists() and state_records(node) == []
 
@@ -735,6 +744,11 @@ def test_pod_login_refusals(jwt_node, sa_issuer, bao):
                                               tokens=sa_issuer.tokens(sa_issuer.pod_token(robot))),
                       grpc.StatusCode.PERMISSION_DENIED)
     assert "auth/csijwt" in message and "sub" in message.lower()
+    # A token whose kubernetes.io claim is no object is no kubelet's (it was an INTERNAL AttributeError).
+    odd = sa_issuer.pod_token(pod, **{"kubernetes.io": "shop"})
+    message = refused(lambda: kubelet.publish(pod, {"vault/role": "shop-web"}, tokens=sa_issuer.tokens(odd)),
+                      grpc.StatusCode.INVALID_ARGUMENT)
+    assert "not a service-account token's" in message and odd not in message
     # No token for the audience: the CSIDriver lacks tokenRequests.
     message = refused(lambda: kubelet.publish(pod, {"vault/role": "shop-web"}), grpc.StatusCode.INVALID_ARGUMENT)
     assert "tokenRequests" in message

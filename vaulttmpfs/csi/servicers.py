@@ -171,8 +171,12 @@ def _service_account_token(request, audience: str, pod_uid: str) -> str:
                          f"CSIDriver's tokenRequests")
     log.secret(jwt)
     # Vault checks the signature; this checks the token is this pod's (bound to its uid), not another's.
-    claims = _unverified_claims(jwt)
-    bound = ((claims.get("kubernetes.io") or {}).get("pod") or {}).get("uid") if isinstance(claims, dict) else None
+    bound = _unverified_claims(jwt)
+    for claim in ("kubernetes.io", "pod", "uid"):  # absent: bound to no pod; of another type: no kubelet's token
+        if bound is not None and not isinstance(bound, dict):
+            raise BadRequest(f"attribute {SA_TOKENS!r} holds a token whose claims are not a service-account "
+                             "token's (kubernetes.io.pod.uid)")
+        bound = bound.get(claim) if bound is not None else None
     if bound != pod_uid:
         raise Forbidden(f"the service-account token for audience {audience!r} is bound to pod uid {bound!r}, "
                         f"not to this pod ({pod_uid}): refusing it")
@@ -192,6 +196,8 @@ def _required(request, *fields: str) -> None:
         if not getattr(request, field):
             raise BadRequest(f"{field} is required")
     path = getattr(request, "target_path", "")
+    if "\0" in path:  # no path can hold one (os calls raise ValueError)
+        raise BadRequest(f"target_path {path!r} holds a NUL character")
     if not os.path.isabs(path):
         raise BadRequest(f"target_path {path!r} is not an absolute path")
     # The kubelet's paths never hold one: a `..` could reach another pod's volume (given its own id).
@@ -217,7 +223,7 @@ def _mount_group(capability) -> int | None:
     group = mount.volume_mount_group
     if not group:
         return None
-    if not group.isdigit() or int(group) > MAX_GID:
+    if not (group.isascii() and group.isdigit()) or int(group) > MAX_GID:  # isdigit alone: '²', Arabic-Indic digits
         raise BadRequest(f"volume_mount_group {group!r} is not a group id")
     return int(group)
 
