@@ -329,6 +329,17 @@ def test_disallowed_policy_is_permission_denied_without_mount_or_token(node, kub
     assert not kubelet.target_path(pod).exists() and pod_tokens(bao) == before and state_records(node) == []
 
 
+def test_a_role_the_generator_may_not_use_is_permission_denied_naming_the_attribute(node, kubelet, bao):
+    """It was INTERNAL "the generator token may be expired or revoked ... re-run bootstrap": the node's
+    token is fine, the pod's `vault/role` is not one it may use."""
+    pod, before = new_pod(namespace="shop"), pod_tokens(bao)
+    message = refused(lambda: kubelet.publish(pod, {**NGINX, "vault/role": "nosuchrole"}),
+                      grpc.StatusCode.PERMISSION_DENIED)
+    assert "`vault/role` 'nosuchrole' is not a role this node may create tokens with" in message
+    assert "permission denied" in message and "bootstrap" not in message and "expired" not in message
+    assert pod_tokens(bao) == before and not kubelet.target_path(pod).exists() and state_records(node) == []
+
+
 def test_a_forged_kubelet_attribute_cannot_change_identity(node, kubelet, bao):
     # The pod names itself into namespace "shop" (which may have nginx) in its own volumeAttributes.
     pod = new_pod("intruder", namespace="payments", service_account="robot")

@@ -16,7 +16,7 @@ from vaulttmpfs.config import Config
 from vaulttmpfs.engine import operation
 from vaulttmpfs.engine.operation import Engine, MountRequest, PodLogin
 from vaulttmpfs.engine.record import GONE, NOTHING, QUEUED, REVOKED, MadeWith, Revocation, VolumeRecord
-from vaulttmpfs.errors import Conflict, DriverError, Forbidden
+from vaulttmpfs.errors import Conflict, DriverError, Forbidden, VaultDenied
 
 from .engine_fakes import FakeFilesystem, Injected, Journal, MemoryStore, VaultDouble
 
@@ -293,6 +293,22 @@ def test_a_pod_login_uses_no_generator_token_for_the_token(node):
     node.mount(node.request(login=PodLogin("jwt", "header.payload.signature"), policies=[]))
     assert "login" in node.journal.names() and "create token" not in node.journal.names()
     assert None in node.vault.tokens_used  # the login carries the pod's JWT, not the generator token
+
+
+def test_a_role_the_generator_may_not_use_is_the_pods_fault_unless_it_is_the_nodes_role(node, monkeypatch):
+    """Vault's 403 on auth/token/create/<role>: for the node's own role the generator token is to blame;
+    for a role the pod named (vault/role), the pod's attribute is, and the message says so."""
+    def denied(role, *_args, **_kwargs):
+        raise VaultDenied(f"creating a token: 403 permission denied (auth/token/create/{role})")
+
+    monkeypatch.setattr(node.vault, "create_wrapped_token", denied)
+    with pytest.raises(Forbidden, match="the volume's `vault/role` 'nosuchrole' is not a role this node may") as pod:
+        node.mount(node.request(role="nosuchrole"))
+    assert "bootstrap" not in str(pod.value) and "'applications'" in str(pod.value)
+    with pytest.raises(DriverError, match="re-run `vaulttmpfs bootstrap`") as generator:
+        node.mount(node.request(role=node.config.role_name))
+    assert not isinstance(generator.value, Forbidden)
+    assert not node.vault.alive and not node.store.volumes
 
 
 def test_a_root_generator_token_is_refused_before_anything_is_minted(node):

@@ -300,6 +300,12 @@ class Engine:
             if request.login:
                 raise
             if "permission denied" in str(exc).lower():
+                if request.role != self.config.role_name:
+                    # The pod asked for a role the generator's policy leaves out: the pod's to fix, not the node's.
+                    raise Forbidden(f"{exc} -- the volume's `vault/role` {request.role!r} is not a role this node "
+                                    f"may create tokens with (`auth/token/create/{request.role}`); leave `vault/role` "
+                                    f"out for the node's role {self.config.role_name!r}, or ask the Vault admin to "
+                                    "grant the generator's policy that role") from None
                 raise _generator_refused(self.config, exc, f"`auth/token/create/{request.role}`") from None
             raise
         except TokenNotWrapped as exc:
