@@ -455,6 +455,29 @@ def test_doctor_does_not_run_a_driver_someone_else_could_have_written(doctor_nod
     assert not ran.exists()
 
 
+@pytest.mark.parametrize("command", ["status", "reconcile", "retry-revocations", "doctor"])
+def test_a_state_dir_that_cannot_be_read_is_an_error_not_a_traceback(command, tmp_path):
+    """What an operator without sudo, an I/O error or a damaged state dir meets: a plain error, exit 1;
+    doctor reports it as a failed check and carries on."""
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    for name in ("volumes", "pending", "intents"):
+        (state / name).write_text("")  # listing it fails (ENOTDIR), as a root-only dir does for a user (EACCES)
+    env = {"PATH": os.environ["PATH"], "PYTHONPATH": str(REPO), "VAULTTMPFS_CONFIG_FILE": str(tmp_path / "none"),
+           "VAULT_ADDR": closed_addr(), "VAULTTMPFS_STATE_DIR": str(state),
+           "VAULTTMPFS_LOG_FILE": str(tmp_path / "log")}
+    args = ["doctor", "--json", "--health-addr", ""] if command == "doctor" else [command]
+    proc = subprocess.run([*source_cmd(), *args], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc
+    assert "Traceback" not in proc.stderr, proc.stderr
+    if command == "doctor":
+        failures = [c for c in json.loads(proc.stdout)["checks"] if c["status"] == "FAIL"]
+        assert any(f"in the state dir {state} (VAULTTMPFS_STATE_DIR): Not a directory" in c["detail"]
+                   for c in failures), failures
+    else:
+        assert f"in the state dir {state} (VAULTTMPFS_STATE_DIR): Not a directory" in proc.stderr, proc.stderr
+
+
 def test_doctor_reads_the_kubelets_environment_and_reports_its_drift(doctor_node, tmp_path):
     """The driver gets the kubelet's environment: a drop-in there that disagrees with the ConfigMap is drift."""
     kubelet_env = {"PATH": os.environ["PATH"], "VAULTTMPFS_CONFIG_FILE": str(doctor_node.config),

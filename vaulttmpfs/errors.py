@@ -40,9 +40,9 @@ class Conflict(DriverError):
     """The volume is already there, made for a different request (readOnly, fsGroup): not remade."""
 
 
-class StateUnwritable(DriverError, OSError):
-    """The state dir could not take a write (its filesystem full or read-only, an I/O error): what
-    needed it was not done. An OSError too, so every handler of a failed state write still catches it."""
+class StateError(DriverError, OSError):
+    """The state dir failed a read or a write: what needed it was not done. An OSError too, so every
+    handler of a failed state access still catches it; a DriverError, so commands say it plainly."""
 
     def __init__(self, message: str, cause: OSError):
         super().__init__(message)
@@ -50,6 +50,14 @@ class StateUnwritable(DriverError, OSError):
 
     def __str__(self) -> str:
         return str(self.args[0])
+
+
+class StateUnwritable(StateError):
+    """The state dir could not take a write (its filesystem full or read-only, an I/O error)."""
+
+
+class StateUnreadable(StateError):
+    """The state dir could not be listed (not root, an I/O error)."""
 
 
 class StateFull(StateUnwritable):

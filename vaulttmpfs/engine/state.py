@@ -21,7 +21,7 @@ import os
 import time
 
 from .. import jsonlite, trust
-from ..errors import StateFull, StateUnwritable
+from ..errors import StateFull, StateUnreadable, StateUnwritable
 from . import files, volume
 from .record import VolumeRecord
 
@@ -138,10 +138,7 @@ class StateStore:
     def list_volumes(self) -> list[VolumeRecord]:
         """Every volume record (with `since`: when it was written), oldest first."""
         self.trust()
-        try:
-            names = [n for n in os.listdir(self.volumes) if n.endswith(".json")]
-        except FileNotFoundError:
-            return []
+        names = [n for n in self._names(self.volumes) if n.endswith(".json")]
         records = []
         for name in names:
             path = os.path.join(self.volumes, name)
@@ -163,10 +160,7 @@ class StateStore:
 
     def list_pending(self) -> list[dict[str, Any]]:
         self.trust()
-        try:
-            names = sorted(os.listdir(self.pending))
-        except FileNotFoundError:
-            return []
+        names = sorted(self._names(self.pending))
         records = (_read_json(os.path.join(self.pending, n)) for n in names if n.endswith(".json"))
         return [r for r in records if r and r.get("accessor")]
 
@@ -194,10 +188,7 @@ class StateStore:
         recorded nor revoked."""
         self.trust()
         prefix = self.key(mount_dir) + "." if mount_dir is not None else ""
-        try:
-            names = sorted(n for n in os.listdir(self.intents) if n.startswith(prefix) and n.endswith(".json"))
-        except FileNotFoundError:
-            return []
+        names = sorted(n for n in self._names(self.intents) if n.startswith(prefix) and n.endswith(".json"))
         found = (_read_json(os.path.join(self.intents, n)) for n in names)
         return sorted((i for i in found if i and i.get("name")), key=lambda i: float(i.get("at") or 0))
 
@@ -213,6 +204,16 @@ class StateStore:
             _write_json(path, value)
         except OSError as exc:
             raise self.unwritable(f"the {name} note", path, exc) from None
+
+    def _names(self, directory: str) -> list[str]:
+        try:
+            return os.listdir(directory)
+        except FileNotFoundError:
+            return []
+        except OSError as exc:
+            hint = " (vaulttmpfs' commands run as root)" if exc.errno == errno.EACCES and os.geteuid() else ""
+            raise StateUnreadable(f"cannot read {directory} in the state dir {self.root} (VAULTTMPFS_STATE_DIR): "
+                                  f"{exc.strerror}{hint}", exc) from None
 
     def unwritable(self, what: str, path: str, exc: OSError) -> StateUnwritable:
         """A failed write as the operator needs it: what, where, and (full, read-only) what to do."""
