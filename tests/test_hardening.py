@@ -326,3 +326,33 @@ def test_hostile_argv_and_settings_fail_cleanly(kubelet, bao, data):
     reply = kubelet.call(*argv, env=env)
     assert_refused(reply, kubelet, bao, before)
     assert not is_mount_point(path)
+
+
+def _logged(kubelet) -> list[dict]:
+    log = Path(kubelet.env["VAULTTMPFS_LOG_FILE"])
+    return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+
+
+def test_deeply_nested_options_are_a_bad_call_and_still_logged(kubelet, bao):
+    """json's parser recurses per level: 2000 `[` were `internal error: RecursionError` with a traceback
+    logged, and the call's outcome line was lost (the log re-parsed the options and raised)."""
+    before, logged = len(bao.accessors()), len(_logged(kubelet))
+    path = kubelet.volume_dir(kubelet.new_pod())
+    reply = kubelet.call("mount", str(path), "[" * 2000)
+    assert_refused(reply, kubelet, bao, before, "options are not valid JSON: nested too deeply")
+    new = _logged(kubelet)[logged:]
+    assert [line["event"] for line in new] == ["driver call"], new
+    assert new[0]["dir"] == str(path) and new[0]["result"] == "Failure" and "nested too deeply" in new[0]["error"]
+
+
+@pytest.mark.parametrize("fs_group", ["\u00b2", "\u0661\u0660\u0660\u0660", "\uff11", "9" * 5000, "+1000", " 1000",
+                                      "1_000", "-1", "2147483648"])
+def test_an_fs_group_that_is_not_ascii_digits_is_refused_by_name(kubelet, bao, fs_group):
+    """str.isdigit() took "²" (int() then raised: internal error) and Arabic-Indic "١٠٠٠" (gid 1000)."""
+    before = len(bao.accessors())
+    pod = kubelet.new_pod()
+    path = kubelet.volume_dir(pod)
+    options = {**kubelet.options(pod, "token", NGINX), "kubernetes.io/mounterArgs.FsGroup": fs_group}
+    reply = kubelet.call("mount", str(path), json.dumps(options))
+    assert_refused(reply, kubelet, bao, before, "option 'kubernetes.io/mounterArgs.FsGroup' must be a group id")
+    assert not is_mount_point(path)

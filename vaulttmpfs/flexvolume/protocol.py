@@ -46,6 +46,8 @@ def parse_options(text: str) -> dict[str, str]:
         options = jsonlite.loads(text)
     except ValueError as exc:
         raise BadCall(f"options are not valid JSON: {exc}") from None
+    except RecursionError:  # json's parser recurses once per nesting level: `[[[[...` exhausts the stack
+        raise BadCall("options are not valid JSON: nested too deeply") from None
     if not isinstance(options, dict):
         raise BadCall(f"options must be a JSON object, got {type(options).__name__}")
     for key, value in options.items():
@@ -57,7 +59,9 @@ def parse_options(text: str) -> dict[str, str]:
 def parse_fs_group(text: str | None) -> int | None:
     if text is None or text == "":
         return None
-    if not text.isdigit() or int(text) > 2**31 - 1:
+    # ASCII digits only: str.isdigit() also takes "²" (which int() refuses) and "١٠٠٠" (which it reads
+    # as 1000); and at most 10 of them, before int() (past 4300 digits it raises ValueError).
+    if not (text.isascii() and text.isdigit()) or len(text) > 10 or int(text) > 2**31 - 1:
         raise BadCall(f"option '{K8S}mounterArgs.FsGroup' must be a group id, got {text!r}")
     return int(text)
 
@@ -198,7 +202,7 @@ def _pod_of(verb: str, args: list[str]) -> dict[str, str]:
     if verb == "mount" and len(args) in (2, 3):
         try:
             options = parse_options(args[-1])
-        except BadCall:
+        except Exception:  # noqa: BLE001 -- the call's answer named the defect; its log line must still be written
             return pod
         name = "/".join(p for p in (options.get(K8S + "pod.namespace"), options.get(K8S + "pod.name")) if p)
         pod.update({"pod": name} if name else {})
