@@ -5,6 +5,7 @@ Every test runs twice: against the source tree and against the PyInstaller build
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import stat
@@ -16,6 +17,7 @@ import pytest
 
 from .conftest import remember_secret, token_file
 from .kubelet import is_mount_point, mount_entry
+from .otheruser import NOBODY
 from .vaultserver import VaultHTTPError, free_port
 from .volumes import read_volume
 
@@ -343,3 +345,70 @@ def test_garbage_generator_token_file_is_named(kubelet, bao, tmp_path, content):
     assert reply.status == "Failure" and reply.exit_code == 1
     assert str(garbage) in reply.message and "does not hold a Vault token" in reply.message
     assert not is_mount_point(path) and len(bao.accessors()) == before
+
+
+# --- the metrics spool (telemetry): written after the answer, and the kubelet waits for the exit ----
+
+SPOOL_TIMEOUT = 30  # a call that hangs on the spool fails the test here (it used to hang for good)
+
+
+@pytest.mark.parametrize("planted", ["fifo", "symlinked dir"])
+def test_nothing_is_spooled_into_a_state_dir_the_call_refused(kubelet, bao, tmp_path, planted):
+    """A node user's state dir: the call refused it, then spooled there anyway, after the answer: a FIFO as
+    calls.jsonl hung the call (mount pending, pod Terminating), a symlinked metrics/ had root create files
+    at its target."""
+    state, elsewhere = kubelet.root / "state", tmp_path / "elsewhere"
+    (state / "metrics" if planted == "fifo" else state).mkdir(parents=True)
+    elsewhere.mkdir()
+    if planted == "fifo":
+        os.mkfifo(state / "metrics" / "calls.jsonl", 0o666)
+    else:
+        (state / "metrics").symlink_to(elsewhere)
+        os.lchown(state / "metrics", NOBODY, NOBODY)
+        os.chown(elsewhere, NOBODY, NOBODY)
+    os.chown(state, NOBODY, NOBODY)
+    before = len(bao.accessors())
+    reply, path = kubelet.mount(kubelet.new_pod(), NGINX, timeout=SPOOL_TIMEOUT)
+    assert reply.status == "Failure" and reply.exit_code == 1 and "is not trusted" in reply.message, reply.body
+    assert not is_mount_point(path) and len(bao.accessors()) == before
+    assert list(elsewhere.iterdir()) == []
+    left = sorted(p.name for p in state.rglob("*"))
+    assert left == (["calls.jsonl", "metrics"] if planted == "fifo" else ["metrics"])
+
+
+def test_a_spool_that_is_not_a_regular_file_below_no_symlink_is_not_written(kubelet, tmp_path):
+    """In root's own state dir too: metrics/ is never followed as a symlink, calls.jsonl never opened
+    blocking nor written unless a regular file (a FIFO with a reader got the record)."""
+    state, elsewhere = kubelet.root / "state", tmp_path / "elsewhere"
+    state.mkdir(mode=0o700)
+    elsewhere.mkdir(mode=0o700)
+    (state / "metrics").symlink_to(elsewhere)
+    path = kubelet.volume_dir(kubelet.new_pod())
+    assert kubelet.unmount(path, timeout=SPOOL_TIMEOUT).ok
+    assert list(elsewhere.iterdir()) == []
+    (state / "metrics").unlink()
+    (state / "metrics").mkdir(mode=0o700)
+    os.mkfifo(state / "metrics" / "calls.jsonl", 0o600)
+    reader = os.open(state / "metrics" / "calls.jsonl", os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        assert kubelet.unmount(path, timeout=SPOOL_TIMEOUT).ok
+        assert os.read(reader, 1 << 16) == b""
+    finally:
+        os.close(reader)
+
+
+def test_a_held_spool_lock_costs_the_record_not_the_call(kubelet):
+    spool = kubelet.root / "state" / "metrics" / "calls.jsonl"
+    path = kubelet.volume_dir(kubelet.new_pod())
+    assert kubelet.unmount(path).ok
+    assert spool.read_bytes().count(b"\n") == 1
+    holder = os.open(spool, os.O_RDONLY)
+    try:
+        fcntl.flock(holder, fcntl.LOCK_EX)
+        reply = kubelet.unmount(path, timeout=SPOOL_TIMEOUT)
+        assert reply.ok and reply.seconds < 10, reply
+        assert spool.read_bytes().count(b"\n") == 1  # dropped, not waited for
+    finally:
+        os.close(holder)
+    assert kubelet.unmount(path).ok
+    assert spool.read_bytes().count(b"\n") == 2

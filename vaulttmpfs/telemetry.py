@@ -2,7 +2,9 @@
 
 Stdlib only and cheap: it runs inside the kubelet's calls. A driver process appends one JSON line
 per call to <state dir>/metrics/calls.jsonl (root-only, under flock, capped in size) and the
-agent folds the file into its counters, so calls made without the agent are counted too. Inside
+agent folds the file into its counters, so calls made without the agent are counted too. The record
+is written after the answer and the kubelet waits for the process to exit: it is dropped rather than
+waited for, or written anywhere but a regular file in a state dir the store would trust. Inside
 the agent (relayed calls, its own Vault calls) a sink set by `node.metrics` takes them directly.
 """
 
@@ -10,6 +12,8 @@ from __future__ import annotations
 
 import fcntl
 import os
+import stat
+import time
 from _thread import _local  # threading.local is this class; threading itself costs a kubelet call ~0.6 ms
 
 from . import jsonlite
@@ -18,6 +22,7 @@ from .errors import BadRequest, DriverError, VaultBusy, VaultDenied, VaultRateLi
 SPOOL_DIR = "metrics"
 SPOOL_FILE = "calls.jsonl"
 MAX_SPOOL_BYTES = 1 << 20  # ~5000 calls; past it (no agent folding) further records are dropped
+LOCK_TRIES = 20  # 1 ms apart: a spool locked for longer costs its record, never the call's exit
 # The reason label: a small fixed set, so a Prometheus series never carries a message.
 REASONS = ("ok", "bad_request", "refused", "denied", "rate_limited", "vault_busy", "vault_unavailable", "os_error",
            "internal")
@@ -113,28 +118,26 @@ def finish(verb: str, ok: bool, seconds: float, state_dir: str, via: str = "driv
 
 
 def _append(state_dir: str, record: dict) -> None:
-    directory = os.path.join(state_dir, SPOOL_DIR)
-    if not os.path.isdir(directory):
-        os.makedirs(state_dir, mode=0o700, exist_ok=True)  # makedirs' mode covers only the last level
-        os.makedirs(directory, mode=0o700, exist_ok=True)
-    fd = os.open(os.path.join(directory, SPOOL_FILE),
-                 os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    # After the answer, and the kubelet waits for the exit: nothing here may block (a FIFO, a lock held).
+    fd = _open_spool(state_dir, os.O_WRONLY | os.O_APPEND | os.O_CREAT, create=True)
+    if fd < 0:
+        return
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)  # the agent empties the file under the same lock: nothing lost
-        if os.fstat(fd).st_size < MAX_SPOOL_BYTES:
+        if _lock(fd) and os.fstat(fd).st_size < MAX_SPOOL_BYTES:
             os.write(fd, jsonlite.dumps(record, separators=(",", ":")).encode() + b"\n")
     finally:
         os.close(fd)
 
 
 def fold(state_dir: str) -> list[dict]:
-    """Take every record the driver processes spooled (the agent calls this); the file is left empty."""
-    try:
-        fd = os.open(os.path.join(state_dir, SPOOL_DIR, SPOOL_FILE), os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
-    except FileNotFoundError:
+    """Take every record the driver processes spooled (the agent calls this); the file is left empty.
+    A spool that is busy (or not one the store would trust) is left for the next fold."""
+    fd = _open_spool(state_dir, os.O_RDWR, create=False)
+    if fd < 0:
         return []
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        if not _lock(fd):
+            return []
         chunks = []
         while chunk := os.read(fd, 1 << 16):
             chunks.append(chunk)
@@ -150,3 +153,54 @@ def fold(state_dir: str) -> list[dict]:
         if isinstance(record, dict):
             records.append(record)
     return records
+
+
+def _open_spool(state_dir: str, flags: int, create: bool) -> int:
+    """An fd on the spool, or -1: only in a state dir the store would trust (trust.check_dirs: a node user's
+    dir would have root write where they point it), only a regular file, reached through no symlink below
+    the state dir, opened non-blocking (a FIFO there would hang the call)."""
+    from . import trust  # the store's own check (engine.state loads it too)
+
+    try:
+        trust.check_dirs(state_dir, "state dir")
+        if create and not os.path.isdir(state_dir):
+            os.makedirs(state_dir, mode=0o700, exist_ok=True)  # its parents were checked above
+            trust.check_dirs(state_dir, "state dir")  # in a sticky parent another user may have made it first
+    except DriverError:
+        return -1
+    try:
+        root = os.open(state_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)  # walked just now: no one else's
+        try:
+            if create:
+                try:
+                    os.mkdir(SPOOL_DIR, 0o700, dir_fd=root)
+                except FileExistsError:
+                    pass
+            directory = os.open(SPOOL_DIR, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=root)
+        finally:
+            os.close(root)
+        try:
+            info = os.fstat(directory)
+            if info.st_uid != 0 or info.st_mode & 0o022:
+                return -1
+            fd = os.open(SPOOL_FILE, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC, 0o600,
+                         dir_fd=directory)
+        finally:
+            os.close(directory)
+    except OSError:  # a symlink (ELOOP), a FIFO without a reader (ENXIO), not a dir: no spool
+        return -1
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        return -1
+    return fd
+
+
+def _lock(fd: int) -> bool:
+    """flock, waiting at most ~LOCK_TRIES ms: the agent's fold and other calls hold it for well under that."""
+    for _ in range(LOCK_TRIES):
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            time.sleep(0.001)
+    return False
