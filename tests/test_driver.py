@@ -8,15 +8,18 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import signal
 import stat
 import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
-from .conftest import remember_secret, token_file
-from .kubelet import is_mount_point, mount_entry
+from .conftest import driver_env, remember_secret, source_cmd, token_file
+from .faultserver import CREATE
+from .kubelet import Kubelet, is_mount_point, mount_entry
 from .otheruser import NOBODY
 from .vaultserver import VaultHTTPError, free_port
 from .volumes import read_volume
@@ -412,3 +415,102 @@ def test_a_held_spool_lock_costs_the_record_not_the_call(kubelet):
         os.close(holder)
     assert kubelet.unmount(path).ok
     assert spool.read_bytes().count(b"\n") == 2
+
+
+# --- a stop signal (SIGTERM, SIGHUP) to a kubelet call ------------------------------------------------
+
+def _calls_and_warnings(kubelet, path: Path) -> list[dict]:
+    log = Path(kubelet.env["VAULTTMPFS_LOG_FILE"])
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    return [line for line in lines if line.get("dir") == str(path)]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_a_stop_signal_during_the_create_answers_one_failure_after_the_undo(faulty, fault, signum):
+    """SIGTERM/SIGHUP used to kill the call: empty output (not JSON to the kubelet) and no undo."""
+    faulty.env["VAULT_CLIENT_TIMEOUT"] = "60s"  # the hang below outlasts the test, not the client
+    fault.add(CREATE, "hang", times=1)  # never reaches Vault: nothing is minted
+    pod = faulty.new_pod()
+    path = faulty.volume_dir(pod)
+    proc = subprocess.Popen([*faulty.driver_cmd, "mount", str(path), json.dumps(faulty.options(pod, "token", NGINX))],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=faulty.env)
+    try:
+        assert fault.arrived.wait(60)
+        proc.send_signal(signum)
+        output, _ = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    reply = json.loads(output)  # the kubelet's json.Unmarshal of stdout+stderr: exactly one object
+    name = signal.Signals(signum).name
+    assert reply == {"status": "Failure", "message": f"the call was stopped by {name} before it finished"}
+    assert proc.returncode == 1
+    # The undo ran: the volume's lock released and its file gone, the intent kept (the create was out)
+    # and said so, and the call's outcome logged.
+    state = faulty.root / "state"
+    assert list((state / "volumes").glob("*.lock")) == [] and not is_mount_point(path)
+    assert len(list((state / "intents").glob("*.json"))) == 1
+    events = [line["event"] for line in _calls_and_warnings(faulty, path)]
+    assert events[-1] == "driver call" and any("may have taken effect" in e for e in events), events
+
+
+# Runs the driver's real entry (source) and sends it `signum` at `point`: "record" (just after the mint's
+# record is written: the token's revocation is on the undo stack) or "answer" (just after the answer).
+SIGNAL_AT = """
+import os, sys
+point, signum = sys.argv[1], int(sys.argv[2])
+sys.argv = ["vaulttmpfs", *sys.argv[3:]]
+from vaulttmpfs.engine import state
+write_volume, write = state.StateStore.write_volume, os.write
+def at_record(self, *args):
+    written = write_volume(self, *args)
+    if point == "record":
+        os.kill(os.getpid(), signum)
+    return written
+def at_answer(fd, data):
+    done = write(fd, data)
+    if point == "answer" and bytes(data[:9]) == b'{"status"':
+        os.kill(os.getpid(), signum)
+    return done
+state.StateStore.write_volume, os.write = at_record, at_answer
+from vaulttmpfs.entry import main
+main()
+"""
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_a_stop_signal_after_the_mint_revokes_the_token_it_made(bao, generator, tmp_path, log_dir, signum):
+    """The undo runs as for any failure after the create: the pod's tokens revoked, the record dropped
+    (a kill used to leave them alive until the kubelet's unmount)."""
+    root = tmp_path / "node"
+    root.mkdir()
+    node = Kubelet([sys.executable, "-c", SIGNAL_AT, "record", str(int(signum))],
+                   driver_env(bao, generator, root, log_dir), root)
+    before = set(bao.accessors())
+    try:
+        reply, path = node.mount(node.new_pod(), NGINX)
+        assert reply.status == "Failure" and reply.exit_code == 1, reply.body
+        assert f"stopped by {signal.Signals(signum).name}" in reply.message
+        assert set(bao.accessors()) == before, "the token minted before the signal is alive"
+        assert not is_mount_point(path)
+        assert list((root / "state").glob("volumes/*")) == list((root / "state").glob("intents/*")) == []
+    finally:
+        for accessor in set(bao.accessors()) - before:
+            bao.request("POST", "auth/token/revoke-accessor", {"accessor": accessor})
+
+
+def test_a_stop_signal_after_the_answer_changes_nothing(bao, generator, tmp_path, log_dir):
+    root = tmp_path / "node"
+    root.mkdir()
+    env = driver_env(bao, generator, root, log_dir)
+    node = Kubelet([sys.executable, "-c", SIGNAL_AT, "answer", str(int(signal.SIGTERM))], env, root)
+    reply, path = node.mount(node.new_pod(), NGINX)
+    try:
+        assert reply.ok and reply.exit_code == 0, reply.body  # nothing after the answer, and the usual exit
+        assert reply.output.count(b"\n") == 1
+        assert is_mount_point(path)  # a mount that answered Success is not undone
+        read_volume(path)  # its token remembered for the leak check
+        reply = node.unmount(path)
+        assert reply.ok and reply.exit_code == 0 and not is_mount_point(path), reply.body
+    finally:
+        if is_mount_point(path):
+            Kubelet(source_cmd(), env, root).unmount(path)
