@@ -22,7 +22,8 @@ from .errors import BadRequest, DriverError, VaultBusy, VaultDenied, VaultRateLi
 SPOOL_DIR = "metrics"
 SPOOL_FILE = "calls.jsonl"
 MAX_SPOOL_BYTES = 1 << 20  # ~5000 calls; past it (no agent folding) further records are dropped
-LOCK_TRIES = 20  # 1 ms apart: a spool locked for longer costs its record, never the call's exit
+LOCK_TRIES = 200  # 1 ms apart: a spool locked longer costs its record, never the call's exit (only root can lock it:
+# the trust check; a burst of calls on two busy cores can hold it for tens of ms between them)
 # The reason label: a small fixed set, so a Prometheus series never carries a message.
 REASONS = ("ok", "bad_request", "refused", "denied", "rate_limited", "vault_busy", "vault_unavailable", "os_error",
            "internal")
