@@ -14,13 +14,26 @@ import os
 import re
 import signal
 import subprocess
+import threading
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
+import grpc
 import pytest
 
-from .conftest import driver_env, on_source_and_build, remember_secret, token_file, unmount_everything_under
-from .faultserver import CREATE, LOOKUP_SELF, FaultServer
+from .agents import AgentProcess
+from .conftest import (
+    driver_env,
+    on_source_and_build,
+    remember_secret,
+    source_cmd,
+    token_file,
+    unmount_everything_under,
+)
+from .csikubelet import new_pod
+from .csinode import CsiNode
+from .faultserver import CREATE, LOOKUP_SELF, FaultServer, wait_for
 from .kubelet import Kubelet, is_mount_point
 from .pki import issue, make_ca, openssl
 from .vaultserver import VaultServer, bao_binary, closed_addr, free_port
@@ -112,6 +125,96 @@ def test_a_vault_dripping_its_answer_is_cut_off_in_bounded_time(bao, generator, 
     creates = refused_in_bounded_time(bao, generator, tmp_path, log_dir, LOOKUP_SELF, "drip", "1",
                                       "did not finish answering within 6s")
     assert creates == {"source": 0, "build": 0}
+
+
+# In the node agent a Vault call runs on a worker thread, where no SIGALRM can cut it: its deadline is
+# the agent's watchdog's, which shuts the call's sockets down. 2 s x (1 + 2) = a 6 s deadline.
+DRIP_SETTINGS = {"VAULT_CLIENT_TIMEOUT": "2s", "VAULT_MAX_RETRIES": "1"}
+
+
+def revoke_made_for(bao, before: set[str], pod_uid: str) -> int:
+    """The tokens a create made behind a lost answer (the pod's and its wrapping token): revoked, so
+    none outlives the suite. How many there were."""
+    made = [a for a in set(bao.accessors()) - before
+            if ((bao.lookup_accessor(a) or {}).get("meta") or {}).get("pod_uid") == pod_uid
+            or (bao.lookup_accessor(a) or {}).get("policies") == ["response-wrapping"]]
+    for accessor in made:
+        bao.request("POST", "auth/token/revoke-accessor", {"accessor": accessor})
+    return len(made)
+
+
+def test_a_vault_dripping_a_create_s_answer_is_cut_off_in_the_csi_agent(bao, generator, tmp_path, log_dir):
+    with FaultServer(bao.addr) as fault:
+        node = CsiNode(source_cmd(), bao, generator, tmp_path, log_dir, VAULT_ADDR=fault.addr, **DRIP_SETTINGS).start()
+        kubelet = node.kubelet
+        try:
+            warm = new_pod(namespace="shop")  # the generator check is cached: only the create drips
+            kubelet.publish(warm, NGINX)
+            kubelet.teardown(warm)
+            before = set(bao.accessors())
+            fault.add(CREATE, "drip", times=1)  # Vault mints; its answer comes a byte a second
+            pod = new_pod(namespace="shop")
+            outcome: dict = {}
+
+            def publish() -> None:
+                started = time.monotonic()
+                try:
+                    kubelet.publish(pod, NGINX, timeout=60)
+                    outcome["code"] = "OK"
+                except grpc.RpcError as exc:
+                    outcome["code"], outcome["details"] = exc.code(), exc.details()
+                outcome["seconds"] = time.monotonic() - started
+
+            publishing = threading.Thread(target=publish)
+            publishing.start()
+            assert wait_for(lambda: fault.count(CREATE) == 2, 30)
+            # The kubelet gives up on the publish and unpublishes: it waits on the volume's lock, only
+            # until the create's deadline.
+            started = time.monotonic()
+            kubelet.unpublish(pod, timeout=20)
+            unpublished = time.monotonic() - started
+            publishing.join(30)
+            assert outcome["code"] == grpc.StatusCode.UNAVAILABLE, outcome
+            assert "did not finish answering within 6s" in outcome["details"], outcome
+            assert 5 < outcome["seconds"] < 12 and unpublished < 12, (outcome, unpublished)
+            assert not os.path.ismount(kubelet.target_path(pod))
+            # Not taken as "minted nothing": the create reached Vault, so its intent counts the stray.
+            assert len(os.listdir(Path(node.env["VAULTTMPFS_STATE_DIR"]) / "intents")) == 1
+            assert revoke_made_for(bao, before, pod.uid) == 2
+            # The agent and its kept-alive connections still serve.
+            again = new_pod(namespace="shop")
+            kubelet.publish(again, NGINX)
+            kubelet.teardown(again)
+            assert set(bao.accessors()) == before
+        finally:
+            fault.release.set()
+            node.stop()
+
+
+def test_a_vault_dripping_its_answer_is_cut_off_in_the_broker(driver_cmd, bao, generator, tmp_path, log_dir):
+    root = tmp_path / "node"
+    root.mkdir()
+    with FaultServer(bao.addr) as fault:
+        node = Kubelet(driver_cmd, driver_env(bao, generator, root, log_dir, VAULT_ADDR=fault.addr,
+                                              **DRIP_SETTINGS), root)
+        agent = AgentProcess.brokering(driver_cmd, node.env)
+        try:
+            before = len(bao.accessors())
+            fault.add(LOOKUP_SELF, "drip", times=1)  # the generator check, made by the agent's broker
+            reply, path = node.mount(node.new_pod(), NGINX)
+            assert_refused(reply, node, bao, before, "did not finish answering within 6s")
+            assert 5 < reply.seconds < 12, reply.seconds
+            unmount = node.unmount(path)  # the volume's lock is free
+            assert unmount.ok and unmount.seconds < 5, unmount.body
+            reply, path = node.mount(node.new_pod(), NGINX)
+            assert reply.ok, reply.body
+            read_wrap(path)
+            assert node.teardown(path).ok
+            all_clear(node, bao, before)
+        finally:
+            fault.release.set()
+            agent.stop()
+            unmount_everything_under(root)
 
 
 def test_the_root_check_costs_one_lookup_per_generator_token_not_one_per_mount(faulty, fault):

@@ -102,8 +102,17 @@ def _session(config: Config, resend: bool):
             if config.capath and not config.cacert and not config.skip_verify:
                 kwargs["ssl_context"] = _capath_context(config.capath)
             super().init_poolmanager(*args, **kwargs)
+            self.poolmanager.pool_classes_by_scheme = _watched_pools()
 
-    retry = Retry(
+    class _Retry(Retry):
+        def get_backoff_time(self) -> float:
+            # Never past the call's deadline: a watched call (not the main thread) has no SIGALRM to cut a sleep.
+            backoff = super().get_backoff_time()
+            if _calling.deadline is None:
+                return backoff
+            return min(backoff, max(_calling.deadline - time.monotonic(), 0.0))
+
+    retry = _Retry(
         total=config.max_retries,
         connect=config.max_retries,
         # A request Vault may already have acted on is not sent twice (it would mint twice).
@@ -227,6 +236,7 @@ class _Calling(threading.local):
     redirected = False  # a node answered with a redirect: the request reached Vault
     index: str | None = None  # the last X-Vault-Index an answer in this call carried (OpenBao's Raft state)
     ask_active: str | None = None  # an X-Vault-Index: ask the active node, not a standby (Vault.revoke_accessor)
+    watch: _Watch | None = None  # the call's deadline outside the main thread (_deadline)
 
 
 _calling = _Calling()
@@ -237,11 +247,22 @@ class _DeadlinePassed(BaseException):
 
 
 @contextlib.contextmanager
-def _deadline(seconds: float | None) -> Iterator[None]:
+def _deadline(seconds: float | None) -> Iterator[_Watch | None]:
     """Bound the whole call: a read timeout is per recv(), and a server dripping a byte at a time
-    never trips it. Only in a process's main thread (a kubelet call); the agent bounds its own."""
-    if not seconds or threading.current_thread() is not threading.main_thread():
-        yield
+    never trips it. In a process's main thread (a kubelet call) a SIGALRM raises _DeadlinePassed; in
+    any other (the agent's CSI workers, its broker, its loops) the watchdog shuts the call's sockets
+    down at the deadline, and the call's failure is then its deadline's (the watch says so)."""
+    if not seconds:
+        yield None
+        return
+    if threading.current_thread() is not threading.main_thread():
+        watch = _watchdog().watch(seconds)
+        outer, _calling.watch = _calling.watch, watch
+        try:
+            yield watch
+        finally:
+            watch.finish()  # from here on it never touches a socket (the connection may be back in the pool)
+            _calling.watch = outer
         return
 
     def expire(*_args):
@@ -250,10 +271,172 @@ def _deadline(seconds: float | None) -> Iterator[None]:
     previous = signal.signal(signal.SIGALRM, expire)
     signal.setitimer(signal.ITIMER_REAL, seconds)
     try:
-        yield
+        yield None
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
+
+
+class _Watch:
+    """One call's deadline in a thread that is not the main one, and the sockets it used."""
+
+    __slots__ = ("deadline", "expired", "_done", "_lock", "_socks")
+
+    def __init__(self, deadline: float):
+        self.deadline = deadline
+        self.expired = False
+        self._done = False
+        self._lock = threading.Lock()
+        self._socks: list = []
+
+    def add(self, sock) -> None:
+        with self._lock:
+            if self._done:
+                return
+            if self.expired:  # an attempt after the deadline (a retry): fails at once
+                _cut(sock)
+                return
+            if sock not in self._socks:
+                self._socks.append(sock)
+
+    def expire(self) -> None:
+        with self._lock:
+            if self._done:
+                return
+            self.expired = True
+            for sock in self._socks:
+                _cut(sock)
+
+    def finish(self) -> None:
+        with self._lock:
+            self._done = True
+            self._socks.clear()
+
+    @property
+    def done(self) -> bool:
+        return self._done
+
+
+def _cut(sock) -> None:
+    """Wake whoever reads it, with EOF. socket.socket's own shutdown, not SSLSocket's: that one unwraps
+    (drops _sslobj) under the thread still reading. A socket already closed is left as it is."""
+    import socket
+
+    with contextlib.suppress(OSError, ValueError):
+        socket.socket.shutdown(sock, socket.SHUT_RDWR)
+
+
+class _Watchdog:
+    """One daemon thread for every watched call: a heap of deadlines, and a wait for the earliest. Arming
+    a watch is a lock and a heappush (the CSI path is CPU-bound: no thread, no timer per call); the
+    thread is woken only when the earliest deadline changes. A finished watch leaves the heap when its
+    deadline comes round; expiries are checked at most every GRAIN seconds."""
+
+    GRAIN = 0.05
+
+    def __init__(self):
+        self._cond = threading.Condition(threading.Lock())
+        self._heap: list[tuple[float, int, _Watch]] = []
+        self._seq = 0
+        self._thread: threading.Thread | None = None
+
+    def watch(self, seconds: float) -> _Watch:
+        import heapq
+
+        watch = _Watch(time.monotonic() + seconds)
+        with self._cond:
+            self._seq += 1
+            earliest = not self._heap or watch.deadline < self._heap[0][0]
+            heapq.heappush(self._heap, (watch.deadline, self._seq, watch))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="vault-deadlines", daemon=True)
+                self._thread.start()
+            elif earliest:
+                self._cond.notify()
+        return watch
+
+    def _run(self) -> None:
+        import heapq
+
+        with self._cond:
+            while True:
+                now = time.monotonic()
+                due = []
+                while self._heap and self._heap[0][0] <= now:
+                    watch = heapq.heappop(self._heap)[2]
+                    if not watch.done:
+                        due.append(watch)
+                if due:
+                    self._cond.release()  # a watch's lock is never taken under ours the other way round
+                    try:
+                        for watch in due:
+                            watch.expire()
+                    finally:
+                        self._cond.acquire()
+                    continue
+                self._cond.wait(max(self._heap[0][0] - now, self.GRAIN) if self._heap else None)
+
+
+_dog: _Watchdog | None = None
+_dog_lock = threading.Lock()
+
+
+def _watchdog() -> _Watchdog:
+    global _dog
+    if _dog is None:
+        with _dog_lock:
+            if _dog is None:
+                _dog = _Watchdog()
+    return _dog
+
+
+def _watch_socket(sock) -> None:
+    """A socket this thread's call is about to use: cut at the call's deadline (none in the main thread)."""
+    watch = _calling.watch
+    if watch is not None and sock is not None:
+        watch.add(sock)
+
+
+_POOLS: dict | None = None
+
+
+def _watched_pools() -> dict:
+    """urllib3's pool classes, whose connections put their sockets under the calling thread's watch."""
+    global _POOLS
+    if _POOLS is not None:
+        return _POOLS
+    from urllib3.connection import HTTPConnection, HTTPSConnection
+    from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+
+    class _Watched:
+        def _new_conn(self):
+            sock = super()._new_conn()
+            _watch_socket(sock)  # cut at once if the deadline has passed (a retry)
+            return sock
+
+        def connect(self):
+            # A TLS handshake needs no cut: CPython's ssl bounds the whole handshake by the socket's timeout.
+            super().connect()
+            _watch_socket(self.sock)  # the TLS socket, once wrapped
+
+        def request(self, *args, **kwargs):
+            _watch_socket(self.sock)  # a kept-alive connection, used again by this call
+            return super().request(*args, **kwargs)
+
+    class _HTTP(_Watched, HTTPConnection):
+        pass
+
+    class _HTTPS(_Watched, HTTPSConnection):
+        pass
+
+    class _HTTPPool(HTTPConnectionPool):
+        ConnectionCls = _HTTP
+
+    class _HTTPSPool(HTTPSConnectionPool):
+        ConnectionCls = _HTTPS
+
+    _POOLS = {"http": _HTTPPool, "https": _HTTPSPool}
+    return _POOLS
 
 
 @contextlib.contextmanager
@@ -263,8 +446,16 @@ def translate_errors(action: str, addr: str, deadline: float | None = None) -> I
     import requests
 
     try:
-        with _deadline(deadline):
-            yield
+        watch = None
+        try:
+            with _deadline(deadline) as watch:
+                yield
+        except Exception as exc:
+            # Its sockets were cut at the deadline: whatever broke is the deadline's. Not unsent (Vault may
+            # have acted); a DriverError of our own (the write budget's VaultBusy, a redirect) says its own.
+            if watch is not None and watch.expired and not isinstance(exc, DriverError):
+                raise _DeadlinePassed() from None
+            raise
     except _DeadlinePassed:
         raise VaultUnavailable(f"{action}: Vault at {addr} did not finish answering within {deadline:g}s") from None
     except hexc.VaultError as exc:
