@@ -217,6 +217,28 @@ def test_a_vault_dripping_its_answer_is_cut_off_in_the_broker(driver_cmd, bao, g
             unmount_everything_under(root)
 
 
+def intents(kubelet) -> list[str]:
+    """The notes of creates that may have minted a token nobody recorded (engine.intents)."""
+    directory = Path(kubelet.env["VAULTTMPFS_STATE_DIR"]) / "intents"
+    return sorted(os.listdir(directory)) if directory.is_dir() else []
+
+
+@pytest.mark.parametrize("status", [503, 501])
+def test_a_gateway_s_503_or_501_after_the_create_reached_vault_keeps_its_intent(faulty, fault, bao, status):
+    # A gateway (Envoy after an upstream reset) may answer 503 after forwarding the create: Vault minted.
+    # Only Vault's own "Vault is sealed" says nothing was done (test_sealed_vault_...).
+    fault.add(CREATE, "forward-then-error", times=1, status=status)
+    before = set(bao.accessors())
+    pod = faulty.new_pod()
+    reply, path = faulty.mount(pod, NGINX)
+    assert reply.status == "Failure" and reply.exit_code == 1, reply.body
+    assert f"answered {status}" in reply.message and "sealed" not in reply.message, reply.message
+    assert not is_mount_point(path) and state_records(faulty) == []
+    assert len(intents(faulty)) == 1  # the stray is counted until its bound passes
+    assert fault.count(CREATE) == 1  # and never resent
+    assert revoke_made_for(bao, before, pod.uid) == 2
+
+
 def test_the_root_check_costs_one_lookup_per_generator_token_not_one_per_mount(faulty, fault):
     paths = []
     for _ in range(3):
@@ -396,8 +418,9 @@ def test_sealed_vault_fails_mounts_clearly_and_unmount_queues_until_unsealed(sea
 
         reply, path = kubelet.mount(kubelet.new_pod(), NGINX)
         assert reply.status == "Failure" and reply.exit_code == 1, reply.body
-        assert "sealed" in reply.message and sealable.addr in reply.message
+        assert "is sealed: Vault is sealed" in reply.message and sealable.addr in reply.message
         assert reply.seconds < 30 and not is_mount_point(path)
+        assert intents(kubelet) == []  # Vault's own answer: a sealed Vault minted nothing
 
         reply = kubelet.unmount(mounted)  # a pod must still be able to go away
         assert reply.ok and "queued" in reply.message, reply.body

@@ -211,6 +211,19 @@ def _vault_errors(exc: Exception) -> str:
     return str(exc) or type(exc).__name__
 
 
+def _sealed(exc: Exception) -> str | None:
+    """"sealed" or "not initialized" when the answer is Vault's own saying so (a JSON errors list: OpenBao
+    answers a sealed or uninitialised node's every request 503 {"errors":["Vault is sealed"]}; HashiCorp
+    Vault's ErrNotInit says "Vault is not initialized"); None for any other 503/501."""
+    errors = getattr(exc, "errors", None)
+    said = [str(e).strip().lower() for e in errors] if isinstance(errors, list) else []
+    if "vault is sealed" in said:
+        return "sealed"
+    if "vault is not initialized" in said:
+        return "not initialized"
+    return None
+
+
 RATE_LIMIT_BACKOFF = (0.25, 4.0)  # seconds: the first wait when a 429 names none, doubling up to the second
 
 
@@ -461,8 +474,11 @@ def translate_errors(action: str, addr: str, deadline: float | None = None) -> I
     except hexc.VaultError as exc:
         status = _STATUS.get(type(exc).__name__, 0)
         if isinstance(exc, (hexc.VaultDown, hexc.VaultNotInitialized)):
-            down = VaultUnavailable(f"{action}: Vault at {addr} is sealed or down: {_vault_errors(exc)}")
-            raise _unsent(down) from None
+            if (state := _sealed(exc)) is not None:  # Vault's own answer: it acts on nothing in that state
+                raise _unsent(VaultUnavailable(f"{action}: Vault at {addr} is {state}: {_vault_errors(exc)}")) from None
+            # Anybody's 503/501 (a gateway's after a reset upstream, possibly after forwarding a create)
+            # may come after Vault acted: not unsent, and not said to be a seal.
+            raise VaultUnavailable(f"{action}: Vault at {addr} answered {status}: {_vault_errors(exc)}") from None
         if status == 429:
             raise VaultRateLimited(f"{action}: Vault answered 429 (a rate-limit quota): {_vault_errors(exc)}") from None
         cls = VaultDenied if 400 <= status < 500 else VaultUnavailable
