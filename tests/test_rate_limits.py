@@ -18,7 +18,7 @@ import grpc
 import pytest
 
 from .agents import scrape, value
-from .conftest import driver_env, generator_file, unmount_everything_under
+from .conftest import driver_env, generator_file, remember_secret, unmount_everything_under
 from .csinode import CsiNode
 from .kubelet import Kubelet, is_mount_point
 from .vaultserver import VaultServer, free_port
@@ -106,7 +106,7 @@ def test_past_the_deadline_a_mount_fails_naming_the_quota_and_the_kubelets_retry
         reply, path = kubelet.mount(pod, NGINX)
         assert not reply.ok and reply.exit_code == 1
         assert "429" in reply.message and "rate-limit quota" in reply.message, reply.message
-        assert "nothing was created" in reply.message
+        assert reply.message.endswith("nothing was created; the kubelet retries the mount"), reply.message
         assert reply.seconds < 5, reply.seconds
         assert not is_mount_point(path)
         assert set(quota_bao.accessors()) - before == volume_accessors(used_path)  # nothing for the refusal
@@ -125,6 +125,35 @@ def test_past_the_deadline_a_mount_fails_naming_the_quota_and_the_kubelets_retry
         assert set(quota_bao.accessors()) == before
     finally:
         unmount_everything_under(kubelet.root)
+
+
+def test_past_the_deadline_an_operator_s_call_says_try_again_later_not_that_the_kubelet_retries(
+        quota_bao, limited):
+    # What bootstrap and the operator commands call (in this process: no kubelet behind them).
+    from vaulttmpfs.config import Config
+    from vaulttmpfs.errors import VaultRateLimited
+    from vaulttmpfs.vault.client import Vault
+
+    quota, generator = limited
+    config = Config.from_env({"VAULT_ADDR": quota_bao.addr, "VAULT_CLIENT_TIMEOUT": "500ms", "VAULT_MAX_RETRIES": "0",
+                              "VAULTTMPFS_GENERATOR_TOKEN_PATH": generator["path"]})
+    vault = Vault(config, Path(generator["path"]).read_text().strip())
+    quota(1, "10s")
+    made = vault.create_token("applications", ["nginx"], {}, "vaulttmpfs-quota-test")  # bootstrap's: no volume
+    remember_secret(made["client_token"])
+    try:
+        with pytest.raises(VaultRateLimited) as refused:
+            vault.create_token("applications", ["nginx"], {}, "vaulttmpfs-quota-test")
+        assert str(refused.value).endswith("nothing was created; try again later"), refused.value
+        assert "kubelet" not in str(refused.value)
+    finally:
+        quota_bao.request("POST", "auth/token/revoke-accessor", {"accessor": made["accessor"]})
+    quota_bao.request("POST", QUOTA, {"rate": 1, "interval": "10s", "path": "auth/token/lookup-self"})
+    vault.lookup_self()
+    with pytest.raises(VaultRateLimited) as refused:
+        vault.lookup_self()
+    assert str(refused.value).endswith("Vault did not act on it; try again later"), refused.value
+    assert "kubelet" not in str(refused.value) and "created" not in str(refused.value)
 
 
 def test_a_csi_burst_over_the_quota_answers_resource_exhausted_then_every_pod_mounts(

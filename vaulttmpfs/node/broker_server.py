@@ -164,7 +164,8 @@ class BrokerServer(RelayServer):
         from ..vault.client import TokenNotWrapped, Vault
 
         try:
-            result = getattr(Vault(config, token), op)(**args)
+            # With its volume: a mount's 429 says the kubelet retries.
+            result = getattr(Vault(config, token), op)(**args, volume=mint.volume)
         except TokenNotWrapped as exc:
             # A live token the pod must not get: journalled too, so it is revoked if the call dies.
             return self._journal(mint, [exc.accessor] if exc.accessor else [],

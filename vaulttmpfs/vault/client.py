@@ -581,6 +581,16 @@ def _warm_client(config: Config, token: str | None, resend: bool):
     return entry[0]
 
 
+# After a 429 (the quota answers before the request's handler): what the call's error goes on to say.
+NOT_ACTED = "Vault did not act on it; try again later"
+NOT_CREATED = "nothing was created; try again later"  # an operator's create (bootstrap), a rotation, a login
+MOUNT_RETRIED = "nothing was created; the kubelet retries the mount"  # a mint for a volume
+
+
+def _created(volume) -> str:
+    return MOUNT_RETRIED if volume else NOT_CREATED
+
+
 class Vault:
     """One authenticated client; plain dicts in and out."""
 
@@ -607,7 +617,8 @@ class Vault:
         return _warm_client(self.config, self.token, resend=False)
 
     @contextlib.contextmanager
-    def _call(self, action: str, ask_active: str | None = None) -> Iterator[None]:
+    def _call(self, action: str, ask_active: str | None = None, then: str = NOT_ACTED) -> Iterator[None]:
+        """`then`: what a 429 past the deadline leaves, for whoever reads it (a mint: the kubelet retries)."""
         # Every attempt may take the full timeout; one more for connects and backoff. Waits after a 429
         # and for a slot in the node's write budget come out of the same deadline.
         deadline = self.config.timeout * (self.config.max_retries + 2)
@@ -621,8 +632,7 @@ class Vault:
         except VaultRateLimited as exc:
             raise VaultRateLimited(
                 f"{exc} -- still over the quota after {_calling.throttled} retries ({_calling.waited:.1f}s of "
-                f"backing off) within this call's {deadline:g}s deadline; nothing was created; retried later "
-                "(the kubelet retries the mount)") from None
+                f"backing off) within this call's {deadline:g}s deadline; {then}") from None
         finally:
             _calling.deadline = None
             telemetry.vault_call(action, time.monotonic() - started, ok)
@@ -632,7 +642,8 @@ class Vault:
         volume: tuple[str, str] | None = None,
     ) -> dict[str, Any]:
         """Create a token against `role`; only the response-wrapping token comes back."""
-        with self._call(f"creating a token with role {role!r} for policies {','.join(policies)}"):
+        action = f"creating a token with role {role!r} for policies {','.join(policies)}"
+        with self._call(action, then=_created(volume)):
             response = self.minting.auth.token.create(
                 role_name=role,
                 policies=policies,
@@ -647,7 +658,7 @@ class Vault:
         """Log in AS THE POD with its service-account JWT (POST auth/<mount>/login, Vault's jwt or
         kubernetes method): Vault's role decides the policies; only the wrapping token comes back."""
         action = f"logging in with the pod's service-account token at auth/{mount} (role {role!r})"
-        with self._call(action):
+        with self._call(action, then=_created(volume)):
             response = self.minting.adapter.post(f"/v1/auth/{mount}/login", json={"role": role, "jwt": jwt},
                                                  wrap_ttl=self.config.wrap_ttl)
         return _wrap_info(action, response)
@@ -733,7 +744,7 @@ class Vault:
 
     def jwt_login(self, role: str, jwt: str, mount: str = "jwt") -> dict[str, Any]:
         """auth/<mount>/login with a JWT (Vault's jwt and kubernetes auth take the same body)."""
-        with self._call(f"logging in with a service-account JWT as role {role!r} (auth/{mount})"):
+        with self._call(f"logging in with a service-account JWT as role {role!r} (auth/{mount})", then=NOT_CREATED):
             return self.minting.auth.jwt.jwt_login(role=role, jwt=jwt, use_token=False, path=mount)["auth"]
 
     # --- for `vaulttmpfs bootstrap` ---
@@ -741,7 +752,7 @@ class Vault:
         """Log in with Vault's LDAP auth method; this client then carries the login token."""
         action = f"logging in as LDAP user {username!r} (auth/{mount})"
         try:
-            with self._call(action):
+            with self._call(action, then=NOT_CREATED):
                 auth = self.minting.auth.ldap.login(username=username, password=password, mount_point=mount)["auth"]
         except VaultDenied as exc:
             raise VaultDenied(_ldap_problem(str(exc), action, mount, self.config.vault_addr)) from None
@@ -751,7 +762,8 @@ class Vault:
     def create_token(self, role: str, policies: list[str], metadata: dict[str, str],
                      display_name: str, volume: tuple[str, str] | None = None) -> dict[str, Any]:
         """Create a token against `role` and return its auth block (client_token, accessor, ...)."""
-        with self._call(f"creating a token with role {role!r} for policies {','.join(policies)}"):
+        action = f"creating a token with role {role!r} for policies {','.join(policies)}"
+        with self._call(action, then=_created(volume)):
             return self.minting.auth.token.create(
                 role_name=role, policies=policies, meta=metadata, display_name=display_name
             )["auth"]
