@@ -85,7 +85,8 @@ def _session(config: Config, resend: bool):
                 wait = _retry_after(response.headers.get("Retry-After"), backoff)
                 backoff = min(backoff * 2, RATE_LIMIT_BACKOFF[1])
                 telemetry.rate_limited(_calling.action)
-                if _calling.deadline is None or time.monotonic() + wait > _calling.deadline:
+                # Sent again only if a whole attempt still fits: one the deadline cuts may have been acted on.
+                if _calling.deadline is None or time.monotonic() + wait + config.timeout > _calling.deadline:
                     return response  # hvac raises it: VaultRateLimited
                 response.content  # read, so the connection goes back to the pool  # noqa: B018
                 _calling.throttled += 1
@@ -229,10 +230,12 @@ RATE_LIMIT_BACKOFF = (0.25, 4.0)  # seconds: the first wait when a 429 names non
 
 def _retry_after(header: str | None, backoff: float) -> float:
     """Seconds to wait after a 429: its Retry-After (OpenBao sends one when sys/quotas/config has
-    enable_rate_limit_response_headers), else `backoff`; plus up to a quarter more, so the nodes a
+    enable_rate_limit_response_headers) or `backoff`, whichever is longer; plus up to a quarter more, so the nodes a
     quota turned away do not all come back in the same instant."""
     try:
-        wait = min(max(float(header), 0.0), 60.0) if header else backoff
+        # Never below the backoff: OpenBao rounds down, and sends "Retry-After: 0" in a window's last second
+        # (taken as it came, calls resent hundreds of times a second until their deadline).
+        wait = max(min(float(header), 60.0), backoff) if header else backoff
     except ValueError:  # an HTTP date: not worth parsing, back off instead
         wait = backoff
     return wait * random.uniform(1.0, 1.25)
@@ -464,9 +467,9 @@ def translate_errors(action: str, addr: str, deadline: float | None = None) -> I
             with _deadline(deadline) as watch:
                 yield
         except Exception as exc:
-            # Its sockets were cut at the deadline: whatever broke is the deadline's. Not unsent (Vault may
-            # have acted); a DriverError of our own (the write budget's VaultBusy, a redirect) says its own.
-            if watch is not None and watch.expired and not isinstance(exc, DriverError):
+            # Its sockets were cut at the deadline: a transport failure is the deadline's. Not unsent (Vault
+            # may have acted). An answer that came whole (hvac's errors) and our own errors say their own.
+            if watch is not None and watch.expired and isinstance(exc, requests.exceptions.RequestException):
                 raise _DeadlinePassed() from None
             raise
     except _DeadlinePassed:
