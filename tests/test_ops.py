@@ -412,7 +412,7 @@ def _dies_with_parent_as_nobody():
 
 
 @other_user
-def test_doctor_takes_no_settings_from_a_kubelet_a_node_user_runs(doctor_node):
+def test_doctor_takes_no_settings_from_a_kubelet_a_node_user_runs(tmp_path):
     """Any node user can run a program called `kubelet`: doctor (root) would send the generator token to
     its VAULT_ADDR and run the driver in its VAULTTMPFS_PLUGIN_DIR."""
     shared = shared_dir()
@@ -425,13 +425,18 @@ def test_doctor_takes_no_settings_from_a_kubelet_a_node_user_runs(doctor_node):
         env = {"VAULT_ADDR": f"http://127.0.0.1:{listener.getsockname()[1]}",
                "VAULTTMPFS_PLUGIN_DIR": str(shared / "plugins")}
         fake = subprocess.Popen([str(shared / "kubelet"), "60"], env=env, preexec_fn=_dies_with_parent_as_nobody())
+        ours = {"PATH": os.environ["PATH"], "PYTHONPATH": str(REPO), "VAULT_ADDR": closed_addr(),
+                "VAULTTMPFS_CONFIG_FILE": str(tmp_path / "none"), "VAULTTMPFS_STATE_DIR": str(tmp_path / "state"),
+                "VAULTTMPFS_LOG_FILE": str(tmp_path / "log")}
         try:
-            _, report, _ = doctor_node.doctor()
-            refused = subprocess.run([*doctor_node.cmd, "doctor", "--kubelet-pid", str(fake.pid)], env=doctor_node.env,
+            found = subprocess.run([*source_cmd(), "doctor", "--json", "--health-addr", ""], env=ours,
+                                   capture_output=True, text=True, timeout=120)
+            refused = subprocess.run([*source_cmd(), "doctor", "--kubelet-pid", str(fake.pid)], env=ours,
                                      capture_output=True, text=True, timeout=120)
         finally:
             fake.kill()
             fake.wait()
+        report = json.loads(found.stdout)
         config = next(c for c in report["checks"] if c["name"] == "config")
         assert "this command's environment (no kubelet process found)" in config["detail"], report
         assert refused.returncode == 1 and not refused.stdout, refused

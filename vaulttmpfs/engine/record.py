@@ -55,7 +55,7 @@ class VolumeRecord(Value):
     def from_json(cls, value: dict[str, Any], since: float | None = None) -> VolumeRecord:
         """Any record a version of vaulttmpfs wrote; a field of the wrong type reads as absent."""
         made_with = None
-        if "read_only" in value or "fs_group" in value or "unwrapped" in value:
+        if "read_only" in value or "fs_group" in value:  # without them the record predates made_with: unknown
             group, unwrapped = value.get("fs_group"), value.get("unwrapped")
             made_with = MadeWith(value.get("read_only") is True,
                                  group if isinstance(group, int) and not isinstance(group, bool) else None,
