@@ -18,6 +18,7 @@ from .agents import AgentProcess
 from .conftest import driver_env
 from .faultserver import CREATE, FaultServer, wait_for
 from .kubelet import Kubelet, is_mount_point
+from .vaultserver import closed_addr
 
 NGINX = {"vault/policies": "nginx"}
 STOP = "VAULTTMPFS_TEST_HOOK_STOP_AFTER_MINT"
@@ -103,6 +104,20 @@ def test_a_brokered_mount_and_unmount(node, agent, bao):
     assert node.unmount(path).ok
     assert bao.lookup_accessor(accessor) is None
     assert node.driver_calls()[-1]["vault"] == "broker"
+
+
+def test_a_brokered_create_that_never_reached_vault_leaves_no_intent(node, agent):
+    """The agent knows a create it could not send (connection refused) minted nothing: its answer says so,
+    so the driver drops the create's intent instead of counting a token that may be alive."""
+    warm, warm_path = node.mount(node.new_pod(), NGINX)  # the generator check and the role's lifetime cached
+    assert warm.ok, warm.body
+    reply = node.call("mount", str(node.volume_dir(pod := node.new_pod())),
+                      json.dumps(node.options(pod, "token", NGINX)), env={**node.env, "VAULT_ADDR": closed_addr()})
+    assert not reply.ok and "cannot reach Vault" in reply.body["message"], reply.body
+    assert node.driver_calls()[-1]["vault"] == "broker"
+    intents = Path(node.env["VAULTTMPFS_STATE_DIR"]) / "intents"
+    assert not list(intents.glob("*.json")), [p.read_text() for p in intents.glob("*.json")]
+    assert node.unmount(warm_path).ok
 
 
 def test_an_unmount_revokes_both_tokens_in_one_broker_request(node, agent, bao):

@@ -24,7 +24,7 @@ import os
 import time
 
 from .. import jsonlite
-from ..errors import DriverError, TokenNotWrapped, VaultDenied, VaultUnavailable
+from ..errors import DriverError, TokenNotWrapped, VaultBusy, VaultDenied, VaultRateLimited, VaultUnavailable
 from . import relay
 
 BANNER = b"vaulttmpfs-broker/1\n"
@@ -95,7 +95,12 @@ def _error(answer: dict) -> DriverError:
     kind, message = answer.get("error"), str(answer.get("message") or "the Vault broker failed")
     if kind == "TokenNotWrapped":
         return TokenNotWrapped(message, answer.get("accessor"))
-    return {"VaultDenied": VaultDenied, "VaultUnavailable": VaultUnavailable}.get(kind, DriverError)(message)
+    kinds = {"VaultDenied": VaultDenied, "VaultUnavailable": VaultUnavailable, "VaultRateLimited": VaultRateLimited,
+             "VaultBusy": VaultBusy}
+    error = kinds.get(kind, DriverError)(message)
+    if answer.get("unsent") is True and isinstance(error, VaultUnavailable):
+        error.unsent = True  # as the agent's client knew it: the create never reached Vault
+    return error
 
 
 class BrokerVault:

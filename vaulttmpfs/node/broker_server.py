@@ -330,6 +330,8 @@ def _call(config, token, op, args) -> dict:
 
 
 def _error_answer(exc: Exception, **extra) -> dict:
+    if getattr(exc, "unsent", False):
+        extra["unsent"] = True  # the driver's intent of a create that certainly minted nothing is dropped
     return {"error": type(exc).__name__, "message": str(exc), **extra}
 
 
