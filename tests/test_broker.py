@@ -48,6 +48,10 @@ class Node(Kubelet):
                 pass  # being written
         return entries
 
+    def intents(self) -> list[str]:
+        """The creates whose token the node counts as possibly alive, unrecorded (engine.intents)."""
+        return [p.read_text() for p in (Path(self.env["VAULTTMPFS_STATE_DIR"]) / "intents").glob("*.json")]
+
     def driver_calls(self) -> list[dict]:
         lines = Path(self.env["VAULTTMPFS_LOG_FILE"]).read_text().splitlines()
         return [json.loads(line) for line in lines if '"driver call"' in line]
@@ -115,8 +119,7 @@ def test_a_brokered_create_that_never_reached_vault_leaves_no_intent(node, agent
                       json.dumps(node.options(pod, "token", NGINX)), env={**node.env, "VAULT_ADDR": closed_addr()})
     assert not reply.ok and "cannot reach Vault" in reply.body["message"], reply.body
     assert node.driver_calls()[-1]["vault"] == "broker"
-    intents = Path(node.env["VAULTTMPFS_STATE_DIR"]) / "intents"
-    assert not list(intents.glob("*.json")), [p.read_text() for p in intents.glob("*.json")]
+    assert not node.intents()
     assert node.unmount(warm_path).ok
 
 
@@ -187,6 +190,7 @@ def test_exec_killed_after_the_mint_before_the_record_leaves_no_token(node, agen
         assert bao.lookup_accessor(accessor) is None, "an orphaned mint outlived the call"
     assert not is_mount_point(path)
     assert broker_status(agent)["revoked_orphans"] == 1
+    assert not node.intents(), "the revoked mint is still counted as a token that may be alive"
     reply, path = node.mount(pod, NGINX)  # the kubelet's retry
     assert reply.ok, reply.body
     assert bao.lookup_accessor(token_accessor(path))
@@ -216,6 +220,7 @@ def test_a_retry_is_handed_the_mint_still_in_flight_not_a_second_one(driver_cmd,
             assert bao.lookup_accessor(accessor)
             assert wait_for(lambda: not node.journalled(), timeout=30)
             assert bao.lookup_accessor(accessor), "the handed-over token was revoked by the dead call's settling"
+            assert not node.intents(), "the killed call's create is still counted though its token is recorded"
             assert node.unmount(path).ok and node.unmount(warm_path).ok
             assert bao.lookup_accessor(accessor) is None
         finally:

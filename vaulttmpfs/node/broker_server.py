@@ -53,6 +53,7 @@ class _Mint:
     accessors: list[str] = field(default_factory=list)
     journalled: object = None  # the journal entry's fsync, under way once it is written (files.Sync)
     revoked: bool = False  # a call revoked its tokens (a retry's stale record): never handed over
+    asked_at: float = field(default_factory=time.time)  # when the create was asked for (the call's intent: just before)
 
 
 class BrokerServer(RelayServer):
@@ -210,6 +211,11 @@ class BrokerServer(RelayServer):
                     return  # a retry took it while we waited
                 if self._mints.get(mint.volume) is mint:  # not a retry's own mint, made once this one was revoked
                     del self._mints[mint.volume]
+            if mint.accessors:  # before the journal goes: an agent killed in between still has the journal
+                try:
+                    _drop_intent_of(engine.store, mint)
+                except OSError as exc:  # the note stays: status over-counts, nothing is lost
+                    logger.error("the call's intent could not be dropped", error=str(exc))
             kept = _settle_accessors(engine, mint.volume, mint.accessors, logger)
         if not kept and mint.accessors:
             self._count("revoked_orphans")
@@ -268,6 +274,20 @@ def _settle_accessors(engine, volume: tuple[str, str], accessors: list[str], log
         logger.warning("an orphaned mint settled", revocation=str(outcome))
     _drop_journal(engine.config.state_dir, accessors)
     return kept
+
+
+INTENT_WINDOW = 0.25  # s: a call notes its intent just before it asks; the kubelet retries 0.5 s apart at the soonest
+
+
+def _drop_intent_of(store, mint: _Mint) -> None:
+    """The note the call wrote just before asking for this mint, if the call ended without dropping it
+    (killed): the token is recorded or settled now, so it is not one that may be alive unrecorded. An
+    older note of the volume (an earlier call's lost answer) is outside the window and stays."""
+    for intent in store.list_intents(mint.volume[0]):
+        name = str(intent.get("name") or "")
+        noted = name.rpartition(".")[2]
+        if noted.isdigit() and 0 <= mint.asked_at - int(noted) / 1e9 <= INTENT_WINDOW:
+            store.drop_intent(name)
 
 
 def _journal_path(state_dir: str, accessor: str) -> str:
