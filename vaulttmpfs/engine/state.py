@@ -180,6 +180,12 @@ class StateStore:
         except OSError as exc:
             raise self.unwritable(what, path, exc) from None
 
+    @staticmethod
+    def intent_noted_at(name: str) -> float | None:
+        """When add_intent wrote the intent of this name (time.time()), from the name it made."""
+        noted = name.rpartition(".")[2]
+        return int(noted) / 1e9 if noted.isdigit() else None
+
     def drop_intent(self, name: str) -> None:
         files.remove(os.path.join(self.intents, _safe(name) + ".json"))
 

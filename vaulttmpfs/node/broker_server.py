@@ -285,8 +285,8 @@ def _drop_intent_of(store, mint: _Mint) -> None:
     older note of the volume (an earlier call's lost answer) is outside the window and stays."""
     for intent in store.list_intents(mint.volume[0]):
         name = str(intent.get("name") or "")
-        noted = name.rpartition(".")[2]
-        if noted.isdigit() and 0 <= mint.asked_at - int(noted) / 1e9 <= INTENT_WINDOW:
+        noted = store.intent_noted_at(name)
+        if noted is not None and 0 <= mint.asked_at - noted <= INTENT_WINDOW:
             store.drop_intent(name)
 
 
