@@ -247,6 +247,7 @@ def test_unpublish_of_a_volume_never_published_is_ok(kubelet):
     ({"vault/policies": "other"}, {"fs_group": "\u00b2"}, "volume_mount_group '\u00b2' is not a group id"),
     ({"vault/policies": "other"}, {"fs_group": "\u0661\u0662"},
      "volume_mount_group '\u0661\u0662' is not a group id"),
+    ({"vault/policies": "other"}, {"fs_group": "9" * 5000}, "volume_mount_group '99999"),  # int(): ValueError
     ({"vault/policies": "other", "vault/unwrap": "maybe"}, {}, "'vault/unwrap' must be \"true\" or \"false\""),
     ({"vault/policies": "other"}, {"pod_info_on_mount": False}, "csi.storage.k8s.io/ephemeral"),
 ])

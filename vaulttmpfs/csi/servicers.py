@@ -31,7 +31,6 @@ POD_NAME, POD_NAMESPACE, POD_UID = KUBELET + "pod.name", KUBELET + "pod.namespac
 SERVICE_ACCOUNT, EPHEMERAL = KUBELET + "serviceAccount.name", KUBELET + "ephemeral"
 SA_TOKENS = KUBELET + "serviceAccount.tokens"  # CSIDriver tokenRequests: {"<audience>": {"token": JWT, ...}}
 TARGET_MODE = 0o750  # as the kubelet makes the parent; the tmpfs mounted over it sets its own mode
-MAX_GID = 2**31 - 1
 _MODE = csi_pb2.VolumeCapability.AccessMode
 # One pod's tmpfs on one node: the single-node modes. The kubelet sends SINGLE_NODE_WRITER for an inline
 # volume (ReadWriteOnce; SINGLE_NODE_MULTI_WRITER only to a plugin advertising that capability).
@@ -223,7 +222,7 @@ def _mount_group(capability) -> int | None:
     group = mount.volume_mount_group
     if not group:
         return None
-    if not (group.isascii() and group.isdigit()) or int(group) > MAX_GID:  # isdigit alone: '²', Arabic-Indic digits
+    if not attributes.is_group_id(group):
         raise BadRequest(f"volume_mount_group {group!r} is not a group id")
     return int(group)
 

@@ -12,6 +12,14 @@ ROLE = "vault/role"
 UNWRAP = "vault/unwrap"
 KNOWN = (POLICIES, ROLE, UNWRAP)
 MAX_POLICIES = 32
+MAX_GID = 2**31 - 1
+
+
+def is_group_id(text: str) -> bool:
+    """A gid as the kubelet passes one (FlexVolume's mounterArgs.FsGroup, CSI's volume_mount_group). ASCII
+    digits only: str.isdigit() also takes "²" (which int() refuses) and "١٠٠٠" (which it reads as 1000); and
+    at most 10 of them before int() (past 4300 digits it raises ValueError)."""
+    return text.isascii() and text.isdigit() and len(text) <= 10 and int(text) <= MAX_GID
 
 
 def policies(text: str | None, noun: str = "attribute") -> list[str]:

@@ -74,11 +74,11 @@ def parse_options(text: str) -> dict[str, str]:
 
 
 def parse_fs_group(text: str | None) -> int | None:
+    from ..engine.attributes import is_group_id  # loaded by the mount that calls this anyway
+
     if text is None or text == "":
         return None
-    # ASCII digits only: str.isdigit() also takes "²" (which int() refuses) and "١٠٠٠" (which it reads
-    # as 1000); and at most 10 of them, before int() (past 4300 digits it raises ValueError).
-    if not (text.isascii() and text.isdigit()) or len(text) > 10 or int(text) > 2**31 - 1:
+    if not is_group_id(text):
         raise BadCall(f"option '{K8S}mounterArgs.FsGroup' must be a group id, got {text!r}")
     return int(text)
 
