@@ -25,11 +25,13 @@ class Rule:
     # `status`) | "strip-wrap-ttl" (forwarded without X-Vault-Wrap-TTL) | "delay" (Vault acts at once, its
     # answer is passed on only when released) | "answer-then-close" (answered as if the connection stays
     # open, then closed: a server or gateway ending an idle kept-alive connection) | "slow" (forwarded
-    # after `seconds`: a loaded Vault)
+    # after `seconds`: a loaded Vault) | "answer" (answered `status` with `body`, never forwarded: a
+    # gateway answering for Vault)
     action: str
     times: int | None = None  # None: every time
     status: int = 500
     seconds: float = 0.0
+    body: str = ""
 
 
 class FaultServer:
@@ -59,9 +61,10 @@ class FaultServer:
         self.httpd.shutdown()
         self.httpd.server_close()
 
-    def add(self, path: str, action: str, times: int | None = None, status: int = 500, seconds: float = 0.0) -> None:
+    def add(self, path: str, action: str, times: int | None = None, status: int = 500, seconds: float = 0.0,
+            body: str = "") -> None:
         with self.lock:
-            self.rules.append(Rule(path, action, times, status, seconds))
+            self.rules.append(Rule(path, action, times, status, seconds, body))
 
     def clear(self) -> None:
         with self.lock:
@@ -133,6 +136,9 @@ def _handler(server: FaultServer):
             action = rule.action if rule else "forward"
             if action == "error":
                 return self._answer(rule.status, "application/json", b'{"errors":["injected fault"]}')
+            if action == "answer":
+                kind = "application/json" if rule.body.startswith(("{", "[")) else "text/html"
+                return self._answer(rule.status, kind, rule.body.encode())
             if action == "hang":  # never answer; the connection closes when released
                 server.arrived.set()
                 server.release.wait(120)

@@ -152,6 +152,25 @@ def test_2_a_revocation_is_resent_through_a_502(faulty, fault, bao):
     all_clear(faulty, bao, before)
 
 
+@pytest.mark.parametrize("body", ['{"errors":["injected fault"]}', "{}", "<html>OK</html>"])
+def test_2b_a_gateways_own_200_to_a_revocation_is_not_taken_as_revoked(faulty, fault, bao, body):
+    """Vault answers a revocation 204 (done) or 200 with a "no token found" warning (gone); a 200 of anybody
+    else's (a gateway answering for it, never forwarding) may leave the token alive: queued, retried."""
+    before = len(bao.accessors())
+    reply, path = faulty.mount(faulty.new_pod(), NGINX)
+    assert reply.ok, reply.body
+    wrap = read_wrap(path)
+    fault.add(REVOKE, "answer", status=200, body=body)
+    reply = faulty.teardown(path)
+    assert reply.ok and "queued" in reply.message and "token revoked" not in reply.message, reply.body
+    assert bao.lookup_accessor(wrap["wrapped_accessor"]) is not None  # what was at stake: it is alive
+    fault.clear()
+    retry = faulty.call_cli("retry-revocations")
+    assert retry.returncode == 0, retry.stdout + retry.stderr
+    assert bao.lookup_accessor(wrap["wrapped_accessor"]) is None and bao.lookup_accessor(wrap["accessor"]) is None
+    all_clear(faulty, bao, before)
+
+
 # --- 3. a proxy that strips X-Vault-Wrap-TTL ------------------------------------------------------
 
 def test_3_a_plain_token_from_a_header_stripping_proxy_is_revoked(faulty, fault, bao):

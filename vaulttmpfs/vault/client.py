@@ -702,7 +702,7 @@ class Vault:
     def _revoke_accessor(self, accessor: str, ask_active: str | None = None) -> bool:
         try:
             with self._call("revoking the pod token", ask_active):
-                response = self.client.auth.token.revoke_accessor(accessor)
+                return _revoked(self.client.auth.token.revoke_accessor(accessor), self.config.vault_addr)
         except VaultDenied as exc:
             # HashiCorp Vault answers 400 "invalid accessor" for a token that expired or was revoked;
             # 400 "token not found": the accessor's entry is there but not the token's (revoked meanwhile,
@@ -710,9 +710,6 @@ class Vault:
             if "invalid accessor" in str(exc).lower() or "token not found" in str(exc).lower():
                 return False
             raise
-        # OpenBao answers 200 with a warning instead; a 204 comes back as a Response object.
-        warnings = response.get("warnings") or [] if isinstance(response, dict) else []
-        return not any("no token found" in str(w).lower() for w in warnings)
 
     def lookup_accessor(self, accessor: str) -> dict[str, Any] | None:
         """A token's properties by accessor (never the token itself); None when Vault no longer has it
@@ -812,6 +809,19 @@ class Vault:
 
         with self._call(f"writing token role {name!r}"):
             self.client.adapter.post(utils.format_url("/v1/auth/token/roles/{name}", name=name), json=params)
+
+
+def _revoked(response, addr: str) -> bool:
+    """A revoke-accessor's answer: True when Vault revoked (204), False when it had no such token (OpenBao:
+    200 with a "no token found" warning). Any other 2xx is not Vault's (a gateway answering for it, its
+    page or its `{}`): the token may be alive, so the revocation is queued and retried, never believed."""
+    if isinstance(response, dict) and "request_id" in response:  # every answer of Vault's own carries one
+        return not any("no token found" in str(w).lower() for w in response.get("warnings") or [])
+    if getattr(response, "status_code", None) == 204:  # hvac hands back a 204 as its Response
+        return True
+    status = getattr(response, "status_code", 200)
+    raise VaultUnavailable(f"revoking the pod token: {addr} answered HTTP {status} with a body that is not "
+                           "Vault's (a gateway answering for it?); the token may still be alive")
 
 
 def _wrap_info(action: str, response) -> dict[str, Any]:
