@@ -94,6 +94,9 @@ class MemoryStore:
     def list_pending(self) -> list[dict[str, Any]]:
         return list(self.pending.values())
 
+    def read_pending(self, accessor: str) -> dict[str, Any] | None:
+        return self.pending.get(accessor)
+
     def add_intent(self, mount_dir: str, value: dict[str, Any]) -> tuple[str, _Written]:
         name = f"intent-{len(self.intents) + len(self.notes)}-{mount_dir}"
         self.intents[name] = {**value, "mount_dir": mount_dir, "name": name}

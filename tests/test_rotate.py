@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -60,6 +62,7 @@ def rotate(node: CsiNode, *args: str) -> list[dict]:
 
 def pending(node: CsiNode) -> set[str]:
     return {json.loads(p.read_text())["accessor"] for p in (node.root / "state" / "pending").glob("*.json")}
+
 
 
 def pod_out(tmp_path: Path) -> Path:
@@ -235,3 +238,119 @@ def test_a_record_older_than_made_with_keeps_the_volumes_group(node, bao):
     time.sleep(1.2)
     assert cli(node, "retry-revocations").returncode == 0
     assert bao.lookup_accessor(old["wrapped_accessor"]) is None
+
+
+# The changes a rotation makes to the node, in order (after the mint; tests/rotate_interrupted.py counts them).
+STEPS = ("queue the new pod token", "queue the new wrapping token", "queue the old pod token",
+         "queue the old wrapping token", "the record names the new tokens", "the new token file",
+         "the new metadata file", "the new pod token leaves the queue", "the new wrapping token leaves the queue")
+
+
+def rotate_interrupted(node: CsiNode, step: str, sig: str, *args: str, new_token_wait: float = 0.5) -> subprocess.Popen:
+    """`vaulttmpfs rotate ARGS` sending itself SIG just before `step`; its new tokens wait `new_token_wait`
+    seconds in the queue (not 5 minutes) for a retry that cannot tell whether the rotation is under way."""
+    helper = str(REPO / "tests" / "rotate_interrupted.py")
+    return subprocess.Popen([sys.executable, helper, str(STEPS.index(step)), sig, str(new_token_wait), *args],
+                            env=node.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def record_of(node: CsiNode, pod) -> dict:
+    [record] = [r for r in (json.loads(p.read_text()) for p in (node.root / "state" / "volumes").glob("*.json"))
+                if r.get("pod_uid") == pod.uid]
+    return record
+
+
+def pod_tokens_alive(bao, pod, minted_since: set[str]) -> set[str]:
+    """The accessors of this pod's tokens (metadata pod_uid) Vault holds alive, of those made since."""
+    found = (bao.lookup_accessor(a) for a in set(bao.accessors()) - minted_since)
+    return {t["accessor"] for t in found if t and (t.get("meta") or {}).get("pod_uid") == pod.uid}
+
+
+def forget_their_volume(node: CsiNode) -> None:
+    """The queue as an older vaulttmpfs wrote it: a rotation's entries did not name their volume."""
+    for path in (node.root / "state" / "pending").glob("*.json"):
+        entry = json.loads(path.read_text())
+        entry.pop("mount_dir", None)
+        path.write_text(json.dumps(entry))
+
+
+def assert_the_pod_keeps_the_token_its_volume_names_and_nothing_else_lives(node, bao, pod, path, minted_since):
+    time.sleep(1.2)  # past the grace (1s) and the new tokens' wait
+    for _ in range(2):  # the first round may revoke the new wrapping token an old token watches
+        assert cli(node, "retry-revocations").returncode == 0
+    held = read_volume(path)[1]  # what the pod side reads
+    record = record_of(node, pod)
+    assert (record["accessor"], record["wrapping_accessor"]) == (held["wrapped_accessor"], held["accessor"])
+    assert pod_tokens_alive(bao, pod, minted_since) == {held["wrapped_accessor"]}
+    assert not pending(node)
+    node.kubelet.teardown(pod)
+    assert pod_tokens_alive(bao, pod, minted_since) == set()
+
+
+@pytest.mark.parametrize("step", STEPS[1:], ids=[f"before {s}" for s in STEPS[1:]])
+def test_a_rotation_killed_at_any_step_leaves_the_pod_the_token_its_volume_names_and_revokes_the_rest(node, bao,
+                                                                                                       step):
+    """Killed after the mint, before `step`: its queue entries must neither revoke the token the pod holds
+    (the one its files and record name) nor keep any other of the pod's tokens alive once retried."""
+    before = set(bao.accessors())
+    pod = new_pod("killed", namespace="shop")
+    path = node.kubelet.publish(pod, NGINX)
+    killed = rotate_interrupted(node, step, "KILL", "--pod-uid", pod.uid, "--grace", "1s")
+    assert killed.wait(timeout=120) == -signal.SIGKILL
+    assert_the_pod_keeps_the_token_its_volume_names_and_nothing_else_lives(node, bao, pod, path, before)
+
+
+@pytest.mark.parametrize("step", ["the record names the new tokens", "the new metadata file",
+                                  "the new pod token leaves the queue"])
+def test_a_killed_rotations_entries_written_before_they_named_their_volume_are_settled_the_same(node, bao, step):
+    """An older vaulttmpfs's entries (no mount_dir): their volume is the one whose record names them."""
+    before = set(bao.accessors())
+    pod = new_pod("killed-old", namespace="shop")
+    path = node.kubelet.publish(pod, NGINX)
+    killed = rotate_interrupted(node, step, "KILL", "--pod-uid", pod.uid, "--grace", "1s")
+    assert killed.wait(timeout=120) == -signal.SIGKILL
+    forget_their_volume(node)
+    assert_the_pod_keeps_the_token_its_volume_names_and_nothing_else_lives(node, bao, pod, path, before)
+
+
+@pytest.mark.parametrize("step", ["the record names the new tokens", "the new token file"])
+def test_an_unmount_after_a_killed_rotation_leaves_none_of_its_tokens_to_a_grace(node, bao, step):
+    """The pod is gone: the retry after its unmount revokes what the rotation queued at once, neither the
+    old token's grace (10m) nor the new tokens' wait (5m) kept."""
+    before = set(bao.accessors())
+    pod = new_pod("killed-then-gone", namespace="shop")
+    node.kubelet.publish(pod, NGINX)
+    killed = rotate_interrupted(node, step, "KILL", "--pod-uid", pod.uid, new_token_wait=300)
+    assert killed.wait(timeout=120) == -signal.SIGKILL
+    node.kubelet.teardown(pod)
+    assert cli(node, "retry-revocations").returncode == 0
+    assert pod_tokens_alive(bao, pod, before) == set() and not pending(node)
+
+
+def test_a_retry_during_a_rotation_waits_for_it_and_keeps_its_new_token(node, bao):
+    """The retry takes the volume's lock: a rotation under way (its new tokens' wait over) is never taken
+    for a dead one."""
+    before = set(bao.accessors())
+    pod = new_pod("paused", namespace="shop")
+    path = node.kubelet.publish(pod, NGINX)
+    paused = rotate_interrupted(node, "the record names the new tokens", "STOP", "--pod-uid", pod.uid)
+    retry = None
+    try:
+        eventually(lambda: Path(f"/proc/{paused.pid}/stat").read_text().split(") ")[1].startswith("T"),
+                   "the rotation paused")
+        time.sleep(0.6)  # past its new tokens' wait
+        retry = subprocess.Popen([*node.cmd, "retry-revocations"], env=node.env, stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.DEVNULL)
+        time.sleep(1.5)
+        assert retry.poll() is None  # waiting for the volume's lock
+    finally:
+        paused.send_signal(signal.SIGCONT)
+        assert paused.wait(timeout=120) == 0
+        if retry is not None:
+            assert retry.wait(timeout=120) == 0
+    new = read_volume(path)[1]
+    assert bao.lookup_accessor(new["wrapped_accessor"]) is not None
+    assert record_of(node, pod)["accessor"] == new["wrapped_accessor"]
+    node.kubelet.teardown(pod)
+    assert cli(node, "retry-revocations").returncode == 0
+    assert pod_tokens_alive(bao, pod, before) == set() and not pending(node)

@@ -282,10 +282,14 @@ class Engine:
     def _volume_record(self, mount_dir: str) -> VolumeRecord | None:
         """What was minted for this volume: the state record, else the volume's own metadata file
         (the record may be lost or corrupt; the token it names must not be)."""
-        fs = self.fs
         record = self.store.read_volume(mount_dir)
-        if record or not fs.is_mount_point(mount_dir) or not _ours(fs.mount_info(self.real(mount_dir))):
-            return record
+        return record if record is not None else self._record_on_volume(mount_dir)
+
+    def _record_on_volume(self, mount_dir: str) -> VolumeRecord | None:
+        """The tokens the volume's own metadata file names (what the pod sees), if it is our tmpfs."""
+        fs = self.fs
+        if not fs.is_mount_point(mount_dir) or not _ours(fs.mount_info(self.real(mount_dir))):
+            return None
         try:
             meta = jsonlite.loads(fs.read_small_file(os.path.join(mount_dir, self.config.token_filename + ".json"),
                                                  64 * 1024, follow=False))
@@ -410,23 +414,51 @@ class Engine:
         return Revocation(outcome, accessors[0])
 
     def retry_pending(self) -> dict[str, int]:
+        """Revoke what the queue owes. A rotation's tokens are weighed against their volume's record first
+        (rotate.volumes_of, _retry_rotated): a rotation killed half-way must not revoke the pod's token."""
         logger = log.get(verb="retry-revocations")
-        done = failed = waiting = 0
+        counts = {"revoked": 0, "pending": 0, "waiting": 0}
         from . import rotate  # the agent's retries only: not a kubelet call's
 
-        for pending in self.store.list_pending():
-            if not rotate.due(pending, self._token_gone):  # an old token a rotation keeps for a while
-                failed, waiting = failed + 1, waiting + 1
-                continue
-            record = VolumeRecord(pending["accessor"], pod_uid=str(pending.get("pod_uid") or ""))
-            since = pending.get("since")
-            if self.revoke_or_queue(record, logger, why=pending.get("why", "retry"),
-                                    queued_at=since if isinstance(since, (int, float)) else None).queued:
-                failed += 1
-            else:
-                done += 1
+        queue = self.store.list_pending()
+        volumes = rotate.volumes_of(queue, self.store.list_volumes)
+        for pending in queue:
+            if pending["accessor"] not in volumes:
+                self._retry(pending, rotate.due(pending, self._token_gone), logger, counts)
+        for mount_dir in sorted(set(volumes.values())):
+            self._retry_rotated(mount_dir, sorted(a for a, held_by in volumes.items() if held_by == mount_dir),
+                                logger, counts)
         # pending counts the waiting ones too: still owed (uninstall must not drop them).
-        return {"revoked": done, "pending": failed, "waiting": waiting}
+        return counts
+
+    def _retry_rotated(self, mount_dir: str, accessors: list[str], logger, counts: dict[str, int]) -> None:
+        """A rotation's queued tokens of one volume. Under its lock no rotation of it is under way: what
+        its record names now is the pod's, and leaves the queue; the rest is owed (rotate.owed)."""
+        from . import rotate
+
+        with self.store.locked(mount_dir):
+            record = rotate.settle(self, mount_dir, logger)
+            for accessor in accessors:
+                pending = self.store.read_pending(accessor)  # as it is now, not as listed before the lock
+                if pending is None:
+                    continue
+                if record is not None and accessor in record.accessors():
+                    self.store.drop_pending(accessor)
+                    logger.info("kept: the volume's record names this token", accessor=accessor,
+                                why=pending.get("why"), dir=mount_dir)
+                    continue
+                self._retry(pending, rotate.owed(pending, record, self._token_gone), logger, counts)
+
+    def _retry(self, pending: dict[str, Any], due: bool, logger, counts: dict[str, int]) -> None:
+        if not due:  # an old token a rotation keeps for a while
+            counts["pending"] += 1
+            counts["waiting"] += 1
+            return
+        record = VolumeRecord(pending["accessor"], pod_uid=str(pending.get("pod_uid") or ""))
+        since = pending.get("since")
+        queued = self.revoke_or_queue(record, logger, why=pending.get("why", "retry"),
+                                      queued_at=since if isinstance(since, (int, float)) else None).queued
+        counts["pending" if queued else "revoked"] += 1
 
     def _token_gone(self, accessor: str) -> bool:
         """Vault no longer has the token (for rotate.due); False when Vault cannot say now."""

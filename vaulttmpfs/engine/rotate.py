@@ -3,11 +3,17 @@ its files replaced atomically; the old token is queued for revocation once the p
 one (the new wrapping token is gone: unwrapped, or expired) or after a grace period.
 
 Order, so that a kill -9 at any step leaves no token nobody would revoke:
-mint -> queue the NEW tokens (due in NEW_TOKEN_GRACE: revoked if the rotation never completes) ->
-queue the OLD tokens (due after the grace period, or once the pod took the new one) -> the record
-names the new tokens -> the files (token, then its metadata: the metadata's accessor changing is the
-pod side's signal) -> the new tokens leave the queue. A failure after the mint undoes in reverse.
-All under the volume's lock, so a concurrent unmount waits and then revokes the new token.
+mint -> queue the NEW tokens (ROTATING) -> queue the OLD tokens (ROTATED: due after the grace period,
+or once the pod took the new one) -> the record names the new tokens -> the files (token, then its
+metadata: the metadata's accessor changing is the pod side's signal) -> the new tokens leave the
+queue. A failure after the mint undoes in reverse. All under the volume's lock, so a concurrent
+unmount waits and then revokes the new token.
+
+A rotation killed half-way leaves its entries, which name their volume: the agent's retry takes that
+volume's lock (no rotation of it is then under way) and keeps whatever the record names (`settle`,
+`owed`): the pod's token is never revoked, every other one is. The one step the record alone cannot
+tell is a kill between the record and the metadata file: the pod never saw the new token, so the
+record is put back to name the old one, which the pod holds.
 
 Volumes rotated: wrapped, minted with the generator token. Not rotated (and said why): an unwrapped
 volume (the pod holds the plain token: nobody would switch to a new one) and a pod-login volume
@@ -27,11 +33,13 @@ from ..errors import DriverError
 from . import generator
 from .record import Minted, VolumeRecord
 
-# `engine` below is an operation.Engine, not imported: operation imports this module (for `due`).
+# `engine` below is an operation.Engine, not imported: operation imports this module (its retry).
 Engine = Any
 
 DEFAULT_GRACE = 600.0  # seconds the old token may live after a rotation if the pod side never takes the new one
-NEW_TOKEN_GRACE = 300.0  # a rotation killed half-way: its new token is revoked this long after
+# A rotation's new tokens wait this long in the queue for a retry that cannot tell a dead rotation from
+# one under way: an older version's, or an entry that does not name its volume.
+NEW_TOKEN_GRACE = 300.0
 ROTATING, ROTATED = "rotation in progress", "rotated"
 
 
@@ -89,12 +97,13 @@ def _rotate_one(engine: Engine, mount_dir: str, grace: float, logger) -> dict[st
         new = VolumeRecord(minted.accessor, minted.wrapping_accessor)
         now = time.time()
         _on_failure(undo, lambda: engine.revoke_or_queue(new, logger, why="rotation failed"))
+        # Each entry names its volume: the retry weighs it against that volume's record (settle).
+        volume = {"pod_uid": record.pod_uid, "mount_dir": mount_dir}
         for accessor in new.accessors():
-            store.add_pending(accessor, {"why": ROTATING, "pod_uid": record.pod_uid,
-                                         "not_before": now + NEW_TOKEN_GRACE})
+            store.add_pending(accessor, {"why": ROTATING, **volume, "not_before": now + NEW_TOKEN_GRACE})
         for accessor in record.accessors():
             # Due once the pod took the new token (its wrapping token is gone), or after the grace period.
-            store.add_pending(accessor, {"why": ROTATED, "pod_uid": record.pod_uid, "not_before": now + grace,
+            store.add_pending(accessor, {"why": ROTATED, **volume, "not_before": now + grace,
                                          "watch": minted.wrapping_accessor})
         _on_failure(undo, lambda: [store.drop_pending(a) for a in record.accessors()])
         store.write_volume(mount_dir, record.replace(accessor=minted.accessor,
@@ -142,13 +151,80 @@ def _on_failure(undo: contextlib.ExitStack, step_undo: Callable[[], object]) -> 
     undo.push(undo_if_failed)
 
 
+def held_back(pending: dict[str, Any], now: float | None = None) -> bool:
+    """Not owed yet: a rotation keeps it until its `not_before` (or sooner, see `due`)."""
+    not_before = pending.get("not_before")
+    return isinstance(not_before, (int, float)) and (time.time() if now is None else now) < not_before
+
+
 def due(pending: dict[str, Any], gone: Callable[[str], bool], now: float | None = None) -> bool:
     """May the agent revoke this queued token now? Yes unless it waits (`not_before`) for a rotation:
-    then when its time comes, or sooner once the token it `watch`es (the new wrapping token) is gone."""
-    not_before = pending.get("not_before")
-    if not isinstance(not_before, (int, float)):
-        return True
-    if (time.time() if now is None else now) >= not_before:
+    then when its time comes, or sooner once the token it `watch`es (the new wrapping token) is gone.
+    For a rotation's token of a volume whose record may name it, ask `owed` (under the volume's lock)."""
+    if not held_back(pending, now):
         return True
     watch = pending.get("watch")
     return isinstance(watch, str) and bool(watch) and gone(watch)
+
+
+def volumes_of(queue: list[dict[str, Any]], records: Callable[[], list[VolumeRecord]]) -> dict[str, str]:
+    """accessor -> volume dir, for each token a rotation queued: the dir its entry names, or (an entry
+    written before they named it) the volume whose record names the token or the new wrapping token it
+    `watch`es. A token of no volume is not here: no record names it."""
+    rotations = [p for p in queue if p.get("why") in (ROTATING, ROTATED)]
+    named: dict[str, str] = {}
+    if any(not _dir_of(p) for p in rotations):
+        named = {a: r.mount_dir for r in records() for a in r.accessors() if r.mount_dir}
+    found = {}
+    for pending in rotations:
+        watch = pending.get("watch")
+        mount_dir = _dir_of(pending) or named.get(pending["accessor"]) or (
+            named.get(watch) if isinstance(watch, str) else None)
+        if mount_dir:
+            found[pending["accessor"]] = mount_dir
+    return found
+
+
+def _dir_of(pending: dict[str, Any]) -> str:
+    mount_dir = pending.get("mount_dir")
+    return mount_dir if isinstance(mount_dir, str) else ""
+
+
+def settle(engine: Engine, mount_dir: str, logger) -> VolumeRecord | None:
+    """The volume's record, which its rotation's queued tokens are kept or revoked by (None: the volume
+    is gone). The caller holds the volume's lock: a rotation whose new tokens are still ROTATING died.
+    Killed after its record named them but before the metadata file did, it never reached the pod,
+    which holds the old token still: the record is put back to name that one. Only to tokens this
+    rotation queued as the ones it replaced: on a read-write volume the metadata file is the pod's
+    to write, so it may choose between the two, never name another token."""
+    store = engine.store
+    record = engine._volume_record(mount_dir)
+    if record is None or not any(_queued_as(store, a, ROTATING) for a in record.accessors()):
+        return record
+    held, new_wrapping = engine._record_on_volume(mount_dir), record.wrapping_accessor
+    if held is None or not new_wrapping or not _replaced_by(store, held.accessor, new_wrapping):
+        return record  # the files name the new tokens: the rotation got as far as the pod
+    wrapping = held.wrapping_accessor if _replaced_by(store, held.wrapping_accessor, new_wrapping) else None
+    restored = record.replace(accessor=held.accessor, wrapping_accessor=wrapping)
+    store.write_volume(mount_dir, restored).wait()
+    logger.warning("a rotation killed before the volume's files named its new token: the record names the "
+                   "pod's token again, the new one is revoked", accessor=restored.accessor,
+                   revoked=record.accessor, dir=mount_dir)
+    return restored
+
+
+def owed(pending: dict[str, Any], record: VolumeRecord | None, gone: Callable[[str], bool]) -> bool:
+    """Is a rotation's token that its volume's record (settled, under the lock) does not name due? At
+    once if the volume is gone or the rotation that queued it died; an old token as `due` says."""
+    return record is None or pending.get("why") == ROTATING or due(pending, gone)
+
+
+def _queued_as(store, accessor: str, why: str) -> bool:
+    pending = store.read_pending(accessor)
+    return pending is not None and pending.get("why") == why
+
+
+def _replaced_by(store, accessor: str | None, new_wrapping: str) -> bool:
+    """Did the rotation whose new wrapping token is `new_wrapping` queue `accessor` as an old token?"""
+    pending = store.read_pending(accessor) if accessor else None
+    return pending is not None and pending.get("why") == ROTATED and pending.get("watch") == new_wrapping

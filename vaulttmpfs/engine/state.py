@@ -3,7 +3,8 @@
 Layout under the state dir (0700, never the kubelet's plugin dir):
   volumes/<key>.json   one per mounted volume: its dir, the pod token's accessor, the pod
   volumes/<key>.lock   flock held while a verb works on that volume
-  pending/<accessor>.json  revocations that failed (Vault down) and are to be retried
+  pending/<accessor>.json  revocations owed: ones Vault could not take yet (retried by the agent), and
+                       a rotation's, which wait for the pod to take its new token (engine.rotate)
   intents/<key>.<ns>.json  a token create about to be sent (fsync'd first), dropped once its token is
                        recorded or revoked: one left behind names a token that may be alive unrecorded
   corrupt/<key>.<time>.json  records that could not be read, kept for an operator
@@ -163,6 +164,12 @@ class StateStore:
         names = sorted(self._names(self.pending))
         records = (_read_json(os.path.join(self.pending, n)) for n in names if n.endswith(".json"))
         return [r for r in records if r and r.get("accessor")]
+
+    def read_pending(self, accessor: str) -> dict[str, Any] | None:
+        """The queued revocation of this token as it is now (None: not queued)."""
+        self.trust()
+        found = _read_json(os.path.join(self.pending, _safe(accessor) + ".json"))
+        return found if found and found.get("accessor") == accessor else None
 
     def drop_pending(self, accessor: str) -> None:
         files.remove(os.path.join(self.pending, _safe(accessor) + ".json"))
