@@ -157,3 +157,38 @@ def test_the_prometheus_rule_and_the_dashboard_parse_and_name_only_series_the_ag
     assert named <= exported, named - exported
     # Labels the queries group by are ones the series carry (pod_namespace, not the scrape's namespace).
     assert "by (pod_namespace)" in " ".join(exprs)
+
+
+def test_a_rotations_old_tokens_in_their_grace_are_kept_apart_from_the_pending_revocations(node, bao):
+    """After a rotation that went well, its old tokens wait for the pod (or the grace): the gauge the
+    VaulttmpfsRevocationsQueued alert reads, doctor's revocations check and status leave them out and
+    count them apart; once the pod is gone, the retry revokes them and nothing waits."""
+    pod = new_pod("inv-rotated", namespace="shop")
+    path = node.kubelet.publish(pod, NGINX)
+    remember_secret((path / "vault-token").read_text())
+    old = read_volume(path)[1]
+    out = subprocess.run([*node.cmd, "rotate", "--pod-uid", pod.uid, "--grace", "1h"], capture_output=True,
+                         text=True, env=node.env, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    remember_secret((path / "vault-token").read_text())
+
+    samples = scrape(node.metrics_port)
+    assert value(samples, "vaulttmpfs_pending_revocations") == 0
+    assert value(samples, "vaulttmpfs_rotation_revocations_waiting") == 2  # the old pod and wrapping tokens
+    report = status(node)
+    assert report["pending"] == []
+    assert [w["pod_uid"] for w in report["rotation_waiting"]] == [pod.uid, pod.uid]
+    assert old["wrapped_accessor"][:8] in {w["accessor"] for w in report["rotation_waiting"]}
+    text = subprocess.run([*node.cmd, "status"], capture_output=True, text=True, env=node.env, timeout=60).stdout
+    assert "0 pending revocation(s), 2 kept by a rotation" in text
+    doctor = subprocess.run([*node.cmd, "doctor", "--json"], capture_output=True, text=True, env=node.env,
+                            timeout=120)
+    [check] = [c for c in json.loads(doctor.stdout)["checks"] if c["name"] == "revocations"]
+    assert check["status"] == "OK" and "2 old token(s) a rotation keeps" in check["detail"], check
+
+    node.kubelet.teardown(pod)
+    assert subprocess.run([*node.cmd, "retry-revocations"], env=node.env, timeout=120).returncode == 0
+    assert bao.lookup_accessor(old["wrapped_accessor"]) is None
+    samples = scrape(node.metrics_port)
+    assert value(samples, "vaulttmpfs_pending_revocations") == 0
+    assert value(samples, "vaulttmpfs_rotation_revocations_waiting") == 0

@@ -152,7 +152,8 @@ def _on_failure(undo: contextlib.ExitStack, step_undo: Callable[[], object]) -> 
 
 
 def held_back(pending: dict[str, Any], now: float | None = None) -> bool:
-    """Not owed yet: a rotation keeps it until its `not_before` (or sooner, see `due`)."""
+    """Not owed yet: a rotation keeps it until its `not_before` (or sooner, see `due`). Counted apart
+    from the revocations Vault has not taken (doctor, /metrics, status): a rotation's grace is no fault."""
     not_before = pending.get("not_before")
     return isinstance(not_before, (int, float)) and (time.time() if now is None else now) < not_before
 

@@ -3,7 +3,8 @@
 Counted here: every mount/unmount (by verb, front end, path -- the driver on its own or relayed
 through the agent --, outcome and a reason from a fixed set), their durations, each Vault round
 trip's duration, relay connections and fallbacks, and from the node's state at scrape time:
-pending revocations, volumes held, the generator token's remaining TTL and last renewal result.
+pending revocations (apart: those a rotation keeps for its grace), volumes held, the generator
+token's remaining TTL and last renewal result.
 Driver processes spool their records in the state dir (see telemetry); they are folded in before
 every scrape and every FOLD_INTERVAL, so calls made without the agent are counted too.
 """
@@ -19,7 +20,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from .. import log, telemetry
 from ..config import Config
-from ..engine import intents
+from ..engine import intents, rotate
 from ..engine.state import StateStore
 from ..vault import write_budget
 from .httpd import serve_http
@@ -101,8 +102,13 @@ class NodeState:
 
     def collect(self):
         store = StateStore(self.config.state_dir)
-        yield GaugeMetricFamily("vaulttmpfs_pending_revocations", "Pod tokens queued for revocation",
-                                value=len(store.list_pending()))
+        queue = store.list_pending()
+        waiting = sum(rotate.held_back(p) for p in queue)  # a rotation's grace: not owed yet, not alerted on
+        yield GaugeMetricFamily("vaulttmpfs_pending_revocations", "Tokens owed revocation that Vault has not "
+                                "taken yet (the agent retries them)", value=len(queue) - waiting)
+        yield GaugeMetricFamily("vaulttmpfs_rotation_revocations_waiting", "Old tokens a rotation keeps until the "
+                                "pod takes its new one or the grace ends (and a rotation's new ones while it runs)",
+                                value=waiting)
         yield GaugeMetricFamily("vaulttmpfs_volumes", "Volumes this node holds (state records)",
                                 value=len(store.list_volumes()))
         unrecorded = intents.summary(store)

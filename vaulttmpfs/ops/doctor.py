@@ -20,7 +20,7 @@ from typing import Any
 
 from .. import trust
 from ..config import Config, config_file_path, file_values
-from ..engine import bindings, generator
+from ..engine import bindings, generator, rotate
 from ..engine.state import StateStore
 from ..errors import DriverError, VaultDenied
 from ..flexvolume import broker, relay
@@ -343,12 +343,15 @@ def check_state_dir(node: Node) -> Check:
 
 
 def check_pending(node: Node) -> Check:
-    pending = StateStore(node.config.state_dir).list_pending()
+    queue = StateStore(node.config.state_dir).list_pending()
+    pending = [p for p in queue if not rotate.held_back(p)]  # a rotation's grace is not a failure
     if not pending:
-        return Check("revocations", OK, "none pending")
+        waiting = len(queue) - len(pending)
+        return Check("revocations", OK, "none pending" + (f"; {waiting} old token(s) a rotation keeps until the "
+                                                          "pod takes its new one or the grace ends" if waiting else ""))
     oldest = time.time() - min(float(p.get("since") or time.time()) for p in pending)
     return Check("revocations", FAIL, f"{len(pending)} pod token(s) still to revoke (oldest {oldest:.0f}s): "
-                                      f"{pending[0].get('error', '')}",
+                                      f"{pending[0].get('error') or pending[0].get('why', '')}",
                  "the agent retries them; make Vault reachable and run `vaulttmpfs retry-revocations`")
 
 

@@ -12,7 +12,7 @@ import time
 from typing import Any
 
 from ..config import Config
-from ..engine import intents, inventory, volume
+from ..engine import intents, inventory, rotate, volume
 from ..engine.record import VolumeRecord
 from ..engine.state import StateStore
 
@@ -24,9 +24,14 @@ def collect(config: Config, now: float | None = None) -> dict[str, Any]:
     store = StateStore(config.state_dir)
     records, note = store.list_volumes(), store.read_note(inventory.NOTE)
     volumes = [_volume(record, now, note) for record in records]
-    pending = [_pending(record, now) for record in store.list_pending()]
+    queue = store.list_pending()
+    # A rotation's old tokens in their grace are not owed yet: listed apart, not counted as pending.
+    pending = [_pending(record, now) for record in queue if not rotate.held_back(record, now)]
+    waiting = [{**_pending(record, now), "until": intents.iso(float(record["not_before"]))}
+               for record in queue if rotate.held_back(record, now)]
     unrecorded = intents.summary(store, now)
     return {"node": config.node_name, "state_dir": config.state_dir, "volumes": volumes, "pending": pending,
+            "rotation_waiting": waiting,
             "inventory": inventory.summary(records, note, now),
             "unrecorded": {"count": unrecorded["count"],
                            "until": unrecorded["until"] and intents.iso(unrecorded["until"]),
@@ -101,8 +106,10 @@ def age(seconds: int) -> str:
 
 
 def render(report: dict[str, Any]) -> list[str]:
+    waiting = report["rotation_waiting"]
+    kept = f", {len(waiting)} kept by a rotation" if waiting else ""
     lines = [f"node {report['node']}: {len(report['volumes'])} volume(s), "
-             f"{len(report['pending'])} pending revocation(s) (state dir {report['state_dir']})"]
+             f"{len(report['pending'])} pending revocation(s){kept} (state dir {report['state_dir']})"]
     lines.append(_inventory_line(report["inventory"]))
     if report["volumes"]:
         lines.append(f"{'NAMESPACE':<20} {'POD':<32} {'POLICIES':<24} {'ACCESSOR':<10} {'AGE':>5} {'EXPIRES':>8}  "
@@ -123,4 +130,8 @@ def render(report: dict[str, Any]) -> list[str]:
         for p in report["pending"]:
             lines.append(f"  {p['accessor']:<10} pod {p['pod_uid'] or '-'} {age(p['age_seconds'])} ago: "
                          f"{p['why']}: {p['error']}")
+    if waiting:
+        lines.append("kept by a rotation until the pod takes its new token, at the latest until (then revoked):")
+        for p in waiting:
+            lines.append(f"  {p['accessor']:<10} pod {p['pod_uid'] or '-'} {p['until']}: {p['why']}")
     return lines
