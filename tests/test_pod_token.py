@@ -20,6 +20,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from vaulttmpfs.pod.renewer import ROTATION_POLL
+
 from .conftest import (
     driver_env,
     eventually,
@@ -581,6 +583,106 @@ def test_unwrap_option_takes_only_true_or_false(kubelet):
     reply, volume = kubelet.mount(kubelet.new_pod(), {**NGINX, "vault/unwrap": "maybe"})
     assert reply.status == "Failure" and "'vault/unwrap' must be" in reply.message
     assert not os.path.ismount(volume)
+
+
+# --- a rotation met half-way: the node's two renames (the wrapping token, then its metadata) ---
+
+def rotation_minted(bao) -> dict:
+    """A new wrapped pod token as `vaulttmpfs rotate` mints one (through the role; root's token here): its
+    wrap_info, which the node writes as the volume's metadata."""
+    wrap = bao.request("POST", "auth/token/create/applications", {"policies": ["nginx"]},
+                       headers={"X-Vault-Wrap-TTL": "120s"})["wrap_info"]
+    remember_secret(wrap["token"])
+    return wrap
+
+
+def rotation_writes(volume: Path, wrap: dict, token: bool = True, metadata: bool = True) -> None:
+    """The rotation's renames, in its order: the wrapping token first, then the metadata naming it."""
+    for wanted, name, text in ((token, "vault-token", wrap["token"]), (metadata, "vault-token.json", json.dumps(wrap))):
+        if wanted:
+            temp = volume / f".{name}.test"
+            temp.write_text(text)
+            os.replace(temp, volume / name)
+
+
+def unspent(bao, wrapping: str) -> bool:
+    try:
+        return bool(bao.request("POST", "sys/wrapping/lookup", {"token": wrapping})["data"])
+    except VaultHTTPError:
+        return False
+
+
+def revoke_accessors(bao, *wraps: dict) -> None:
+    """Tokens the test minted past the node's records (its teardown revokes only what they name)."""
+    for wrap in wraps:
+        try:
+            bao.request("POST", "auth/token/revoke-accessor", {"accessor": wrap["wrapped_accessor"]})
+        except VaultHTTPError:
+            pass  # gone already
+
+
+def test_a_run_between_a_rotations_two_renames_unwraps_nothing_and_its_restart_takes_the_new_token(
+        kubelet, bao, kv_secret, driver_cmd, tmp_path):
+    reply, volume = kubelet.mount(kubelet.new_pod("torn"), NGINX)
+    assert reply.ok, reply.body
+    wrapping_token(volume)
+    rotated = rotation_minted(bao)
+    rotation_writes(volume, rotated, metadata=False)  # the first rename: a new wrapping token, the old metadata
+    out = out_dir(tmp_path)
+    try:
+        started = time.monotonic()
+        first = run_token(driver_cmd, bao, volume, out)
+        assert first.returncode == 1
+        error = log_lines(first.stderr)[-1]["error"]
+        assert "name different wrapping tokens" in error and "nothing was unwrapped" in error, error
+        assert time.monotonic() - started >= 0.9  # it looked again for about a second (the renames are ms apart)
+        assert os.listdir(out) == []
+        # The new wrapping token is neither spent nor its token revoked (which the unwrap's check would have done).
+        assert unspent(bao, rotated["token"]) and bao.lookup_accessor(rotated["wrapped_accessor"])
+
+        rotation_writes(volume, rotated, token=False)  # the second rename
+        again = run_token(driver_cmd, bao, volume, out)
+        assert again.returncode == 0, again.stderr
+        assert json.loads((out / "kubernetes-vault.json").read_text())["accessor"] == rotated["wrapped_accessor"]
+        assert read_kv(bao, remember_secret((out / "token").read_text())) == kv_secret
+    finally:
+        assert kubelet.teardown(volume).ok
+        revoke_accessors(bao, rotated)
+
+
+def test_a_sidecar_that_meets_a_rotation_half_written_waits_for_it_then_takes_it(kubelet, bao, kv_secret, driver_cmd,
+                                                                               tmp_path):
+    reply, volume = kubelet.mount(kubelet.new_pod("twice-rotated"), NGINX)
+    assert reply.ok, reply.body
+    out = out_dir(tmp_path)
+    first, second = rotation_minted(bao), rotation_minted(bao)
+    proc = start_token(driver_cmd, bao, volume, out, "--renew")
+    try:
+        wait_for(lambda: (out / "token").exists(), 30, "the token file")
+        remember_secret((out / "token").read_text())
+        # Two rotations within one of its polls, its look landing in the second one's renames (SIGSTOP pins that).
+        proc.send_signal(signal.SIGSTOP)
+        rotation_writes(volume, first)
+        rotation_writes(volume, second, metadata=False)
+        proc.send_signal(signal.SIGCONT)
+        time.sleep(2 * ROTATION_POLL + 0.5)  # looks at the torn pair
+        assert proc.poll() is None
+        assert unspent(bao, second["token"]) and bao.lookup_accessor(second["wrapped_accessor"])
+
+        rotation_writes(volume, second, token=False)
+        wait_for(lambda: json.loads((out / "kubernetes-vault.json").read_text())["accessor"]
+                 == second["wrapped_accessor"], 10, "the sidecar taking the second rotation's token")
+        assert read_kv(bao, remember_secret((out / "token").read_text())) == kv_secret
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0
+    finally:
+        stop_process(proc)
+        assert kubelet.teardown(volume).ok
+        revoke_accessors(bao, first, second)
+    events = log_lines(proc.stderr.read())
+    assert {e["level"] for e in events} == {"info"}, events
+    switched = [e["accessor"] for e in events if e["event"] == "switched to the rotated token"]
+    assert switched == [second["wrapped_accessor"]]
 
 
 # --- the examples: valid offline, and consistent with the command and each other ---

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import time
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -12,6 +13,14 @@ from ..errors import DriverError
 
 MAX_TOKEN_BYTES = 4096
 CA_FILE = "ca.crt"
+# A rotation's two renames (token, then metadata) are milliseconds apart: ~1 s of looks covers them.
+SETTLE_TRIES, SETTLE_STEP = 10, 0.1
+
+
+class MidRotation(DriverError):
+    """The token file and the metadata name different wrapping tokens: a rotation between its two renames
+    (or a tampered volume). Such a pair is never unwrapped: the token would not be the one the metadata
+    names, and the check after the unwrap would revoke it."""
 
 
 @dataclass(frozen=True)
@@ -24,9 +33,25 @@ class VolumeToken:
     ca_path: str | None = None
 
 
-def read(directory: str, token_filename: str) -> VolumeToken:
-    token = _read_token(os.path.join(directory, token_filename))
-    meta = _read_metadata(os.path.join(directory, f"{token_filename}.json"))
+def read(directory: str, token_filename: str, tries: int = SETTLE_TRIES) -> VolumeToken:
+    """The volume's token; a token file and metadata caught mid-rotation are looked at again, `tries`
+    times in all, then MidRotation."""
+    for _ in range(tries - 1):
+        try:
+            return _read_pair(directory, token_filename)
+        except MidRotation:
+            time.sleep(SETTLE_STEP)
+    return _read_pair(directory, token_filename)
+
+
+def _read_pair(directory: str, token_filename: str) -> VolumeToken:
+    token_path, meta_path = os.path.join(directory, token_filename), os.path.join(directory, f"{token_filename}.json")
+    token = _read_token(token_path)
+    meta = _read_metadata(meta_path)
+    if meta.get("token") and meta["token"] != token:  # the wrap_info names its wrapping token
+        raise MidRotation(f"{token_path} and {meta_path} name different wrapping tokens: a rotation (`vaulttmpfs "
+                          "rotate`) between its two writes, or a tampered volume; nothing was unwrapped (the "
+                          "next run looks again)")
     ca_path = os.path.join(directory, CA_FILE)
     ca_path = ca_path if os.path.isfile(ca_path) else None
     if meta.get("wrapped_accessor"):

@@ -61,8 +61,9 @@ class Rotation:
     """Notices a token a node-side rotation (`vaulttmpfs rotate`) put in the volume, and takes it.
 
     The node writes the new wrapping token, then the metadata naming it; a look between the two
-    renames sees one new file and one old: only a volume whose accessor AND wrapping token both
-    changed is taken, so an old wrapping token is never unwrapped a second time."""
+    renames sees one new file and one old: source.read refuses a pair whose metadata names another
+    wrapping token (the next look, ROTATION_POLL later, sees both new), and only a volume whose accessor
+    AND wrapping token both changed is taken, so an old wrapping token is never unwrapped a second time."""
 
     def __init__(self, config: Config, options: Options, held: Held, wrapping_token: str, logger):
         self.config, self.options, self.held, self.logger = config, options, held, logger
@@ -71,9 +72,9 @@ class Rotation:
 
     def taken(self) -> Held | None:
         try:
-            volume = source.read(self.options.volume_dir, self.config.token_filename)
+            volume = source.read(self.options.volume_dir, self.config.token_filename, tries=1)
         except DriverError:
-            return None  # mid-write, or the volume going away with the pod
+            return None  # mid-rotation, or the volume going away with the pod: the next poll looks again
         log.secret(volume.token)
         if not volume.wrapped or volume.accessor == self.held.accessor or volume.token == self.wrapping_token:
             return None
