@@ -35,7 +35,16 @@ from .faultserver import FaultServer
 from .kubelet import Kubelet
 from .pki import issue, make_ca
 from .podside import FS_GROUP, out_dir, pod_env, token_argv, wrapping_token
-from .vaultserver import REPO, VaultHTTPError, VaultServer, bao_binary, dies_with_parent, free_port, stop_process
+from .vaultserver import (
+    REPO,
+    VaultHTTPError,
+    VaultServer,
+    bao_binary,
+    closed_addr,
+    dies_with_parent,
+    free_port,
+    stop_process,
+)
 
 EXAMPLES = REPO / "installer" / "examples" / "pod-side"
 EXAMPLE_FILES = sorted(EXAMPLES.glob("*.yaml"))
@@ -383,6 +392,26 @@ def test_a_run_killed_while_vault_unwraps_leaves_its_restart_saying_so_not_inter
     assert [p.name for p in out.iterdir() if not p.name.startswith(".")] == []  # no token files
     error = restart_error(driver_cmd, bao, volume, out)
     assert "sent the unwrap at" in error and "not necessarily interception" in error and "INTERCEPTION" not in error
+    assert kubelet.teardown(volume).ok
+
+
+def test_an_unwrap_that_never_reached_vault_leaves_no_excuse_for_a_later_interception(kubelet, bao, driver_cmd,
+                                                                                      tmp_path):
+    """Vault refused the connection: the first run's unwrap never left, so the wrapping token found spent
+    later was another reader's doing, not a lost answer."""
+    reply, volume = kubelet.mount(kubelet.new_pod("unsent"), NGINX)
+    assert reply.ok, reply.body
+    out = out_dir(tmp_path)
+    first = run_token(driver_cmd, bao, volume, out, vault_addr=closed_addr())
+    assert first.returncode == 1
+    error = log_lines(first.stderr)[-1]["error"]
+    assert "never reached Vault" in error and "nothing was unwrapped" in error, error
+    assert os.listdir(out) == []  # no note of an unwrap that may have been acted on
+
+    stolen = bao.unwrap(wrapping_token(volume))["auth"]  # another reader, meanwhile
+    remember_secret(stolen["client_token"])
+    error = restart_error(driver_cmd, bao, volume, out)
+    assert "POSSIBLE INTERCEPTION" in error and "sent the unwrap" not in error, error
     assert kubelet.teardown(volume).ok
 
 

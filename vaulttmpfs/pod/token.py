@@ -162,6 +162,11 @@ def _unwrap(config: Config, volume: source.VolumeToken, out_dir: str, logger) ->
             output.forget_unanswered(out_dir)
         raise DriverError(_unwrap_refused(volume, exc, earlier)) from None
     except VaultUnavailable as exc:
+        if exc.unsent:  # refused, sealed, TLS, 429: Vault never saw it, so nothing of it to remember
+            if earlier is None:
+                output.forget_unanswered(out_dir)
+            raise DriverError(f"{exc}; nothing was unwrapped (the request never reached Vault): the next restart "
+                              "of this container tries again") from None
         raise DriverError(f"{exc}; if Vault acted on it anyway the wrapping token is now used and this pod needs a "
                           "new volume (delete the pod); otherwise the next restart of this container tries again") \
             from None
