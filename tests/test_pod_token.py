@@ -201,6 +201,28 @@ def test_a_fifo_or_symlink_planted_in_the_out_dir_is_not_read(kubelet, bao, kv_s
     assert kubelet.teardown(volume).ok
 
 
+def test_a_record_naming_the_volumes_accessor_over_another_token_is_refused(kubelet, bao, driver_cmd, tmp_path):
+    # Another container of the pod writes the shared out dir's record: this volume's accessor, a token of its own.
+    reply, volume = kubelet.mount(kubelet.new_pod("forged-record"), NGINX)
+    assert reply.ok, reply.body
+    wrapped = wrapping_token(volume)
+    accessor = json.loads((volume / "vault-token.json").read_text())["wrapped_accessor"]
+    other = bao.create_token(policies=["other"], ttl="1h")
+    remember_secret(other["client_token"])
+    out = out_dir(tmp_path, group=None)
+    (out / "kubernetes-vault.json").write_text(json.dumps({"clientToken": other["client_token"], "accessor": accessor}))
+    try:
+        result = run_token(driver_cmd, bao, volume, out)
+        assert result.returncode == 1
+        error = log_lines(result.stderr)[-1]["error"]
+        assert "holds another one" in error and other["accessor"] in error and "tampering" in error, error
+        assert not (out / "token").exists()  # the other token was not handed out
+        assert unspent(bao, wrapped)  # the volume's wrapping token left as it was
+    finally:
+        bao.revoke_token(other["client_token"])
+        assert kubelet.teardown(volume).ok
+
+
 def test_two_containers_starting_together_unwrap_once_and_share_the_token(kubelet, bao, driver_cmd, tmp_path):
     reply, volume = kubelet.mount(kubelet.new_pod("twins"), NGINX)
     assert reply.ok, reply.body

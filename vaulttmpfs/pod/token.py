@@ -107,7 +107,7 @@ def obtain(config: Config, volume: source.VolumeToken, out_dir: str, logger) -> 
             reused = bool(record and record["accessor"] == volume.accessor)
             ca = _read_ca(volume)  # before the unwrap: a CA that cannot be read must not cost the token
             if reused:
-                held = _reuse(config, record, logger)
+                held = _reuse(config, record, out_dir, logger)
                 output.write(out_dir, held, config.vault_addr, ca)
             elif volume.wrapped:
                 held = _unwrap(config, volume, out_dir, logger)
@@ -123,8 +123,8 @@ def obtain(config: Config, volume: source.VolumeToken, out_dir: str, logger) -> 
     return held
 
 
-def _reuse(config: Config, record: dict, logger) -> Held:
-    """A restart: the token is already out. Vault is asked only whether it still lives."""
+def _reuse(config: Config, record: dict, out_dir: str, logger) -> Held:
+    """A restart: the token is already out. Vault is asked whether it still lives, and is the one recorded."""
     token = record["clientToken"]
     log.secret(token)
     try:
@@ -137,6 +137,13 @@ def _reuse(config: Config, record: dict, logger) -> Held:
         logger.warning("cannot check the token already unwrapped; using it", accessor=record["accessor"],
                        error=str(exc))
         info = {}
+    # The out dir is shared with the pod's other containers: a record naming this volume's accessor over
+    # another token would hand that token out, and leave the volume's own wrapping token for anyone.
+    if info and info.get("accessor") != record["accessor"]:
+        raise DriverError(f"{out_dir}/{output.RECORD_FILE} names this volume's token (accessor {record['accessor']}) "
+                          f"but holds another one (accessor {info.get('accessor')}): not written by this command; "
+                          "possible tampering by another container of the pod: treat the pod as compromised and "
+                          "delete it (its unmount revokes the volume's token). Nothing was used or unwrapped")
     return Held(token, record["accessor"], int(info.get("ttl", record.get("leaseDuration") or 0)),
                 bool(info.get("renewable", record.get("renewable"))))
 
