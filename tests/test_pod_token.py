@@ -275,6 +275,38 @@ def test_an_expired_wrapping_token_says_so_and_writes_nothing(kubelet, bao, driv
     assert kubelet.teardown(volume).ok
 
 
+def test_a_token_whose_period_ran_out_before_the_pod_started_is_not_reported_ready(kubelet, bao, short_role,
+                                                                                     driver_cmd, tmp_path):
+    # The role's 3 s period is shorter than the wrap TTL (5m): the pod starts once the token has expired.
+    reply, volume = kubelet.mount(kubelet.new_pod("late-period"), {**NGINX, "vault/role": short_role})
+    assert reply.ok, reply.body
+    wrapping_token(volume)
+    time.sleep(PERIOD + 1)
+    out = out_dir(tmp_path)
+    first = run_token(driver_cmd, bao, volume, out)
+    assert first.returncode == 1
+    error = log_lines(first.stderr)[-1]["error"]
+    assert "had already expired" in error and "period is shorter than the wrap TTL" in error, error
+    assert [p.name for p in out.iterdir() if not p.name.startswith(".")] == []  # no token files
+    # Its restart finds the wrapping token spent, and blames no interceptor.
+    error = restart_error(driver_cmd, bao, volume, out)
+    assert "sent the unwrap at" in error and "INTERCEPTION" not in error, error
+    assert kubelet.teardown(volume).ok
+
+
+def test_a_live_tokens_unwrap_is_the_only_vault_call(kubelet, bao, driver_cmd, tmp_path):
+    # Whether the unwrapped token is alive is read off its lease and the volume's creation_time: no lookup.
+    reply, volume = kubelet.mount(kubelet.new_pod("one-call"), NGINX)
+    assert reply.ok, reply.body
+    wrapping_token(volume)
+    out = out_dir(tmp_path)
+    with FaultServer(bao.addr) as gateway:
+        assert run_token(driver_cmd, bao, volume, out, vault_addr=gateway.addr).returncode == 0
+    remember_secret((out / "token").read_text())
+    assert gateway.seen == [("POST", "/v1/sys/wrapping/unwrap")]
+    assert kubelet.teardown(volume).ok
+
+
 @BOTH_SIDE_BY_SIDE
 def test_renew_keeps_a_short_period_token_alive_and_exits_within_a_period_of_revocation(
         kubelet, bao, short_role, tmp_path):

@@ -31,6 +31,7 @@ class VolumeToken:
     wrapped: bool
     expires_at: float | None = None  # when the wrapping token's TTL ends (epoch seconds)
     ca_path: str | None = None
+    created_at: float | None = None  # when the node minted it (Vault's creation_time): the pod token's lease starts
 
 
 def read(directory: str, token_filename: str, tries: int = SETTLE_TRIES) -> VolumeToken:
@@ -55,7 +56,9 @@ def _read_pair(directory: str, token_filename: str) -> VolumeToken:
     ca_path = os.path.join(directory, CA_FILE)
     ca_path = ca_path if os.path.isfile(ca_path) else None
     if meta.get("wrapped_accessor"):
-        return VolumeToken(directory, token, str(meta["wrapped_accessor"]), True, _expiry(meta), ca_path)
+        created = _created(meta)
+        return VolumeToken(directory, token, str(meta["wrapped_accessor"]), True, _expiry(meta, created), ca_path,
+                           created)
     if meta.get("accessor") and meta.get("unwrapped"):
         return VolumeToken(directory, token, str(meta["accessor"]), False, None, ca_path)
     raise DriverError(f"{directory}/{token_filename}.json names no token accessor: is {directory} a vaulttmpfs "
@@ -91,14 +94,20 @@ def _read_metadata(path: str) -> dict:
     return meta
 
 
-def _expiry(meta: dict) -> float | None:
-    """creation_time (RFC 3339, nanoseconds) + ttl; None when the metadata does not say."""
-    ttl, created = meta.get("ttl"), meta.get("creation_time")
-    if not isinstance(ttl, (int, float)) or not isinstance(created, str):
+def _expiry(meta: dict, created: float | None) -> float | None:
+    """When the wrapping token's TTL ends; None when the metadata does not say."""
+    ttl = meta.get("ttl")
+    return created + ttl if created is not None and isinstance(ttl, (int, float)) else None
+
+
+def _created(meta: dict) -> float | None:
+    """creation_time (RFC 3339, nanoseconds) in epoch seconds; None when the metadata does not say."""
+    created = meta.get("creation_time")
+    if not isinstance(created, str):
         return None
     # Go writes up to 9 fractional digits; datetime takes 6.
     text = re.sub(r"(\.\d{6})\d+", r"\1", created).replace("Z", "+00:00")
     try:
-        return datetime.fromisoformat(text).timestamp() + ttl
+        return datetime.fromisoformat(text).timestamp()
     except ValueError:
         return None

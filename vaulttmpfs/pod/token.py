@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .. import log
 from ..config import Config, load
@@ -21,6 +21,9 @@ from .output import Held
 
 DEFAULT_VOLUME = "/var/run/secrets/vaulttmpfs"
 DEFAULT_OUT = "/var/run/vault"
+# Vault's clock (the volume's creation_time) and the node's may differ: a lease the node's clock says
+# has less than this left is checked with Vault before it is believed over (or alive).
+LEASE_SLACK = 10.0  # seconds
 
 
 @dataclass(frozen=True)
@@ -189,8 +192,44 @@ def _unwrap(config: Config, volume: source.VolumeToken, out_dir: str, logger) ->
         _revoke_quietly(config, held.token, logger)
         raise DriverError(f"the wrapping token in {volume.directory} wrapped a token (accessor {held.accessor}) "
                           f"other than the volume's ({volume.accessor}): possible tampering; it was revoked")
+    held = _alive(config, volume, held)
     logger.info("unwrapped the volume's token", accessor=held.accessor)
     return held
+
+
+def _alive(config: Config, volume: source.VolumeToken, held: Held) -> Held:
+    """The unwrap hands back the answer of the token's creation: its lease counts from the mount, and a
+    role's period shorter than the wrap TTL can be over by the time the pod starts. Vault is asked only
+    when the lease may be over (the unwrap's note stays: the restart blames no interceptor)."""
+    left = _lease_left(volume, held)
+    if left is None or left > LEASE_SLACK:
+        return held
+    try:
+        info = Vault(config, held.token).lookup_self("the pod's token just unwrapped")
+    except VaultDenied:
+        raise DriverError(_expired(volume, held)) from None
+    except VaultUnavailable:
+        return held  # cannot tell now: it goes out as Vault gave it (a renewal or a restart finds out)
+    return replace(held, lease_duration=int(info.get("ttl") or 0))
+
+
+def _lease_left(volume: source.VolumeToken, held: Held) -> float | None:
+    """Seconds left of the token's lease by the node's clock; None: it never expires. Unknown: 0 (ask Vault)."""
+    if not held.lease_duration:
+        return None
+    if volume.created_at is None:
+        return 0.0
+    return volume.created_at + held.lease_duration - time.time()
+
+
+def _expired(volume: source.VolumeToken, held: Held) -> str:
+    since = "" if volume.created_at is None else \
+        f" at {_iso(volume.created_at)}, and it was unwrapped {time.time() - volume.created_at:.0f}s later"
+    return (f"the pod's token (accessor {held.accessor}) unwrapped from {volume.directory} had already expired: its "
+            f"lease of {held.lease_duration}s (the token role's period or TTL) counts from the mount{since}; the "
+            "role's period is shorter than the wrap TTL (VAULT_WRAP_TTL on the node): give the role a longer "
+            "token_period, or the node a shorter VAULT_WRAP_TTL. Nothing was written; delete the pod to get a "
+            "new volume")
 
 
 def _unwrap_refused(volume: source.VolumeToken, exc: Exception, unanswered_at: float | None) -> str:
@@ -199,8 +238,8 @@ def _unwrap_refused(volume: source.VolumeToken, exc: Exception, unanswered_at: f
         return f"unwrapping {where} failed: {exc}"
     if unanswered_at is not None:
         cause = (f"an earlier run of this container sent the unwrap at {_iso(unanswered_at)} and got no answer it "
-                 "could write out (the answer lost on the way, or that run killed or its out dir full first): "
-                 "Vault most likely unwrapped it then (not necessarily interception)")
+                 "could write out (the answer lost on the way, that run killed or its out dir full first, or the "
+                 "token it got already expired): Vault most likely unwrapped it then (not necessarily interception)")
     elif volume.expires_at is not None and time.time() >= volume.expires_at:
         cause = (f"it expired at {_iso(volume.expires_at)} "
                  "(the volume's wrap TTL, VAULT_WRAP_TTL on the node, ran out before the pod unwrapped it)")
