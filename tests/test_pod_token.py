@@ -768,6 +768,42 @@ def test_a_sidecar_that_meets_a_rotation_half_written_waits_for_it_then_takes_it
     assert switched == [second["wrapped_accessor"]]
 
 
+def test_a_rotated_token_another_reader_took_is_unwrapped_once_and_the_revocation_that_follows_ends_the_sidecar(
+        kubelet, bao, driver_cmd, tmp_path):
+    reply, volume = kubelet.mount(kubelet.new_pod("rotation-stolen"), NGINX)
+    assert reply.ok, reply.body
+    accessor = json.loads((volume / "vault-token.json").read_text())["wrapped_accessor"]
+    out = out_dir(tmp_path)
+    unwrap, rotated = "/v1/sys/wrapping/unwrap", rotation_minted(bao)
+    with FaultServer(bao.addr) as gateway:
+        proc = start_token(driver_cmd, bao, volume, out, "--renew", vault_addr=gateway.addr)
+        try:
+            wait_for(lambda: (out / "token").exists(), 30, "the token file")
+            remember_secret((out / "token").read_text())
+            remember_secret(bao.unwrap(rotated["token"])["auth"]["client_token"])  # another reader, first
+            rotation_writes(volume, rotated)
+            wait_for(lambda: gateway.count(unwrap) == 2, 10, "the sidecar's unwrap of the rotated token")
+            time.sleep(2 * ROTATION_POLL + 0.5)
+            assert gateway.count(unwrap) == 2  # never resent
+            assert proc.poll() is None  # its token still lives: it keeps it
+
+            # The node revokes the old token once it sees the new wrapping token gone.
+            bao.request("POST", "auth/token/revoke-accessor", {"accessor": accessor})
+            revoked_at = time.monotonic()
+            assert proc.wait(timeout=ROTATION_POLL + 10) == 1
+            assert time.monotonic() - revoked_at <= ROTATION_POLL + 1  # at its next look, not its next renewal
+        finally:
+            stop_process(proc)
+            assert kubelet.teardown(volume).ok
+            revoke_accessors(bao, rotated)
+    errors = [e for e in log_lines(proc.stderr.read()) if e["level"] == "error"]
+    assert [e["event"] for e in errors] == [
+        "cannot take the rotated token; keeping the current one until the node revokes it",
+        "the pod's token was revoked after the rotated one could not be taken: the pod needs a new volume "
+        "(delete the pod)"], errors
+    assert "POSSIBLE INTERCEPTION" in errors[0]["error"]
+
+
 # --- the examples: valid offline, and consistent with the command and each other ---
 
 def example_docs() -> list[tuple[Path, dict]]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import signal
 import threading
 import time
-from typing import Callable
+from typing import Protocol
 
 from ..config import Config
 from ..errors import DriverError, VaultDenied
@@ -36,10 +36,17 @@ def stop_on_signals() -> threading.Event:
     return stop
 
 
-def keep_alive(config: Config, held: Held, options, stop: threading.Event, logger,
-               rotated: Callable[[], Held | None] | None = None) -> int:
-    """Renew until stopped. `rotated`, asked every ROTATION_POLL seconds: the token a node-side rotation
-    put in the volume, once taken (unwrapped, the outputs switched), else None; renewal goes on with it."""
+class Watch(Protocol):
+    """The volume, looked at every ROTATION_POLL seconds for a token a node-side rotation put there."""
+
+    stranded: bool  # a rotated token could not be taken after its unwrap went out: the node revokes ours soon
+
+    def taken(self) -> Held | None:
+        """The rotated token once taken (unwrapped, the outputs switched), else None."""
+
+
+def keep_alive(config: Config, held: Held, options, stop: threading.Event, logger, watch: Watch | None = None) -> int:
+    """Renew until stopped; with `watch`, go on with the token a rotation put in the volume once it is taken."""
     if not held.renewable:
         logger.error("the pod's token is not renewable: nothing to keep alive", accessor=held.accessor)
         return 1
@@ -49,15 +56,17 @@ def keep_alive(config: Config, held: Held, options, stop: threading.Event, logge
     expires = time.monotonic() + float(held.lease_duration)
     renew_at, backoff = time.monotonic(), FIRST_BACKOFF
     logger.info("renewing the pod's token", accessor=held.accessor, fraction=options.renew_fraction)
-    while not stop.wait(_until(renew_at, rotated is not None)):
-        if rotated is not None:
-            new = rotated()
+    while not stop.wait(_until(renew_at, watch is not None)):
+        if watch is not None:
+            new = watch.taken()
             if new is not None:
                 held, client = new, Vault(config, new.token)
                 expires = time.monotonic() + float(held.lease_duration)
                 renew_at = time.monotonic() + _next_wait(float(held.lease_duration), options.renew_fraction)
                 logger.info("switched to the rotated token", accessor=held.accessor)
                 continue
+            if watch.stranded and not _still_alive(client, held, logger):
+                return 1
         if time.monotonic() < renew_at:
             continue
         try:
@@ -82,6 +91,20 @@ def keep_alive(config: Config, held: Held, options, stop: threading.Event, logge
         renew_at = time.monotonic() + wait
         logger.info("renewed the pod's token", accessor=held.accessor, ttl=ttl, next_in=round(wait, 2))
     return _stopping(client, held, options, logger)
+
+
+def _still_alive(client, held: Held, logger) -> bool:
+    """A stranded token is looked up at each poll (a read), so its revocation ends the sidecar at once,
+    not at its next renewal (half the TTL: 30 minutes with a 1h period)."""
+    try:
+        client.lookup_self("the pod's token")
+    except VaultDenied as exc:
+        logger.error("the pod's token was revoked after the rotated one could not be taken: the pod needs a new "
+                     "volume (delete the pod)", accessor=held.accessor, error=str(exc))
+        return False
+    except DriverError:
+        pass  # Vault away: the renewal's own retries decide
+    return True
 
 
 def _until(renew_at: float, polling: bool) -> float:

@@ -35,6 +35,12 @@ class Options:
     renew_fraction: float = 0.5
 
 
+class UnwrapSent(DriverError):
+    """The unwrap went out (answered or not) and no token of it was written: its wrapping token is spent,
+    or may be. This run never sends it again (the answer would say nothing true, and a resent unwrap
+    is what the docs promise never happens)."""
+
+
 def run(options: Options, env: dict[str, str] | None = None) -> int:
     """The whole command; its exit code. Errors are logged (stderr), never raised."""
     env = os.environ if env is None else env
@@ -56,8 +62,8 @@ def run(options: Options, env: dict[str, str] | None = None) -> int:
         return 1
     if stop is None:
         return 0
-    watch = Rotation(config, options, held, volume.token, logger)
-    return renewer.keep_alive(config, held, options, stop, logger, rotated=watch.taken if volume.wrapped else None)
+    watch = Rotation(config, options, held, volume.token, logger) if volume.wrapped else None
+    return renewer.keep_alive(config, held, options, stop, logger, watch=watch)
 
 
 class Rotation:
@@ -72,6 +78,10 @@ class Rotation:
         self.config, self.options, self.held, self.logger = config, options, held, logger
         self.wrapping_token = wrapping_token  # the one `held` was unwrapped from
         self.failed: str | None = None  # a new volume token that could not be taken: said once
+        self.spent: set[str] = set()  # rotated wrapping tokens whose unwrap went out without a token
+        # A rotated token could not be taken after its unwrap went out: the node revokes the one held as
+        # soon as it sees the new wrapping token gone (or after the rotation's grace), so it is watched.
+        self.stranded = False
 
     def taken(self) -> Held | None:
         try:
@@ -79,16 +89,23 @@ class Rotation:
         except DriverError:
             return None  # mid-rotation, or the volume going away with the pod: the next poll looks again
         log.secret(volume.token)
-        if not volume.wrapped or volume.accessor == self.held.accessor or volume.token == self.wrapping_token:
+        if not volume.wrapped or volume.accessor == self.held.accessor or volume.token == self.wrapping_token \
+                or volume.token in self.spent:
             return None
         try:
             held = obtain(self.config, volume, self.options.out_dir, self.logger)
-        except DriverError as exc:
+        except UnwrapSent as exc:
+            self.spent.add(volume.token)
+            self.stranded = True
+            self.logger.error("cannot take the rotated token; keeping the current one until the node revokes it",
+                              accessor=self.held.accessor, error=str(exc))
+            return None
+        except DriverError as exc:  # nothing sent (a CA unreadable, the out dir full): the next poll tries again
             if self.failed != volume.token:
                 self.logger.error("cannot take the rotated token; keeping the current one", error=str(exc))
                 self.failed = volume.token
             return None
-        self.held, self.wrapping_token = held, volume.token
+        self.held, self.wrapping_token, self.stranded = held, volume.token, False
         return held
 
 
@@ -170,28 +187,28 @@ def _unwrap(config: Config, volume: source.VolumeToken, out_dir: str, logger) ->
     except VaultDenied as exc:
         if earlier is None:  # Vault refused this run's unwrap: nothing of it to remember
             output.forget_unanswered(out_dir)
-        raise DriverError(_unwrap_refused(volume, exc, earlier)) from None
+        raise UnwrapSent(_unwrap_refused(volume, exc, earlier)) from None
     except VaultUnavailable as exc:
         if exc.unsent:  # refused, sealed, TLS, 429: Vault never saw it, so nothing of it to remember
             if earlier is None:
                 output.forget_unanswered(out_dir)
             raise DriverError(f"{exc}; nothing was unwrapped (the request never reached Vault): the next restart "
                               "of this container tries again") from None
-        raise DriverError(f"{exc}; if Vault acted on it anyway the wrapping token is now used and this pod needs a "
-                          "new volume (delete the pod); otherwise the next restart of this container tries again") \
+        raise UnwrapSent(f"{exc}; if Vault acted on it anyway the wrapping token is now used and this pod needs a "
+                        "new volume (delete the pod); otherwise the next restart of this container tries again") \
             from None
     auth = (response or {}).get("auth") if isinstance(response, dict) else None
     if not auth or not auth.get("client_token"):
         output.forget_unanswered(out_dir)  # answered: the next run must not blame a lost answer
-        raise DriverError(f"the wrapping token in {volume.directory} did not wrap a Vault token")
+        raise UnwrapSent(f"the wrapping token in {volume.directory} did not wrap a Vault token")
     held = Held(auth["client_token"], auth.get("accessor", ""), int(auth.get("lease_duration") or 0),
                 bool(auth.get("renewable")))
     log.secret(held.token)
     if held.accessor != volume.accessor:
         output.forget_unanswered(out_dir)
         _revoke_quietly(config, held.token, logger)
-        raise DriverError(f"the wrapping token in {volume.directory} wrapped a token (accessor {held.accessor}) "
-                          f"other than the volume's ({volume.accessor}): possible tampering; it was revoked")
+        raise UnwrapSent(f"the wrapping token in {volume.directory} wrapped a token (accessor {held.accessor}) "
+                        f"other than the volume's ({volume.accessor}): possible tampering; it was revoked")
     held = _alive(config, volume, held)
     logger.info("unwrapped the volume's token", accessor=held.accessor)
     return held
@@ -207,7 +224,7 @@ def _alive(config: Config, volume: source.VolumeToken, held: Held) -> Held:
     try:
         info = Vault(config, held.token).lookup_self("the pod's token just unwrapped")
     except VaultDenied:
-        raise DriverError(_expired(volume, held)) from None
+        raise UnwrapSent(_expired(volume, held)) from None
     except VaultUnavailable:
         return held  # cannot tell now: it goes out as Vault gave it (a renewal or a restart finds out)
     return replace(held, lease_duration=int(info.get("ttl") or 0))
@@ -286,9 +303,9 @@ def _write_unwrapped(config: Config, held: Held, out_dir: str, ca: bytes | None,
         if record and record["accessor"] == held.accessor:
             raise
         _revoke_quietly(config, held.token, logger)
-        raise DriverError(f"the pod's token was unwrapped but could not be written into {out_dir} "
-                          f"({exc.strerror or exc}): it was revoked, and its wrapping token is spent; delete the pod "
-                          "to get a new volume (and give this command a writable out dir with room)") from None
+        raise UnwrapSent(f"the pod's token was unwrapped but could not be written into {out_dir} "
+                        f"({exc.strerror or exc}): it was revoked, and its wrapping token is spent; delete the pod "
+                        "to get a new volume (and give this command a writable out dir with room)") from None
 
 
 def _revoke_quietly(config: Config, token: str, logger) -> None:
