@@ -223,6 +223,24 @@ def test_a_record_naming_the_volumes_accessor_over_another_token_is_refused(kube
         assert kubelet.teardown(volume).ok
 
 
+def test_temp_files_a_killed_writer_left_in_the_out_dir_are_removed(kubelet, bao, driver_cmd, tmp_path):
+    # engine.files writes .<name>.<pid>.<thread>.tmp and renames it; a kill -9 in between leaves it (0600).
+    reply, volume = kubelet.mount(kubelet.new_pod("killed-writer"), NGINX)
+    assert reply.ok, reply.body
+    out = out_dir(tmp_path, group=None)
+    stale = [".token.4242.139871.tmp", ".kubernetes-vault.json.4242.139871.tmp", "..unwrap-unanswered.7.8.tmp"]
+    others = [".token.tmp", ".other.4242.139871.tmp", "token.4242.1.tmp"]  # not names it writes
+    for name in stale + others:
+        (out / name).write_text("hvs.left-by-a-dead-writer")
+        (out / name).chmod(0o600)
+    (out / ".ca.crt.1.2.tmp").mkdir()  # not a file: left alone, and no reason to fail
+    result = run_token(driver_cmd, bao, volume, out)
+    assert result.returncode == 0, result.stderr
+    remember_secret((out / "token").read_text())
+    assert sorted(os.listdir(out)) == sorted(["kubernetes-vault.json", "token", ".ca.crt.1.2.tmp", *others])
+    assert kubelet.teardown(volume).ok
+
+
 def test_two_containers_starting_together_unwrap_once_and_share_the_token(kubelet, bao, driver_cmd, tmp_path):
     reply, volume = kubelet.mount(kubelet.new_pod("twins"), NGINX)
     assert reply.ok, reply.body

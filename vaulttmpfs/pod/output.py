@@ -12,6 +12,7 @@ import contextlib
 import fcntl
 import json
 import os
+import re
 import stat
 from dataclasses import dataclass
 from typing import Iterator
@@ -23,6 +24,9 @@ RECORD_FILE = "kubernetes-vault.json"
 CA_FILE = "ca.crt"
 UNANSWERED_FILE = ".unwrap-unanswered"  # no secret in it: which wrapping token got no answer, and when
 MAX_RECORD_BYTES = 64 * 1024
+# engine.files' temp names for ours: .<name>.<pid>.<thread>.tmp
+_OWN_TEMP = re.compile(r"\.(?:%s)\.\d+\.\d+\.tmp" % "|".join(
+    re.escape(name) for name in (TOKEN_FILE, RECORD_FILE, CA_FILE, UNANSWERED_FILE)))
 
 
 @dataclass(frozen=True)
@@ -45,6 +49,16 @@ def locked(out_dir: str) -> Iterator[None]:
         yield
     finally:
         os.close(fd)
+
+
+def drop_stale_temps(out_dir: str) -> None:
+    """Temp files of ours that a writer killed mid-write (kill -9) left: the token's holds the token.
+    Called under the lock, which every writer of these files holds, so whoever left one is gone (its pid
+    would not say: the pod's containers need not share a pid namespace)."""
+    for name in os.listdir(out_dir):
+        if _OWN_TEMP.fullmatch(name):
+            with contextlib.suppress(OSError):  # e.g. a dir under that name: not ours to take
+                os.unlink(os.path.join(out_dir, name))
 
 
 def read_record(out_dir: str) -> dict | None:

@@ -123,6 +123,7 @@ def obtain(config: Config, volume: source.VolumeToken, out_dir: str, logger) -> 
                           "or name it with --out")
     try:
         with output.locked(out_dir):
+            output.drop_stale_temps(out_dir)
             record = output.read_record(out_dir)
             reused = bool(record and record["accessor"] == volume.accessor)
             ca = _read_ca(volume)  # before the unwrap: a CA that cannot be read must not cost the token
