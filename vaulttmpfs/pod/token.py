@@ -37,8 +37,8 @@ class Options:
 
 class UnwrapSent(DriverError):
     """The unwrap went out (answered or not) and no token of it was written: its wrapping token is spent,
-    or may be. This run never sends it again (the answer would say nothing true, and a resent unwrap
-    is what the docs promise never happens)."""
+    or may be. This run never sends it again: a spent one can only be refused, and one that may not be
+    (no answer came) is for the next run to judge, from the unanswered note."""
 
 
 def run(options: Options, env: dict[str, str] | None = None) -> int:
