@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import time
@@ -24,13 +25,13 @@ from .agents import AgentProcess
 from .conftest import driver_env, on_source_and_build, remember_secret, unmount_everything_under
 from .faultserver import CREATE, FaultServer, wait_for
 from .kubelet import Kubelet, is_mount_point
-from .vaultserver import free_port
+from .otheruser import NOBODY, become, other_user
+from .vaultserver import dies_with_parent, free_port
 from .volumes import mounts_under, read_wrap, state_records
 
 NGINX = {"vault/policies": "nginx"}
 REVOKE = "/v1/auth/token/revoke-accessor"
 FLOCK_SYSCALL = {"x86_64": 73, "aarch64": 32}.get(os.uname().machine)
-NOBODY = 65534
 
 
 def stacked_mounts(path: Path) -> int:
@@ -422,6 +423,114 @@ def connections_are_bounded(bao, generator, driver_cmd, tmp_path, log_dir, endpo
         with urllib.request.urlopen(f"http://127.0.0.1:{port}{endpoint}", timeout=5) as response:
             assert response.status == 200
         assert agent.terminate() == 0
+
+
+
+# The attacker: more connections than the server has slots, half idle, half sending a request byte
+# by byte that never ends; each one the server cuts is opened again at once.
+HELD = 100
+ATTACK_ROUND = 0.05
+KUBELET_PROBE_TIMEOUT = 1.0  # a probe's default timeoutSeconds
+
+
+@other_user
+@pytest.mark.parametrize("endpoint", ["/livez", "/metrics"])
+def test_10_connections_another_user_holds_open_do_not_keep_the_probes_out(bao, generator, tmp_path, log_dir,
+                                                                           endpoint):
+    """uid nobody on the node (or a pod, for /metrics on the node's address) held every slot, and the
+    kubelet's /livez probe failed until it restarted the agent, again and again."""
+    on_source_and_build(lambda kind, driver_cmd: probes_get_through(bao, generator, driver_cmd,
+                                                                    tmp_path / kind, log_dir, endpoint))
+
+
+def probes_get_through(bao, generator, driver_cmd, tmp_path, log_dir, endpoint):
+    root = tmp_path / "node"
+    root.mkdir(parents=True)
+    env = driver_env(bao, generator, root, log_dir)
+    metrics_port = free_port()
+    with AgentProcess(driver_cmd, env, "--retry-interval", "1h", "--metrics-addr",
+                     f"127.0.0.1:{metrics_port}") as agent:
+        agent.wait_for(lambda status, body: status == 200, "the agent to be healthy")
+        url = f"http://127.0.0.1:{agent.port if endpoint == '/livez' else metrics_port}{endpoint}"
+        base = threads_of(agent.proc.pid)
+        attacker = hold_connections_as_nobody(url)
+        try:
+            answers = []
+            for _ in range(20):  # ~5 s: every held connection has been cut and opened again by then
+                time.sleep(0.25)
+                answers.append(probe(url))
+            assert answers == [200] * 20
+            assert threads_of(agent.proc.pid) <= base  # a connection still sending costs no thread
+        finally:
+            os.kill(attacker, signal.SIGKILL)
+            os.waitpid(attacker, 0)
+        assert agent.terminate() == 0
+
+
+def probe(url: str) -> int | str:
+    try:
+        with urllib.request.urlopen(url, timeout=KUBELET_PROBE_TIMEOUT) as response:
+            return response.status
+    except OSError as exc:
+        return repr(exc)
+
+
+def hold_connections_as_nobody(url: str) -> int:
+    """The pid of a forked child, running as nobody, once it holds HELD connections to `url`'s port."""
+    _, _, host_port, path = url.split("/", 3)
+    port = int(host_port.rpartition(":")[2])
+    unfinished = f"GET /{path} HTTP/1.1\r\nHost: x\r\n".encode()  # no blank line: never complete
+    arm_death_signal = dies_with_parent()
+    ready_read, ready_write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: only syscalls until it is killed
+        try:
+            arm_death_signal()
+            become(NOBODY)
+            keep_connections_open(port, unfinished, ready_write)
+        finally:
+            os._exit(1)
+    os.close(ready_write)
+    with os.fdopen(ready_read, "rb") as ready:
+        assert ready.read(1) == b"1", "the attacker could not open its connections"
+    return pid
+
+
+def keep_connections_open(port: int, unfinished: bytes, ready_fd: int) -> None:
+    held: list[list] = []  # [socket, bytes sent so far, sends byte by byte]
+    while True:
+        held = [entry for entry in held if still_open(entry[0])]
+        while len(held) < HELD:
+            conn = socket.socket()
+            conn.connect(("127.0.0.1", port))
+            conn.setblocking(False)
+            held.append([conn, 0, len(held) % 2 == 1])
+        if ready_fd is not None:
+            os.write(ready_fd, b"1")
+            os.close(ready_fd)
+            ready_fd = None
+        for entry in held:
+            conn, sent, slowly = entry
+            if slowly and sent < len(unfinished):
+                try:
+                    entry[1] += conn.send(unfinished[sent:sent + 1])
+                except OSError:
+                    pass  # cut: seen next round
+        time.sleep(ATTACK_ROUND)
+
+
+def still_open(conn: socket.socket) -> bool:
+    try:
+        if conn.recv(1) == b"":
+            conn.close()
+            return False
+    except BlockingIOError:
+        return True
+    except OSError:
+        conn.close()
+        return False
+    conn.close()  # answered: not what this client wants
+    return False
 
 
 # --- also seen by a first-time operator -----------------------------------------------------------
