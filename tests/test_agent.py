@@ -17,7 +17,7 @@ import pytest
 
 from .agents import AgentProcess
 from .conftest import driver_env, generator_file, on_source_and_build, remember_secret
-from .kubelet import is_mount_point
+from .kubelet import Kubelet, is_mount_point
 from .vaultserver import REPO, closed_addr
 
 NGINX = {"vault/policies": "nginx"}
@@ -64,6 +64,36 @@ def test_explicit_renew_interval(bao, driver_cmd, tmp_path, log_dir):
         assert body["services"]["generator"]["lease_duration"] == 3600
         assert agent.terminate() == 0
     assert bao.lookup_accessor(auth["accessor"])["ttl"] > 3500
+
+
+def test_a_renew_interval_longer_than_the_lease_gives_way_to_half_the_lease(bao, tmp_path, log_dir):
+    """VAULTTMPFS_RENEW_INTERVAL=10s with a 4 s periodic token: the agent waited 10 s, the token was
+    gone at 4 s, and every mount after it was refused (403)."""
+    on_source_and_build(lambda kind, driver_cmd: interval_gives_way(bao, driver_cmd, tmp_path / kind, log_dir))
+
+
+def interval_gives_way(bao, driver_cmd, tmp_path, log_dir):
+    period = 4
+    tmp_path.mkdir()
+    token_path = tmp_path / "vaulttoken"
+    auth = generator_file(bao, token_path, ttl="", period=f"{period}s")
+    env = driver_env(bao, {"path": str(token_path)}, tmp_path, log_dir, VAULTTMPFS_RENEW_INTERVAL="10s")
+    with AgentProcess(driver_cmd, env, "--retry-interval", "1h") as agent:
+        agent.wait_for(lambda s, b: s == 200, "a first renewal")
+        started = time.monotonic()
+        while time.monotonic() - started < 2.5 * period:  # past the 10 s the interval asked for
+            assert bao.lookup_accessor(auth["accessor"]) is not None, "the generator token expired"
+            time.sleep(0.5)
+        generator = agent.get()[1]["services"]["generator"]
+        assert generator["renew_interval"] == period / 2 and generator["renewals"] >= 3
+        [warned] = agent.events("renew interval longer than half the generator token's lease: "
+                                "renewing at half the lease instead")  # once, not at every renewal
+        assert (warned["renew_interval"], warned["lease_duration"]) == (10, period)
+        node = Kubelet(driver_cmd, env, tmp_path)
+        reply, path = node.mount(node.new_pod(), NGINX)
+        assert reply.ok, reply.body
+        assert node.unmount(path).ok
+        assert agent.terminate() == 0
 
 
 def test_health_is_503_with_a_revoked_token_and_recovers_after_a_new_one(bao, driver_cmd, tmp_path, log_dir):

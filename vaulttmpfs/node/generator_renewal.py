@@ -1,4 +1,5 @@
-"""Keeps the node's generator token alive: renews it every interval, or at half its lease."""
+"""Keeps the node's generator token alive: renews it every interval, or at half its lease, whichever
+comes first."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ NO_EXPIRY_RECHECK = 3600.0
 
 
 class GeneratorRenewal(Loop):
-    """Renews the generator token: every `interval` seconds, or at half its lease when not set."""
+    """Renews the generator token at half its lease, or every `interval` seconds when that is sooner."""
 
     name = "generator"
 
@@ -25,6 +26,7 @@ class GeneratorRenewal(Loop):
         self.interval = interval
         self.state: dict[str, Any] = {"valid": False, "renewals": 0, "failures": 0, "last_error": "not renewed yet"}
         self._valid_until: float | None = None
+        self._warned_interval_too_long = False
 
     def run_once(self) -> float:
         logger = log.get(service=self.name)
@@ -42,13 +44,24 @@ class GeneratorRenewal(Loop):
     def _renewed(self, logger, auth: dict[str, Any], event: str = "generator token renewed",
                  renewal: bool = True) -> float:
         lease = float(auth.get("lease_duration") or 0)
-        next_in = self.interval or max(lease / 2, MIN_INTERVAL)
+        next_in = self._next_renewal_in(lease, logger)
         self._valid_until = time.time() + lease if lease else None
         self.state.update(valid=True, renewals=self.state["renewals"] + renewal, last_error=None,
                           last_renewal=iso(time.time()), lease_duration=lease, renew_interval=next_in,
                           policies=auth.get("policies") or [])
         logger.info(event, lease_duration=lease, next_in=next_in,
                     accessor=log.accessor_hint(auth.get("accessor")))  # any generator may revoke by accessor
+        return next_in
+
+    def _next_renewal_in(self, lease: float, logger) -> float:
+        if self.interval is None:
+            return max(lease / 2, MIN_INTERVAL)
+        next_in = within_half_of(lease, self.interval)
+        if next_in < self.interval and not self._warned_interval_too_long:
+            # Past half the lease, one late or failed renewal and the token expires: gone for good.
+            self._warned_interval_too_long = True
+            logger.warning("renew interval longer than half the generator token's lease: renewing at half "
+                           "the lease instead", renew_interval=self.interval, lease_duration=lease)
         return next_in
 
     def _not_renewable(self, logger) -> float:
@@ -97,3 +110,11 @@ class GeneratorRenewal(Loop):
                             ("result",), ((("success",), status.get("renewals", 0)),
                                           (("failure",), status.get("failures", 0)))))
         return found
+
+
+def within_half_of(lease: float, wanted: float) -> float:
+    """`wanted` seconds, but no more than half of `lease` when one is known (nor, for that bound, less
+    than MIN_INTERVAL: a lease of a second must not make a hot loop)."""
+    if lease <= 0:
+        return wanted
+    return min(wanted, max(lease / 2, MIN_INTERVAL))
