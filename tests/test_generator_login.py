@@ -10,13 +10,14 @@ from pathlib import Path
 import pytest
 
 from .agents import AgentProcess
-from .conftest import driver_env, remember_secret
+from .conftest import driver_env, on_source_and_build, remember_secret
 from .jwtsign import Signer
 from .kubelet import Kubelet
 from .vaultserver import VaultHTTPError
 
 SUBJECT = "system:serviceaccount:vaulttmpfs:vaulttmpfs"
 ROLE = "vaulttmpfs-node"
+MAX_TTL_ROLE = "vaulttmpfs-node-max-ttl"
 NGINX = {"vault/policies": "nginx"}
 
 
@@ -35,6 +36,15 @@ def jwt_auth(bao, tmp_path_factory) -> Signer:
         "token_type": "service"})
     return signer
 
+
+@pytest.fixture(scope="module")
+def max_ttl_role(bao, jwt_auth) -> str:
+    """As ROLE, but its tokens get 8 s a renewal and live 20 s at most."""
+    bao.request("POST", f"auth/jwt/role/{MAX_TTL_ROLE}", {
+        "role_type": "jwt", "user_claim": "sub", "bound_subject": SUBJECT, "bound_audiences": ["vault"],
+        "token_policies": ["token_generator"], "token_no_default_policy": True, "token_ttl": "8s",
+        "token_max_ttl": "20s", "token_type": "service"})
+    return MAX_TTL_ROLE
 
 def token_in(path: Path) -> str:
     return path.read_text().strip()
@@ -119,3 +129,35 @@ def test_no_token_is_written_where_others_could_swap_it(bao, jwt_auth, driver_cm
         assert agent.terminate() == 0
     minted = [bao.lookup_accessor(a) for a in set(bao.accessors()) - before]
     assert not [m for m in minted if m and (m.get("meta") or {}).get("role") == ROLE]  # each login revoked
+
+
+def test_an_agent_restarted_logs_in_again_before_the_tokens_max_ttl(bao, jwt_auth, max_ttl_role, tmp_path, log_dir):
+    """An agent restarted on a token another run logged in for knew no login lease (0), so it never saw
+    renewals fall short: it renewed the token to its max TTL, and mounts were refused until the next
+    round found it expired."""
+    on_source_and_build(lambda kind, driver_cmd: logs_in_before_max_ttl(bao, jwt_auth, driver_cmd, tmp_path / kind,
+                                                                        log_dir))
+
+
+def logs_in_before_max_ttl(bao, jwt_auth, driver_cmd, tmp_path, log_dir):
+    jwt_path = tmp_path / "sa" / "token"
+    jwt_path.parent.mkdir(parents=True)
+    jwt_path.write_text(remember_secret(jwt_auth.token(SUBJECT)))
+    token_path = tmp_path / "generator" / "vaulttoken"
+    root = tmp_path / "node"
+    root.mkdir()
+    env = driver_env(bao, {"path": str(token_path)}, root, log_dir, VAULTTMPFS_AUTH_ROLE=MAX_TTL_ROLE,
+                     VAULTTMPFS_AUTH_JWT_PATH=str(jwt_path))
+    with AgentProcess(driver_cmd, env, log_file=tmp_path / "first.log") as first:
+        first.wait_for(lambda s, b: s == 200 and b["services"]["generator"]["logins"] == 1, "a first login")
+        assert first.terminate() == 0
+    token = remember_secret(token_in(token_path))
+    accessor = bao.request("GET", "auth/token/lookup-self", token=token)["data"]["accessor"]
+
+    with AgentProcess(driver_cmd, env, log_file=tmp_path / "restarted.log") as restarted:
+        [login] = restarted.wait_for_event("logged in for a generator token", timeout=40)
+        assert login["why"].startswith("renewal gave only"), login["why"]  # not "Vault refused" it: expired
+        assert bao.lookup_accessor(accessor) is None  # revoked once replaced
+        assert token_in(token_path) != token
+        assert restarted.terminate() == 0
+    bao.revoke_token(remember_secret(token_in(token_path)))

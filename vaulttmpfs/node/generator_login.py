@@ -37,12 +37,15 @@ class GeneratorLogin(GeneratorRenewal):
         except DriverError as exc:
             return self._login(logger, f"no usable generator token ({exc})")
         log.secret(token)
+        vault = Vault(self.config, token)
         try:
-            auth = Vault(self.config, token).renew_self()
+            auth = vault.renew_self()
         except VaultDenied as exc:
             return self._login(logger, f"Vault refused the generator token ({exc})")
         except DriverError as exc:
             return self._failed(logger, str(exc))
+        if not self._login_lease:  # a token this agent did not log in for (it restarted since)
+            self._login_lease = _lease_at_login(vault)
         lease = float(auth.get("lease_duration") or 0)
         if self._login_lease and 0 < lease < self._login_lease / 2:
             # Its max TTL is near: renewals no longer restore it. A fresh login, then the old one goes.
@@ -85,6 +88,16 @@ class GeneratorLogin(GeneratorRenewal):
         except DriverError as exc:
             logger.warning("could not revoke a generator token", accessor=log.accessor_hint(accessor),
                            error=str(exc))
+
+
+def _lease_at_login(vault: Vault) -> float:
+    """The lease the token was given when made (lookup-self's creation_ttl): what the max-TTL check
+    compares renewals with. 0 when Vault does not say (the next round asks again)."""
+    try:
+        info = vault.lookup_self()
+    except DriverError:
+        return 0.0
+    return float(info.get("creation_ttl") or 0)
 
 
 def _write(path: str, token: str) -> None:
