@@ -17,10 +17,12 @@ import pytest
 
 from .agents import AgentProcess
 from .conftest import driver_env, generator_file, on_source_and_build, remember_secret
+from .faultserver import FaultServer
 from .kubelet import Kubelet, is_mount_point
 from .vaultserver import REPO, closed_addr
 
 NGINX = {"vault/policies": "nginx"}
+RENEW_SELF = "/v1/auth/token/renew-self"
 
 
 def test_renews_a_periodic_generator_token_past_its_period(bao, tmp_path, log_dir):
@@ -94,6 +96,32 @@ def interval_gives_way(bao, driver_cmd, tmp_path, log_dir):
         assert reply.ok, reply.body
         assert node.unmount(path).ok
         assert agent.terminate() == 0
+
+
+def test_a_failed_renewal_is_retried_before_a_short_lease_runs_out(bao, tmp_path, log_dir):
+    """A renewal that failed (Vault answering 503) was retried 10 s later: a 4 s periodic token
+    had expired by then, for good."""
+    on_source_and_build(lambda kind, driver_cmd: retried_in_time(bao, driver_cmd, tmp_path / kind, log_dir))
+
+
+def retried_in_time(bao, driver_cmd, tmp_path, log_dir):
+    period = 4
+    tmp_path.mkdir()
+    token_path = tmp_path / "vaulttoken"
+    auth = generator_file(bao, token_path, ttl="", period=f"{period}s")
+    with FaultServer(bao.addr) as fault:
+        env = driver_env(bao, {"path": str(token_path)}, tmp_path, log_dir, VAULT_ADDR=fault.addr)
+        with AgentProcess(driver_cmd, env, "--retry-interval", "1h") as agent:
+            agent.wait_for(lambda s, b: s == 200, "a first renewal")
+            fault.add(RENEW_SELF, "error", times=2, status=503)  # the call and its one retry (VAULT_MAX_RETRIES)
+            agent.wait_for(lambda s, b: b["services"]["generator"]["failures"] == 1, "a failed renewal")
+            started = time.monotonic()
+            while time.monotonic() - started < 2.5 * period:
+                assert bao.lookup_accessor(auth["accessor"]) is not None, "the generator token expired"
+                time.sleep(0.5)
+            status, body, _ = agent.get()
+            assert status == 200 and body["services"]["generator"]["last_error"] is None
+            assert agent.terminate() == 0
 
 
 def test_health_is_503_with_a_revoked_token_and_recovers_after_a_new_one(bao, driver_cmd, tmp_path, log_dir):

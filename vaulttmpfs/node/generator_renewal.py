@@ -85,7 +85,10 @@ class GeneratorRenewal(Loop):
         self.state.update(valid=still_valid, last_error=message, last_failure=iso(time.time()),
                           failures=self.state["failures"] + 1)
         logger.warning("generator token renewal failed", error=message)
-        return min(self.interval or FAILURE_RETRY, FAILURE_RETRY)
+        return within_half_of(self._lease_left(), min(self.interval or FAILURE_RETRY, FAILURE_RETRY))
+
+    def _lease_left(self) -> float:
+        return self._valid_until - time.time() if self._valid_until is not None else 0.0
 
     def status(self) -> dict[str, Any]:
         expires_in = None if self._valid_until is None else max(0, round(self._valid_until - time.time()))
