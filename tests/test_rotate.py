@@ -49,6 +49,14 @@ def node(bao, generator, log_dir, tmp_path_factory):
     node.stop()
 
 
+@pytest.fixture(scope="module")
+def short_wrap_node(bao, generator, log_dir, tmp_path_factory):
+    """A node whose wrapping tokens expire 4 s after they are made (VAULT_WRAP_TTL)."""
+    node = CsiNode(source_cmd(), bao, generator, tmp_path_factory.mktemp("rotate-wrap-node"), log_dir,
+                   VAULT_WRAP_TTL="4s").start()
+    yield node
+    node.stop()
+
 
 def cli(node: CsiNode, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([*node.cmd, *args], capture_output=True, text=True, env=node.env, timeout=120)
@@ -175,6 +183,35 @@ def test_an_old_token_nobody_took_the_new_one_for_lives_out_its_grace_then_goes(
         kubelet.teardown(pod)
     assert all(bao.lookup_accessor(n["wrapped_accessor"]) is None for n in news)
     assert bao.lookup_accessor(olds[2]["wrapped_accessor"]) is None
+
+
+def test_a_new_wrapping_token_that_expired_is_not_the_pod_taking_it(short_wrap_node, bao):
+    """`--grace` is how long the old token lives at the latest when the pod never takes the new one (no
+    sidecar): the new wrapping token expiring (VAULT_WRAP_TTL, 4 s here) does not cut it short. One the
+    pod unwraps before it could expire is taken: its old token goes at the next retry."""
+    node, kubelet = short_wrap_node, short_wrap_node.kubelet
+    idle, taking = new_pod("no-sidecar", namespace="default"), new_pod("unwraps", namespace="default")
+    paths = [kubelet.publish(p, NGINX) for p in (idle, taking)]
+    olds = [read_volume(p)[1] for p in paths]
+    results = rotate(node, "--namespace", "default", "--grace", "1h")
+    assert [r["outcome"] for r in results] == ["rotated", "rotated"], results
+    news = [read_volume(p)[1] for p in paths]
+    # The second pod takes its new token now, as its `vaulttmpfs token --renew` would.
+    remember_secret(bao.unwrap((paths[1] / "vault-token").read_text())["auth"]["client_token"])
+    assert cli(node, "retry-revocations").returncode == 0
+    assert bao.lookup_accessor(olds[1]["wrapped_accessor"]) is None  # taken: the grace not kept
+    assert bao.lookup_accessor(olds[0]["wrapped_accessor"]) is not None
+    # Nobody unwraps the first pod's: its new wrapping token expires.
+    eventually(lambda: bao.lookup_accessor(news[0]["accessor"]) is None, "the new wrapping token to expire",
+               timeout=30)
+    assert cli(node, "retry-revocations").returncode == 0
+    assert bao.lookup_accessor(olds[0]["wrapped_accessor"]) is not None  # the only token the pod holds
+    assert {olds[0]["wrapped_accessor"], olds[0]["accessor"]} == pending(node)  # until the hour is over
+    for pod in (idle, taking):
+        kubelet.teardown(pod)
+    assert cli(node, "retry-revocations").returncode == 0  # the pod is gone: no grace kept
+    assert bao.lookup_accessor(olds[0]["wrapped_accessor"]) is None and not pending(node)
+    assert all(bao.lookup_accessor(n["wrapped_accessor"]) is None for n in news)
 
 
 def test_rotate_names_what_it_rotates_and_skips_what_it_cannot(node, bao):

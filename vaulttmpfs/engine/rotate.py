@@ -1,6 +1,6 @@
 """On-demand rotation (`vaulttmpfs rotate`): each chosen volume gets a freshly minted wrapped token,
 its files replaced atomically; the old token is queued for revocation once the pod side took the new
-one (the new wrapping token is gone: unwrapped, or expired) or after a grace period.
+one (the new wrapping token is gone before it could expire: unwrapped) or after a grace period.
 
 Order, so that a kill -9 at any step leaves no token nobody would revoke:
 mint -> queue the NEW tokens (ROTATING) -> queue the OLD tokens (ROTATED: due after the grace period,
@@ -29,6 +29,7 @@ import time
 from typing import Any, Callable
 
 from .. import log
+from ..config import parse_duration
 from ..errors import DriverError
 from . import generator
 from .record import Minted, VolumeRecord
@@ -89,6 +90,7 @@ def _rotate_one(engine: Engine, mount_dir: str, grace: float, logger) -> dict[st
                     "pod_uid": record.pod_uid, "volume": os.path.basename(mount_dir), "node": config.node_name,
                     "rotated_from": record.accessor}
         who = "-".join(p for p in (record.namespace, record.pod) if p) or "pod"
+        asked = time.time()
         wrap = engine.vault(config, token).create_wrapped_token(
             record.role, list(record.policies), {k: v for k, v in metadata.items() if v},
             f"vaulttmpfs-{who}"[:100])
@@ -96,15 +98,19 @@ def _rotate_one(engine: Engine, mount_dir: str, grace: float, logger) -> dict[st
         log.secret(minted.secret)
         new = VolumeRecord(minted.accessor, minted.wrapping_accessor)
         now = time.time()
+        # Vault made the new wrapping token after we asked: it cannot expire before this. Gone sooner, the
+        # pod unwrapped it (due).
+        watch_until = asked + _wrap_ttl(wrap, config)
         _on_failure(undo, lambda: engine.revoke_or_queue(new, logger, why="rotation failed"))
         # Each entry names its volume: the retry weighs it against that volume's record (settle).
         volume = {"pod_uid": record.pod_uid, "mount_dir": mount_dir}
         for accessor in new.accessors():
             store.add_pending(accessor, {"why": ROTATING, **volume, "not_before": now + NEW_TOKEN_GRACE})
         for accessor in record.accessors():
-            # Due once the pod took the new token (its wrapping token is gone), or after the grace period.
+            # Due once the pod took the new token (its wrapping token gone before it could expire), or
+            # after the grace period.
             store.add_pending(accessor, {"why": ROTATED, **volume, "not_before": now + grace,
-                                         "watch": minted.wrapping_accessor})
+                                         "watch": minted.wrapping_accessor, "watch_until": watch_until})
         _on_failure(undo, lambda: [store.drop_pending(a) for a in record.accessors()])
         store.write_volume(mount_dir, record.replace(accessor=minted.accessor,
                                              wrapping_accessor=minted.wrapping_accessor)).wait()
@@ -141,6 +147,13 @@ def _write_files(engine: Engine, mount_dir: str, real: str, info: dict[str, str]
                 fs.remount_readonly(tmpfs)
 
 
+def _wrap_ttl(wrap: dict[str, Any], config) -> float:
+    """The new wrapping token's TTL, as Vault gave it (VAULT_WRAP_TTL if it did not say)."""
+    ttl = wrap.get("ttl")
+    return float(ttl) if isinstance(ttl, (int, float)) and ttl > 0 else parse_duration(config.wrap_ttl,
+                                                                                        "VAULT_WRAP_TTL")
+
+
 def _on_failure(undo: contextlib.ExitStack, step_undo: Callable[[], object]) -> None:
     def undo_if_failed(exc_type, _exc, _tb) -> bool:
         if exc_type is not None:
@@ -160,12 +173,21 @@ def held_back(pending: dict[str, Any], now: float | None = None) -> bool:
 
 def due(pending: dict[str, Any], gone: Callable[[str], bool], now: float | None = None) -> bool:
     """May the agent revoke this queued token now? Yes unless it waits (`not_before`) for a rotation:
-    then when its time comes, or sooner once the token it `watch`es (the new wrapping token) is gone.
+    then when its time comes, or sooner once the pod took the new token: the wrapping token it `watch`es
+    is gone before `watch_until`, when it could not have expired yet (so it was unwrapped). A lookup
+    after that time cannot tell an unwrap from an expiry, so the grace decides (it is not asked).
+    An entry an older version wrote (no `watch_until`): gone at any time counts as taken.
     For a rotation's token of a volume whose record may name it, ask `owed` (under the volume's lock)."""
     if not held_back(pending, now):
         return True
-    watch = pending.get("watch")
-    return isinstance(watch, str) and bool(watch) and gone(watch)
+    watch, until = pending.get("watch"), pending.get("watch_until")
+    if not isinstance(watch, str) or not watch:
+        return False
+    if not isinstance(until, (int, float)):
+        return gone(watch)
+    clock = time.time if now is None else (lambda: now)
+    # The clock read again after the lookup: its answer came before `until`, so it saw an unwrap.
+    return clock() < until and gone(watch) and clock() < until
 
 
 def volumes_of(queue: list[dict[str, Any]], records: Callable[[], list[VolumeRecord]]) -> dict[str, str]:
