@@ -72,6 +72,20 @@ def pending(node: CsiNode) -> set[str]:
     return {json.loads(p.read_text())["accessor"] for p in (node.root / "state" / "pending").glob("*.json")}
 
 
+def unrecorded(node: CsiNode, pod) -> list[dict]:
+    """The token creates for this pod `vaulttmpfs status --json` counts as possibly alive, unrecorded."""
+    out = cli(node, "status", "--json")
+    assert out.returncode == 0, out.stdout + out.stderr
+    return [c for c in json.loads(out.stdout)["unrecorded"]["creates"] if c["pod_uid"] == pod.uid]
+
+
+def forget_unrecorded(node: CsiNode, pod) -> None:
+    """What reconcile does once their bound has passed (the role's period: too long to wait here)."""
+    for path in (node.root / "state" / "intents").glob("*.json"):
+        if json.loads(path.read_text()).get("pod_uid") == pod.uid:
+            path.unlink()
+
+
 
 def pod_out(tmp_path: Path) -> Path:
     out = tmp_path / "out"
@@ -167,6 +181,7 @@ def test_an_old_token_nobody_took_the_new_one_for_lives_out_its_grace_then_goes(
     results = rotate(node, "--namespace", "default", "--grace", "3s")
     assert sorted(r["pod"] for r in results) == ["grace-a", "grace-b"]
     assert all(r["outcome"] == "rotated" for r in results)
+    assert [unrecorded(node, p) for p in pods] == [[], [], []]  # a rotation that went well notes none
     assert read_volume(paths[2])[1] == olds[2]  # another namespace: untouched
     news = [read_volume(p)[1] for p in paths[:2]]
     # Nobody unwrapped the new tokens: the old ones wait for the grace period.
@@ -334,7 +349,32 @@ def test_a_rotation_killed_at_any_step_leaves_the_pod_the_token_its_volume_names
     path = node.kubelet.publish(pod, NGINX)
     killed = rotate_interrupted(node, step, "KILL", "--pod-uid", pod.uid, "--grace", "1s")
     assert killed.wait(timeout=120) == -signal.SIGKILL
+    # Its note of the mint is dropped once both new tokens are queued (which revokes or keeps them).
+    assert len(unrecorded(node, pod)) == (1 if step == "queue the new wrapping token" else 0)
+    forget_unrecorded(node, pod)
     assert_the_pod_keeps_the_token_its_volume_names_and_nothing_else_lives(node, bao, pod, path, before)
+
+
+def test_a_rotation_killed_between_its_mint_and_its_queue_leaves_its_new_token_counted_as_unrecorded(node, bao):
+    """The one kill the queue cannot cover: right after Vault's answer to the mint, before the new tokens'
+    first entry. As a mount's lost answer, the token then alive is noted (status, doctor, /metrics), with
+    the time by which it has expired."""
+    before = set(bao.accessors())
+    pod = new_pod("killed-minted", namespace="shop")
+    path = node.kubelet.publish(pod, NGINX)
+    old = read_volume(path)[1]
+    killed = rotate_interrupted(node, "queue the new pod token", "KILL", "--pod-uid", pod.uid)
+    assert killed.wait(timeout=120) == -signal.SIGKILL
+    assert not pending(node) and read_volume(path)[1] == old  # recorded nowhere else
+    [create] = unrecorded(node, pod)
+    assert (create["namespace"], create["pod"], create["policies"]) == ("shop", "killed-minted", ["nginx"])
+    assert create["until"] > time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 60))
+    alive = pod_tokens_alive(bao, pod, before)
+    assert len(alive) == 2 and old["wrapped_accessor"] in alive  # the new one is what the note is about
+    node.kubelet.teardown(pod)
+    for accessor in pod_tokens_alive(bao, pod, before):  # what nothing on the node can revoke
+        bao.request("POST", "auth/token/revoke-accessor", {"accessor": accessor})
+    forget_unrecorded(node, pod)
 
 
 @pytest.mark.parametrize("step", ["the record names the new tokens", "the new metadata file",

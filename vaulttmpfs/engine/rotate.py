@@ -2,12 +2,12 @@
 its files replaced atomically; the old token is queued for revocation once the pod side took the new
 one (the new wrapping token is gone before it could expire: unwrapped) or after a grace period.
 
-Order, so that a kill -9 at any step leaves no token nobody would revoke:
-mint -> queue the NEW tokens (ROTATING) -> queue the OLD tokens (ROTATED: due after the grace period,
-or once the pod took the new one) -> the record names the new tokens -> the files (token, then its
-metadata: the metadata's accessor changing is the pod side's signal) -> the new tokens leave the
-queue. A failure after the mint undoes in reverse. All under the volume's lock, so a concurrent
-unmount waits and then revokes the new token.
+Order, so that a kill -9 at any step leaves no token nobody would revoke or count:
+note the mint (an intent, engine.intents) -> mint -> queue the NEW tokens (ROTATING) -> drop the note
+-> queue the OLD tokens (ROTATED: due after the grace period, or once the pod took the new one) -> the
+record names the new tokens -> the files (token, then its metadata: the metadata's accessor changing
+is the pod side's signal) -> the new tokens leave the queue. A failure after the mint undoes in
+reverse. All under the volume's lock, so a concurrent unmount waits and then revokes the new token.
 
 A rotation killed half-way leaves its entries, which name their volume: the agent's retry takes that
 volume's lock (no rotation of it is then under way) and keeps whatever the record names (`settle`,
@@ -31,7 +31,7 @@ from typing import Any, Callable
 from .. import log
 from ..config import parse_duration
 from ..errors import DriverError
-from . import generator
+from . import generator, intents
 from .record import Minted, VolumeRecord
 
 # `engine` below is an operation.Engine, not imported: operation imports this module (its retry).
@@ -90,10 +90,20 @@ def _rotate_one(engine: Engine, mount_dir: str, grace: float, logger) -> dict[st
                     "pod_uid": record.pod_uid, "volume": os.path.basename(mount_dir), "node": config.node_name,
                     "rotated_from": record.accessor}
         who = "-".join(p for p in (record.namespace, record.pod) if p) or "pod"
+        client = engine.vault(config, token)
+        # Noted before the mint, as a mount's create is (engine.intents): killed before its new tokens are
+        # queued, the rotation leaves them counted (status, doctor, /metrics) instead of recorded nowhere.
+        from .operation import MountRequest  # loaded already: `engine` is an operation.Engine
+
+        intent = intents.Intent(store, MountRequest(mount_dir=mount_dir, policies=list(record.policies),
+                                                    role=record.role, pod_namespace=record.namespace,
+                                                    pod_name=record.pod, pod_uid=record.pod_uid),
+                                config, client, logger)
+        undo.push(intent)
         asked = time.time()
-        wrap = engine.vault(config, token).create_wrapped_token(
-            record.role, list(record.policies), {k: v for k, v in metadata.items() if v},
-            f"vaulttmpfs-{who}"[:100])
+        wrap = client.create_wrapped_token(record.role, list(record.policies),
+                                           {k: v for k, v in metadata.items() if v}, f"vaulttmpfs-{who}"[:100])
+        intent.minted = True
         minted = Minted(wrap["token"], wrap, wrap["wrapped_accessor"], wrap.get("accessor"))
         log.secret(minted.secret)
         new = VolumeRecord(minted.accessor, minted.wrapping_accessor)
@@ -106,6 +116,7 @@ def _rotate_one(engine: Engine, mount_dir: str, grace: float, logger) -> dict[st
         volume = {"pod_uid": record.pod_uid, "mount_dir": mount_dir}
         for accessor in new.accessors():
             store.add_pending(accessor, {"why": ROTATING, **volume, "not_before": now + NEW_TOKEN_GRACE})
+        intent.done()  # the new tokens are in the queue: revoked or kept as the volume's record says
         for accessor in record.accessors():
             # Due once the pod took the new token (its wrapping token gone before it could expire), or
             # after the grace period.
