@@ -431,3 +431,43 @@ def test_a_retry_during_a_rotation_waits_for_it_and_keeps_its_new_token(node, ba
     node.kubelet.teardown(pod)
     assert cli(node, "retry-revocations").returncode == 0
     assert pod_tokens_alive(bao, pod, before) == set() and not pending(node)
+
+
+def test_a_rotation_that_fails_writing_the_metadata_file_puts_the_token_file_back(node, bao):
+    """Step 5's undo: the token file already holds the new wrapping token when the metadata file's write
+    fails (a full disk: ENOSPC); the undo revokes the new tokens, so the files are put back as they were
+    (content, mode, group; still read-only), the record too, and the pod keeps its token."""
+    before = set(bao.accessors())
+    pod = new_pod("write-failed", namespace="shop")
+    path = node.kubelet.publish(pod, NGINX, fs_group=FS_GROUP, read_only=True)
+    names = ("vault-token", "vault-token.json")
+    files = {n: ((path / n).read_bytes(), (path / n).stat().st_mode, (path / n).stat().st_gid) for n in names}
+    old = read_volume(path)[1]
+    failed = rotate_interrupted(node, "the new metadata file", "FAIL", "--pod-uid", pod.uid, "--json")
+    assert failed.wait(timeout=120) == 1
+    assert {n: ((path / n).read_bytes(), (path / n).stat().st_mode, (path / n).stat().st_gid)
+            for n in names} == files
+    assert "ro" in mount_entry(path)["options"]
+    record = record_of(node, pod)
+    assert (record["accessor"], record["wrapping_accessor"]) == (old["wrapped_accessor"], old["accessor"])
+    assert pod_tokens_alive(bao, pod, before) == {old["wrapped_accessor"]} and not pending(node)
+    assert bao.unwrap(read_volume(path)[0])["auth"]["accessor"] == old["wrapped_accessor"]  # the pod's, intact
+    node.kubelet.teardown(pod)
+    assert pod_tokens_alive(bao, pod, before) == set()
+
+
+def test_a_rotation_whose_new_tokens_cannot_leave_the_queue_stands_and_the_retry_keeps_them(node, bao):
+    """Once the metadata file names the new token the pod may take it: a failure after that (taking the
+    new tokens off the queue, ENOSPC here) must not revoke it. The rotation is reported done; the retry
+    keeps the tokens the volume's record names and revokes the old ones after the grace."""
+    before = set(bao.accessors())
+    pod = new_pod("dequeue-failed", namespace="shop")
+    path = node.kubelet.publish(pod, NGINX)
+    old = read_volume(path)[1]
+    done = rotate_interrupted(node, "the new pod token leaves the queue", "FAIL", "--pod-uid", pod.uid,
+                              "--grace", "1s")
+    assert done.wait(timeout=120) == 0
+    new = read_volume(path)[1]
+    assert new["wrapped_accessor"] != old["wrapped_accessor"] and new["wrapped_accessor"] in pending(node)
+    assert_the_pod_keeps_the_token_its_volume_names_and_nothing_else_lives(node, bao, pod, path, before)
+

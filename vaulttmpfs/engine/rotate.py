@@ -6,8 +6,10 @@ Order, so that a kill -9 at any step leaves no token nobody would revoke or coun
 note the mint (an intent, engine.intents) -> mint -> queue the NEW tokens (ROTATING) -> drop the note
 -> queue the OLD tokens (ROTATED: due after the grace period, or once the pod took the new one) -> the
 record names the new tokens -> the files (token, then its metadata: the metadata's accessor changing
-is the pod side's signal) -> the new tokens leave the queue. A failure after the mint undoes in
-reverse. All under the volume's lock, so a concurrent unmount waits and then revokes the new token.
+is the pod side's signal) -> the new tokens leave the queue. A failure after the mint and before the
+metadata file is written undoes in reverse (the files put back too); after it, the pod may hold the
+new token and nothing is undone. All under the volume's lock, so a concurrent unmount waits and then
+revokes the new token.
 
 A rotation killed half-way leaves its entries, which name their volume: the agent's retry takes that
 volume's lock (no rotation of it is then under way) and keeps whatever the record names (`settle`,
@@ -126,9 +128,15 @@ def _rotate_one(engine: Engine, mount_dir: str, grace: float, logger) -> dict[st
         store.write_volume(mount_dir, record.replace(accessor=minted.accessor,
                                              wrapping_accessor=minted.wrapping_accessor)).wait()
         _on_failure(undo, lambda: store.write_volume(mount_dir, record).wait())
-        _write_files(engine, mount_dir, real, info, record, minted)
-        for accessor in new.accessors():
-            store.drop_pending(accessor)
+        _write_files(engine, mount_dir, real, info, record, minted)  # puts the files back if it fails
+        # The metadata file names the new token: the pod may take it from now on, so nothing is undone.
+        undo.pop_all()
+        try:
+            for accessor in new.accessors():
+                store.drop_pending(accessor)
+        except OSError as exc:  # as a kill here: the retry keeps them (the volume's record names them)
+            logger.warning("the new tokens could not leave the revocation queue: the agent's retry keeps them, "
+                           "as the volume's record names them", error=exc.strerror or str(exc))
     logger.info("rotated", accessor=minted.accessor, old_accessor=record.accessor, grace=grace)
     return {"outcome": "rotated", "accessor": minted.accessor[:8], "old_accessor": record.accessor[:8]}
 
@@ -144,18 +152,44 @@ def _write_files(engine: Engine, mount_dir: str, real: str, info: dict[str, str]
             held = os.stat(os.path.join(tmpfs, name), follow_symlinks=False)
             group = held.st_gid if held.st_mode & 0o040 else None
         mode = 0o440 if group is not None else 0o400
+        # The token first, its metadata last: the metadata naming a new accessor is the pod side's
+        # signal, and by then the token it names is in place.
+        files = ((name, minted.secret.encode()), (name + ".json", json.dumps(minted.info, indent=2).encode() + b"\n"))
+        try:
+            before = {file: _held_file(fs, tmpfs, file) for file, _ in files}  # put back if this fails
+        except OSError as exc:
+            raise DriverError(f"cannot read the token files of {mount_dir}: {exc.strerror}") from None
         if read_only:
             fs.remount_writable(tmpfs)
+        written: list[str] = []
         try:
-            # The token first, its metadata last: the metadata naming a new accessor is the pod side's
-            # signal, and by then the token it names is in place.
-            fs.write_file(tmpfs, name, minted.secret.encode(), mode, group)
-            fs.write_file(tmpfs, name + ".json", json.dumps(minted.info, indent=2).encode() + b"\n", mode, group)
-        except OSError as exc:
-            raise DriverError(f"cannot write the rotated token into {mount_dir}: {exc.strerror}") from None
+            try:
+                for file, data in files:
+                    fs.write_file(tmpfs, file, data, mode, group)
+                    written.append(file)
+            except OSError as exc:
+                raise DriverError(f"cannot write the rotated token into {mount_dir}: {exc.strerror}") from None
+            if read_only:
+                fs.remount_readonly(tmpfs)
+                read_only = False
+        except BaseException:
+            # The files as they were (the metadata first: a pod side looking in between sees one file new
+            # and one old, and skips the look), so the pod never sees the new token the undo revokes.
+            for file in reversed(written):
+                data, file_mode, file_group = before[file]
+                with contextlib.suppress(OSError):
+                    fs.write_file(tmpfs, file, data, file_mode, file_group)
+            raise
         finally:
             if read_only:
                 fs.remount_readonly(tmpfs)
+
+
+def _held_file(fs, directory: str, name: str) -> tuple[bytes, int, int]:
+    """A volume file's bytes, mode and group, as write_file takes them."""
+    held = os.stat(os.path.join(directory, name), follow_symlinks=False)
+    return fs.read_small_file(os.path.join(directory, name), 64 * 1024, follow=False), held.st_mode & 0o7777, \
+        held.st_gid
 
 
 def _wrap_ttl(wrap: dict[str, Any], config) -> float:
