@@ -471,3 +471,12 @@ def test_a_rotation_whose_new_tokens_cannot_leave_the_queue_stands_and_the_retry
     assert new["wrapped_accessor"] != old["wrapped_accessor"] and new["wrapped_accessor"] in pending(node)
     assert_the_pod_keeps_the_token_its_volume_names_and_nothing_else_lives(node, bao, pod, path, before)
 
+
+def test_the_dashboard_shows_the_old_tokens_a_rotation_keeps_apart_from_the_revocations_owed():
+    """The Grafana example graphs vaulttmpfs_rotation_revocations_waiting, in a query of its own (not
+    added to the owed ones: a rotation's grace is no fault). tests/test_inventory.py parses its queries
+    and checks each series is one the agent exports."""
+    dashboard = json.loads((REPO / "installer" / "examples" / "monitoring" / "grafana-dashboard.json").read_text())
+    exprs = [target["expr"] for panel in dashboard["panels"] for target in panel["targets"]]
+    waiting = [e for e in exprs if "vaulttmpfs_rotation_revocations_waiting" in e]
+    assert waiting and all("vaulttmpfs_pending_revocations" not in e for e in waiting)
