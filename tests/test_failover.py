@@ -208,7 +208,7 @@ class StaleStandby:
                     proxy.revokes.append({"forced": False, "answer": proxy.answer})
                     if proxy.answer == "warning":
                         return self._send(200, {"X-Vault-Index": proxy.index}, json.dumps(
-                            {"request_id": "stale-standby", "data": None,  # as OpenBao's own (request_id on every answer)
+                            {"request_id": "stale-standby", "data": None,  # request_id: on every answer of OpenBao's
                              "warnings": ["No token found with this accessor"]}).encode())
                     return self._send(400, {}, b'{"errors":["token not found"]}')
                 conn = http.client.HTTPConnection(proxy.upstream.hostname, proxy.upstream.port, timeout=30)
