@@ -21,6 +21,7 @@ import pytest
 from .conftest import eventually, remember_secret, source_cmd
 from .csikubelet import new_pod
 from .csinode import CsiNode
+from .faultserver import CREATE, FaultServer
 from .kubelet import mount_entry
 from .vaultserver import REPO, bao_binary, dies_with_parent, stop_process
 from .volumes import read_volume
@@ -241,6 +242,27 @@ def test_rotate_names_what_it_rotates_and_skips_what_it_cannot(node, bao):
     out = cli(node, "rotate")
     assert out.returncode != 0 and "--pod-uid" in out.stderr
     kubelet.teardown(plain)
+
+
+def test_a_rotated_token_a_proxy_handed_back_unwrapped_is_revoked_and_the_volume_kept(node, bao):
+    """A proxy that strips X-Vault-Wrap-TTL makes Vault answer the rotation's create with a plain token:
+    no volume will hold it, so it is revoked at once (as a mount's is), and the pod keeps its token."""
+    before = set(bao.accessors())
+    pod = new_pod("stripped", namespace="shop")
+    path = node.kubelet.publish(pod, NGINX)
+    held = read_volume(path)
+    with FaultServer(bao.addr) as proxy:
+        proxy.add(CREATE, "strip-wrap-ttl")
+        out = subprocess.run([*node.cmd, "rotate", "--json", "--pod-uid", pod.uid], capture_output=True, text=True,
+                             env={**node.env, "VAULT_ADDR": proxy.addr}, timeout=120)
+        assert proxy.count(CREATE) == 1
+    assert out.returncode != 0, out.stdout + out.stderr
+    [result] = json.loads(out.stdout)["volumes"]
+    assert result["outcome"] == "failed" and "unwrapped" in result["error"] and "revoked" in result["error"], result
+    assert read_volume(path) == held and not pending(node) and unrecorded(node, pod) == []
+    assert pod_tokens_alive(bao, pod, before) == {held[1]["wrapped_accessor"]}
+    node.kubelet.teardown(pod)
+    assert pod_tokens_alive(bao, pod, before) == set()
 
 
 def test_a_flexvolume_volume_rotates_the_same_way(kubelet, bao):

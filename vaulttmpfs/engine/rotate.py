@@ -32,7 +32,7 @@ from typing import Any, Callable
 
 from .. import log
 from ..config import parse_duration
-from ..errors import DriverError
+from ..errors import DriverError, TokenNotWrapped
 from . import generator, intents
 from .record import Minted, VolumeRecord
 
@@ -103,8 +103,13 @@ def _rotate_one(engine: Engine, mount_dir: str, grace: float, logger) -> dict[st
                                 config, client, logger)
         undo.push(intent)
         asked = time.time()
-        wrap = client.create_wrapped_token(record.role, list(record.policies),
-                                           {k: v for k, v in metadata.items() if v}, f"vaulttmpfs-{who}"[:100])
+        try:
+            wrap = client.create_wrapped_token(record.role, list(record.policies),
+                                               {k: v for k, v in metadata.items() if v}, f"vaulttmpfs-{who}"[:100])
+        except TokenNotWrapped as exc:  # a proxy stripped X-Vault-Wrap-TTL: a live token no volume will hold
+            outcome = engine.revoke_or_queue(VolumeRecord(exc.accessor, pod_uid=record.pod_uid), logger,
+                                             why="Vault returned the rotated token unwrapped")
+            raise DriverError(f"{exc}; the volume keeps its token, the unwrapped one: {outcome}") from None
         intent.minted = True
         minted = Minted(wrap["token"], wrap, wrap["wrapped_accessor"], wrap.get("accessor"))
         log.secret(minted.secret)
