@@ -364,6 +364,39 @@ def test_install_writes_the_config_file_from_the_configmap(bao, generator, drive
     assert config.read_text() == before
 
 
+@pytest.mark.parametrize("key, value", [("VAULT_WRAP_TTL", "5 minutes"), ("VAULTTMPFS_TMPFS_SIZE", "1t"),
+                                        ("VAULT_MAX_RETRIES", "many"), ("VAULTTMPFS_TOKEN_FILENAME", "../x")])
+def test_install_refuses_a_configmap_value_the_driver_would_refuse_and_the_node_keeps_working(
+        bao, generator, driver_cmd, tmp_path, log_dir, plugin_dir, key, value):
+    """A typo in the ConfigMap written over the node's file would fail every kubelet call there, the
+    unmount of a running pod too (its token then outlives it): install refuses it before writing."""
+    root = tmp_path / "node"
+    root.mkdir()
+    env, shared = split_env(driver_env(bao, generator, root, log_dir))
+    configmap = tmp_path / "configmap"
+    configmap_volume(configmap, shared)
+    install = [*driver_cmd, "install", "--plugin-dir", plugin_dir, "--source", str(REPO / "dist" / "vaulttmpfs"),
+               "--config-from", str(configmap)]
+    run = lambda: subprocess.run(install, env=env, capture_output=True, text=True, timeout=120)  # noqa: E731
+    assert run().returncode == 0
+    config = Path(env["VAULTTMPFS_CONFIG_FILE"])
+    good = config.read_text()
+    node = Kubelet(driver_cmd, env, root)
+    reply, running = node.mount(node.new_pod("running", "shop"), NGINX)
+    assert reply.ok, reply.body
+    accessor = json.loads((running / "vault-token.json").read_text())["wrapped_accessor"]
+
+    configmap_volume(configmap, {**shared, key: value})
+    proc = run()
+    assert proc.returncode == 1
+    assert f"{key}=" in proc.stderr and "the config file was not written" in proc.stderr, proc.stderr
+    assert config.read_text() == good
+    assert node.unmount(running).ok and bao.lookup_accessor(accessor) is None
+    reply, path = node.mount(node.new_pod("next", "shop"), NGINX)
+    assert reply.ok, reply.body
+    assert node.unmount(path).ok
+
+
 def test_entrypoint_configures_driver_and_agent_from_one_configmap(bao, generator, tmp_path, log_dir, plugin_dir):
     """The DaemonSet's container as it runs: entrypoint.sh installs (bundle + config file), then the agent
     starts with only its container-specific env and reports the ConfigMap's settings."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 
 from .. import trust
-from ..config import check_trusted, parse_config_text
+from ..config import Config, check_trusted, parse_config_text
 from ..engine import files
 from ..errors import DriverError
 
@@ -30,8 +30,18 @@ def render(source_dir: str) -> str:
             raise DriverError(f"ConfigMap key {name} must be one line of at most {MAX_VALUE_BYTES} bytes")
         lines.append(f"{name}={value}")
     text = "\n".join(lines) + "\n"
-    parse_config_text(text, f"ConfigMap in {source_dir}")  # refuse what the driver would refuse, now
+    _refuse_what_the_driver_would_refuse(text, f"ConfigMap in {source_dir}")
     return text
+
+
+def _refuse_what_the_driver_would_refuse(text: str, source: str) -> None:
+    """The syntax and the values, read as the driver reads them: a value it refuses (VAULT_WRAP_TTL="5
+    minutes") would fail every mount and unmount on the node, so it must not replace a good file."""
+    values = parse_config_text(text, source)
+    try:
+        Config.from_settings(values)
+    except DriverError as exc:
+        raise DriverError(f"{source}: {exc}; the config file was not written") from None
 
 
 def write(source_dir: str, dest: str) -> str:
