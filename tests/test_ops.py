@@ -397,6 +397,20 @@ def test_install_refuses_a_configmap_value_the_driver_would_refuse_and_the_node_
     assert node.unmount(path).ok
 
 
+def test_a_failed_bundle_install_leaves_the_config_file_as_it_was(tmp_path):
+    """The config file is written once the bundle is in place: an install that failed changes nothing."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "VAULTTMPFS_CONFIG_FILE": str(tmp_path / "etc" / "config.env")}
+    configmap = tmp_path / "configmap"
+    configmap_volume(configmap, {"VAULT_ADDR": "https://vault.example:8200"})
+    not_a_bundle = tmp_path / "empty"
+    not_a_bundle.mkdir()
+    proc = subprocess.run([*source_cmd(), "install", "--plugin-dir", str(tmp_path / "plugins"), "--source",
+                           str(not_a_bundle), "--config-from", str(configmap)], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 1 and "is not a vaulttmpfs bundle" in proc.stderr, proc.stderr
+    assert not (tmp_path / "etc" / "config.env").exists()
+
+
 def test_entrypoint_configures_driver_and_agent_from_one_configmap(bao, generator, tmp_path, log_dir, plugin_dir):
     """The DaemonSet's container as it runs: entrypoint.sh installs (bundle + config file), then the agent
     starts with only its container-specific env and reports the ConfigMap's settings."""

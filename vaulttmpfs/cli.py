@@ -139,20 +139,21 @@ class _Duration(click.ParamType):
                    "ConfigMap mounted as a volume (VAULTTMPFS_CONFIG_FROM).")
 def install(plugin_dir: str, source: str | None, config_from: str | None) -> None:
     """Install the driver into the kubelet's plugin dir, atomically; a no-op if already installed."""
+    from .ops import configfile
     from .ops import install as installer
 
-    if config_from:
-        from .ops import configfile
-
-        dest = config_file_path()
-        click.echo(f"config file {dest}: {configfile.write(config_from, dest)} from {config_from}")
-
+    # A ConfigMap the driver would refuse is refused before anything on the node changes; the file
+    # is written once the bundle is in place, so a failed install leaves the node's config as it was.
+    config_text = configfile.render(config_from) if config_from else None
     try:
         result = installer.install(plugin_dir, source or installer.default_source())
     except OSError as exc:
         raise click.ClickException(f"install into {plugin_dir} failed: {exc}") from None
     pruned = f", pruned {', '.join(result['pruned'])}" if result["pruned"] else ""
     click.echo(f"{result['action']}: {result['path']} -> {result['bundle']}{pruned}")
+    if config_text is not None:
+        dest = config_file_path()
+        click.echo(f"config file {dest}: {configfile.write(config_text, dest)} from {config_from}")
 
 
 # Each agent flag's default comes from its VAULTTMPFS_* variable, in the environment or the config file.

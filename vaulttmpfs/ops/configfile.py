@@ -44,9 +44,8 @@ def _refuse_what_the_driver_would_refuse(text: str, source: str) -> None:
         raise DriverError(f"{source}: {exc}; the config file was not written") from None
 
 
-def write(source_dir: str, dest: str) -> str:
-    """'written' or 'unchanged'."""
-    text = render(source_dir)
+def write(text: str, dest: str) -> str:
+    """Put `text` (from render()) at `dest`: 'written' or 'unchanged'."""
     parent = os.path.dirname(os.path.abspath(dest))
     os.makedirs(parent, mode=0o755, exist_ok=True)
     trust.check_dirs(parent, f"config file {dest}")  # not even written where another user could swap it
