@@ -18,7 +18,7 @@ import pytest
 from .agents import AgentProcess
 from .conftest import driver_env, remember_secret, source_cmd, write_config
 from .kubelet import Kubelet
-from .otheruser import become, other_user, shared_dir
+from .otheruser import NOBODY, become, other_user, shared_dir
 from .vaultserver import REPO, closed_addr, dies_with_parent, free_port
 from .volumes import fill, small_state_fs
 
@@ -409,6 +409,34 @@ def test_a_failed_bundle_install_leaves_the_config_file_as_it_was(tmp_path):
                           text=True, timeout=120)
     assert proc.returncode == 1 and "is not a vaulttmpfs bundle" in proc.stderr, proc.stderr
     assert not (tmp_path / "etc" / "config.env").exists()
+
+
+@pytest.mark.parametrize("loosen", ["chmod 0666", "chown nobody"])
+def test_install_takes_back_a_config_file_someone_loosened_even_when_its_content_is_the_same(tmp_path, loosen):
+    """The driver refuses a config file others could have written; install sets it back to root's 0644
+    (as it does the bundle and the driver dir) instead of failing on every restart of the init container."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "VAULTTMPFS_CONFIG_FILE": str(tmp_path / "etc" / "config.env")}
+    (tmp_path / "etc").mkdir(mode=0o755)
+    configmap = tmp_path / "configmap"
+    configmap_volume(configmap, {"VAULT_ADDR": "https://vault.example:8200"})
+    install = [*source_cmd(), "install", "--plugin-dir", str(tmp_path / "plugins"), "--source",
+               str(REPO / "dist" / "vaulttmpfs"), "--config-from", str(configmap)]
+    run = lambda: subprocess.run(install, env=env, capture_output=True, text=True, timeout=120)  # noqa: E731
+    assert run().returncode == 0
+    config = tmp_path / "etc" / "config.env"
+    content = config.read_text()
+    if loosen == "chmod 0666":
+        config.chmod(0o666)
+    else:
+        os.chown(config, NOBODY, NOBODY)
+
+    proc = run()
+    assert proc.returncode == 0, proc.stderr
+    assert f"config file {config}: written" in proc.stdout
+    info = config.stat()
+    assert (info.st_uid, info.st_gid, info.st_mode & 0o777) == (0, 0, 0o644)
+    assert config.read_text() == content
+    assert ": unchanged" in run().stdout  # and then left alone
 
 
 def test_entrypoint_configures_driver_and_agent_from_one_configmap(bao, generator, tmp_path, log_dir, plugin_dir):

@@ -3,7 +3,8 @@
 DIR is the ConfigMap mounted as a volume (one file per key). Its VAULT_*/VAULTTMPFS_* keys become
 KEY=VALUE lines of the config file the driver reads on the host (VAULTTMPFS_CONFIG_FILE, default
 /etc/vaulttmpfs/config/config.env), written root-owned 0644 in a root-owned 0755 dir, atomically: a
-kubelet call reads the old file or the new one, never a mix. Unchanged content is not rewritten.
+kubelet call reads the old file or the new one, never a mix. Unchanged content in a trusted file is
+not rewritten.
 """
 
 from __future__ import annotations
@@ -49,13 +50,26 @@ def write(text: str, dest: str) -> str:
     parent = os.path.dirname(os.path.abspath(dest))
     os.makedirs(parent, mode=0o755, exist_ok=True)
     trust.check_dirs(parent, f"config file {dest}")  # not even written where another user could swap it
-    try:
-        with open(dest, encoding="utf-8") as handle:
-            if handle.read() == text:
-                check_trusted(dest)
-                return "unchanged"
-    except FileNotFoundError:
-        pass
+    if _current_text(dest) == text and _trusted(dest):
+        return "unchanged"
+    # New content, or the same in a file someone loosened (chmod 0666, chowned to a user): taken back
+    # by the same atomic replace, root's 0644, as install does with the bundle and the driver dir.
     files.replace(dest, text.encode(), 0o644, gid=0)
     check_trusted(dest)  # e.g. a dir above it others can write: say so at install, not at the first mount
     return "written"
+
+
+def _current_text(path: str) -> str | None:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as handle:
+            return handle.read()
+    except FileNotFoundError:
+        return None
+
+
+def _trusted(path: str) -> bool:
+    try:
+        check_trusted(path)
+    except DriverError:
+        return False
+    return True
