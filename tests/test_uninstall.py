@@ -58,3 +58,31 @@ def test_uninstall_refuses_while_mounted_then_removes_everything(bao, driver_cmd
                            [str(REPO / "dist" / "vaulttmpfs" / "vaulttmpfs"), "uninstall"],
                            env=env, capture_output=True, text=True, timeout=120)
     assert again.returncode == 0 and "removed nothing" in again.stdout  # idempotent
+
+
+def test_uninstall_revokes_nothing_when_the_driver_is_not_in_its_plugin_dir(bao, driver_cmd, tmp_path, log_dir):
+    """Installed into GKE's plugin dir, uninstalled with another (the host's default, a ConfigMap that never
+    named the dir): revoking the generator token would leave the driver installed and every mount failing."""
+    gke = tmp_path / "home/kubernetes/flexvolume"
+    root = tmp_path / "node"
+    root.mkdir()
+    token_path = tmp_path / "vaulttoken"
+    auth = generator_file(bao, token_path, ttl="1h")
+    env = driver_env(bao, {"path": str(token_path)}, root, log_dir,
+                     VAULTTMPFS_PLUGIN_DIR=str(tmp_path / "usr/libexec/kubernetes/kubelet-plugins/volume/exec"))
+    run = lambda *args: subprocess.run([*driver_cmd, *args], env=env, capture_output=True, text=True,  # noqa: E731
+                                       timeout=120)
+    assert run("install", "--plugin-dir", str(gke), "--source", str(REPO / "dist" / "vaulttmpfs")).returncode == 0
+
+    refused = run("uninstall")
+    assert refused.returncode == 1
+    assert f"no driver in {env['VAULTTMPFS_PLUGIN_DIR']}/cloudwatt~vaulttmpfs" in refused.stderr, refused.stderr
+    assert "nothing was revoked or removed: pass --plugin-dir" in refused.stderr
+    assert bao.lookup_accessor(auth["accessor"]) is not None and token_path.exists()
+    node = Kubelet([str(gke / "cloudwatt~vaulttmpfs" / "vaulttmpfs")], env, root)
+    assert node.init().ok
+
+    done = run("uninstall", "--plugin-dir", str(gke))
+    assert done.returncode == 0, done.stderr
+    assert bao.lookup_accessor(auth["accessor"]) is None and os.listdir(gke) == []
+    assert run("uninstall").returncode == 0  # nothing left to revoke or remove: done, wherever it looks

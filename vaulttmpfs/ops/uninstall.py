@@ -43,6 +43,8 @@ def _who(record: VolumeRecord) -> str:
 
 def uninstall(config: Config, plugin_dir: str, revoke: bool = True) -> dict[str, Any]:
     logger = log.get(command="uninstall", plugin_dir=plugin_dir)
+    if revoke:
+        _refuse_without_a_driver(config, plugin_dir)
     # Volumes whose dir the kubelet already removed (e.g. a tmpfs lost with a reboot) hold no pod:
     # their tokens go now, by the agent's own rule (nothing where the pods dir is not visible).
     reconcile.reconcile(config)
@@ -59,6 +61,17 @@ def uninstall(config: Config, plugin_dir: str, revoke: bool = True) -> dict[str,
     logger.info("uninstalled", removed=removed, generator_revoked=token.get("revoked"),
                 accessor=log.accessor_hint(token.get("accessor")))
     return {"removed": removed, "generator": token, "plugin_dir": plugin_dir}
+
+
+def _refuse_without_a_driver(config: Config, plugin_dir: str) -> None:
+    """A generator token but no driver here: the driver is most likely in another plugin dir (GKE's,
+    volumeplugins), and revoking the token would leave it installed, failing every mount."""
+    driver_dir = os.path.join(plugin_dir, install.DRIVER_DIR)
+    if os.path.lexists(driver_dir) or not os.path.lexists(config.generator_token_path):
+        return  # a driver to remove, or nothing left to revoke either (an uninstall run again)
+    raise DriverError(f"no driver in {driver_dir}, so nothing was revoked or removed: pass --plugin-dir "
+                      "(VAULTTMPFS_PLUGIN_DIR) the kubelet's --volume-plugin-dir, where `vaulttmpfs install` "
+                      "put the driver (e.g. /home/kubernetes/flexvolume on GKE)")
 
 
 def _revoke_generator(config: Config) -> dict[str, Any]:
