@@ -167,6 +167,16 @@ def test_plugin_dir_variant_patches_the_plugin_dir_volume(name, plugin_dir):
             if m["name"] == "plugin-dir"} == {"/flexvolume"}
 
 
+@pytest.mark.parametrize("name", RENDERED)
+def test_the_config_file_names_the_plugin_dir_the_daemonset_installs_into(name):
+    """The ConfigMap becomes the host's config file, which `vaulttmpfs uninstall` and `doctor` run on the
+    node read: it must name the host dir the install step writes (the plugin-dir hostPath), or uninstall
+    looks in the default dir on GKE and volumeplugins nodes."""
+    data = rendered(RENDERED[name], "ConfigMap")["data"]
+    [plugin_dir] = [v for v in rendered_pod(name)["volumes"] if v["name"] == "plugin-dir"]
+    assert data["VAULTTMPFS_PLUGIN_DIR"] == plugin_dir["hostPath"]["path"]
+
+
 def test_the_users_overlay_combines_components_as_documented(tmp_path):
     """examples/overlay copied out of the checkout, as its comment says: the plugin dir of gke, the relay's
     fast mounts, the user's own registry and VAULT_ADDR, and nothing else changed from the base."""
@@ -187,11 +197,12 @@ def test_the_users_overlay_combines_components_as_documented(tmp_path):
         container["image"] = container["image"].replace("registry.example.com/", "")
     pod["volumes"][0] = relay["spec"]["template"]["spec"]["volumes"][0]
     assert daemonset == relay
+    # Apart from VAULT_ADDR, the ConfigMap is the gke variant's (the base's, with gke's plugin dir).
     configmap = rendered(own, "ConfigMap")
     assert configmap["data"].pop("VAULT_ADDR") == "https://vault.internal.example:8200"
-    base = resource("ConfigMap")
-    del base["data"]["VAULT_ADDR"]
-    assert configmap == base
+    expected = rendered(RENDERED["variants/gke"], "ConfigMap")
+    del expected["data"]["VAULT_ADDR"]
+    assert configmap == expected
 
 
 def test_daemonset_is_consistent_with_the_agent_and_the_driver():
