@@ -86,3 +86,38 @@ def test_uninstall_revokes_nothing_when_the_driver_is_not_in_its_plugin_dir(bao,
     assert done.returncode == 0, done.stderr
     assert bao.lookup_accessor(auth["accessor"]) is None and os.listdir(gke) == []
     assert run("uninstall").returncode == 0  # nothing left to revoke or remove: done, wherever it looks
+
+
+def test_uninstall_where_the_pods_dir_is_not_visible_says_so_instead_of_naming_a_pod_long_gone(
+        bao, driver_cmd, tmp_path, log_dir):
+    """A pod gone while the node was down leaves only its record and its token; reconcile revokes it, but
+    only where the kubelet's pods dir is visible (else every volume would look gone)."""
+    root = tmp_path / "node"
+    root.mkdir()
+    token_path = tmp_path / "vaulttoken"
+    auth = generator_file(bao, token_path, ttl="1h")
+    plugin_dir = tmp_path / "plugins"
+    env = driver_env(bao, {"path": str(token_path)}, root, log_dir, VAULTTMPFS_PLUGIN_DIR=str(plugin_dir))
+    run = lambda *args: subprocess.run([*driver_cmd, *args], env=env, capture_output=True, text=True,  # noqa: E731
+                                       timeout=120)
+    assert run("install", "--source", str(REPO / "dist" / "vaulttmpfs")).returncode == 0
+    node = Kubelet(driver_cmd, env, root)
+    reply, gone = node.mount(node.new_pod("gone", "shop"), NGINX)
+    assert reply.ok, reply.body
+    accessor = json.loads((gone / "vault-token.json").read_text())["wrapped_accessor"]
+    subprocess.run(["umount", str(gone)], check=True)
+    pods = root / "var/lib/kubelet/pods"
+    shutil.rmtree(pods / gone.parts[-4])
+    pods.rename(root / "pods-elsewhere")  # as a container without the pods dir mounted sees it
+
+    refused = run("uninstall")
+    assert refused.returncode == 1
+    assert "held by: shop/gone" in refused.stderr
+    assert f"reconcile could not judge them, so some may be gone already: the kubelet's pods dir {pods} " \
+           "(VAULTTMPFS_PODS_DIR) is not visible here" in refused.stderr, refused.stderr
+    assert bao.lookup_accessor(accessor) is not None and bao.lookup_accessor(auth["accessor"]) is not None
+
+    (root / "pods-elsewhere").rename(pods)
+    done = run("uninstall")
+    assert done.returncode == 0, done.stderr
+    assert bao.lookup_accessor(accessor) is None and bao.lookup_accessor(auth["accessor"]) is None

@@ -47,12 +47,10 @@ def uninstall(config: Config, plugin_dir: str, revoke: bool = True) -> dict[str,
         _refuse_without_a_driver(config, plugin_dir)
     # Volumes whose dir the kubelet already removed (e.g. a tmpfs lost with a reboot) hold no pod:
     # their tokens go now, by the agent's own rule (nothing where the pods dir is not visible).
-    reconcile.reconcile(config)
+    reconciled = reconcile.reconcile(config)
     held = held_volumes(config)
     if held:
-        raise DriverError(f"{len(held)} vaulttmpfs volume(s) still mounted, held by: "
-                          f"{', '.join(sorted(_who(r) for r in held))}; delete those pods (or drain the node) "
-                          "and run uninstall again")
+        _refuse_held(held, reconciled["errors"])
     if operation.retry_pending(config)["pending"]:
         raise DriverError("some pod tokens could not be revoked yet (Vault unreachable?); nothing was removed: "
                           "make Vault reachable and run uninstall again (`vaulttmpfs status` lists them)")
@@ -61,6 +59,15 @@ def uninstall(config: Config, plugin_dir: str, revoke: bool = True) -> dict[str,
     logger.info("uninstalled", removed=removed, generator_revoked=token.get("revoked"),
                 accessor=log.accessor_hint(token.get("accessor")))
     return {"removed": removed, "generator": token, "plugin_dir": plugin_dir}
+
+
+def _refuse_held(held: list[VolumeRecord], reconcile_errors: list[str]) -> None:
+    message = (f"{len(held)} vaulttmpfs volume(s) still mounted, held by: {', '.join(sorted(_who(r) for r in held))}; "
+               "delete those pods (or drain the node) and run uninstall again")
+    if reconcile_errors:
+        # e.g. the pods dir not visible here: a pod already gone then looks like one still holding its volume.
+        message += f"; but reconcile could not judge them, so some may be gone already: {'; '.join(reconcile_errors)}"
+    raise DriverError(message)
 
 
 def _refuse_without_a_driver(config: Config, plugin_dir: str) -> None:
