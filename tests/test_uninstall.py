@@ -5,11 +5,20 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
+import time
+import urllib.error
+import urllib.request
+
+import grpc
+import pytest
 
 from .conftest import driver_env, generator_file
+from .csikubelet import new_pod
+from .csinode import CsiNode
 from .kubelet import Kubelet
-from .vaultserver import REPO
+from .vaultserver import REPO, dies_with_parent, free_port
 
 NGINX = {"vault/policies": "nginx"}
 
@@ -121,3 +130,83 @@ def test_uninstall_where_the_pods_dir_is_not_visible_says_so_instead_of_naming_a
     done = run("uninstall")
     assert done.returncode == 0, done.stderr
     assert bao.lookup_accessor(accessor) is None and bao.lookup_accessor(auth["accessor"]) is None
+
+
+def health(port: int) -> tuple[int, dict]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+    except OSError:
+        return 0, {}
+
+
+def wait_for_health(port: int, done, what: str, timeout: float = 60) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        status, body = health(port)
+        if done(status, body):
+            return body
+        assert time.monotonic() < deadline, f"not within {timeout}s: {what} (last: {status} {body})"
+        time.sleep(0.2)
+
+
+def test_uninstall_wait_serves_the_csi_teardown_so_the_pods_holding_it_up_can_go(bao, driver_cmd, tmp_path,
+                                                                               log_dir):
+    """The uninstall variant with csi: the agent, the CSI socket's only server, is replaced. Uninstall must serve
+    NodeUnpublishVolume meanwhile, or a deleted pod stays Terminating, its token alive, and uninstall refuses
+    for ever; it makes no new volume; once done it answers /healthz 200 (Ready) and idles."""
+    root = tmp_path / "node"
+    root.mkdir()
+    token_path = tmp_path / "vaulttoken"
+    auth = generator_file(bao, token_path, ttl="1h")
+    plugin_dir = tmp_path / "plugins"
+    node = CsiNode(driver_cmd, bao, {"path": str(token_path)}, root, log_dir,
+                   VAULTTMPFS_PLUGIN_DIR=str(plugin_dir)).start()
+    try:
+        # The csi variant's install step: the FlexVolume driver too (uninstall removes it).
+        assert subprocess.run([*driver_cmd, "install", "--source", str(REPO / "dist" / "vaulttmpfs")], env=node.env,
+                              capture_output=True, timeout=120).returncode == 0
+        pod = new_pod("web", "shop")
+        target = node.kubelet.publish(pod, {"vault/policies": "nginx"})
+        accessor = json.loads((target / "vault-token.json").read_text())["wrapped_accessor"]
+        assert node.agent.terminate() == 0  # the rollout to the uninstall variant stops the agent
+
+        once = subprocess.run([*driver_cmd, "uninstall"], env={**node.env, "VAULTTMPFS_CSI_ENDPOINT": ""},
+                              capture_output=True, text=True, timeout=120)
+        assert once.returncode == 1 and "held by: shop/web" in once.stderr
+        assert "the kubelet tears CSI volumes down only through the CSI plugin" in once.stderr, once.stderr
+
+        port = free_port()
+        # As the DaemonSet's container runs it: the CSI endpoint and the health address from its environment.
+        waiting = subprocess.Popen([*driver_cmd, "uninstall", "--wait", "--wait-interval", "1s"],
+                                   env={**node.env, "VAULTTMPFS_HEALTH_ADDR": f"127.0.0.1:{port}"},
+                                   stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                   preexec_fn=dies_with_parent())
+        try:
+            body = wait_for_health(port, lambda status, body: status == 503 and body["uninstall"]["last_refusal"],
+                                   "a refusal reported")
+            refusal = body["uninstall"]["last_refusal"]
+            assert "held by: shop/web" in refusal and "meanwhile this process serves their CSI teardown" in refusal
+            node.kubelet.wait_ready()
+            with pytest.raises(grpc.RpcError, match="being uninstalled from node"):
+                node.kubelet.publish(new_pod("late", "shop"), {"vault/policies": "nginx"})
+            assert node.kubelet.publish(pod, {"vault/policies": "nginx"}) == target  # a republish still answers
+
+            node.kubelet.teardown(pod)  # the pod deleted: the kubelet's NodeUnpublishVolume
+            assert bao.lookup_accessor(accessor) is None
+            body = wait_for_health(port, lambda status, body: status == 200, "uninstalled")
+            assert body["uninstall"]["uninstalled"] is True
+            assert bao.lookup_accessor(auth["accessor"]) is None and not token_path.exists()
+            assert os.listdir(plugin_dir) == []
+            time.sleep(1.5)
+            assert waiting.poll() is None  # it idles: a DaemonSet's container must not exit
+        finally:
+            waiting.send_signal(signal.SIGTERM)
+            out, err = waiting.communicate(timeout=60)
+        assert waiting.returncode == 0, err
+        assert "not uninstalled yet" in err and "generator token revoked" in out
+        assert auth["client_token"] not in out + err
+    finally:
+        node.stop()

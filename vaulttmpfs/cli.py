@@ -404,14 +404,44 @@ def rotate(obj: Settings, pod_uid: str | None, namespace: str | None, everything
 @setting_option("--plugin-dir", env="VAULTTMPFS_PLUGIN_DIR", default=Config.plugin_dir,
                 help="The kubelet's --volume-plugin-dir (VAULTTMPFS_PLUGIN_DIR).")
 @click.option("--keep-token", is_flag=True, help="Leave the node's generator token alive (e.g. to reinstall).")
+@click.option("--wait", is_flag=True,
+              help="Try again every --wait-interval until it succeeds, then idle until SIGTERM (the uninstall "
+                   "variant's container); meanwhile renew the generator token, serve the CSI teardown on "
+                   "--csi-endpoint and /healthz on --health-addr (200 once uninstalled).")
+@click.option("--wait-interval", type=_Duration(), default="10s", show_default=True,
+              help="With --wait: how often to try again.")
+@setting_option("--csi-endpoint", env="VAULTTMPFS_CSI_ENDPOINT", default="", metavar="unix:///PATH",
+                help="With --wait: serve the CSI node plugin here, teardown only (NodeUnpublishVolume; no new "
+                     "volume), so that the pods holding the uninstall up can go (VAULTTMPFS_CSI_ENDPOINT).")
+@setting_option("--health-addr", env="VAULTTMPFS_HEALTH_ADDR", default="",
+                help="With --wait: host:port for GET /healthz (200 once uninstalled, else 503 with the reason) and "
+                     "/livez (VAULTTMPFS_HEALTH_ADDR) [default: none].")
 @pass_config
-def uninstall(obj: Settings, plugin_dir: str, keep_token: bool) -> None:
+def uninstall(obj: Settings, plugin_dir: str, keep_token: bool, wait: bool, wait_interval: float, csi_endpoint: str,
+              health_addr: str) -> None:
     """Remove the driver from this node: refused while a volume is mounted; revokes the generator token."""
     from .ops import uninstall as remover
 
+    if wait:
+        _uninstall_when_possible(obj.config, plugin_dir, not keep_token, wait_interval, csi_endpoint, health_addr)
+        return
     result = remover.uninstall(obj.config, plugin_dir, revoke=not keep_token)
     for line in remover.summary(result):  # nothing imported from here on: the bundle may be gone
         click.echo(line)
+
+
+def _uninstall_when_possible(config: Config, plugin_dir: str, revoke: bool, interval: float, csi_endpoint: str,
+                             health_addr: str) -> None:
+    import signal
+    import threading
+
+    from .ops.uninstall_wait import UninstallWait
+
+    waiter = UninstallWait(config, plugin_dir, revoke, interval, csi_endpoint or None, health_addr or None)
+    stopping = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stopping.set())
+    waiter.run(stopping, lambda line, refused: click.echo(line, err=refused))
 
 
 def main(argv: list[str]) -> int:

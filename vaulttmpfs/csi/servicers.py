@@ -23,6 +23,7 @@ from .. import __version__, log
 from ..config import Config
 from ..engine import attributes, operation
 from ..engine.layout import CSI
+from ..engine.state import StateStore
 from ..errors import BadRequest, DriverError, Forbidden
 from . import DRIVER_NAME, csi_pb2, csi_pb2_grpc
 
@@ -92,6 +93,18 @@ class Node(csi_pb2_grpc.NodeServicer):
         operation.unmount(self.config, request.target_path,
                           finish=functools.partial(_remove_target, request.target_path, missing_ok=True))
         return csi_pb2.NodeUnpublishVolumeResponse()
+
+
+class TeardownOnly(Node):
+    """While `vaulttmpfs uninstall --wait` takes the node's install away: the kubelet can still unpublish
+    (and republish) what is mounted, but no new volume is made: it would hold the uninstall up, with a
+    token minted by a generator token about to be revoked."""
+
+    def NodePublishVolume(self, request, context):  # noqa: N802
+        if StateStore(self.config.state_dir).read_volume(request.target_path) is None:
+            raise DriverError(f"vaulttmpfs is being uninstalled from node {self.config.node_name}: "
+                              "no new volume is made here")
+        return super().NodePublishVolume(request, context)
 
 
 def publish_request(request, config: Config, jwt_login: JwtLogin | None = None) -> operation.MountRequest:

@@ -42,9 +42,10 @@ class CsiServer(Service):
 
     name = "csi"
 
-    def __init__(self, config: Config, endpoint: str, workers: int = WORKERS, jwt_login=None):
+    def __init__(self, config: Config, endpoint: str, workers: int = WORKERS, jwt_login=None, node=None):
         self.config = config
         self.jwt_login = jwt_login  # servicers.JwtLogin: pods log in with their service-account token
+        self.node = node  # the Node servicer; default servicers.Node (uninstall serves servicers.TeardownOnly)
         self.path = socket_path(endpoint)
         self.workers = workers
         self._server = None
@@ -59,7 +60,7 @@ class CsiServer(Service):
                              interceptors=[LogAndMap(self.config.state_dir)])
         csi_pb2_grpc.add_IdentityServicer_to_server(servicers.Identity(), server)
         csi_pb2_grpc.add_ControllerServicer_to_server(servicers.Controller(), server)
-        csi_pb2_grpc.add_NodeServicer_to_server(servicers.Node(self.config, self.jwt_login), server)
+        csi_pb2_grpc.add_NodeServicer_to_server(self.node or servicers.Node(self.config, self.jwt_login), server)
         try:
             server.add_insecure_port(f"unix://{temp}")
         except RuntimeError as exc:

@@ -16,6 +16,7 @@ from typing import Any
 from .. import log
 from ..config import Config
 from ..engine import generator, operation, reconcile, volume
+from ..engine.layout import CSI
 from ..engine.record import VolumeRecord
 from ..engine.state import StateStore
 from ..errors import DriverError, VaultDenied
@@ -41,7 +42,8 @@ def _who(record: VolumeRecord) -> str:
     return f"{name or 'pod'} (uid {record.pod_uid or '?'})"
 
 
-def uninstall(config: Config, plugin_dir: str, revoke: bool = True) -> dict[str, Any]:
+def uninstall(config: Config, plugin_dir: str, revoke: bool = True, serving_csi: bool = False) -> dict[str, Any]:
+    """serving_csi: this process serves the CSI teardown meanwhile (`uninstall --wait --csi-endpoint`)."""
     logger = log.get(command="uninstall", plugin_dir=plugin_dir)
     if revoke:
         _refuse_without_a_driver(config, plugin_dir)
@@ -50,7 +52,7 @@ def uninstall(config: Config, plugin_dir: str, revoke: bool = True) -> dict[str,
     reconciled = reconcile.reconcile(config)
     held = held_volumes(config)
     if held:
-        _refuse_held(held, reconciled["errors"])
+        _refuse_held(held, reconciled["errors"], serving_csi)
     if operation.retry_pending(config)["pending"]:
         raise DriverError("some pod tokens could not be revoked yet (Vault unreachable?); nothing was removed: "
                           "make Vault reachable and run uninstall again (`vaulttmpfs status` lists them)")
@@ -61,9 +63,16 @@ def uninstall(config: Config, plugin_dir: str, revoke: bool = True) -> dict[str,
     return {"removed": removed, "generator": token, "plugin_dir": plugin_dir}
 
 
-def _refuse_held(held: list[VolumeRecord], reconcile_errors: list[str]) -> None:
+def _refuse_held(held: list[VolumeRecord], reconcile_errors: list[str], serving_csi: bool) -> None:
     message = (f"{len(held)} vaulttmpfs volume(s) still mounted, held by: {', '.join(sorted(_who(r) for r in held))}; "
                "delete those pods (or drain the node) and run uninstall again")
+    if serving_csi:
+        message += "; meanwhile this process serves their CSI teardown (NodeUnpublishVolume)"
+    elif any(f"/volumes/{CSI.plugin_dir}/" in r.mount_dir for r in held):
+        # The agent being replaced was the CSI socket's only server: without one, deleted pods never finish.
+        message += ("; the kubelet tears CSI volumes down only through the CSI plugin, so keep one serving until they "
+                    "are gone: the agent, or `vaulttmpfs uninstall --wait --csi-endpoint` (in the cluster: the "
+                    "uninstall component listed after csi, as variants/csi-uninstall does)")
     if reconcile_errors:
         # e.g. the pods dir not visible here: a pod already gone then looks like one still holding its volume.
         message += f"; but reconcile could not judge them, so some may be gone already: {'; '.join(reconcile_errors)}"
