@@ -38,8 +38,12 @@ RENDERED = {"k8s": K8S, "base": BASE,
             "examples/overlay": OVERLAY}
 VARIANTS = {"variants/gke": "/home/kubernetes/flexvolume", "variants/volumeplugins": "/var/lib/kubelet/volumeplugins",
             "examples/overlay": "/home/kubernetes/flexvolume"}
-# Where the agent mounts for the kubelet (VAULTTMPFS_RELAY): privileged, the pods dir Bidirectional.
-RELAYED = {"variants/relay", "variants/csi", "variants/csi-pod-login", "variants/csi-republish", "examples/overlay"}
+# Where the agent mounts for the kubelet (VAULTTMPFS_RELAY): privileged, the pods dir Bidirectional (and so
+# uninstall in its place with csi: it unmounts the volumes the kubelet unpublishes).
+RELAYED = {"variants/relay", "variants/csi", "variants/csi-pod-login", "variants/csi-republish", "examples/overlay",
+           "variants/csi-uninstall"}
+# Where `vaulttmpfs uninstall --wait` runs in the agent's place, with no install step.
+UNINSTALL = {"variants/uninstall", "variants/csi-uninstall"}
 CLUSTER_SCOPED = {"Namespace", "CSIDriver"}
 
 
@@ -69,7 +73,8 @@ def test_what_kustomize_renders_validates_against_the_kubernetes_schemas(name):
 
 def test_every_variant_and_component_is_rendered():
     assert {"variants/gke", "variants/volumeplugins", "variants/relay", "variants/csi", "variants/jwt-bootstrap",
-            "variants/uninstall", "variants/csi-pod-login", "variants/csi-republish"} <= set(RENDERED)
+            "variants/uninstall", "variants/csi-pod-login", "variants/csi-republish",
+            "variants/csi-uninstall"} <= set(RENDERED)
     assert set(SINCE) <= set(RENDERED)
     # A component no shipped variant uses would be rendered by no test.
     used = set()
@@ -150,8 +155,10 @@ def test_every_object_is_in_the_namespace_and_runs_this_release(name):
         assert doc["kind"] in {"ServiceAccount", "ConfigMap", "DaemonSet"} | CLUSTER_SCOPED, doc["kind"]
         assert doc["metadata"].get("namespace") == (None if doc["kind"] in CLUSTER_SCOPED else namespace), doc["kind"]
     pod = rendered(RENDERED[name], "DaemonSet")["spec"]["template"]["spec"]
-    ours = [c["image"] for c in pod["initContainers"] + pod["containers"] if "vaulttmpfs-installer" in c["image"]]
-    assert len(ours) == 2 and {image.rsplit(":", 1)[1] for image in ours} == {vaulttmpfs.__version__}
+    containers = pod.get("initContainers", []) + pod["containers"]
+    ours = [c["image"] for c in containers if "vaulttmpfs-installer" in c["image"]]
+    assert len(ours) == (1 if name in UNINSTALL else 2)  # install and agent, or uninstall alone
+    assert {image.rsplit(":", 1)[1] for image in ours} == {vaulttmpfs.__version__}
     # The user's overlay pulls from its own registry; everything shipped names the image the Dockerfile builds.
     expected = "registry.example.com/vaulttmpfs-installer" if name == "examples/overlay" else "vaulttmpfs-installer"
     assert {image.rsplit(":", 1)[0] for image in ours} == {expected}
@@ -319,7 +326,7 @@ def test_agent_docs_match_the_cli_flags(name):
         assert CliRunner().invoke(cli, [command_name, "--help"]).exit_code == 0
     configmap = rendered(RENDERED[name], "ConfigMap")["data"]
     pod = rendered(RENDERED[name], "DaemonSet")["spec"]["template"]["spec"]
-    container_env = [e for c in pod["containers"] + pod["initContainers"] for e in c.get("env", [])]
+    container_env = [e for c in pod["containers"] + pod.get("initContainers", []) for e in c.get("env", [])]
     daemonset_env = {e["name"] for e in container_env}
     # Helpers only expanded into another value ($(POD_IP)) are Kubernetes', not ours.
     expanded = {helper for e in container_env for helper in re.findall(r"\$\((\w+)\)", e.get("value") or "")}
@@ -347,7 +354,8 @@ def test_relay_variant_gives_the_agent_what_mounting_for_the_kubelet_needs(name)
     volumes = {v["name"]: v for v in pod["volumes"]}
     mounts = {m["name"]: m for m in container["volumeMounts"]}
     # Every volume is mounted by some container (the CSI sidecars mount what only they need).
-    assert {m["name"] for c in pod["initContainers"] + pod["containers"] for m in c["volumeMounts"]} == set(volumes)
+    assert {m["name"] for c in pod.get("initContainers", []) + pod["containers"] for m in c["volumeMounts"]} == \
+        set(volumes)
     # A tmpfs the agent mounts must appear on the host, where the kubelet and the pod see it.
     pods = mounts["pods-dir"]
     assert pods["mountPropagation"] == "Bidirectional"
@@ -367,8 +375,8 @@ def test_every_variant_brokers_the_drivers_vault_calls_without_privilege_of_its_
     pod = rendered(RENDERED[name], "DaemonSet")["spec"]["template"]["spec"]
     container = pod["containers"][0]
     env = {e["name"]: e.get("value") for e in container["env"]}
-    if name == "variants/uninstall":
-        assert container["command"] == ["sleep", "infinity"]  # no agent: the driver is standalone until removed
+    if name in UNINSTALL:
+        assert container["command"][1:] == ["uninstall", "--wait"]  # no agent: the driver is standalone until removed
         return
     assert env["VAULTTMPFS_BROKER"] == "true"
     mounts = {m["name"]: m for m in container["volumeMounts"]}
@@ -444,13 +452,12 @@ def seccomp(pod: dict, container: dict) -> str | None:
     return profile.get("type")
 
 
-@pytest.mark.parametrize("name", RENDERED)
+@pytest.mark.parametrize("name", sorted(set(RENDERED) - UNINSTALL))
 def test_only_an_init_container_can_write_what_the_kubelet_runs(name):
     pod = rendered_pod(name)
     [install] = pod["initContainers"]
     bundle = image_bundle_dir()
-    step = "uninstall" if name == "variants/uninstall" else "install"
-    assert install["command"][:2] == [f"{bundle}/vaulttmpfs", step]
+    assert install["command"][:2] == [f"{bundle}/vaulttmpfs", "install"]
     assert {m["name"]: m for m in install["volumeMounts"]}["plugin-dir"].get("readOnly") is not True
     for container in pod["containers"]:
         assert "install" not in container.get("command", []) and "install" not in container.get("args", [])
@@ -461,7 +468,7 @@ def test_only_an_init_container_can_write_what_the_kubelet_runs(name):
 @pytest.mark.parametrize("name", RENDERED)
 def test_every_container_has_seccomp_and_only_the_capabilities_it_needs(name):
     pod = rendered_pod(name)
-    for container in pod["initContainers"] + pod["containers"]:
+    for container in pod.get("initContainers", []) + pod["containers"]:
         context = container["securityContext"]
         assert seccomp(pod, container) == "RuntimeDefault", container["name"]
         assert context["readOnlyRootFilesystem"] is True
@@ -473,7 +480,9 @@ def test_every_container_has_seccomp_and_only_the_capabilities_it_needs(name):
         assert context["allowPrivilegeEscalation"] is False
         assert context["capabilities"]["drop"] == ["ALL"]
         added = set(context["capabilities"].get("add") or [])
-        assert added <= (INSTALL_CAPABILITIES if container in pod["initContainers"] else set()), container["name"]
+        writes_the_plugin_dir = container in pod.get("initContainers", []) or name in UNINSTALL and \
+            container["name"] == "vaulttmpfs"  # install, or uninstall in the agent's place
+        assert added <= (INSTALL_CAPABILITIES if writes_the_plugin_dir else set()), container["name"]
 
 
 @pytest.mark.parametrize("name", RENDERED)
@@ -490,35 +499,64 @@ def test_no_container_mounts_more_of_the_hosts_etc_than_the_generator_tokens_dir
         assert not Path("/etc/kubernetes").is_relative_to(path) and not Path(path).is_relative_to("/etc/kubernetes")
         assert path.startswith("/etc/") == (volume in ("generator-token", "config")), volume
     # The config file's own dir inside vaulttmpfs' (the install step writes it; nobody else mounts it).
-    assert Path(host_paths["config"]).parent == Path(host_paths["generator-token"])
-    for container in pod["initContainers"] + pod["containers"]:
+    assert name in UNINSTALL or Path(host_paths["config"]).parent == Path(host_paths["generator-token"])
+    for container in pod.get("initContainers", []) + pod["containers"]:
         for mount in container.get("volumeMounts", []):
             if mount["name"] == "generator-token":
                 # Written only by the one-off uninstall step, which deletes the revoked token.
-                uninstalling = name == "variants/uninstall" and container in pod["initContainers"]
+                uninstalling = "uninstall" in container.get("command", [])
                 assert mount.get("readOnly", False) is not uninstalling
                 assert mount["mountPath"] == host_paths["generator-token"]
             if mount["name"] == "config":
                 assert container in pod["initContainers"] and mount["mountPath"] == host_paths["config"]
 
 
-def test_uninstall_variant_runs_uninstall_once_per_node_and_then_idles():
-    pod = rendered_pod("variants/uninstall")
-    [step] = pod["initContainers"]
-    bundle = image_bundle_dir()
-    assert step["command"] == [f"{bundle}/vaulttmpfs", "uninstall"]
+@pytest.mark.parametrize("name", sorted(UNINSTALL))
+def test_uninstall_variant_runs_uninstall_in_the_agents_place_until_done(name):
+    """No install step; the main container runs `uninstall --wait`, Ready once done (its readiness probe is the
+    agent's, answered by uninstall's /healthz), with what it needs where the driver has it."""
+    pod = rendered_pod(name)
+    assert "initContainers" not in pod
+    step = pod["containers"][0]
+    assert step["command"] == [f"{image_bundle_dir()}/vaulttmpfs", "uninstall", "--wait"]
+    env = {e["name"]: e.get("value") for e in step["env"]}
     mounts = {m["name"]: m for m in step["volumeMounts"]}
-    host = {v["name"]: v["hostPath"]["path"] for v in pod["volumes"] if "hostPath" in v}
-    # It needs the plugin dir, the generator token (to revoke it and delete it), the config file
-    # (Vault's address) and the state dir (which volumes are still mounted), each where the driver has it.
-    for name in ("plugin-dir", "generator-token", "state"):
-        assert not mounts[name].get("readOnly"), name
-    for name in ("generator-token", "state", "config"):
-        assert mounts[name]["mountPath"] == host[name]
-    [agent] = pod["containers"]
-    assert agent["command"] == ["sleep", "infinity"]  # no agent: nothing renews or reinstalls
-    assert "readinessProbe" not in agent and "livenessProbe" not in agent
-    assert {m["name"]: m for m in agent["volumeMounts"]}["plugin-dir"]["readOnly"] is True
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    host = {name: v["hostPath"]["path"] for name, v in volumes.items() if "hostPath" in v}
+    # The plugin dir (where VAULTTMPFS_PLUGIN_DIR says) and the generator token (revoked, then deleted):
+    # writable; the state dir (which volumes are still mounted) and the pods dir (whose pods are gone:
+    # reconcile), each at the driver's path; the config file (Vault's address) through the token's dir.
+    assert mounts["plugin-dir"]["mountPath"] == env["VAULTTMPFS_PLUGIN_DIR"]
+    for writable in ("plugin-dir", "generator-token", "state"):
+        assert not mounts[writable].get("readOnly"), writable
+    for same_path in ("generator-token", "state", "pods-dir"):
+        assert mounts[same_path]["mountPath"] == host[same_path], same_path
+    assert {"config", "configmap"}.isdisjoint(volumes)  # the install step's: nobody mounts them here
+    port = int(env["VAULTTMPFS_HEALTH_ADDR"].rsplit(":", 1)[1])
+    assert step["readinessProbe"]["httpGet"] == {"host": "127.0.0.1", "port": port, "path": "/healthz"}
+    # With csi, the CSI endpoint the kubelet knows stays served, by uninstall, and registered by the sidecar.
+    names = [c["name"] for c in pod["containers"]]
+    if name == "variants/csi-uninstall":
+        assert names == ["vaulttmpfs", "node-driver-registrar", "liveness-probe"]
+        assert env["VAULTTMPFS_CSI_ENDPOINT"] == "unix:///csi/csi.sock"
+        assert mounts["csi-plugin-dir"]["mountPath"] == "/csi"
+        assert mounts["pods-dir"]["mountPropagation"] == "Bidirectional"  # its unmounts must reach the host
+    else:
+        assert names == ["vaulttmpfs"] and "VAULTTMPFS_CSI_ENDPOINT" not in env
+
+
+def test_uninstall_keeps_a_csi_install_serving_csi_in_a_users_overlay_too(tmp_path):
+    """As installer/README.md says: a CSI overlay (here on GKE) gets uninstall listed last."""
+    own = tmp_path / "my-vaulttmpfs"
+    own.mkdir()
+    k8s = os.path.relpath(K8S, own)
+    components = ", ".join(f"{k8s}/components/{c}" for c in ("gke", "csi", "uninstall"))
+    (own / "kustomization.yaml").write_text(f"resources: [{k8s}/base]\ncomponents: [{components}]\n")
+    pod = rendered(own, "DaemonSet")["spec"]["template"]["spec"]
+    expected = rendered_pod("variants/csi-uninstall")
+    assert pod["volumes"][0]["hostPath"]["path"] == "/home/kubernetes/flexvolume"
+    pod["volumes"][0] = expected["volumes"][0]
+    assert pod == expected
 
 
 @pytest.mark.parametrize("name", RENDERED)

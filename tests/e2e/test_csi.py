@@ -16,11 +16,13 @@ import grpc
 import pytest
 
 from vaulttmpfs.csi import csi_pb2
+from vaulttmpfs.engine.state import StateStore
 
 from ..csikubelet import CsiKubelet
+from ..kubelet import Kubelet
 from ..kubelet import Pod as KubeletPod
-from .cluster import FS_GROUP, app_pod, deploy, small_image
-from .cri import NODE_NAME, Pod, find, render
+from .cluster import FS_GROUP, app_pod, deploy, installed_driver, small_image
+from .cri import NODE_NAME, Pod, find, probe, render
 
 REGISTRY = Path("/var/lib/kubelet/plugins_registry")
 DRIVER = "vaulttmpfs.cloudwatt.com"
@@ -146,3 +148,53 @@ def test_csi_plugin_registers_publishes_into_the_app_and_unpublish_revokes(node,
     assert healthz(int(probe_port)) not in (200, 0)
     plugin.close()
     node.runtime.stop(agent)
+
+
+def until(condition, timeout: float = 60, what: str = "") -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"not within {timeout}s: {what}"
+        time.sleep(0.3)
+
+
+def new_generator_token(node) -> None:
+    """The operator's step 5 again, for the cases after an uninstall (node.generator updated in place)."""
+    generator = node.bao.generator_token(ttl="2h")
+    path = Path("/etc/vaulttmpfs/vaulttoken")
+    path.write_text(generator["client_token"] + "\n")
+    path.chmod(0o600)
+    node.generator.clear()
+    node.generator.update(generator)
+
+
+def test_csi_uninstall_serves_the_teardown_of_the_pods_holding_it_up(node, csi):
+    """variants/csi-uninstall after variants/csi. The agent was the CSI socket's only server: uninstall, in its
+    place, serves the teardown (registered by the same sidecar) until the pods using the volume are gone, else
+    their unpublish got UNAVAILABLE, the pods stayed Terminating with their tokens alive and uninstall refused."""
+    agent, daemonset = deploy(node, "variants/csi")
+    _, plugin = register(node)
+    pod = Kubelet.new_pod("held", "shop")
+    target = plugin.publish(pod, {"vault/policies": "nginx"})
+    accessor = StateStore("/var/lib/vaulttmpfs").read_volume(str(target)).accessor
+    plugin.close()
+    node.runtime.stop(agent)  # the rollout: the node's old pod goes, then the new one starts
+    (REGISTRY / f"{DRIVER}-reg.sock").unlink(missing_ok=True)  # the old registrar's, gone with it
+
+    uninstall, _ = deploy(node, "variants/csi-uninstall")
+    cid = uninstall.containers["vaulttmpfs"]
+    until(lambda: pod.uid in node.runtime.logs(cid), what="the refusal naming the pod, in the container's log")
+    assert "serves their CSI teardown" in node.runtime.logs(cid)
+    assert probe(uninstall, "vaulttmpfs", "readinessProbe") == 503
+    assert probe(uninstall, "vaulttmpfs", "livenessProbe", timeout=30) == 200  # Probe answered on csi.sock
+    _, plugin = register(node)
+    with pytest.raises(grpc.RpcError, match="being uninstalled"):
+        plugin.publish(Kubelet.new_pod("late", "shop"), {"vault/policies": "nginx"})
+
+    plugin.teardown(pod)  # the pod deleted: the kubelet's NodeUnpublishVolume, served by uninstall
+    assert node.bao.lookup_accessor(accessor) is None and not os.path.ismount(target)
+    assert probe(uninstall, "vaulttmpfs", "readinessProbe", timeout=60) == 200  # its next try: done
+    assert not installed_driver(daemonset).parent.exists()
+    assert node.bao.lookup_accessor(node.generator["accessor"]) is None
+    plugin.close()
+    node.runtime.stop(uninstall)
+    new_generator_token(node)

@@ -111,23 +111,24 @@ def test_agent_killed_and_restarted_keeps_volumes_retries_revocations_and_reconc
 
 
 def test_uninstall_variant_refuses_while_mounted_then_removes_everything(node):
-    """installer/k8s/variants/uninstall, its documented steps: pods using the volume go first."""
+    """installer/k8s/variants/uninstall, its documented steps: pods using the volume go first. Uninstall runs
+    in the agent's place, trying again until it succeeds: not Ready until then, Ready once done."""
     agent, daemonset = deploy(node, "base")
     kubelet = kubelet_for(installed_driver(daemonset))
     pod, path, accessor = mount(kubelet, "still-here")
     node.runtime.stop(agent)
 
-    refused, _ = deploy(node, "variants/uninstall", check_init=False)
-    assert pod.uid in refused.failed_init or pod.name in refused.failed_init, refused.failed_init
+    uninstall, _ = deploy(node, "variants/uninstall")
+    cid = uninstall.containers["vaulttmpfs"]
+    until(lambda: pod.uid in node.runtime.logs(cid), what="the refusal naming the pod, in the container's log")
+    assert probe(uninstall, "vaulttmpfs", "readinessProbe") == 503
     assert os.access(installed_driver(daemonset), os.X_OK) and node.bao.lookup_accessor(node.generator["accessor"])
-    node.runtime.stop(refused)
 
     assert kubelet.teardown(path).ok and node.bao.lookup_accessor(accessor) is None
-    done, uninstall = deploy(node, "variants/uninstall", check_init=False)
-    assert not hasattr(done, "failed_init"), done.failed_init
-    assert not installed_driver(uninstall).parent.exists()
+    assert probe(uninstall, "vaulttmpfs", "readinessProbe", timeout=60) == 200  # its next try (every 10 s)
+    assert not installed_driver(daemonset).parent.exists()
     assert node.bao.lookup_accessor(node.generator["accessor"]) is None
     assert not Path("/etc/vaulttmpfs/vaulttoken").exists()
-    # Then the pod only idles (`sleep infinity` from the image), with nothing to renew or reinstall.
-    assert node.runtime.state(done.containers["vaulttmpfs"])["state"] == "CONTAINER_RUNNING"
-    node.runtime.stop(done)
+    # Then the pod only idles, with nothing to renew or reinstall.
+    assert node.runtime.state(cid)["state"] == "CONTAINER_RUNNING"
+    node.runtime.stop(uninstall)
