@@ -894,8 +894,10 @@ def test_csi_variant_daemonset_serves_csi_and_the_relay_with_the_sidecars():
     assert f"--kubelet-registration-path={plugin_host_dir}/{socket_name}" in registrar["args"]
     assert volumes["registration-dir"]["hostPath"]["path"] == "/var/lib/kubelet/plugins_registry"
     assert mounts(registrar)["registration-dir"]["mountPath"] == "/registration"
-    # The livenessprobe sidecar's port is not the agent's health port (both on the host network).
-    assert "--health-port=9808" in probe["args"] and not env["VAULTTMPFS_HEALTH_ADDR"].endswith(":9808")
+    # The livenessprobe sidecar listens on the node's loopback only, not on the agent's health port (both on
+    # the host network), and the agent's liveness probe asks it.
+    assert "--http-endpoint=127.0.0.1:9808" in probe["args"] and not env["VAULTTMPFS_HEALTH_ADDR"].endswith(":9808")
+    assert agent["livenessProbe"]["httpGet"] == {"host": "127.0.0.1", "port": 9808, "path": "/healthz"}
 
 
 def test_csi_example_pod_validates_and_its_volume_publishes(node, kubelet, bao):

@@ -559,6 +559,24 @@ def test_uninstall_keeps_a_csi_install_serving_csi_in_a_users_overlay_too(tmp_pa
     assert pod == expected
 
 
+def csi_variants() -> list[str]:
+    return [name for name in RENDERED if any(c["name"] == "liveness-probe" for c in rendered_pod(name)["containers"])]
+
+
+@pytest.mark.parametrize("name", csi_variants())
+def test_a_csi_server_that_stops_answering_probe_gets_its_container_restarted(name):
+    """The livenessprobe sidecar only answers /healthz by calling the plugin's Probe: the plugin container's own
+    livenessProbe must ask it, or the kubelet never consults it. On the node's loopback only (hostNetwork), with a
+    probe timeout the sidecar's own Probe timeout fits in."""
+    containers = {c["name"]: c for c in rendered_pod(name)["containers"]}
+    args = dict(a.lstrip("-").split("=", 1) for a in containers["liveness-probe"]["args"])
+    host, port = args["http-endpoint"].rsplit(":", 1)
+    assert host == "127.0.0.1" and "health-port" not in args
+    liveness = containers["vaulttmpfs"]["livenessProbe"]
+    assert liveness["httpGet"] == {"host": host, "port": int(port), "path": "/healthz"}
+    assert liveness["timeoutSeconds"] > float(args["probe-timeout"].rstrip("s"))
+
+
 @pytest.mark.parametrize("name", RENDERED)
 def test_the_agent_sees_the_pods_dir_so_reconcile_can_run(name):
     """Reconcile revokes what the kubelet removed without unmount: it must see the kubelet's pods dir at the
