@@ -86,7 +86,7 @@ def test_uninstall_revokes_nothing_when_the_driver_is_not_in_its_plugin_dir(bao,
     refused = run("uninstall")
     assert refused.returncode == 1
     assert f"no driver in {env['VAULTTMPFS_PLUGIN_DIR']}/cloudwatt~vaulttmpfs" in refused.stderr, refused.stderr
-    assert "nothing was revoked or removed: pass --plugin-dir" in refused.stderr
+    assert "the generator token was left alive and nothing removed: pass --plugin-dir" in refused.stderr
     assert bao.lookup_accessor(auth["accessor"]) is not None and token_path.exists()
     node = Kubelet([str(gke / "cloudwatt~vaulttmpfs" / "vaulttmpfs")], env, root)
     assert node.init().ok

@@ -45,8 +45,6 @@ def _who(record: VolumeRecord) -> str:
 def uninstall(config: Config, plugin_dir: str, revoke: bool = True, serving_csi: bool = False) -> dict[str, Any]:
     """serving_csi: this process serves the CSI teardown meanwhile (`uninstall --wait --csi-endpoint`)."""
     logger = log.get(command="uninstall", plugin_dir=plugin_dir)
-    if revoke:
-        _refuse_without_a_driver(config, plugin_dir)
     # Volumes whose dir the kubelet already removed (e.g. a tmpfs lost with a reboot) hold no pod:
     # their tokens go now, by the agent's own rule (nothing where the pods dir is not visible).
     reconciled = reconcile.reconcile(config)
@@ -56,6 +54,8 @@ def uninstall(config: Config, plugin_dir: str, revoke: bool = True, serving_csi:
     if operation.retry_pending(config)["pending"]:
         raise DriverError("some pod tokens could not be revoked yet (Vault unreachable?); nothing was removed: "
                           "make Vault reachable and run uninstall again (`vaulttmpfs status` lists them)")
+    if revoke:
+        _refuse_without_a_driver(config, plugin_dir)
     token = _revoke_generator(config) if revoke else {"path": config.generator_token_path, "kept": True}
     removed = _remove_driver(plugin_dir)  # last: it may delete the bundle this process runs from
     logger.info("uninstalled", removed=removed, generator_revoked=token.get("revoked"),
@@ -85,9 +85,9 @@ def _refuse_without_a_driver(config: Config, plugin_dir: str) -> None:
     driver_dir = os.path.join(plugin_dir, install.DRIVER_DIR)
     if os.path.lexists(driver_dir) or not os.path.lexists(config.generator_token_path):
         return  # a driver to remove, or nothing left to revoke either (an uninstall run again)
-    raise DriverError(f"no driver in {driver_dir}, so nothing was revoked or removed: pass --plugin-dir "
-                      "(VAULTTMPFS_PLUGIN_DIR) the kubelet's --volume-plugin-dir, where `vaulttmpfs install` "
-                      "put the driver (e.g. /home/kubernetes/flexvolume on GKE)")
+    raise DriverError(f"no driver in {driver_dir}, so the generator token was left alive and nothing removed: "
+                      "pass --plugin-dir (VAULTTMPFS_PLUGIN_DIR) the kubelet's --volume-plugin-dir, where "
+                      "`vaulttmpfs install` put the driver (e.g. /home/kubernetes/flexvolume on GKE)")
 
 
 def _revoke_generator(config: Config) -> dict[str, Any]:
