@@ -798,8 +798,12 @@ def extends(small, big) -> bool:
 
 def test_csi_variant_is_the_relay_variant_plus_the_csi_node_plugin():
     """The CSI front end needs all that the relay gives the agent (privileged, the pods dir Bidirectional):
-    every object of the relay variant is in the CSI variant, only added to."""
+    every object of the relay variant is in the CSI variant, only added to, but for the agent's liveness
+    probe, which asks the livenessprobe sidecar (its CSI server answering Probe) instead of /livez."""
     relay, csi = render(RELAY_VARIANT), render(CSI_VARIANT)
+    probes = [next(doc for doc in docs if doc["kind"] == "DaemonSet")["spec"]["template"]["spec"]["containers"][0]
+              .pop("livenessProbe")["httpGet"] for docs in (relay, csi)]
+    assert [probe["path"] for probe in probes] == ["/livez", "/healthz"] and probes[1]["port"] == 9808
     by_identity = {(doc["kind"], doc["metadata"]["name"]): doc for doc in csi}
     for doc in relay:
         assert extends(doc, by_identity.pop((doc["kind"], doc["metadata"]["name"]))), doc["kind"]
