@@ -82,7 +82,7 @@ def test_the_image_holds_the_bundle_and_only_the_host_files_it_needs(two_builds)
         path, size, package = line.split("\t")
         listed[path.lstrip("/")] = package
     assert others == {"usr/local/bin/vaulttmpfs-entrypoint", *listed}
-    # Debian's: dash for /bin/sh (entrypoint.sh), coreutils for sleep (variants/uninstall), and the
+    # Debian's: dash for /bin/sh (entrypoint.sh), coreutils for sleep (no shipped manifest uses it now), and the
     # libraries of glibc and zlib (the PyInstaller bootloader links libz before the bundle's own).
     assert set(listed.values()) == {"dash", "coreutils", "libc6", "zlib1g"}
     assert {Path(p).name for p, pkg in listed.items() if pkg in ("dash", "coreutils")} == {"dash", "sleep"}
