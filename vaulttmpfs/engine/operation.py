@@ -491,6 +491,12 @@ class Engine:
             logger.warning("no VAULTTMPFS_POLICY_BINDINGS: any pod may ask for any policy the token role allows")
         return request.replace(pod_uid=pod_uid, real_dir=real_dir)
 
+    def request_of(self, record: VolumeRecord, mount_dir: str) -> MountRequest:
+        """The mount request a volume's record stands for: a rotation notes its mint (engine.intents) as a
+        mount's create is. Here, not in rotate: operation imports rotate (its retry), not the reverse."""
+        return MountRequest(mount_dir=mount_dir, policies=list(record.policies), role=record.role,
+                            pod_namespace=record.namespace, pod_name=record.pod, pod_uid=record.pod_uid)
+
     def _refuse_root_generator(self, token: str) -> None:
         """A root generator token could mint anything and revoke everything: refuse to use it.
 

@@ -95,12 +95,7 @@ def _rotate_one(engine: Engine, mount_dir: str, grace: float, logger) -> dict[st
         client = engine.vault(config, token)
         # Noted before the mint, as a mount's create is (engine.intents): killed before its new tokens are
         # queued, the rotation leaves them counted (status, doctor, /metrics) instead of recorded nowhere.
-        from .operation import MountRequest  # loaded already: `engine` is an operation.Engine
-
-        intent = intents.Intent(store, MountRequest(mount_dir=mount_dir, policies=list(record.policies),
-                                                    role=record.role, pod_namespace=record.namespace,
-                                                    pod_name=record.pod, pod_uid=record.pod_uid),
-                                config, client, logger)
+        intent = intents.Intent(store, engine.request_of(record, mount_dir), config, client, logger)
         undo.push(intent)
         asked = time.time()
         try:
