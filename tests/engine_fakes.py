@@ -194,6 +194,7 @@ class VaultDouble:
         self.unreachable = False  # revocations fail as with Vault down
         self.strip_wrapping = False  # answer a plain token where a wrapped one was asked for
         self.tokens_used: list[str | None] = []
+        self.created: list[tuple[dict[str, str], str]] = []  # each create's (metadata, display_name)
         self._ids = itertools.count(1)
 
     def __call__(self, config, token: str | None) -> VaultDouble:
@@ -215,11 +216,13 @@ class VaultDouble:
     def create_wrapped_token(self, role: str, policies: list[str], metadata: dict[str, str],
                              display_name: str, volume: tuple[str, str] | None = None) -> dict[str, Any]:
         self.journal.step("create token", role, ",".join(policies))
+        self.created.append((metadata, display_name))
         return self._wrap()
 
     def create_token(self, role: str, policies: list[str], metadata: dict[str, str],
                      display_name: str, volume: tuple[str, str] | None = None) -> dict[str, Any]:
         self.journal.step("create token", role, ",".join(policies))
+        self.created.append((metadata, display_name))
         accessor = self._new("pod")
         return {"client_token": f"s.{accessor}", "accessor": accessor, "policies": policies, "lease_duration": 3600}
 

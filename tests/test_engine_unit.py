@@ -33,6 +33,7 @@ RECORD_BEFORE_MADE_WITH = {  # 23f2ea3 .. e6a30eb: no read_only / fs_group
 RECORD_WITH_MADE_WITH = {**RECORD_BEFORE_MADE_WITH, "read_only": True, "fs_group": 2000}  # e6a30eb ..
 RECORD_UNWRAPPED = {**RECORD_BEFORE_MADE_WITH, "wrapping_accessor": None, "read_only": False, "fs_group": None}
 RECORD_WITH_UNWRAP = {**RECORD_UNWRAPPED, "unwrapped": True}  # from this change on: vault/unwrap kept
+RECORD_WITH_IDENTITY = {**RECORD_WITH_UNWRAP, "service_account": "default", "volume_name": "vault"}  # and these
 
 
 class Node:
@@ -92,6 +93,30 @@ def test_a_mount_mints_then_records_then_mounts_then_writes(node):
     assert (record.accessor, record.wrapping_accessor) == (info["wrapped_accessor"], info["accessor"])
     assert record.made_with == MadeWith(read_only=True, fs_group=2000, unwrapped=False) and record.pod_uid == POD_UID
     assert set(node.vault.tokens_used) == {"s.generator-token"}  # the generator check, then the create
+
+
+def test_a_mount_records_the_pods_service_account_and_volume_and_names_its_token_by_them(node):
+    """What a rotation mints from later (engine.rotate): the record keeps the service account (the policy
+    bindings are checked with it again) and the volume's name; the token's metadata and display name are
+    built from the same identity, by the same function a rotation uses."""
+    request = node.request()
+    node.mount(request)
+    record = node.store.volumes[request.mount_dir]
+    assert (record.service_account, record.volume_name) == ("default", "vault")
+    [(metadata, display_name)] = node.vault.created
+    assert metadata == {"created_by": "vaulttmpfs", "namespace": "default", "pod": "nginx", "pod_uid": POD_UID,
+                        "service_account": "default", "volume": "vault", "node": "node-1"}
+    assert display_name == "vaulttmpfs-default-nginx"
+    assert record.token_identity("node-1") == (metadata, display_name)
+    assert record.token_identity("node-1", rotated_from="pod-1") == ({**metadata, "rotated_from": "pod-1"},
+                                                                     display_name)
+
+
+def test_a_mount_without_the_volumes_name_takes_it_from_the_kubelets_path(node):
+    request = node.request(volume_name="", mount_dir=node.volume_dir("creds"))
+    node.mount(request)
+    assert node.store.volumes[request.mount_dir].volume_name == "creds"
+    assert node.vault.created[0][0]["volume"] == "creds"
 
 
 def test_the_mount_dir_is_resolved_once_per_call(node):
@@ -395,10 +420,13 @@ def test_unmount_with_vault_down_queues_both_tokens(node):
 
 
 @pytest.mark.parametrize("shape", [RECORD_BEFORE_MADE_WITH, RECORD_WITH_MADE_WITH, RECORD_UNWRAPPED,
-                                   RECORD_WITH_UNWRAP])
+                                   RECORD_WITH_UNWRAP, RECORD_WITH_IDENTITY])
 def test_every_record_shape_reads_and_writes_back_as_it_was(shape):
     record = VolumeRecord.from_json(json.loads(json.dumps(shape)))
     assert record.accessor == "pod-acc" and record.pod_uid == POD_UID and record.policies == ("nginx",)
+    # "" (not known) unless the record names them: written before they were kept.
+    assert (record.service_account, record.volume_name) == (shape.get("service_account", ""),
+                                                            shape.get("volume_name", ""))
     assert record.made_with == (MadeWith(shape["read_only"], shape["fs_group"], shape.get("unwrapped"))
                                 if "read_only" in shape else None)
     assert record.to_json() == shape and list(record.to_json()) == list(shape)

@@ -272,6 +272,7 @@ def test_a_flexvolume_volume_rotates_the_same_way(kubelet, bao):
     reply, volume = kubelet.mount(pod, NGINX, fs_group=FS_GROUP)
     assert reply.ok, reply.body
     old = read_volume(volume)[1]
+    mounted = bao.lookup_accessor(old["wrapped_accessor"])["meta"]
     out = subprocess.run([*kubelet.driver_cmd, "rotate", "--pod-uid", pod.uid, "--grace", "1s", "--json"],
                          capture_output=True, text=True, env=kubelet.env, timeout=120)
     assert out.returncode == 0, out.stdout + out.stderr
@@ -283,13 +284,33 @@ def test_a_flexvolume_volume_rotates_the_same_way(kubelet, bao):
     auth = bao.unwrap(token)["auth"]
     remember_secret(auth["client_token"])
     assert auth["accessor"] == new["wrapped_accessor"] != old["wrapped_accessor"]
-    assert auth["metadata"]["pod_uid"] == pod.uid and "nginx" in auth["policies"]
+    assert auth["metadata"] == {**mounted, "rotated_from": old["wrapped_accessor"]} and "nginx" in auth["policies"]
+    assert (mounted["pod_uid"], mounted["service_account"], mounted["volume"]) == (pod.uid, "default", "token")
     time.sleep(1.2)
     assert subprocess.run([*kubelet.driver_cmd, "retry-revocations"], env=kubelet.env, capture_output=True,
                           timeout=120).returncode == 0
     assert bao.lookup_accessor(old["wrapped_accessor"]) is None
     assert kubelet.teardown(volume).ok
     assert bao.lookup_accessor(new["wrapped_accessor"]) is None
+
+
+def test_a_rotated_csi_token_is_named_as_the_mounts_was(node, bao):
+    """The CSI target path ends in /mount: the rotated token's `volume` is the pod's name for the volume
+    (as the mount's), and its `service_account` is kept."""
+    pod = new_pod("named", namespace="shop", service_account="api")
+    path = node.kubelet.publish(pod, NGINX)
+    old = read_volume(path)[1]
+    mounted = bao.lookup_accessor(old["wrapped_accessor"])
+    assert (mounted["meta"]["volume"], mounted["meta"]["service_account"]) == ("vault", "api")
+    [result] = rotate(node, "--pod-uid", pod.uid, "--grace", "1s")
+    assert result["outcome"] == "rotated", result
+    rotated = bao.lookup_accessor(read_volume(path)[1]["wrapped_accessor"])
+    assert rotated["meta"] == {**mounted["meta"], "rotated_from": old["wrapped_accessor"]}
+    assert rotated["display_name"] == mounted["display_name"]
+    node.kubelet.teardown(pod)
+    time.sleep(1.2)
+    assert cli(node, "retry-revocations").returncode == 0
+    assert bao.lookup_accessor(old["wrapped_accessor"]) is None
 
 
 def test_a_record_older_than_made_with_keeps_the_volumes_group(node, bao):

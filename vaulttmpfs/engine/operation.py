@@ -21,7 +21,18 @@ from ..errors import Conflict, DriverError, Forbidden, StateUnwritable, TokenNot
 from ..value import Value
 from . import generator, volume
 from .layout import FLEXVOLUME, Layout
-from .record import FROM_METADATA, GONE, NOTHING, QUEUED, REVOKED, MadeWith, Minted, Revocation, VolumeRecord
+from .record import (
+    FROM_METADATA,
+    GONE,
+    NOTHING,
+    QUEUED,
+    REVOKED,
+    MadeWith,
+    Minted,
+    Revocation,
+    VolumeRecord,
+    token_identity,
+)
 from .state import StateStore, sha256_hex
 from .volume import MOUNT_SOURCE
 
@@ -65,21 +76,10 @@ class MountRequest(Value):
     login: PodLogin | None = None  # set: log in as the pod (Vault's role decides) instead of minting
     real_dir: str = ""  # the mount dir's resolved path, as admission approved it (set by admission)
 
-    def token_metadata(self, node: str) -> dict[str, str]:
-        meta = {
-            "created_by": "vaulttmpfs",
-            "namespace": self.pod_namespace,
-            "pod": self.pod_name,
-            "pod_uid": self.pod_uid,
-            "service_account": self.service_account,
-            "volume": self.volume_name,
-            "node": node,
-        }
-        return {k: v for k, v in meta.items() if v}
-
-    def display_name(self) -> str:
-        who = "-".join(p for p in (self.pod_namespace, self.pod_name) if p) or "pod"
-        return f"vaulttmpfs-{who}"[:100]
+    def token_identity(self, node: str) -> tuple[dict[str, str], str]:
+        """The token's metadata and display name (record.token_identity: a rotation builds them the same)."""
+        return token_identity(node, self.pod_namespace, self.pod_name, self.pod_uid, self.service_account,
+                              self.volume_name)
 
 
 def _hvac_vault(config: Config, token: str | None):
@@ -229,6 +229,7 @@ class Engine:
             record = VolumeRecord(minted.accessor, minted.wrapping_accessor, request.mount_dir, request.role,
                                   policies=tuple(request.policies), pod_uid=request.pod_uid,
                                   namespace=request.pod_namespace, pod=request.pod_name,
+                                  service_account=request.service_account, volume_name=request.volume_name,
                                   made_with=MadeWith(request.read_only, request.fs_group, request.unwrapped))
             _on_failure(undo, self._revoke_and_forget, record, logger, "mount failed after the token was created")
             written = self.store.write_volume(request.mount_dir, record)
@@ -325,7 +326,7 @@ class Engine:
             log.secret(request.login.jwt)
             return _wrapped(self.vault(config, None).login_jwt_wrapped(request.login.mount, request.role,
                                                                        request.login.jwt, volume=volume))
-        args = (request.role, request.policies, request.token_metadata(config.node_name), request.display_name())
+        args = (request.role, request.policies, *request.token_identity(config.node_name))
         if request.unwrapped:
             auth = self.vault(config, token).create_token(*args, volume=volume)
             # The metadata file never holds the token itself (the token file does).
@@ -472,7 +473,7 @@ class Engine:
     def _admit(self, request: MountRequest, logger) -> MountRequest:
         """Who is asking, and may they? Decided before anything is read, mounted or minted."""
         config, real_dir = self.config, self.real(request.mount_dir)
-        pod_uid, _volume = request.layout.parts(request.mount_dir, config.pods_dir, real_dir)
+        pod_uid, volume_name = request.layout.parts(request.mount_dir, config.pods_dir, real_dir)
         # The uid in the kubelet's path cannot be chosen by the pod; the pod's options can override any key.
         if request.pod_uid and request.pod_uid != pod_uid:
             raise Forbidden(f"the pod uid {request.pod_uid!r} given with the call does not match the pod uid "
@@ -489,13 +490,15 @@ class Engine:
                         service_account=request.service_account)
         else:
             logger.warning("no VAULTTMPFS_POLICY_BINDINGS: any pod may ask for any policy the token role allows")
-        return request.replace(pod_uid=pod_uid, real_dir=real_dir)
+        # The path's volume name when the call did not give one: the token's metadata and the record name it.
+        return request.replace(pod_uid=pod_uid, real_dir=real_dir, volume_name=request.volume_name or volume_name)
 
     def request_of(self, record: VolumeRecord, mount_dir: str) -> MountRequest:
         """The mount request a volume's record stands for: a rotation notes its mint (engine.intents) as a
         mount's create is. Here, not in rotate: operation imports rotate (its retry), not the reverse."""
         return MountRequest(mount_dir=mount_dir, policies=list(record.policies), role=record.role,
-                            pod_namespace=record.namespace, pod_name=record.pod, pod_uid=record.pod_uid)
+                            pod_namespace=record.namespace, pod_name=record.pod, pod_uid=record.pod_uid,
+                            service_account=record.service_account, volume_name=record.volume_name)
 
     def _refuse_root_generator(self, token: str) -> None:
         """A root generator token could mint anything and revoke everything: refuse to use it.

@@ -33,6 +33,8 @@ class VolumeRecord(Value):
     pod_uid: str = ""
     namespace: str = ""
     pod: str = ""
+    service_account: str = ""  # "": not known (a record written before it was kept)
+    volume_name: str = ""  # the pod's name for the volume; "": not known (written before it was kept)
     made_with: MadeWith | None = None  # None: written before read_only/fs_group were kept
     source: str = ""  # FROM_METADATA when rebuilt from the volume, not read from the state dir
     since: float | None = None  # when the record was written (list_volumes: the file's mtime)
@@ -40,6 +42,11 @@ class VolumeRecord(Value):
     def accessors(self) -> list[str]:
         """The pod token, then its wrapping token."""
         return [a for a in (self.accessor, self.wrapping_accessor) if a]
+
+    def token_identity(self, node: str, **more: str) -> tuple[dict[str, str], str]:
+        """The metadata and display name of a token minted for this volume (a rotation's)."""
+        return token_identity(node, self.namespace, self.pod, self.pod_uid, self.service_account,
+                              self.volume_name, **more)
 
     def to_json(self) -> dict[str, Any]:
         value = {"mount_dir": self.mount_dir, "accessor": self.accessor, "wrapping_accessor": self.wrapping_accessor,
@@ -49,6 +56,11 @@ class VolumeRecord(Value):
             value.update(read_only=self.made_with.read_only, fs_group=self.made_with.fs_group)
             if self.made_with.unwrapped is not None:
                 value["unwrapped"] = self.made_with.unwrapped
+        # Kept from this version on (a rotation's bindings check and token metadata); absent when not known.
+        if self.service_account:
+            value["service_account"] = self.service_account
+        if self.volume_name:
+            value["volume_name"] = self.volume_name
         return value
 
     @classmethod
@@ -70,10 +82,22 @@ class VolumeRecord(Value):
             pod_uid=_text(value, "pod_uid"),
             namespace=_text(value, "namespace"),
             pod=_text(value, "pod"),
+            service_account=_text(value, "service_account"),
+            volume_name=_text(value, "volume_name"),
             made_with=made_with,
             source=_text(value, "source"),
             since=since,
         )
+
+
+def token_identity(node: str, namespace: str, pod: str, pod_uid: str, service_account: str, volume: str,
+                   **more: str) -> tuple[dict[str, str], str]:
+    """A pod token's metadata and display name, from its volume's identity: the one place a mount and a
+    rotation (which adds `rotated_from`) build them. Metadata keys without a value are left out."""
+    meta = {"created_by": "vaulttmpfs", "namespace": namespace, "pod": pod, "pod_uid": pod_uid,
+            "service_account": service_account, "volume": volume, "node": node, **more}
+    who = "-".join(p for p in (namespace, pod) if p) or "pod"
+    return {k: v for k, v in meta.items() if v}, f"vaulttmpfs-{who}"[:100]
 
 
 def _text(value: dict[str, Any], key: str) -> str:

@@ -17,7 +17,8 @@ volume's lock (no rotation of it is then under way) and keeps whatever the recor
 tell is a kill between the record and the metadata file: the pod never saw the new token, so the
 record is put back to name the old one, which the pod holds.
 
-Volumes rotated: wrapped, minted with the generator token. Not rotated (and said why): an unwrapped
+Volumes rotated: wrapped, minted with the generator token. The new token is named as the mount's was
+(record.token_identity), with `rotated_from`. Not rotated (and said why): an unwrapped
 volume (the pod holds the plain token: nobody would switch to a new one) and a pod-login volume
 (minting needs the pod's own service-account JWT, which only the kubelet's publish carries).
 """
@@ -85,13 +86,11 @@ def _rotate_one(engine: Engine, mount_dir: str, grace: float, logger) -> dict[st
         if str(meta.get("creation_path", "")).endswith("/login"):
             return {"outcome": "skipped", "why": "pod-login volume: a new login needs the pod's service-account "
                                                  "token, which only the kubelet's publish carries"}
+        identity = _identity(engine, record, real)
         token = generator.read_token(config.generator_token_path)
         log.secret(token)
         engine._refuse_root_generator(token)
-        metadata = {"created_by": "vaulttmpfs", "namespace": record.namespace, "pod": record.pod,
-                    "pod_uid": record.pod_uid, "volume": os.path.basename(mount_dir), "node": config.node_name,
-                    "rotated_from": record.accessor}
-        who = "-".join(p for p in (record.namespace, record.pod) if p) or "pod"
+        metadata, display_name = identity.token_identity(config.node_name, rotated_from=record.accessor)
         client = engine.vault(config, token)
         # Noted before the mint, as a mount's create is (engine.intents): killed before its new tokens are
         # queued, the rotation leaves them counted (status, doctor, /metrics) instead of recorded nowhere.
@@ -99,8 +98,7 @@ def _rotate_one(engine: Engine, mount_dir: str, grace: float, logger) -> dict[st
         undo.push(intent)
         asked = time.time()
         try:
-            wrap = client.create_wrapped_token(record.role, list(record.policies),
-                                               {k: v for k, v in metadata.items() if v}, f"vaulttmpfs-{who}"[:100])
+            wrap = client.create_wrapped_token(record.role, list(record.policies), metadata, display_name)
         except TokenNotWrapped as exc:  # a proxy stripped X-Vault-Wrap-TTL: a live token no volume will hold
             outcome = engine.revoke_or_queue(VolumeRecord(exc.accessor, pod_uid=record.pod_uid), logger,
                                              why="Vault returned the rotated token unwrapped")
@@ -139,6 +137,19 @@ def _rotate_one(engine: Engine, mount_dir: str, grace: float, logger) -> dict[st
                            "as the volume's record names them", error=exc.strerror or str(exc))
     logger.info("rotated", accessor=minted.accessor, old_accessor=record.accessor, grace=grace)
     return {"outcome": "rotated", "accessor": minted.accessor[:8], "old_accessor": record.accessor[:8]}
+
+
+def _identity(engine: Engine, record: VolumeRecord, real: str) -> VolumeRecord:
+    """The record, its volume named: a record an older version wrote does not name it, the volume's path
+    does (the kubelet's layout of either front end)."""
+    if record.volume_name:
+        return record
+    from .layout import CSI, FLEXVOLUME
+
+    for layout in (FLEXVOLUME, CSI):
+        with contextlib.suppress(DriverError):
+            return record.replace(volume_name=layout.parts(record.mount_dir, engine.config.pods_dir, real)[1])
+    return record
 
 
 def _write_files(engine: Engine, mount_dir: str, real: str, info: dict[str, str], record: VolumeRecord,
