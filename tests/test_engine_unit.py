@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import pytest
 
 from vaulttmpfs.config import Config
 from vaulttmpfs.engine import operation
+from vaulttmpfs.engine import record as records
 from vaulttmpfs.engine.operation import Engine, MountRequest, PodLogin
 from vaulttmpfs.engine.record import GONE, NOTHING, QUEUED, REVOKED, MadeWith, Revocation, VolumeRecord
 from vaulttmpfs.errors import Conflict, DriverError, Forbidden, VaultDenied
@@ -106,7 +108,7 @@ def test_a_mount_records_the_pods_service_account_and_volume_and_names_its_token
     [(metadata, display_name)] = node.vault.created
     assert metadata == {"created_by": "vaulttmpfs", "namespace": "default", "pod": "nginx", "pod_uid": POD_UID,
                         "service_account": "default", "volume": "vault", "node": "node-1"}
-    assert display_name == "vaulttmpfs-default-nginx"
+    assert display_name == "vaulttmpfs-default-POD-nginx"
     assert record.token_identity("node-1") == (metadata, display_name)
     assert record.token_identity("node-1", rotated_from="pod-1") == ({**metadata, "rotated_from": "pod-1"},
                                                                      display_name)
@@ -117,6 +119,22 @@ def test_a_mount_without_the_volumes_name_takes_it_from_the_kubelets_path(node):
     node.mount(request)
     assert node.store.volumes[request.mount_dir].volume_name == "creds"
     assert node.vault.created[0][0]["volume"] == "creds"
+
+
+def vault_display_name(namespace: str, pod: str) -> str:
+    """The display name as Vault keeps it: "token-" + the name, each character but [A-Za-z0-9-] made a
+    `-` (OpenBao's token store, as Vault's; checked against the dev server: "vaulttmpfs-team-a.web" is
+    kept as "token-vaulttmpfs-team-a-web")."""
+    return "token-" + re.sub(r"[^A-Za-z0-9-]", "-", records.token_identity("n", namespace, pod, "", "", "")[1])
+
+
+def test_display_names_keep_namespace_and_pod_apart_as_vault_keeps_them():
+    pairs = [("team-a", "web"), ("team", "a-web"), ("team-a-web", "x"), ("t", "eam-a-web"), ("team-a", "web.v2")]
+    assert len({vault_display_name(*pair) for pair in pairs}) == len(pairs)
+    assert vault_display_name("team-a", "web") == "token-vaulttmpfs-team-a-POD-web"
+    # The longest namespace (63) and pod name (253): cut to 100, only the pod name's end goes.
+    name = records.token_identity("n", "n" * 63, "p" * 253, "", "", "")[1]
+    assert len(name) == 100 and name.startswith("vaulttmpfs-" + "n" * 63 + "-POD-ppp")
 
 
 def test_the_mount_dir_is_resolved_once_per_call(node):

@@ -306,7 +306,7 @@ def test_a_rotated_csi_token_is_named_as_the_mounts_was(node, bao):
     assert result["outcome"] == "rotated", result
     rotated = bao.lookup_accessor(read_volume(path)[1]["wrapped_accessor"])
     assert rotated["meta"] == {**mounted["meta"], "rotated_from": old["wrapped_accessor"]}
-    assert rotated["display_name"] == mounted["display_name"]
+    assert rotated["display_name"] == mounted["display_name"] == "token-vaulttmpfs-shop-POD-named"
     node.kubelet.teardown(pod)
     time.sleep(1.2)
     assert cli(node, "retry-revocations").returncode == 0

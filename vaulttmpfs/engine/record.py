@@ -93,11 +93,19 @@ class VolumeRecord(Value):
 def token_identity(node: str, namespace: str, pod: str, pod_uid: str, service_account: str, volume: str,
                    **more: str) -> tuple[dict[str, str], str]:
     """A pod token's metadata and display name, from its volume's identity: the one place a mount and a
-    rotation (which adds `rotated_from`) build them. Metadata keys without a value are left out."""
+    rotation (which adds `rotated_from`) build them. Metadata keys without a value are left out.
+
+    Display name `vaulttmpfs-<namespace>-POD-<pod>`. Vault keeps only [A-Za-z0-9-] of a display name
+    (each other character becomes `-`, then it prefixes `token-`), and Kubernetes names are lower case
+    ([a-z0-9-] for a namespace, plus `.` for a pod): an upper-case separator both survives Vault and
+    can occur in neither name, so `team-a`/`web` and `team`/`a-web` stay apart
+    (`vaulttmpfs-team-a.web` would not: Vault keeps it as `token-vaulttmpfs-team-a-web`). A pod name's `.`
+    still becomes `-` in Vault (`web.v2` and `web-v2` look alike there): the metadata's `pod` is exact.
+    Cut to 100 characters: a namespace is at most 63, so only the pod name's end is ever cut."""
     meta = {"created_by": "vaulttmpfs", "namespace": namespace, "pod": pod, "pod_uid": pod_uid,
             "service_account": service_account, "volume": volume, "node": node, **more}
-    who = "-".join(p for p in (namespace, pod) if p) or "pod"
-    return {k: v for k, v in meta.items() if v}, f"vaulttmpfs-{who}"[:100]
+    shown = f"vaulttmpfs-{namespace}-POD-{pod}" if namespace or pod else "vaulttmpfs-pod"
+    return {k: v for k, v in meta.items() if v}, shown[:100]
 
 
 def _text(value: dict[str, Any], key: str) -> str:
