@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from vaulttmpfs.config import Config
-from vaulttmpfs.engine import operation
+from vaulttmpfs.engine import bindings, operation
 from vaulttmpfs.engine import record as records
 from vaulttmpfs.engine.operation import Engine, MountRequest, PodLogin
 from vaulttmpfs.engine.record import GONE, NOTHING, QUEUED, REVOKED, MadeWith, Revocation, VolumeRecord
@@ -135,6 +135,32 @@ def test_display_names_keep_namespace_and_pod_apart_as_vault_keeps_them():
     # The longest namespace (63) and pod name (253): cut to 100, only the pod name's end goes.
     name = records.token_identity("n", "n" * 63, "p" * 253, "", "", "")[1]
     assert len(name) == 100 and name.startswith("vaulttmpfs-" + "n" * 63 + "-POD-ppp")
+
+
+BINDINGS_FOR_A_ROTATION = [  # (bindings, the policy asked for, allowed without the service account?)
+    ({"bindings": [{"namespaces": ["default"], "policies": ["nginx"]}]}, "nginx", True),
+    ({"bindings": [{"namespaces": ["default"], "service_accounts": ["*"], "policies": ["nginx"]}]}, "nginx", True),
+    # Only service account "default" has it: whatever name stands in for the unknown one, refused.
+    ({"bindings": [{"namespaces": ["default"], "service_accounts": ["default"], "policies": ["nginx"]}]}, "nginx",
+     False),
+    ({"bindings": [{"namespaces": ["*"], "policies": ["{service_account}"]}]}, "default", False),
+    ({"bindings": [{"namespaces": ["*"], "policies": ["{service_account}_db", "ngin*"]}]}, "nginx", True),
+    ({"bindings": [{"namespaces": ["shop"], "policies": ["nginx"]}]}, "nginx", False),
+]
+
+
+@pytest.mark.parametrize("document, policy, allowed", BINDINGS_FOR_A_ROTATION)
+def test_a_record_without_its_service_account_is_allowed_only_what_every_service_account_is(document, policy,
+                                                                                             allowed):
+    """A volume record an older version wrote names no service account: a rotation may mint only what
+    the bindings give every service account of the namespace, and says when they need the one it lacks."""
+    found = bindings.parse(json.dumps(document), "bindings.json")
+    if allowed:
+        operation._check_without_service_account(bindings, found, "default", [policy])
+    else:
+        with pytest.raises(Forbidden, match="need the pod's service account, which the volume's record does not "
+                                            f"name .*namespace 'default' allows {policy}$"):
+            operation._check_without_service_account(bindings, found, "default", [policy])
 
 
 def test_the_mount_dir_is_resolved_once_per_call(node):

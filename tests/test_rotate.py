@@ -24,7 +24,7 @@ from .csinode import CsiNode
 from .faultserver import CREATE, FaultServer
 from .kubelet import mount_entry
 from .vaultserver import REPO, bao_binary, dies_with_parent, stop_process
-from .volumes import read_volume
+from .volumes import read_volume, write_bindings
 
 NGINX = {"vault/policies": "nginx"}
 FS_GROUP = 2000
@@ -294,6 +294,69 @@ def test_a_flexvolume_volume_rotates_the_same_way(kubelet, bao):
     assert bao.lookup_accessor(new["wrapped_accessor"]) is None
 
 
+def volume_state(path: Path, record_file: Path) -> tuple:
+    """What a refused rotation must leave as it was: the volume's files (bytes, mode, group), its record."""
+    files = {n: ((path / n).read_bytes(), (path / n).stat().st_mode, (path / n).stat().st_gid)
+             for n in ("vault-token", "vault-token.json")}
+    return files, record_file.read_text()
+
+
+def record_file_of(root: Path, pod) -> Path:
+    [found] = [p for p in (root / "state" / "volumes").glob("*.json") if json.loads(p.read_text()).get("pod_uid")
+               == pod.uid]
+    return found
+
+
+def queue_and_intents(root: Path) -> tuple[set[str], set[str]]:
+    return ({p.name for p in (root / "state" / "pending").glob("*.json")},
+            {p.name for p in (root / "state" / "intents").glob("*.json")})
+
+
+def test_a_rotation_mints_only_what_the_policy_bindings_in_force_now_allow(kubelet, bao, tmp_path):
+    """The bindings are checked again before a rotation mints, with the service account the volume was
+    mounted for (its record keeps it), as a mount checks them: once the admin took `nginx` from the
+    namespace, a rotation is refused (naming the binding) and nothing is minted or changed. Allowed, the
+    new token is named as the mount's was (the same metadata, `rotated_from` added; the same display name)."""
+    bindings = tmp_path / "bindings.json"
+    kubelet.env["VAULTTMPFS_POLICY_BINDINGS"] = write_bindings(
+        bindings, {"bindings": [{"namespaces": ["shop"], "service_accounts": ["api"], "policies": ["nginx"]}]})
+    pod = kubelet.new_pod("web", namespace="shop", service_account="api")
+    reply, volume = kubelet.mount(pod, NGINX)
+    assert reply.ok, reply.body
+    old = read_volume(volume)[1]
+    mounted = bao.lookup_accessor(old["wrapped_accessor"])
+    assert mounted["meta"]["service_account"] == "api" and mounted["meta"]["volume"] == "token"
+    assert mounted["display_name"] == "token-vaulttmpfs-shop-POD-web"
+
+    def rotate_shop() -> subprocess.CompletedProcess:
+        return subprocess.run([*kubelet.driver_cmd, "rotate", "--namespace", "shop", "--grace", "1s", "--json"],
+                              capture_output=True, text=True, env=kubelet.env, timeout=120)
+
+    out = rotate_shop()
+    assert out.returncode == 0, out.stdout + out.stderr
+    new = read_volume(volume)[1]
+    rotated = bao.lookup_accessor(new["wrapped_accessor"])
+    assert rotated["meta"] == {**mounted["meta"], "rotated_from": old["wrapped_accessor"]}
+    assert rotated["display_name"] == mounted["display_name"]
+
+    # The admin takes nginx away from namespace shop: a new mount there is refused, and so is a rotation.
+    write_bindings(bindings, {"bindings": [{"name": "shop apps", "namespaces": ["shop"], "policies": ["other"]}]})
+    record = record_file_of(kubelet.root, pod)
+    held, minted, queued = volume_state(volume, record), set(bao.accessors()), queue_and_intents(kubelet.root)
+    out = rotate_shop()
+    assert out.returncode == 1, out.stdout + out.stderr
+    [result] = json.loads(out.stdout)["volumes"]
+    assert result["outcome"] == "failed", result
+    assert result["error"].startswith("not rotated: policy 'nginx' is not bound to service account 'api' in "
+                                      f"namespace 'shop' by {bindings}: binding #1 'shop apps'"), result
+    assert "the volume keeps the token it holds" in result["error"]
+    assert volume_state(volume, record) == held and queue_and_intents(kubelet.root) == queued
+    assert set(bao.accessors()) == minted  # nothing minted
+    assert bao.lookup_accessor(new["wrapped_accessor"]) is not None  # the pod's token untouched
+    assert kubelet.teardown(volume).ok
+    assert bao.lookup_accessor(new["wrapped_accessor"]) is None
+
+
 def test_a_rotated_csi_token_is_named_as_the_mounts_was(node, bao):
     """The CSI target path ends in /mount: the rotated token's `volume` is the pod's name for the volume
     (as the mount's), and its `service_account` is kept."""
@@ -307,6 +370,45 @@ def test_a_rotated_csi_token_is_named_as_the_mounts_was(node, bao):
     rotated = bao.lookup_accessor(read_volume(path)[1]["wrapped_accessor"])
     assert rotated["meta"] == {**mounted["meta"], "rotated_from": old["wrapped_accessor"]}
     assert rotated["display_name"] == mounted["display_name"] == "token-vaulttmpfs-shop-POD-named"
+    node.kubelet.teardown(pod)
+    time.sleep(1.2)
+    assert cli(node, "retry-revocations").returncode == 0
+    assert bao.lookup_accessor(old["wrapped_accessor"]) is None
+
+
+def test_a_record_without_its_service_account_rotates_only_what_every_service_account_may_have(node, bao,
+                                                                                               tmp_path):
+    """A record an older version wrote names neither the service account nor the volume: checked without
+    the service account, the rotation is refused when the bindings need it (and says so), allowed when
+    they give the policy to every service account of the namespace; the volume is named from its path."""
+    pod = new_pod("old-identity", namespace="shop", service_account="api")
+    path = node.kubelet.publish(pod, NGINX)
+    record = record_file_of(node.root, pod)
+    written = json.loads(record.read_text())
+    assert (written.pop("service_account"), written.pop("volume_name")) == ("api", "vault")
+    record.write_text(json.dumps(written))
+    old = read_volume(path)[1]
+    mounted = bao.lookup_accessor(old["wrapped_accessor"])
+    bindings = tmp_path / "bindings.json"
+
+    def rotate_with(document) -> subprocess.CompletedProcess:
+        return subprocess.run([*node.cmd, "rotate", "--json", "--pod-uid", pod.uid, "--grace", "1s"],
+                              capture_output=True, text=True, timeout=120,
+                              env={**node.env, "VAULTTMPFS_POLICY_BINDINGS": write_bindings(bindings, document)})
+
+    held, minted = volume_state(path, record), set(bao.accessors())
+    out = rotate_with({"bindings": [{"namespaces": ["shop"], "service_accounts": ["api"], "policies": ["nginx"]}]})
+    assert out.returncode == 1, out.stdout + out.stderr
+    [result] = json.loads(out.stdout)["volumes"]
+    assert result["outcome"] == "failed" and "need the pod's service account, which the volume's record does " \
+        "not name" in result["error"], result
+    assert volume_state(path, record) == held and set(bao.accessors()) == minted
+
+    out = rotate_with({"bindings": [{"namespaces": ["shop"], "policies": ["nginx"]}]})
+    assert out.returncode == 0, out.stdout + out.stderr
+    rotated = bao.lookup_accessor(read_volume(path)[1]["wrapped_accessor"])
+    expected = {k: v for k, v in mounted["meta"].items() if k != "service_account"}  # not known
+    assert rotated["meta"] == {**expected, "rotated_from": old["wrapped_accessor"]}
     node.kubelet.teardown(pod)
     time.sleep(1.2)
     assert cli(node, "retry-revocations").returncode == 0

@@ -481,14 +481,7 @@ class Engine:
         if request.login:
             logger.info("the pod logs in with its service-account token: Vault's role decides its policies",
                         auth_mount=request.login.mount, role=request.role)
-        elif config.policy_bindings:
-            from . import bindings
-
-            rule = bindings.check(bindings.load(config.policy_bindings), request.pod_namespace,
-                                  request.service_account, request.policies)
-            logger.info("policy binding allows it", rule=rule, namespace=request.pod_namespace,
-                        service_account=request.service_account)
-        else:
+        elif not self.check_bindings(request.pod_namespace, request.service_account, request.policies, logger):
             logger.warning("no VAULTTMPFS_POLICY_BINDINGS: any pod may ask for any policy the token role allows")
         # The path's volume name when the call did not give one: the token's metadata and the record name it.
         return request.replace(pod_uid=pod_uid, real_dir=real_dir, volume_name=request.volume_name or volume_name)
@@ -499,6 +492,25 @@ class Engine:
         return MountRequest(mount_dir=mount_dir, policies=list(record.policies), role=record.role,
                             pod_namespace=record.namespace, pod_name=record.pod, pod_uid=record.pod_uid,
                             service_account=record.service_account, volume_name=record.volume_name)
+
+    def check_bindings(self, namespace: str, service_account: str | None, policies: list[str], logger) -> bool:
+        """May this pod have these policies, by the policy bindings in force now? A mount's admission asks
+        this, and a rotation before it mints. False: no bindings (any policy the role allows); refused:
+        Forbidden (or DriverError) naming the binding. service_account None: not known (a volume record an
+        older version wrote): only what no service account changes counts, bindings covering every service
+        account (`*`) and their policy patterns that do not name it; refused if the bindings need it."""
+        if not self.config.policy_bindings:
+            return False
+        from . import bindings
+
+        found = bindings.load(self.config.policy_bindings)
+        if service_account is None:
+            _check_without_service_account(bindings, found, namespace, policies)
+            rule = "bindings for every service account"
+        else:
+            rule = bindings.check(found, namespace, service_account, policies)
+        logger.info("policy binding allows it", rule=rule, namespace=namespace, service_account=service_account)
+        return True
 
     def _refuse_root_generator(self, token: str) -> None:
         """A root generator token could mint anything and revoke everything: refuse to use it.
@@ -572,6 +584,23 @@ def _record_from_metadata(meta: dict[str, Any], mount_dir: str) -> VolumeRecord 
         return None
     return VolumeRecord(pod, wrapping if isinstance(wrapping, str) else None, mount_dir=mount_dir,
                         source=FROM_METADATA)
+
+
+def _check_without_service_account(bindings: Any, found: Any, namespace: str, policies: list[str]) -> None:
+    """bindings.check for a pod whose service account is not known: over the bindings that cover every
+    service account (a pattern of `*` only), with their policy patterns that do not name it. What they
+    allow, every service account of the namespace has, so any name stands in for the unknown one."""
+    import dataclasses  # loaded with bindings already (Binding is a dataclass); a rotation's only
+
+    every = tuple(dataclasses.replace(rule, policies=kept) for rule in found.rules
+                  if any(set(p) == {"*"} for p in rule.service_accounts)
+                  and (kept := tuple(p for p in rule.policies if "{service_account}" not in p)))
+    try:
+        bindings.check(bindings.Bindings(found.source, every), namespace, "default", policies)  # any valid name
+    except Forbidden:
+        raise Forbidden(f"the policy bindings ({found.source}) need the pod's service account, which the volume's "
+                        f"record does not name (an older vaulttmpfs wrote it): no binding for every service account "
+                        f"of namespace {namespace!r} allows {', '.join(policies)}") from None
 
 
 def _checked_lately(known: dict[str, Any] | None, key: str) -> bool:

@@ -17,8 +17,10 @@ volume's lock (no rotation of it is then under way) and keeps whatever the recor
 tell is a kill between the record and the metadata file: the pod never saw the new token, so the
 record is put back to name the old one, which the pod holds.
 
-Volumes rotated: wrapped, minted with the generator token. The new token is named as the mount's was
-(record.token_identity), with `rotated_from`. Not rotated (and said why): an unwrapped
+Volumes rotated: wrapped, minted with the generator token, if the policy bindings in force now allow
+the volume's policies to its namespace and service account (checked as a mount's admission checks
+them, Engine.check_bindings; refused: a failed rotation, nothing minted). The new token is named as
+the mount's was (record.token_identity), with `rotated_from`. Not rotated (and said why): an unwrapped
 volume (the pod holds the plain token: nobody would switch to a new one) and a pod-login volume
 (minting needs the pod's own service-account JWT, which only the kubelet's publish carries).
 """
@@ -33,7 +35,7 @@ from typing import Any, Callable
 
 from .. import log
 from ..config import parse_duration
-from ..errors import DriverError, TokenNotWrapped
+from ..errors import DriverError, Forbidden, TokenNotWrapped
 from . import generator, intents
 from .record import Minted, VolumeRecord
 
@@ -87,6 +89,7 @@ def _rotate_one(engine: Engine, mount_dir: str, grace: float, logger) -> dict[st
             return {"outcome": "skipped", "why": "pod-login volume: a new login needs the pod's service-account "
                                                  "token, which only the kubelet's publish carries"}
         identity = _identity(engine, record, real)
+        _refuse_if_unbound(engine, identity, logger)  # before anything is minted, as a mount's admission
         token = generator.read_token(config.generator_token_path)
         log.secret(token)
         engine._refuse_root_generator(token)
@@ -150,6 +153,19 @@ def _identity(engine: Engine, record: VolumeRecord, real: str) -> VolumeRecord:
         with contextlib.suppress(DriverError):
             return record.replace(volume_name=layout.parts(record.mount_dir, engine.config.pods_dir, real)[1])
     return record
+
+
+def _refuse_if_unbound(engine: Engine, record: VolumeRecord, logger) -> None:
+    """DriverError (a failed rotation) when the policy bindings in force now would refuse this volume's
+    mount: checked as a mount's admission checks them (engine.check_bindings). A record an older version
+    wrote does not name the service account: checked without it, refused if the bindings need it."""
+    try:
+        engine.check_bindings(record.namespace, record.service_account or None, list(record.policies), logger)
+    except DriverError as exc:
+        reason = str(exc).removesuffix("; nothing was mounted")
+        refusal = Forbidden if isinstance(exc, Forbidden) else DriverError
+        raise refusal(f"not rotated: {reason}; the volume keeps the token it holds, minted when the bindings "
+                        "allowed it (delete the pod, or revoke that token, if it must not keep it)") from None
 
 
 def _write_files(engine: Engine, mount_dir: str, real: str, info: dict[str, str], record: VolumeRecord,
