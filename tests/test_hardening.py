@@ -92,6 +92,18 @@ def test_an_untrusted_or_broken_bindings_file_refuses_every_mount(kubelet, bao, 
     assert_refused(reply, kubelet, bao, before, expected)
 
 
+def test_two_patterns_that_make_one_name_for_two_namespaces_refuse_every_mount(kubelet, bao, tmp_path):
+    """`{namespace}` makes `nginx` namespace nginx's, `ngi{namespace}` namespace nx's: each pattern decides alone,
+    and a pod in `nx` was minted `nginx`. Now the file is refused, so every mount is (nx's and nginx's)."""
+    kubelet.env["VAULTTMPFS_POLICY_BINDINGS"] = write_bindings(tmp_path / "b.json", {"bindings": [
+        {"namespaces": ["*"], "policies": ["{namespace}", "ngi{namespace}"]}]})
+    for namespace in ("nx", "nginx"):
+        before = len(bao.accessors())
+        reply, _ = kubelet.mount(kubelet.new_pod(namespace=namespace), NGINX)
+        assert_refused(reply, kubelet, bao, before,
+                       "policy patterns '{namespace}' and 'ngi{namespace}' (both in binding #1) overlap")
+
+
 def test_a_missing_bindings_file_refuses_rather_than_allowing_everything(kubelet, bao, tmp_path):
     kubelet.env["VAULTTMPFS_POLICY_BINDINGS"] = str(tmp_path / "absent.json")
     before = len(bao.accessors())

@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import pytest
 import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from vaulttmpfs.config import is_safe_name
 from vaulttmpfs.engine import bindings
 from vaulttmpfs.errors import DriverError
 
@@ -255,6 +257,187 @@ def test_whatever_pattern_is_accepted_no_two_identities_share_a_policy(pattern, 
     if differs:
         with pytest.raises(DriverError):
             bindings.check(doc, second[0], second[1], [policy])
+
+
+# --- across the whole file: two patterns may not hand one name to two identities ------------------------
+
+def _file(*entries) -> str:
+    return json.dumps({"bindings": list(entries)})
+
+
+def _advice(message: str) -> str:
+    return re.search(r"e\.g\. '([^']*)'$", message).group(1)
+
+
+# (the file, the two patterns named, a pod the file would have given another's policy, that policy)
+OVERLAPS = [
+    # the auditor's: namespace `app` got `app.shop.db`, which the second pattern makes namespace shop's
+    ([{"namespaces": ["*"], "policies": ["{namespace}.*", "app.{namespace}.*"]}],
+     ("{namespace}.*", "app.{namespace}.*"), ("app", "default"), "app.shop.db"),
+    # the spelling the single-pattern refusal suggests, next to the usual one: SA `shop.web` in `dev` got
+    # `shop.web_db`, a `shop.*` policy
+    ([{"namespaces": ["*"], "policies": ["{namespace}.*"]},
+      {"namespaces": ["*"], "service_accounts": ["*"], "policies": ["{service_account}_db"]}],
+     ("{namespace}.*", "{service_account}_db"), ("dev", "shop.web"), "shop.web_db"),
+    # the odd one first
+    ([{"namespaces": ["*"], "policies": ["app.{namespace}.*"]}, {"namespaces": ["*"], "policies": ["{namespace}.*"]}],
+     ("app.{namespace}.*", "{namespace}.*"), ("app", "default"), "app.shop.db"),
+    # the documented `payments-{service_account}`, once its binding and `{namespace}.*`'s meet: service account
+    # `web.x` of payments gets `payments-web.x`, namespace `payments-web`'s by the first
+    ([{"namespaces": ["*"], "policies": ["{namespace}.*"]},
+      {"namespaces": ["payments"], "policies": ["payments-{service_account}"]}],
+     ("{namespace}.*", "payments-{service_account}"), ("payments", "web.x"), "payments-web.x"),
+    # within one namespace: every service account of shop gets what names service account web's own
+    ([{"namespaces": ["*"], "service_accounts": ["admin"], "policies": ["{namespace}.*"]},
+      {"namespaces": ["*"], "policies": ["{namespace}.{service_account}"]}],
+     ("{namespace}.*", "{namespace}.{service_account}"), ("shop", "admin"), "shop.web"),
+    # literal text before a placeholder, the namespace lists narrowed but still meeting (team-a / am-a)
+    ([{"namespaces": ["team-*"], "policies": ["{namespace}.*"]},
+      {"namespaces": ["a*"], "policies": ["te{namespace}.x"]}],
+     ("{namespace}.*", "te{namespace}.x"), ("am-a", "default"), "team-a.x"),
+]
+
+
+@pytest.mark.parametrize("entries, patterns, pod, policy", OVERLAPS)
+def test_two_patterns_that_can_give_one_name_to_two_identities_refuse_the_file(entries, patterns, pod, policy,
+                                                                               monkeypatch):
+    # Each is a real hole: taken pattern by pattern (as before), the file gives `pod` a policy that one of the
+    # two patterns makes another identity's.
+    with monkeypatch.context() as before:
+        before.setattr(bindings, "_require_no_overlap", lambda rules, source: None, raising=False)
+        assert bindings.check(bindings.parse(_file(*entries), "b.json"), *pod, [policy])
+    readings = [_read(p, policy) for p in patterns]
+    assert any(r is not None and any(dict(zip(("{namespace}", "{service_account}"), pod, strict=True))[k] != v
+                                     for k, v in r.items()) for r in readings), readings
+    with pytest.raises(DriverError) as refused:
+        bindings.parse(_file(*entries), "b.json")
+    message = str(refused.value)
+    assert f"policy patterns {patterns[0]!r} and {patterns[1]!r}" in message and "overlap" in message
+    assert "lets one pod claim another's policies" in message
+    # an example name both produce, and whose each makes it
+    shared = re.search(r"another's policies: '([^']*)' matches both", message).group(1)
+    assert all(bindings._match(p, shared, {"{namespace}": ns, "{service_account}": sa})
+               for p, (ns, sa) in zip(patterns, _identities(message), strict=True))
+    # the advice is a spelling the whole file accepts, the target pattern replaced by it
+    advice, target = _advice(message), re.search(r"respell '([^']*)'", message).group(1)
+    fixed = [{**e, "policies": [advice if p == target else p for p in e["policies"]]} for e in entries]
+    assert len(bindings.parse(_file(*fixed), "b.json").rules) == len(entries)
+
+
+def _identities(message: str) -> list[tuple[str, str]]:
+    """The two identities a refusal names: (namespace, service account), '' where the pattern leaves it free."""
+    found = []
+    for owner in re.findall(r"the (?:first giving it|second) to (.*?)(?:,|\. Across)", message):
+        ns = re.search(r"namespace '([^']*)'", owner)
+        sa = re.search(r"service account '([^']*)'", owner)
+        found.append((ns.group(1) if ns else "", sa.group(1) if sa else ""))
+    return found
+
+
+@pytest.mark.parametrize("entries, allowed", [
+    # the same reading of the identity: `shop.db` is namespace shop's by both
+    ([{"namespaces": ["*"], "policies": ["{namespace}.*"]}, {"namespaces": ["shop"], "policies": ["{namespace}.db"]}],
+     [("shop", "web", "shop.db")]),
+    # different separators after the namespace: `shop.x` and `shop_web_x` can never be the same name
+    ([{"namespaces": ["*"], "policies": ["{namespace}.*", "{namespace}_{service_account}_*"]}],
+     [("shop", "web", "shop.x"), ("shop", "web", "shop_web_x")]),
+    ([{"namespaces": ["*"], "policies": ["{namespace}.*", "{namespace}_{service_account}"]}],
+     [("shop", "web.v1", "shop_web.v1")]),
+    # different text before the placeholder
+    ([{"namespaces": ["*"], "policies": ["app.{namespace}.*", "web.{namespace}.*"]}], [("shop", "x", "web.shop.db")]),
+    # bindings whose pods cannot produce the same names: service accounts db-* make `db-...`, never `team-...`
+    ([{"namespaces": ["team-*"], "policies": ["{namespace}.*"]},
+      {"namespaces": ["*"], "service_accounts": ["db-*"], "policies": ["{service_account}_db"]}],
+     [("team-a", "web", "team-a.x"), ("shop", "db-main.v2", "db-main.v2_db")]),
+    # the documented example, unchanged
+    (RULES["bindings"], [("payments", "api", "payments-api"), ("shop", "web", "shop.db")]),
+])
+def test_patterns_that_can_never_meet_are_accepted(entries, allowed):
+    doc = bindings.parse(_file(*entries), "b.json")
+    for namespace, account, policy in allowed:
+        assert bindings.check(doc, namespace, account, [policy])
+
+
+def test_the_single_pattern_refusal_suggests_a_spelling_the_rest_of_the_file_accepts():
+    """`{service_account}.db` was answered with `{service_account}_db`, which `{namespace}.*` then overlapped."""
+    entries = [{"namespaces": ["*"], "policies": ["{namespace}.*"]},
+               {"namespaces": ["*"], "policies": ["{service_account}.db"]}]
+    with pytest.raises(DriverError, match="lets one pod claim another's policies") as refused:
+        bindings.parse(_file(*entries), "b.json")
+    advice = _advice(str(refused.value))
+    assert advice != "{service_account}_db"
+    doc = bindings.parse(_file(entries[0], {"namespaces": ["*"], "policies": [advice]}), "b.json")
+    with pytest.raises(DriverError, match="is not bound"):
+        bindings.check(doc, "dev", "shop.web", ["shop.web_db"])
+    # alone, the plain fix is still what is suggested
+    with pytest.raises(DriverError, match=re.escape("e.g. '{service_account}_db'")):
+        bindings.parse(_file(entries[1]), "b.json")
+
+
+def test_a_yaml_file_with_overlapping_patterns_refuses_every_request(tmp_path):
+    path = write(tmp_path / "b.yaml",
+                 'bindings:\n  - namespaces: ["*"]\n    policies: ["{namespace}.*", "app.{namespace}.*"]\n')
+    with pytest.raises(DriverError, match="overlap"):
+        bindings.load(path)
+
+
+_globs = st.sampled_from([["*"], ["*"], ["team-*"], ["a*", "shop"], ["x"]])
+_file_pieces = st.sampled_from(["{namespace}", "{service_account}", "*", ".", "_", "-", "db", "app.", "x"])
+_placeholder_patterns = st.lists(_file_pieces, min_size=1, max_size=5).map("".join).filter(lambda p: "{" in p)
+_NS = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?"
+_SA = rf"{_NS}(\.{_NS})*"
+
+
+def _read(pattern: str, policy: str) -> dict[str, str] | None:
+    """The identity `pattern` reads from `policy` (placeholder -> value), None if it cannot produce it."""
+    regex, seen = "", []
+    for part in re.split(r"(\*|\{namespace\}|\{service_account\})", pattern):
+        if part == "*":
+            regex += ".*"
+        elif part in ("{namespace}", "{service_account}"):
+            group = part[1:-1]
+            regex += f"(?P={group})" if group in seen else f"(?P<{group}>{_NS if group == 'namespace' else _SA})"
+            seen.append(group)
+        else:
+            regex += re.escape(part)
+    found = re.fullmatch(regex, policy)
+    return None if found is None else {"{" + g + "}": found.group(g) for g in seen}
+
+
+@settings(max_examples=400, deadline=None)
+@given(patterns=st.lists(_placeholder_patterns, min_size=2, max_size=3, unique=True),
+       globs=st.lists(st.tuples(_globs, _globs), min_size=3, max_size=3), split=st.booleans(),
+       first=st.tuples(_names, _accounts), filler=st.from_regex(r"[a-z0-9._-]{0,6}", fullmatch=True))
+def test_whatever_file_is_accepted_a_policy_name_says_whose_it_is(patterns, globs, split, first, filler):
+    """Several patterns, in one binding or several with their own namespace/service-account lists: once the file
+    is accepted, a name one pattern makes for a pod is given to another pod only if they agree on every
+    placeholder that pattern uses, however the other patterns could read the name."""
+    entries = ([{"namespaces": ns, "service_accounts": sa, "policies": [p]}
+                for p, (ns, sa) in zip(patterns, globs, strict=False)]
+               if split else [{"namespaces": globs[0][0], "service_accounts": globs[0][1], "policies": patterns}])
+    try:
+        doc = bindings.parse(_file(*entries))
+    except DriverError:
+        return  # refusing a file is always allowed
+    for pattern in patterns:
+        policy = pattern.replace("{namespace}", first[0]).replace("{service_account}", first[1]).replace("*", filler)
+        if not is_safe_name(policy):
+            continue
+        try:
+            bindings.check(doc, *first, [policy])
+        except DriverError:
+            continue  # its binding does not cover this pod
+        for other in patterns:
+            read = _read(other, policy)
+            if read is None:
+                continue
+            # what `other` leaves free, any pod its binding covers may have: take one unlike `first`
+            second = (read.get("{namespace}", "zz-" + first[0][:8]),
+                      read.get("{service_account}", "zz-" + first[1][:8]))
+            if ("{namespace}" in pattern and second[0] != first[0]) or (
+                    "{service_account}" in pattern and second[1] != first[1]):
+                with pytest.raises(DriverError):
+                    bindings.check(doc, *second, [policy])
 
 
 # --- YAML: PyYAML with a strict loader, reading every old-subset document the same ----------------

@@ -16,7 +16,10 @@ Patterns: `*` matches any run of characters, everything else is literal; in `pol
 binding covering its namespace and service account has a pattern matching it. A placeholder must
 end the pattern or be followed by a character its names never contain ('.' or '_' after
 {namespace}, '_' after {service_account}), and no `*` may come before it: `{namespace}-*` would
-give namespace `team` the policies of namespace `team-a`, so it is refused, not guessed at.
+give namespace `team` the policies of namespace `team-a`, so it is refused, not guessed at. Across
+the whole file, two patterns that read a pod's identity differently may not both produce one name
+(`{namespace}.*` and `app.{namespace}.*` both make `app.shop.db`: namespace `app`'s by the first,
+`shop`'s by the second): such a file is refused too (_require_no_overlap).
 
 JSON, or YAML read by PyYAML with a strict safe loader: no duplicate keys, no aliases or merge
 keys, and no scalar that YAML reads as anything but a string (`yes`, `1.5`, `~`: quote them).
@@ -88,6 +91,9 @@ def check(bindings: Bindings, namespace: str, service_account: str, policies: li
     if not SERVICE_ACCOUNT.fullmatch(service_account or ""):
         raise DriverError(f"policy bindings ({bindings.source}) are in force but the pod's service account "
                           f"{service_account!r} (option kubernetes.io/serviceAccount.name) is missing or invalid")
+    unnamed = next((p for p in policies if not p or not set(p) <= _POLICY_CHARS), None)
+    if unnamed is not None:  # what _require_no_overlap assumes a `*` can stand for (attributes refuses these first)
+        raise DriverError(f"policy bindings ({bindings.source}) are in force but {unnamed!r} is not a policy name")
     covering = [b for b in bindings.rules if b.covers(namespace, service_account)]
     if not covering:
         raise Forbidden(f"no policy binding in {bindings.source} covers {who}: it may not ask for "
@@ -160,7 +166,12 @@ def _no_duplicates(pairs):
 def _rules(document, source: str) -> tuple[Binding, ...]:
     if not isinstance(document, dict) or set(document) != {"bindings"} or not isinstance(document["bindings"], list):
         raise DriverError(f'{source}: expected an object with exactly one key, "bindings", holding a list')
-    return tuple(_rule(n, entry, source) for n, entry in enumerate(document["bindings"], 1))
+    rules = tuple(_rule(n, entry, source) for n, entry in enumerate(document["bindings"], 1))
+    for rule in rules:
+        for pattern in rule.policies:
+            _require_unambiguous(pattern, f"{source}: binding #{rule.number}", rule, rules)
+    _require_no_overlap(rules, source)
+    return rules
 
 
 def _rule(number: int, entry, source: str) -> Binding:
@@ -189,14 +200,13 @@ def _patterns(entry: dict, key: str, shape: re.Pattern, where: str, required: bo
     for pattern in value:
         if not shape.fullmatch(pattern):
             raise DriverError(f'{where}: "{key}" has an invalid pattern {pattern!r}')
-        if key == "policies":
-            _require_unambiguous(pattern, where)
     return tuple(value)
 
 
-def _require_unambiguous(pattern: str, where: str) -> None:
+def _require_unambiguous(pattern: str, where: str, rule: Binding | None = None, rules: tuple = ()) -> None:
     """A policy pattern must decide whose policy a name is: `{namespace}-*` gives namespace `team`
-    everything of namespace `team-a` (`team-a-db` is `team` + `-a-db`), so it is refused."""
+    everything of namespace `team-a` (`team-a-db` is `team` + `-a-db`), so it is refused. The spelling
+    suggested is one the rest of the file (`rules`, with this pattern in `rule`) would accept too."""
     parts = [p for p in _TOKENS.split(pattern) if p]
     for i, part in enumerate(parts):
         if part not in _SEPARATORS:
@@ -207,12 +217,272 @@ def _require_unambiguous(pattern: str, where: str) -> None:
         after = parts[i + 1][:1] if i + 1 < len(parts) else ""
         if after and after not in _SEPARATORS[part]:
             allowed = " or ".join(repr(c) for c in _SEPARATORS[part])
-            fixed = part + _SEPARATORS[part][0] + (after if after in "*{" else "")
+            fixed = pattern.replace(part + after, part + _SEPARATORS[part][0] + (after if after in "*{" else ""), 1)
+            if rule is not None:
+                placed = _placed(rules)
+                fixed = next((s for s in [fixed, *_respellings(fixed)] if _fits(s, (rule, pattern), placed)), fixed)
             raise DriverError(
                 f"{where}: policy pattern {pattern!r} lets one pod claim another's policies: {part} is "
                 f"followed by {after!r}, which could continue a longer name (namespace 'team' would match the "
-                f"policies of 'team-a'); end the pattern there or follow {part} with {allowed}, e.g. "
-                f"{pattern.replace(part + after, fixed, 1)!r}")
+                f"policies of 'team-a'); end the pattern there or follow {part} with {allowed}, e.g. {fixed!r}")
+
+
+# --- across the file: whichever patterns could produce a policy name, it is one identity's ----------------
+
+# What a substituted name can be, as automata (state -> [(characters, next state)], accepting "end"): Kubernetes'
+# own rules, a namespace a DNS-1123 label (`[a-z0-9]([-a-z0-9]*[a-z0-9])?`), a service account a DNS-1123
+# subdomain (such labels joined by '.'), the names `check` lets through. Their lengths (63, 253) are left out:
+# that can only find more overlaps, never fewer.
+_ALNUM = frozenset("abcdefghijklmnopqrstuvwxyz0123456789")
+_DASH, _DOT = frozenset("-"), frozenset(".")
+_LABEL = {"start": [(_ALNUM, "end")], "end": [(_ALNUM, "end"), (_DASH, "dash")],
+          "dash": [(_ALNUM, "end"), (_DASH, "dash")]}
+_NAME_AUTOMATA = {"{namespace}": _LABEL,
+                  "{service_account}": {**_LABEL, "end": [*_LABEL["end"], (_DOT, "dot")], "dot": [(_ALNUM, "end")]}}
+# What a policy name is made of (config.SAFE_NAME_PATTERN; `check` refuses any other): what a `*` stands for.
+_PREFERRED = "abcdefghijklmnopqrstuvwxyz0123456789-._ABCDEFGHIJKLMNOPQRSTUVWXYZ"  # in this order in examples
+_POLICY_CHARS = frozenset(_PREFERRED)
+
+
+class _Language:
+    """The policy names some patterns, each of a binding, can produce for the pods their binding covers: an
+    NFA whose moves are character sets. A placeholder is the union of the binding's own name patterns for it
+    (`team-*`), read as names of its kind (a pattern no such name matches adds nothing)."""
+
+    def __init__(self, entries: list[tuple[str, Binding]]):
+        self.moves: list[list[tuple[frozenset, int]]] = [[]]
+        self.free: list[list[int]] = [[]]  # moves that take no character
+        self.finals: set[int] = set()
+        self._steps: dict = {}
+        for pattern, binding in entries:
+            self._add(pattern, binding)
+
+    def _add(self, pattern: str, binding: Binding) -> None:
+        at = self._state()
+        self.free[0].append(at)
+        for part in _TOKENS.split(pattern):
+            if part == "*":
+                at = self._star(at, _POLICY_CHARS)
+            elif part in _NAME_AUTOMATA:
+                end = self._state()
+                for glob in binding.namespaces if part == "{namespace}" else binding.service_accounts:
+                    last = self._glob(at, glob, _NAME_AUTOMATA[part])
+                    if last is not None:
+                        self.free[last].append(end)
+                at = end
+            else:
+                for char in part:
+                    at = self._step(at, frozenset(char))
+        self.finals.add(at)
+
+    def closure(self, states) -> frozenset:
+        """`states` and every state reached from them without taking a character."""
+        found, todo = set(states), list(states)
+        while todo:
+            for target in self.free[todo.pop()]:
+                if target not in found:
+                    found.add(target)
+                    todo.append(target)
+        return frozenset(found)
+
+    def step(self, states: frozenset, char: str) -> frozenset:
+        key = (states, char)
+        if key not in self._steps:
+            self._steps[key] = self.closure([t for s in states for chars, t in self.moves[s] if char in chars])
+        return self._steps[key]
+
+    def _state(self) -> int:
+        self.moves.append([])
+        self.free.append([])
+        return len(self.moves) - 1
+
+    def _step(self, at: int, chars: frozenset) -> int:
+        target = self._state()
+        self.moves[at].append((chars, target))
+        return target
+
+    def _star(self, at: int, chars: frozenset) -> int:
+        loop = self._state()
+        self.free[at].append(loop)
+        self.moves[loop].append((chars, loop))
+        return loop
+
+    def _glob(self, at: int, glob: str, automaton: dict) -> int | None:
+        """The names one of the binding's patterns (`team-*`) matches that are names of this kind: the
+        pattern's positions times the automaton's states. The state they end in, or None if there are none."""
+        states = {(0, "start"): self._state()}
+        self.free[at].append(states[(0, "start")])
+        todo = [(0, "start")]
+        while todo:
+            here = todo.pop()
+            i, state = here
+            if i == len(glob):
+                continue
+            steps = ([((i + 1, state), None)] + [((i, after), chars) for chars, after in automaton[state]]
+                     if glob[i] == "*" else
+                     [((i + 1, after), frozenset(glob[i])) for chars, after in automaton[state] if glob[i] in chars])
+            for there, chars in steps:
+                if there not in states:
+                    states[there] = self._state()
+                    todo.append(there)
+                (self.free[states[here]].append(states[there]) if chars is None
+                 else self.moves[states[here]].append((chars, states[there])))
+        return states.get((len(glob), "end"))
+
+
+def _shared_name(a: _Language, b: _Language) -> str | None:
+    """The shortest policy name both languages hold (in readable characters), or None: the two NFAs run
+    side by side on sets of states, one character class at a time (characters no move tells apart are one)."""
+    classes = [frozenset(_POLICY_CHARS)]
+    for chars in {chars for language in (a, b) for moves in language.moves for chars, _target in moves}:
+        classes = [part for c in classes for part in (c & chars, c - chars) if part]
+    letters = sorted(min(c, key=_PREFERRED.index) for c in classes)
+    start = (a.closure((0,)), b.closure((0,)))
+    came_from: dict = {start: None}
+    queue, i = [start], 0
+    while i < len(queue):
+        pair = queue[i]
+        i += 1
+        if pair[0] & a.finals and pair[1] & b.finals:
+            name = []
+            while came_from[pair] is not None:
+                pair, char = came_from[pair]
+                name.append(char)
+            return "".join(reversed(name))
+        for char in letters:
+            after = a.step(pair[0], char)
+            if after:
+                both = (after, b.step(pair[1], char))
+                if both[1] and both not in came_from:
+                    came_from[both] = (pair, char)
+                    queue.append(both)
+    return None
+
+
+def _signature(pattern: str) -> str | None:
+    """The pattern up to its last placeholder (None without one). Two patterns that share it read the same
+    identity from any name both produce: each placeholder's value is the longest run of its characters
+    from a place fixed by what comes before it (what _require_unambiguous makes sure of)."""
+    ends = [m.end() for m in _PLACEHOLDER.finditer(pattern)]
+    return pattern[:ends[-1]] if ends else None
+
+
+_PLACEHOLDER = re.compile(r"\{namespace\}|\{service_account\}")
+_CLASSES = {"{namespace}": "[a-z0-9-]", "{service_account}": "[a-z0-9.-]"}  # the characters of _NAME_AUTOMATA
+
+
+def _require_no_overlap(rules: tuple[Binding, ...], source: str) -> None:
+    """No policy name two identities can both get from placeholders, across every pattern of every binding:
+    `{namespace}.*` and `app.{namespace}.*` both produce `app.shop.db`, the first for namespace `app`, the
+    second for `shop`; `{namespace}.*` and `{service_account}_db` both produce `shop.web_db`, for namespace
+    `shop` and for a service account `shop.web` in any namespace. Patterns without a placeholder name their
+    policies outright and are not compared: they are given to whoever their binding covers."""
+    placed = _placed(rules)
+    groups: dict[str, list] = {}  # patterns that read the same identity: compared as one language
+    for entry in placed:
+        groups.setdefault(entry[2], []).append(entry)
+    unions = [(group, _Language([(pattern, rule) for rule, pattern, _s, _n in group])) for group in groups.values()]
+    for i, (group, union) in enumerate(unions):
+        for other_group, other_union in unions[i + 1:]:
+            if _shared_name(union, other_union) is None:
+                continue
+            # Which two: in the file's order, the first pair found.
+            for a, b in sorted((sorted((a, b), key=lambda e: e[3]) for a in group for b in other_group),
+                               key=lambda pair: (pair[0][3], pair[1][3])):
+                name = _shared_name(_Language([(a[1], a[0])]), _Language([(b[1], b[0])]))
+                if name is not None:
+                    raise DriverError(_overlap_message(source, placed, a[:2], b[:2], name))
+            raise DriverError(f"{source}: policy patterns overlap")  # not reached: some pair of the two shares it
+
+
+def _placed(rules: tuple[Binding, ...]) -> list:
+    placed, seen = [], set()
+    for rule in rules:
+        for pattern in rule.policies:
+            signature = _signature(pattern)
+            if signature is not None and (rule.number, pattern) not in seen:
+                seen.add((rule.number, pattern))
+                placed.append((rule, pattern, signature, len(placed)))
+    return placed
+
+
+def _overlap_message(source: str, placed: list, first: tuple, second: tuple, name: str) -> str:
+    (rule, pattern), (other_rule, other_pattern) = first, second
+    where = (f"both in {_label(rule)}" if rule.number == other_rule.number
+             else f"{_label(rule)} and {_label(other_rule)}")
+    # Respell the first if only it has text before its placeholder (`app.{namespace}.*`), else the later one first.
+    odd_first = not _starts_with_placeholder(pattern) and _starts_with_placeholder(other_pattern)
+    order = [first, second] if odd_first else [second, first]
+    fix = next(((target, spelling) for target in order for spelling in _respellings(target[1])
+                if _fits(spelling, target, placed)), None)
+    advice = (f"respell {fix[0][1]!r}, e.g. {fix[1]!r}" if fix else
+              "drop one of them, or narrow their bindings' namespaces/service_accounts so they cannot meet")
+    return (f"{source}: policy patterns {pattern!r} and {other_pattern!r} ({where}) overlap, which lets one pod "
+            f"claim another's policies: {name!r} matches both, the first giving it to {_owner(pattern, name)}, "
+            f"the second to {_owner(other_pattern, name)}. Across the whole file a policy name must say whose it "
+            f"is: start each pattern with its placeholder and follow different placeholders with different "
+            f"separators; {advice}")
+
+
+def _label(rule: Binding) -> str:
+    return f"binding #{rule.number}" + (f" {rule.name!r}" if rule.name else "")
+
+
+def _starts_with_placeholder(pattern: str) -> bool:
+    return _PLACEHOLDER.match(pattern) is not None
+
+
+def _owner(pattern: str, name: str) -> str:
+    regex, groups = "", []
+    for part in _TOKENS.split(pattern):
+        if part == "*":
+            regex += "[A-Za-z0-9._-]*"
+        elif part in _CLASSES:
+            group = f"g{len(groups)}"
+            groups.append((part, group))
+            regex += f"(?P<{group}>{_CLASSES[part]}+)"
+        else:
+            regex += re.escape(part)
+    found = re.fullmatch(regex, name)
+    if found is None:  # not expected: the name was produced by this pattern's language
+        return "another identity"
+    values = {}
+    for part, group in groups:
+        values.setdefault(part, found.group(group))
+    namespace, account = values.get("{namespace}"), values.get("{service_account}")
+    if namespace and account:
+        return f"service account {account!r} in namespace {namespace!r}"
+    if namespace:
+        return f"namespace {namespace!r}"
+    return f"service account {account!r} (in any namespace its binding covers)"
+
+
+def _respellings(pattern: str) -> list[str]:
+    """Spellings of `pattern` that start with its placeholders, its other text after them."""
+    rest = re.sub(r"[._-]*\.[._-]*", ".", _PLACEHOLDER.sub(".", pattern)).strip("._-")
+    uses = [p for p in ("{namespace}", "{service_account}") if p in pattern]
+    heads = {("{namespace}",): ["{namespace}.", "{namespace}_"],
+             ("{service_account}",): ["{service_account}_", "{namespace}.{service_account}_",
+                                      "{namespace}_{service_account}_"],
+             ("{namespace}", "{service_account}"): ["{namespace}.{service_account}_",
+                                                    "{namespace}_{service_account}_"]}[tuple(uses)]
+    return [head + rest if rest else head[:-1] for head in heads]
+
+
+def _fits(spelling: str, target: tuple, placed: list) -> bool:
+    """Would the file be accepted with `target` (binding, pattern) spelled so? The advice is checked too."""
+    rule, pattern = target
+    if not _POLICY_PATTERN.fullmatch(spelling) or spelling == pattern:
+        return False
+    try:
+        _require_unambiguous(spelling, "")
+    except DriverError:
+        return False
+    signature, language = _signature(spelling), _Language([(spelling, rule)])
+    return not any(signature != other_signature
+                   and _shared_name(language, _Language([(other_pattern, other_rule)])) is not None
+                   for other_rule, other_pattern, other_signature, _n in placed
+                   if (other_rule.number, other_pattern) != (rule.number, pattern))
 
 
 # --- YAML ------------------------------------------------------------------------------------
