@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import threading
+import time
 
 import pytest
 import yaml
@@ -111,9 +113,11 @@ def test_duplicate_json_keys_are_refused():
 # --- the file ---------------------------------------------------------------------------------
 
 def write(path, text: str, mode: int = 0o644, uid: int = 0):
+    """A bindings file as written a minute ago: one just written is read only once it has stood still."""
     path.write_text(text)
     os.chown(path, uid, 0)
     path.chmod(mode)
+    os.utime(path, (time.time() - 60, time.time() - 60))
     return str(path)
 
 
@@ -183,6 +187,96 @@ def test_missing_fifo_huge_and_binary_files_are_refused(tmp_path):
     (tmp_path / "bin.json").write_bytes(b"\xff\xfe{}")
     with pytest.raises(DriverError, match="not UTF-8"):
         bindings.load(str(tmp_path / "bin.json"))
+
+
+# --- a file read while it is being rewritten ------------------------------------------------------------
+
+REWRITTEN = """\
+bindings:
+  - name: payments api only
+    namespaces: [payments]
+    policies: [payments.db-admin]
+    service_accounts: [api]
+  - name: team-a
+    policies:
+      - "{namespace}.*"
+    namespaces:
+      - team-a
+"""
+
+
+def _rewrite_in_place(path: str, pieces: list[str], pause: float, first_written: threading.Event, last: list):
+    """As `cat >`, an editor saving over the file or open(path, "w") do: truncate, then write, here in pieces."""
+    with open(path, "w") as handle:
+        for n, piece in enumerate(pieces):
+            if n:
+                time.sleep(pause)
+            handle.write(piece)
+            handle.flush()
+            last.append(time.time())
+            first_written.set()
+
+
+@pytest.mark.parametrize("cut, request_", [
+    # the auditor's: without its last line, the first binding leaves service_accounts out, which is ["*"]
+    (REWRITTEN.index("    service_accounts: [api]"), ("payments", "web", "payments.db-admin")),
+    # cut mid-line, `team-a` reads `team`
+    (len(REWRITTEN) - len("-a\n"), ("team", "default", "team.x")),
+])
+def test_a_file_rewritten_in_place_is_read_only_once_it_is_whole(tmp_path, cut, request_):
+    # What a mount reading it in the middle saw: a valid file granting what the whole one refuses.
+    assert bindings.check(bindings.parse(REWRITTEN[:cut]), *request_[:2], [request_[2]])
+    with pytest.raises(DriverError):
+        bindings.check(bindings.parse(REWRITTEN), *request_[:2], [request_[2]])
+    path = write(tmp_path / "b.yaml", "bindings: []\n")
+    first_written, last = threading.Event(), []
+    writer = threading.Thread(target=_rewrite_in_place,
+                              args=(path, [REWRITTEN[:cut], REWRITTEN[cut:]], 0.4, first_written, last))
+    writer.start()
+    try:
+        first_written.wait(5)
+        loaded = bindings.load(path)  # while the writer pauses with half the file written
+        read_at = time.time()
+    finally:
+        writer.join()
+    with pytest.raises(DriverError, match="is not bound|no policy binding"):
+        bindings.check(loaded, *request_[:2], [request_[2]])
+    assert bindings.check(loaded, "payments", "api", ["payments.db-admin"])
+    assert read_at - last[-1] >= bindings.SETTLE_SECONDS - 0.05  # read once it had stood still that long
+
+
+def test_a_file_that_never_stands_still_refuses_the_mount(tmp_path, monkeypatch):
+    monkeypatch.setattr(bindings, "SETTLE_DEADLINE", 1.5, raising=False)
+    path = write(tmp_path / "b.json", json.dumps(RULES))
+    first_written, last = threading.Event(), []
+    # JSON with more and more trailing blanks: valid all along, never still
+    writer = threading.Thread(target=_rewrite_in_place,
+                              args=(path, [json.dumps(RULES)] + [" "] * 30, 0.1, first_written, last))
+    writer.start()
+    try:
+        first_written.wait(5)
+        started = time.monotonic()
+        with pytest.raises(DriverError) as refused:
+            bindings.load(path)
+        assert time.monotonic() - started < 2.5
+    finally:
+        writer.join()
+    assert f"policy bindings {path} was still being written 1.5 s after this mount first read it" in str(refused.value)
+    assert "replace it atomically (write a temporary file in the same directory, then rename it over" in str(
+        refused.value)
+
+
+def test_a_file_that_stood_still_is_read_at_once_and_an_atomic_replace_is_read_whole(tmp_path):
+    path = write(tmp_path / "b.json", json.dumps(RULES))  # written a minute ago
+    started = time.monotonic()
+    assert len(bindings.load(path).rules) == 3
+    assert time.monotonic() - started < 0.5
+    # the way to change it: a complete temporary file renamed over it
+    temporary = write(tmp_path / "b.json.new", json.dumps({"bindings": RULES["bindings"][:1]}))
+    os.replace(temporary, path)
+    started = time.monotonic()
+    assert len(bindings.load(path).rules) == 1
+    assert time.monotonic() - started < 0.5
 
 
 # --- adversarial namespace pairs ------------------------------------------------------------------

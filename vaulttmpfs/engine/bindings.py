@@ -31,6 +31,7 @@ import json
 import os
 import re
 import stat
+import time
 from dataclasses import dataclass
 
 from .. import trust
@@ -116,6 +117,44 @@ def load(path: str) -> Bindings:
 
 
 def _read_trusted(path: str) -> str:
+    """The file's text, once it has stood still: a file being rewritten in place (`cat >`, an editor saving
+    over it, `open(path, "w")`) can be read half-written, and a YAML prefix is often valid: cut before a
+    binding's `service_accounts:` line it allows every service account (a list left out is `["*"]`), cut
+    mid-line it names a shorter namespace. So a read is kept only if the file did not change during it and
+    was last modified at least SETTLE_SECONDS before; else it is read again once it has been still that
+    long, and the mount is refused if it is still changing after SETTLE_DEADLINE. A writer that stops for
+    longer than SETTLE_SECONDS in the middle of its write is not caught: replace the file atomically."""
+    deadline = time.monotonic() + SETTLE_DEADLINE
+    while True:
+        data, before, after = _read_once(path)
+        unchanged = _same_file(before, after)
+        age = time.time() - after.st_mtime_ns / 1e9
+        # (An mtime further ahead than that, a clock set back, counts as old: it would never settle.)
+        if unchanged and not -SETTLE_SECONDS < age < SETTLE_SECONDS:
+            break
+        # Until it is SETTLE_SECONDS old; changed while read: soon again (that read will see how recent it is).
+        wait = SETTLE_SECONDS - age + 0.01 if unchanged else 0.05
+        if time.monotonic() + wait > deadline:
+            raise DriverError(
+                f"policy bindings {path} was still being written {SETTLE_DEADLINE:g} s after this mount first read "
+                f"it (it changed while read, or less than {SETTLE_SECONDS:g} s before): refusing this mount rather "
+                f"than reading half a file; replace it atomically (write a temporary file in the same directory, "
+                f"then rename it over {path})")
+        time.sleep(wait)
+    if len(data) > MAX_BYTES:
+        raise DriverError(f"policy bindings {path} is larger than {MAX_BYTES} bytes")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DriverError(f"policy bindings {path} is not UTF-8 text (byte {exc.start})") from None
+
+
+SETTLE_SECONDS = 1.0  # a file modified more recently than this may be half-written: read it again later
+SETTLE_DEADLINE = 5.0  # and refuse the mount if it is still changing this long after the first read
+
+
+def _read_once(path: str) -> tuple[bytes, os.stat_result, os.stat_result]:
+    """The file's bytes, with its fstat from before and after reading them."""
     fix = f"fix it with: chown root:root {path} && chmod 644 {path}"
     try:
         # Every directory and symlink on the way, as given, like sshd: a writable one lets its owner swap the dir.
@@ -124,17 +163,18 @@ def _read_trusted(path: str) -> str:
         raise DriverError(f"cannot read VAULTTMPFS_POLICY_BINDINGS {path}: {exc.strerror}; "
                           "refusing every mount until it is readable") from None
     with os.fdopen(fd, "rb") as handle:
-        info = os.fstat(handle.fileno())
-        if not stat.S_ISREG(info.st_mode):
+        before = os.fstat(handle.fileno())
+        if not stat.S_ISREG(before.st_mode):
             raise DriverError(f"policy bindings {path} is not a regular file")
-        _require_root_only(path, info, fix)
+        _require_root_only(path, before, fix)
         data = handle.read(MAX_BYTES + 1)
-    if len(data) > MAX_BYTES:
-        raise DriverError(f"policy bindings {path} is larger than {MAX_BYTES} bytes")
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise DriverError(f"policy bindings {path} is not UTF-8 text (byte {exc.start})") from None
+        after = os.fstat(handle.fileno())
+    return data, before, after
+
+
+def _same_file(before: os.stat_result, after: os.stat_result) -> bool:
+    return ((before.st_ino, before.st_size, before.st_mtime_ns, before.st_ctime_ns)
+            == (after.st_ino, after.st_size, after.st_mtime_ns, after.st_ctime_ns))
 
 
 def _require_root_only(path: str, info: os.stat_result, fix: str) -> None:
