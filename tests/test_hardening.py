@@ -9,6 +9,7 @@ not one token minted.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 from pathlib import Path
 
@@ -150,6 +151,22 @@ def test_admission_policy_for_spoofed_options_is_valid_kubernetes():
         validate(doc, "1.30.0", strict=True)
     expression = docs[0]["spec"]["validations"][0]["expression"]
     assert "cloudwatt/vaulttmpfs" in expression and "vault/policies" in expression
+
+
+def test_the_admission_policy_allows_exactly_the_options_vaulttmpfs_reads():
+    """It denied `vault/unwrap`, which pods.md documents: its list of keys must be the driver's. Read from the
+    CEL text (no CEL evaluator is a dependency): the one `k in [...]` every option key is held to."""
+    import yaml
+
+    from vaulttmpfs.engine import attributes
+
+    validation = next(yaml.safe_load_all((REPO / "policies/vaulttmpfs-pod-options.yaml").read_text()))[
+        "spec"]["validations"][0]
+    lists = re.findall(r"v\.flexVolume\.options\.all\(k,\s*k in \[([^\]]*)\]\)", validation["expression"])
+    assert len(lists) == 1, validation["expression"]
+    assert re.fullmatch(r"\s*'[^']+'(\s*,\s*'[^']+')*\s*", lists[0]), lists[0]  # only quoted keys
+    assert sorted(re.findall(r"'([^']+)'", lists[0])) == sorted(attributes.KNOWN)
+    assert all(key in validation["message"] for key in attributes.KNOWN), validation["message"]
 
 
 # --- generator token and TLS settings -------------------------------------------------------------
