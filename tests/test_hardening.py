@@ -120,6 +120,22 @@ def test_without_bindings_any_pod_may_ask_and_the_log_warns(kubelet, log_dir):
     assert any(line["level"] == "warning" and "no VAULTTMPFS_POLICY_BINDINGS" in line["event"] for line in lines)
 
 
+@pytest.mark.parametrize("typo", ["vault/unwarp", "vault/rol", "vault/polices"])
+def test_an_unknown_vault_option_is_refused_by_name(kubelet, bao, typo):
+    """FlexVolume ignored a typo'd option (`vault/unwarp: "true"` left the volume wrapped, `vault/rol` put it
+    on the default role) where CSI refuses one: now it fails, in CSI's words, before anything is minted."""
+    before = len(bao.accessors())
+    reply, _ = kubelet.mount(kubelet.new_pod(), {**NGINX, typo: "true"})
+    assert_refused(reply, kubelet, bao, before,
+                   f"unknown option {typo!r}; vaulttmpfs reads vault/policies, vault/role, vault/unwrap")
+
+
+def test_options_outside_vault_are_still_not_ours_to_refuse(kubelet):
+    reply, path = kubelet.mount(kubelet.new_pod(), {**NGINX, "example.com/owner": "team-a", "vaultish": "x"})
+    assert reply.ok, reply.body
+    teardown_ok(kubelet, path)
+
+
 def test_a_spoofed_pod_uid_option_is_refused(bound, bao):
     pod, victim = bound.new_pod(namespace="shop", service_account="web"), bound.new_pod()
     before = len(bao.accessors())

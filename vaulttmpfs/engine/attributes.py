@@ -1,6 +1,6 @@
-"""The volume attributes a pod sets (`vault/policies`, `vault/role`, `vault/unwrap`), parsed the same way
-whatever front end carries them. Each error names the attribute (BadRequest); `noun` is what the front
-end's users call it (CSI: attribute, FlexVolume: option)."""
+"""The volume attributes a pod sets (`vault/policies`, `vault/role`, `vault/unwrap`; any other `vault/` key is
+refused), parsed the same way whatever front end carries them. Each error names the attribute (BadRequest);
+`noun` is what the front end's users call it (CSI: attribute, FlexVolume: option)."""
 
 from __future__ import annotations
 
@@ -20,6 +20,15 @@ def is_group_id(text: str) -> bool:
     digits only: str.isdigit() also takes "²" (which int() refuses) and "١٠٠٠" (which it reads as 1000); and
     at most 10 of them before int() (past 4300 digits it raises ValueError)."""
     return text.isascii() and text.isdigit() and len(text) <= 10 and int(text) <= MAX_GID
+
+
+def require_known(attributes: dict[str, str], noun: str = "attribute") -> None:
+    """Every `vault/` key is one vaulttmpfs reads: a typo (`vault/unwarp`, `vault/rol`) must not be ignored,
+    leaving the volume wrapped or on the default role without a word. Other keys are the kubelet's or
+    another tool's."""
+    unknown = sorted(k for k in attributes if k.startswith("vault/") and k not in KNOWN)
+    if unknown:
+        raise BadRequest(f"unknown {noun} {unknown[0]!r}; vaulttmpfs reads {', '.join(KNOWN)}")
 
 
 def policies(text: str | None, noun: str = "attribute") -> list[str]:

@@ -87,6 +87,7 @@ def mount_request(mount_dir: str, options: dict[str, str], default_role: str):
     from ..engine import attributes  # the engine: a call the driver does itself, never init or a relayed one
     from ..engine.operation import MountRequest
 
+    attributes.require_known(options, noun="option")  # as CSI does: a typo'd vault/ option is not ignored
     return MountRequest(
         mount_dir=mount_dir,
         policies=attributes.policies(options.get(attributes.POLICIES), noun="option"),
