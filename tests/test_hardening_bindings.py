@@ -71,6 +71,13 @@ def test_a_namespace_or_account_that_is_not_a_kubernetes_name_is_refused(namespa
         bindings.check(rules(), namespace, account, ["common"])
 
 
+@pytest.mark.parametrize("policy", ["shop.d/b", "shop.db\n", "shop.é", ""])
+def test_a_policy_that_is_not_a_policy_name_is_refused(policy):
+    # The file-wide overlap check reads `*` as policy-name characters only ([A-Za-z0-9._-]): so must `check`.
+    with pytest.raises(DriverError, match="is not a policy name"):
+        bindings.check(rules(), "shop", "web", [policy])
+
+
 @given(namespace=st.from_regex(r"[a-z0-9]([-a-z0-9]{0,20}[a-z0-9])?", fullmatch=True),
        other=st.from_regex(r"[a-z0-9]{1,10}", fullmatch=True),
        suffix=st.from_regex(r"[A-Za-z0-9._-]{0,12}", fullmatch=True))
