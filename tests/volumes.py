@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -49,6 +50,8 @@ def write_bindings(path: Path, document, mode: int = 0o644, uid: int = 0) -> str
     path.write_text(document if isinstance(document, str) else json.dumps(document))
     os.chown(path, uid, 0)
     path.chmod(mode)
+    settled = time.time() - 5  # written whole: no mount need wait for it to stand still (bindings.SETTLE_SECONDS)
+    os.utime(path, (settled, settled))
     return str(path)
 
 
