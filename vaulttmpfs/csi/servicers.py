@@ -117,9 +117,7 @@ def publish_request(request, config: Config, jwt_login: JwtLogin | None = None) 
     for key in (POD_UID, POD_NAMESPACE, POD_NAME, SERVICE_ACCOUNT):
         if not context.get(key):
             raise BadRequest(f"attribute {key!r} is missing: the CSIDriver {DRIVER_NAME} needs podInfoOnMount: true")
-    unknown = sorted(k for k in context if k.startswith("vault/") and k not in attributes.KNOWN)
-    if unknown:
-        raise BadRequest(f"unknown attribute {unknown[0]!r}; vaulttmpfs reads {', '.join(attributes.KNOWN)}")
+    attributes.require_known(context)
     login = None
     if jwt_login:
         if attributes.POLICIES in context:
