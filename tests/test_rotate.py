@@ -355,6 +355,10 @@ def test_a_rotation_mints_only_what_the_policy_bindings_in_force_now_allow(kubel
     assert bao.lookup_accessor(new["wrapped_accessor"]) is not None  # the pod's token untouched
     assert kubelet.teardown(volume).ok
     assert bao.lookup_accessor(new["wrapped_accessor"]) is None
+    time.sleep(1.2)  # the first rotation's grace: its old tokens are owed now
+    retry = kubelet.call_cli("retry-revocations")
+    assert retry.returncode == 0, retry.stdout + retry.stderr
+    assert bao.lookup_accessor(old["wrapped_accessor"]) is None and bao.lookup_accessor(old["accessor"]) is None
 
 
 def test_a_rotated_csi_token_is_named_as_the_mounts_was(node, bao):
