@@ -475,6 +475,49 @@ def test_the_single_pattern_refusal_suggests_a_spelling_the_rest_of_the_file_acc
         bindings.parse(_file(entries[1]), "b.json")
 
 
+def test_policy_names_are_compared_as_vault_keeps_them_in_lower_case():
+    """Vault lower-cases policy names (`App.shop.db` is minted as `app.shop.db`): `App.{namespace}.*` beside
+    `{namespace}.*` overlaps exactly as `app.{namespace}.*` does, and a request is checked as it will be minted."""
+    with pytest.raises(DriverError, match="lets one pod claim another's policies"):
+        bindings.parse(_file({"namespaces": ["*"], "policies": ["{namespace}.*"]},
+                             {"namespaces": ["*"], "policies": ["App.{namespace}.*"]}), "b.json")
+    doc = bindings.parse(_file({"namespaces": ["*"], "policies": ["Nginx", "{namespace}.*"]}), "b.json")
+    assert bindings.check(doc, "shop", "web", ["NGINX", "Shop.DB"])
+    with pytest.raises(DriverError, match="is not bound"):
+        bindings.check(doc, "dev", "web", ["Shop.DB"])  # minted as shop.db: namespace shop's
+
+
+MANY_GLOBS = [f"*{w}*" for w in ("payments", "billing", "shop", "search", "cart", "auth", "ads", "ml", "data",
+                                 "web", "api", "ops", "infra", "mail")]
+
+
+def test_many_globs_in_one_binding_are_checked_within_bounds_and_an_overlap_is_still_found():
+    """Fourteen `*team*` namespace globs made the side-by-side run explore ~2^14 state sets: tens of seconds
+    and gigabytes on every FlexVolume mount. Past its budget the comparison reads each placeholder as any
+    name of its kind, which can only find more overlaps: a safe file stays accepted, an unsafe one refused."""
+    started = time.monotonic()
+    safe = bindings.parse(_file({"namespaces": MANY_GLOBS, "policies": ["{namespace}.*",
+                                                                        "{namespace}_{service_account}_*"]}), "b.json")
+    assert time.monotonic() - started < 5  # was 30 s and more (a kubelet call's whole budget)
+    assert bindings.check(safe, "shop", "web", ["shop.db", "shop_web_x"])
+    # `shop.web.db`: namespace shop's by the first, namespace web's by the second (both match a glob)
+    with pytest.raises(DriverError, match=re.escape("'{namespace}.*' and 'shop.{namespace}.*'")):
+        bindings.parse(_file({"namespaces": MANY_GLOBS, "policies": ["{namespace}.*", "shop.{namespace}.*"]}),
+                       "b.json")
+
+
+def test_hundreds_of_per_team_bindings_are_compared_only_where_they_can_meet():
+    """The documented per-team spelling, 400 times: every pair of groups was run side by side (8.6 s a
+    mount); patterns whose leading text differs (`team1-`, `team2-`) cannot meet and are not run."""
+    started = time.monotonic()
+    doc = bindings.parse(_file(*({"namespaces": [f"team{i}"], "policies": [f"team{i}-{{service_account}}"]}
+                                 for i in range(400))), "b.json")
+    assert time.monotonic() - started < 5
+    assert bindings.check(doc, "team7", "api", ["team7-api"])
+    with pytest.raises(DriverError, match="is not bound"):
+        bindings.check(doc, "team7", "api", ["team8-api"])
+
+
 def test_a_yaml_file_with_overlapping_patterns_refuses_every_request(tmp_path):
     path = write(tmp_path / "b.yaml",
                  'bindings:\n  - namespaces: ["*"]\n    policies: ["{namespace}.*", "app.{namespace}.*"]\n')

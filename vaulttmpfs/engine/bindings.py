@@ -92,7 +92,7 @@ def check(bindings: Bindings, namespace: str, service_account: str, policies: li
     if not SERVICE_ACCOUNT.fullmatch(service_account or ""):
         raise DriverError(f"policy bindings ({bindings.source}) are in force but the pod's service account "
                           f"{service_account!r} (option kubernetes.io/serviceAccount.name) is missing or invalid")
-    unnamed = next((p for p in policies if not p or not set(p) <= _POLICY_CHARS), None)
+    unnamed = next((p for p in policies if not p or not set(p.lower()) <= _POLICY_CHARS), None)
     if unnamed is not None:  # what _require_no_overlap assumes a `*` can stand for (attributes refuses these first)
         raise DriverError(f"policy bindings ({bindings.source}) are in force but {unnamed!r} is not a policy name")
     covering = [b for b in bindings.rules if b.covers(namespace, service_account)]
@@ -100,7 +100,7 @@ def check(bindings: Bindings, namespace: str, service_account: str, policies: li
         raise Forbidden(f"no policy binding in {bindings.source} covers {who}: it may not ask for "
                           f"{', '.join(policies)}; nothing was mounted")
     used = []
-    for policy in policies:
+    for policy in (p.lower() for p in policies):  # as Vault will mint it (it lower-cases policy names)
         allowing = [b for b in covering if b.allows(policy, namespace, service_account)]
         if not allowing:
             rules = "; ".join(b.describe() for b in covering)
@@ -228,7 +228,8 @@ def _rule(number: int, entry, source: str) -> Binding:
         raise DriverError(f'{where}: "name" must be a string')
     return Binding(number, name, _patterns(entry, "namespaces", _NAME_PATTERN, where),
                    _patterns(entry, "service_accounts", _NAME_PATTERN, where),
-                   _patterns(entry, "policies", _POLICY_PATTERN, where, required=True))
+                   # Vault lower-cases policy names (`App.shop.db` is minted as `app.shop.db`): so are these.
+                   tuple(p.lower() for p in _patterns(entry, "policies", _POLICY_PATTERN, where, required=True)))
 
 
 def _patterns(entry: dict, key: str, shape: re.Pattern, where: str, required: bool = False) -> tuple[str, ...]:
@@ -280,8 +281,17 @@ _LABEL = {"start": [(_ALNUM, "end")], "end": [(_ALNUM, "end"), (_DASH, "dash")],
 _NAME_AUTOMATA = {"{namespace}": _LABEL,
                   "{service_account}": {**_LABEL, "end": [*_LABEL["end"], (_DOT, "dot")], "dot": [(_ALNUM, "end")]}}
 # What a policy name is made of (config.SAFE_NAME_PATTERN; `check` refuses any other): what a `*` stands for.
-_PREFERRED = "abcdefghijklmnopqrstuvwxyz0123456789-._ABCDEFGHIJKLMNOPQRSTUVWXYZ"  # in this order in examples
+_PREFERRED = "abcdefghijklmnopqrstuvwxyz0123456789-._"  # in this order in examples (lower case: as Vault keeps them)
 _POLICY_CHARS = frozenset(_PREFERRED)
+
+
+class _AnyName:
+    """A binding's stand-in for the coarse comparison: every name of each kind."""
+
+    namespaces = service_accounts = ("*",)
+
+
+_ANY_NAME = _AnyName()
 
 
 class _Language:
@@ -370,16 +380,26 @@ class _Language:
         return states.get((len(glob), "end"))
 
 
-def _shared_name(a: _Language, b: _Language) -> str | None:
+class _TooComplex(Exception):
+    """Two languages whose side-by-side run passed BUDGET states (many `*...*` globs in one binding)."""
+
+
+# States visited per comparison (each pair's sets, summed): ~0.1 s; many `*...*` globs in one binding could
+# otherwise cost minutes and gigabytes, on every FlexVolume mount.
+BUDGET = 100_000
+
+
+def _shared_name(a: _Language, b: _Language, budget: int = BUDGET) -> str | None:
     """The shortest policy name both languages hold (in readable characters), or None: the two NFAs run
-    side by side on sets of states, one character class at a time (characters no move tells apart are one)."""
+    side by side on sets of states, one character class at a time (characters no move tells apart are one).
+    _TooComplex past `budget` states visited."""
     classes = [frozenset(_POLICY_CHARS)]
     for chars in {chars for language in (a, b) for moves in language.moves for chars, _target in moves}:
         classes = [part for c in classes for part in (c & chars, c - chars) if part]
     letters = sorted(min(c, key=_PREFERRED.index) for c in classes)
     start = (a.closure((0,)), b.closure((0,)))
     came_from: dict = {start: None}
-    queue, i = [start], 0
+    queue, i, visited = [start], 0, 0
     while i < len(queue):
         pair = queue[i]
         i += 1
@@ -390,6 +410,9 @@ def _shared_name(a: _Language, b: _Language) -> str | None:
                 name.append(char)
             return "".join(reversed(name))
         for char in letters:
+            visited += len(pair[0]) + len(pair[1])  # what each step costs: its sets' sizes
+            if visited > budget:
+                raise _TooComplex()
             after = a.step(pair[0], char)
             if after:
                 both = (after, b.step(pair[1], char))
@@ -421,18 +444,47 @@ def _require_no_overlap(rules: tuple[Binding, ...], source: str) -> None:
     groups: dict[str, list] = {}  # patterns that read the same identity: compared as one language
     for entry in placed:
         groups.setdefault(entry[2], []).append(entry)
-    unions = [(group, _Language([(pattern, rule) for rule, pattern, _s, _n in group])) for group in groups.values()]
-    for i, (group, union) in enumerate(unions):
-        for other_group, other_union in unions[i + 1:]:
-            if _shared_name(union, other_union) is None:
+    grouped = list(groups.values())
+    for i, group in enumerate(grouped):
+        for other_group in grouped[i + 1:]:
+            if not _may_meet(group, other_group):
                 continue
-            # Which two: in the file's order, the first pair found.
+            found = _overlapping(group, other_group)
+            if found is not None:
+                a, b, name = found
+                raise DriverError(_overlap_message(source, placed, a[:2], b[:2], name))
+
+
+def _may_meet(group: list, other_group: list) -> bool:
+    """Cheap first: patterns whose leading text (before any `*` or placeholder) is not one the other's
+    begins with produce no name alike (`team1-{service_account}`, `team2-{service_account}`)."""
+    heads = {_TOKENS.split(pattern)[0] for _rule, pattern, _s, _n in group}
+    return any(h.startswith(o) or o.startswith(h) for h in heads for o in
+               {_TOKENS.split(pattern)[0] for _rule, pattern, _s, _n in other_group})
+
+
+def _overlapping(group: list, other_group: list):
+    """(pattern entry, other pattern entry, a name both make), first in the file's order; or None. Placeholders
+    stand for the names their bindings' patterns match; where that is too much to work out (BUDGET), for any
+    name of their kind (`*`), which can only find more overlaps, never fewer."""
+    for coarse in (False, True):
+        try:
+            if _shared_name(_union(group, coarse), _union(other_group, coarse)) is None:
+                return None
             for a, b in sorted((sorted((a, b), key=lambda e: e[3]) for a in group for b in other_group),
                                key=lambda pair: (pair[0][3], pair[1][3])):
-                name = _shared_name(_Language([(a[1], a[0])]), _Language([(b[1], b[0])]))
+                name = _shared_name(_union([a], coarse), _union([b], coarse))
                 if name is not None:
-                    raise DriverError(_overlap_message(source, placed, a[:2], b[:2], name))
-            raise DriverError(f"{source}: policy patterns overlap")  # not reached: some pair of the two shares it
+                    return a, b, name
+            return None  # not reached: some pair of the two shares the name
+        except _TooComplex:
+            continue
+    raise DriverError("policy bindings: the policy patterns are too complex to check for overlaps (many `*` in "
+                      "one binding's namespaces or service_accounts): narrow them")
+
+
+def _union(group: list, coarse: bool) -> _Language:
+    return _Language([(pattern, _ANY_NAME if coarse else rule) for rule, pattern, _s, _n in group])
 
 
 def _placed(rules: tuple[Binding, ...]) -> list:
@@ -518,11 +570,12 @@ def _fits(spelling: str, target: tuple, placed: list) -> bool:
         _require_unambiguous(spelling, "")
     except DriverError:
         return False
-    signature, language = _signature(spelling), _Language([(spelling, rule)])
-    return not any(signature != other_signature
-                   and _shared_name(language, _Language([(other_pattern, other_rule)])) is not None
-                   for other_rule, other_pattern, other_signature, _n in placed
-                   if (other_rule.number, other_pattern) != (rule.number, pattern))
+    entry = (rule, spelling, _signature(spelling), -1)
+    try:
+        return not any(entry[2] != other[2] and _may_meet([entry], [other]) and _overlapping([entry], [other])
+                       for other in placed if (other[0].number, other[1]) != (rule.number, pattern))
+    except DriverError:  # too complex to tell: not offered
+        return False
 
 
 # --- YAML ------------------------------------------------------------------------------------
