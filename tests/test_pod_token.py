@@ -715,9 +715,9 @@ def unspent(bao, wrapping: str) -> bool:
 
 def revoke_accessors(bao, *wraps: dict) -> None:
     """Tokens the test minted past the node's records (its teardown revokes only what they name)."""
-    for wrap in wraps:
-        try:
-            bao.request("POST", "auth/token/revoke-accessor", {"accessor": wrap["wrapped_accessor"]})
+    for accessor in (a for wrap in wraps for a in (wrap["wrapped_accessor"], wrap["accessor"])):
+        try:  # the pod token, and its wrapping token (alive until its TTL if nobody unwrapped it)
+            bao.request("POST", "auth/token/revoke-accessor", {"accessor": accessor})
         except VaultHTTPError:
             pass  # gone already
 
