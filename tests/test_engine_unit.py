@@ -156,11 +156,11 @@ def test_a_record_without_its_service_account_is_allowed_only_what_every_service
     the bindings give every service account of the namespace, and says when they need the one it lacks."""
     found = bindings.parse(json.dumps(document), "bindings.json")
     if allowed:
-        operation._check_without_service_account(bindings, found, "default", [policy])
+        bindings.check_without_service_account(found, "default", [policy])
     else:
         with pytest.raises(Forbidden, match="need the pod's service account, which the volume's record does not "
                                             f"name .*namespace 'default' allows {policy}$"):
-            operation._check_without_service_account(bindings, found, "default", [policy])
+            bindings.check_without_service_account(found, "default", [policy])
 
 
 def test_the_mount_dir_is_resolved_once_per_call(node):

@@ -32,7 +32,7 @@ import os
 import re
 import stat
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .. import trust
 from ..errors import DriverError, Forbidden
@@ -108,6 +108,23 @@ def check(bindings: Bindings, namespace: str, service_account: str, policies: li
                               "nothing was mounted")
         used.append(allowing[0].number)
     return ", ".join(f"binding #{n}" for n in sorted(set(used)))
+
+
+def check_without_service_account(bindings: Bindings, namespace: str, policies: list[str]) -> str:
+    """`check` for a pod whose service account is not known (a volume record an older vaulttmpfs wrote):
+    over the bindings that cover every service account (a pattern of `*` only), with their policy patterns
+    that do not name it. What they allow, every service account of the namespace has, so any name stands
+    in for the unknown one."""
+    every = tuple(replace(rule, policies=kept) for rule in bindings.rules
+                  if any(set(p) == {"*"} for p in rule.service_accounts)
+                  and (kept := tuple(p for p in rule.policies if "{service_account}" not in p)))
+    try:
+        check(Bindings(bindings.source, every), namespace, "default", policies)  # any valid name
+    except Forbidden:
+        raise Forbidden(f"the policy bindings ({bindings.source}) need the pod's service account, which the "
+                        f"volume's record does not name (an older vaulttmpfs wrote it): no binding for every "
+                        f"service account of namespace {namespace!r} allows {', '.join(policies)}") from None
+    return "bindings for every service account"
 
 
 # --- the file ---------------------------------------------------------------------------------

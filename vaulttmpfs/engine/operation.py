@@ -505,8 +505,7 @@ class Engine:
 
         found = bindings.load(self.config.policy_bindings)
         if service_account is None:
-            _check_without_service_account(bindings, found, namespace, policies)
-            rule = "bindings for every service account"
+            rule = bindings.check_without_service_account(found, namespace, policies)
         else:
             rule = bindings.check(found, namespace, service_account, policies)
         logger.info("policy binding allows it", rule=rule, namespace=namespace, service_account=service_account)
@@ -584,23 +583,6 @@ def _record_from_metadata(meta: dict[str, Any], mount_dir: str) -> VolumeRecord 
         return None
     return VolumeRecord(pod, wrapping if isinstance(wrapping, str) else None, mount_dir=mount_dir,
                         source=FROM_METADATA)
-
-
-def _check_without_service_account(bindings: Any, found: Any, namespace: str, policies: list[str]) -> None:
-    """bindings.check for a pod whose service account is not known: over the bindings that cover every
-    service account (a pattern of `*` only), with their policy patterns that do not name it. What they
-    allow, every service account of the namespace has, so any name stands in for the unknown one."""
-    import dataclasses  # loaded with bindings already (Binding is a dataclass); a rotation's only
-
-    every = tuple(dataclasses.replace(rule, policies=kept) for rule in found.rules
-                  if any(set(p) == {"*"} for p in rule.service_accounts)
-                  and (kept := tuple(p for p in rule.policies if "{service_account}" not in p)))
-    try:
-        bindings.check(bindings.Bindings(found.source, every), namespace, "default", policies)  # any valid name
-    except Forbidden:
-        raise Forbidden(f"the policy bindings ({found.source}) need the pod's service account, which the volume's "
-                        f"record does not name (an older vaulttmpfs wrote it): no binding for every service account "
-                        f"of namespace {namespace!r} allows {', '.join(policies)}") from None
 
 
 def _checked_lately(known: dict[str, Any] | None, key: str) -> bool:
